@@ -1,0 +1,1 @@
+//! Client library: bind a listener and register it with the agent.

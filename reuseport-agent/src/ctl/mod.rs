@@ -1,0 +1,1 @@
+//! The operator CLI, `reuseportctl`: one module per subcommand.

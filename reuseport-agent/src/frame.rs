@@ -1,0 +1,169 @@
+//! Length-prefixed JSON frames over a Unix stream socket, with file descriptors passed as
+//! `SCM_RIGHTS` (the wire format is described in `docs/protocol.md`).
+
+use std::{
+    collections::VecDeque,
+    io::{self, IoSlice, IoSliceMut},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+};
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::{io::Interest, net::UnixStream};
+
+use crate::protocol::MAX_FRAME;
+
+/// Most descriptors accepted with one frame; more are closed by the kernel (MSG_CTRUNC).
+const MAX_FDS: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("control connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("frame of {len} bytes is larger than the limit of {MAX_FRAME} bytes")]
+    TooLarge { len: usize },
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    #[error("malformed message: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// One received frame and the descriptors that arrived with it.
+#[derive(Debug)]
+pub struct Frame {
+    pub body: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Frame {
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, FrameError> {
+        Ok(serde_json::from_slice(&self.body)?)
+    }
+}
+
+/// A control connection, either side.
+#[derive(Debug)]
+pub struct Conn {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+}
+
+impl Conn {
+    pub fn new(stream: UnixStream) -> Self {
+        Self { stream, buf: Vec::new(), fds: VecDeque::new() }
+    }
+
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
+    /// Sends `msg` as one frame, with `fd` attached if given.
+    pub async fn send<T: Serialize>(
+        &self,
+        msg: &T,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<(), FrameError> {
+        let body = serde_json::to_vec(msg)?;
+        if body.len() > MAX_FRAME {
+            return Err(FrameError::TooLarge { len: body.len() });
+        }
+        let mut out = Vec::with_capacity(4 + body.len());
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(&body);
+        Ok(self.send_raw(&out, fd).await?)
+    }
+
+    /// Sends bytes as they are (tests use it to send malformed frames).
+    pub async fn send_raw(&self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+        let raw = self.stream.as_raw_fd();
+        let fds: Vec<RawFd> = fd.iter().map(|fd| fd.as_raw_fd()).collect();
+        let mut sent = 0;
+        // NB: the descriptor must travel with the first byte of the frame, so only the first
+        // sendmsg carries it; a short write continues without it.
+        while sent < bytes.len() {
+            self.stream.writable().await?;
+            let res = self.stream.try_io(Interest::WRITABLE, || {
+                let cmsgs: &[ControlMessage] =
+                    if sent == 0 && !fds.is_empty() { &[ControlMessage::ScmRights(&fds)] } else { &[] };
+                sendmsg::<()>(
+                    raw,
+                    &[IoSlice::new(&bytes[sent..])],
+                    cmsgs,
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(io::Error::from)
+            });
+            match res {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Next frame, or `None` when the peer closed the connection between frames.
+    pub async fn recv(&mut self) -> Result<Option<Frame>, FrameError> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_be_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
+                if len > MAX_FRAME {
+                    return Err(FrameError::TooLarge { len });
+                }
+                if self.buf.len() >= 4 + len {
+                    let body = self.buf[4..4 + len].to_vec();
+                    self.buf.drain(..4 + len);
+                    let fds = self.fds.drain(..).collect();
+                    return Ok(Some(Frame { body, fds }));
+                }
+            }
+            if self.read_more().await? == 0 {
+                return if self.buf.is_empty() { Ok(None) } else { Err(FrameError::Truncated) };
+            }
+        }
+    }
+
+    /// Receives and decodes the next frame; `None` on a clean close.
+    pub async fn recv_msg<T: DeserializeOwned>(
+        &mut self,
+    ) -> Result<Option<(T, Vec<OwnedFd>)>, FrameError> {
+        match self.recv().await? {
+            None => Ok(None),
+            Some(frame) => Ok(Some((frame.decode()?, frame.fds))),
+        }
+    }
+
+    async fn read_more(&mut self) -> io::Result<usize> {
+        let raw = self.stream.as_raw_fd();
+        let mut chunk = [0u8; 8192];
+        loop {
+            self.stream.readable().await?;
+            let res = self.stream.try_io(Interest::READABLE, || {
+                let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+                let mut iov = [IoSliceMut::new(&mut chunk)];
+                let msg = recvmsg::<()>(raw, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+                    .map_err(io::Error::from)?;
+                let mut fds = Vec::new();
+                for c in msg.cmsgs().map_err(io::Error::from)? {
+                    if let ControlMessageOwned::ScmRights(received) = c {
+                        // SAFETY: SCM_RIGHTS just installed these descriptors in our table;
+                        // nothing else owns them.
+                        fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                    }
+                }
+                Ok((msg.bytes, fds))
+            });
+            match res {
+                Ok((n, fds)) => {
+                    self.fds.extend(fds);
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! reuseport: eBPF-steered SO_REUSEPORT groups for zero-downtime deploys.
+//!
+//! - [`agent`]: the daemon (`reuseport-agent`) that owns the kernel program of each group.
+//! - [`client`]: the client library servers use to bind and register a listener.
+//! - [`ctl`]: the operator CLI (`reuseportctl`).
+//! - [`protocol`] and [`frame`]: the control protocol both sides speak.
+
+pub mod addr;
+pub mod frame;
+pub mod protocol;
+
+/// Default path of the agent's control socket.
+pub const DEFAULT_CONTROL_PATH: &str = "/run/reuseport/agent.sock";
+/// Default bpffs directory where the agent pins each group's program and maps.
+pub const DEFAULT_BPFFS_PATH: &str = "/sys/fs/bpf/reuseport";
+pub mod agent;
+pub mod client;
+pub mod ctl;

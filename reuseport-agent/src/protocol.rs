@@ -1,0 +1,216 @@
+//! The control protocol between the agent and its clients (`reuseportctl`, the launcher,
+//! the client library). Specified for humans in `docs/protocol.md`; keep both in step.
+//!
+//! Every message is one frame: a 4-byte big-endian length, then that many bytes of JSON.
+//! A `register` request carries the listening socket as `SCM_RIGHTS` on the same
+//! `sendmsg` as its frame. Requests carry the protocol version in `v`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::addr::GroupAddr;
+
+/// Current protocol version. The agent answers requests of another version with
+/// [`ErrorKind::UnsupportedVersion`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame either side accepts. Larger length prefixes are rejected before any byte
+/// of the body is read.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// Longest generation name accepted at registration.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// A request from a client to the agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub v: u32,
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+impl Request {
+    pub fn new(op: Op) -> Self {
+        Self { v: PROTOCOL_VERSION, op }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Adds the attached listening socket to `group` as a member of `generation`. The
+    /// connection then stays open: closing it unregisters the socket, and the agent pushes
+    /// [`Reply::State`] on it whenever the generation's state changes.
+    Register {
+        group: GroupAddr,
+        generation: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// Make this generation active as soon as it is registered.
+        #[serde(default)]
+        activate: bool,
+    },
+    /// All groups, or the one named.
+    Status {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<GroupAddr>,
+    },
+    /// Make `generation` the only active generation; the previously active one drains.
+    Activate { group: GroupAddr, generation: u32 },
+    /// Stop sending new connections to `generation`.
+    Drain { group: GroupAddr, generation: u32 },
+}
+
+/// State of a generation, as the kernel program treats it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GenState {
+    /// Receives every new connection.
+    Active,
+    /// Receives no new connection (unless nothing active is left); keeps its listener and
+    /// its established connections.
+    Draining,
+    /// Registered but not activated yet: receives no new connection (unless nothing active
+    /// or draining is left).
+    Standby,
+}
+
+impl std::fmt::Display for GenState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Active => "active",
+            Self::Draining => "draining",
+            Self::Standby => "standby",
+        })
+    }
+}
+
+/// A message from the agent: the answer to a request, or (on a registration connection) a
+/// pushed state change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Registered {
+        group: GroupAddr,
+        generation: u32,
+        slot: u32,
+        state: GenState,
+    },
+    Status { groups: Vec<GroupStatus> },
+    /// Answer to `activate` and `drain`: the group as it is after the change.
+    Changed { group: GroupStatus },
+    /// Pushed on a registration connection when its generation changes state.
+    State {
+        group: GroupAddr,
+        generation: u32,
+        state: GenState,
+    },
+    Error { kind: ErrorKind, message: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The frame is not a valid request (bad JSON, unknown op, too large, missing socket).
+    BadRequest,
+    UnsupportedVersion,
+    UnknownGroup,
+    UnknownGeneration,
+    /// The socket passed to `register` does not fit the group (not TCP, not listening, no
+    /// SO_REUSEPORT, other address…).
+    InvalidSocket,
+    PermissionDenied,
+    /// A documented limit (sockets per group, groups, generations) would be exceeded.
+    Limit,
+    /// The request conflicts with the group's state (e.g. draining the active generation).
+    Conflict,
+    /// The kernel refused something it should not have; the message says what.
+    Kernel,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub group: GroupAddr,
+    /// `select-or-migrate` (5.14+) or `select-only`.
+    pub mode: String,
+    /// The active generation, if one is registered.
+    pub active: Option<u32>,
+    /// True when no active socket is left and new connections go to a fallback generation.
+    pub falling_back: bool,
+    pub generations: Vec<GenerationStatus>,
+    /// Connections the program could not place on any registered socket (handed back to the
+    /// kernel's hash).
+    pub unsteered: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationStatus {
+    pub generation: u32,
+    pub name: Option<String>,
+    pub state: GenState,
+    pub sockets: Vec<SocketStatus>,
+    pub counters: Counters,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketStatus {
+    pub slot: u32,
+    pub pid: i32,
+    pub uid: u32,
+    /// SO_COOKIE of the listening socket.
+    pub cookie: u64,
+    /// False once the process closed this listener (its slot is empty in the kernel) while
+    /// its registration is still open.
+    pub listening: bool,
+}
+
+/// Counts of connections the kernel program placed, summed over CPUs and sockets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// New connections received as the active generation.
+    pub selected: u64,
+    /// New connections received as a fallback (no active socket was left).
+    pub fallback: u64,
+    /// Queued connections received from a closing listener.
+    pub migrated: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_form_is_stable() {
+        let r = Request::new(Op::Activate {
+            group: "tcp://127.0.0.1:8080".parse().unwrap(),
+            generation: 2,
+        });
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(s, r#"{"v":1,"op":"activate","group":"tcp://127.0.0.1:8080","generation":2}"#);
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+    }
+
+    #[test]
+    fn register_defaults() {
+        let r: Request =
+            serde_json::from_str(r#"{"v":1,"op":"register","group":"[::1]:80","generation":3}"#)
+                .unwrap();
+        assert_eq!(
+            r.op,
+            Op::Register {
+                group: "[::1]:80".parse().unwrap(),
+                generation: 3,
+                name: None,
+                activate: false
+            }
+        );
+    }
+
+    #[test]
+    fn reply_wire_form_is_stable() {
+        let r = Reply::Error { kind: ErrorKind::UnknownGroup, message: "x".into() };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"type":"error","kind":"unknown_group","message":"x"}"#
+        );
+    }
+}

@@ -1,0 +1,128 @@
+//! The ABI between the kernel program (`reuseport-ebpf`) and the agent.
+//!
+//! Every type here is the value layout of a BPF map. Maps are pinned in bpffs and outlive the
+//! agent binary that created them, so these layouts are a contract with *older and newer
+//! binaries*, not just with the program compiled next to them.
+//!
+//! # How this ABI may change
+//! - Never change the size, order or meaning of an existing field. The size asserts below
+//!   turn an accidental change into a compile error.
+//! - Any change to a map's layout, a map's size or the program's policy bumps [`ABI_VERSION`].
+//!   The agent records that version next to the pinned objects of each group and refuses to
+//!   adopt pinned state of another version.
+//! - No `bool`, `Option`, enums or implicit padding in map values: use `u32` flags and explicit
+//!   `_pad` fields, so every byte is defined on both sides.
+#![no_std]
+
+/// Version of the layouts and the steering policy below. Bump on any change (see module doc).
+pub const ABI_VERSION: u32 = 1;
+
+/// Slots in a group's `REUSEPORT_SOCKARRAY`: the most listening sockets one group can hold.
+/// NB: must stay a power of two; the program masks indices with `MAX_SLOTS - 1` so the
+/// verifier can bound them (a `%` alone is not enough, see `../shared/notes/toolchain.md`).
+pub const MAX_SLOTS: u32 = 128;
+
+/// Number of [`SteeringConfig`] buffers per group. A flip writes a buffer no reader can be
+/// looking at and then switches [`CURRENT`-map](MapNames::CURRENT) to it with one 4-byte
+/// write; a retired buffer is rewritten only after an RCU grace period (see the agent's
+/// `grace` module). More buffers mean more flips in a row without waiting for one.
+/// NB: power of two, for the same masking reason as [`MAX_SLOTS`].
+pub const CONFIG_BUFFERS: u32 = 16;
+
+/// Index of the group-wide entry in the counters map (after the per-slot entries): events
+/// that no slot can be charged with.
+pub const GROUP_COUNTER_INDEX: u32 = MAX_SLOTS;
+
+/// Entries in the counters map: one per slot plus the group-wide one.
+pub const COUNTER_ENTRIES: u32 = MAX_SLOTS + 1;
+
+/// Names of the maps and programs in the object, as the agent looks them up and pins them.
+pub struct MapNames;
+
+impl MapNames {
+    pub const SOCKETS: &'static str = "SOCKETS";
+    pub const CONFIG: &'static str = "CONFIG";
+    pub const CURRENT: &'static str = "CURRENT";
+    pub const COUNTERS: &'static str = "COUNTERS";
+}
+
+/// Program names in the object.
+pub struct ProgramNames;
+
+impl ProgramNames {
+    /// `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE` (kernel 5.14+).
+    pub const SELECT_OR_MIGRATE: &'static str = "select_or_migrate";
+    /// `BPF_SK_REUSEPORT_SELECT` (kernel 4.19+): no say over migration.
+    pub const SELECT: &'static str = "select";
+}
+
+/// One complete steering decision table. The program reads exactly one of these per
+/// connection, chosen by the value in the `CURRENT` map.
+///
+/// `slots` holds sockarray indices in preference order:
+/// - `slots[0 .. n_active]`: sockets of the active generation. The program starts at
+///   `hash % n_active` and walks forward past empty slots (closed sockets).
+/// - `slots[n_active .. n_active + n_fallback]`: every other registered socket, best first:
+///   draining generations newest first, then standby generations newest first. The program
+///   starts at `hash % n_fallback_first` inside the first `n_fallback_first` entries (the
+///   preferred fallback generation) and then walks the rest in order.
+///
+/// Only when no listed slot holds a socket does the program hand the choice back to the
+/// kernel (which then hashes over whatever sockets remain in the group).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SteeringConfig {
+    pub n_active: u32,
+    pub n_fallback: u32,
+    pub n_fallback_first: u32,
+    /// Increases with every published config; lets tests and the agent tell tables apart.
+    pub serial: u32,
+    pub slots: [u32; MAX_SLOTS as usize],
+}
+
+const _: () = assert!(core::mem::size_of::<SteeringConfig>() == 16 + 4 * MAX_SLOTS as usize);
+
+impl SteeringConfig {
+    pub const EMPTY: Self = Self {
+        n_active: 0,
+        n_fallback: 0,
+        n_fallback_first: 0,
+        serial: 0,
+        slots: [0; MAX_SLOTS as usize],
+    };
+}
+
+/// Per-CPU counters, one entry per slot (what reached that socket) plus a group-wide entry
+/// at [`GROUP_COUNTER_INDEX`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotCounters {
+    /// New connections that reached this socket as a member of the active generation.
+    pub selected: u64,
+    /// New connections that reached this socket as a fallback (no active socket left).
+    pub fallback: u64,
+    /// Connections migrated to this socket from a closing listener.
+    pub migrated: u64,
+    /// Group-wide entry only: connections the program could not place on any registered
+    /// socket and handed back to the kernel's hash.
+    pub unsteered: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<SlotCounters>() == 32);
+
+impl SlotCounters {
+    pub fn add(&mut self, other: &Self) {
+        self.selected += other.selected;
+        self.fallback += other.fallback;
+        self.migrated += other.migrated;
+        self.unsteered += other.unsteered;
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), only integers, no padding (checked by the size asserts above).
+    unsafe impl aya::Pod for super::SteeringConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SlotCounters {}
+}
