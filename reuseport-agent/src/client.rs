@@ -1,1 +1,789 @@
-//! Client library: bind a listener and register it with the agent.
+//! Client library: bind a listener and register it with the agent, or ask the agent about
+//! its groups.
+//!
+//! A server that links this crate calls [`bind_and_register`] (or [`reuseport_listener`]
+//! then [`register`] when it wants to create the socket itself) and keeps the returned
+//! [`Registration`] alive for as long as the listener should stay in the group: dropping it
+//! closes the control connection, which unregisters the socket. [`Registration::state`]
+//! follows the generation's state as the agent pushes it, so a server can stop accepting
+//! when it becomes [`GenState::Draining`].
+//!
+//! Servers in other languages use `reuseportctl exec` instead (see [`crate::ctl`]).
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::{net::UnixStream, sync::watch, task::JoinHandle};
+
+use crate::{
+    addr::GroupAddr,
+    frame::{Conn, FrameError},
+    protocol::{ErrorKind, GenState, GroupStatus, Op, Reply, Request},
+};
+
+/// Backlog of listeners created by [`reuseport_listener`]. The kernel caps it at
+/// `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "agent not running: no control socket at {} (start reuseport-agent, or pass --control PATH)",
+        path.display()
+    )]
+    AgentNotRunning { path: PathBuf },
+    #[error(
+        "permission denied on {}: run as root or as a member of the agent's control group",
+        path.display()
+    )]
+    PermissionDenied { path: PathBuf },
+    /// The agent refused the request; its message names what to change.
+    #[error("{message}")]
+    Agent { kind: ErrorKind, message: String },
+    #[error("agent closed the control connection before answering (see the agent's log)")]
+    ConnectionClosed,
+    #[error("agent answered a {request} request with an unexpected {reply} reply")]
+    UnexpectedReply {
+        request: &'static str,
+        reply: &'static str,
+    },
+    #[error(transparent)]
+    Protocol(#[from] FrameError),
+    /// Creating or binding the listener failed.
+    #[error("cannot listen on {addr}{hint}")]
+    Listen {
+        addr: SocketAddr,
+        hint: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ClientError {
+    /// The agent's error kind, when the agent refused the request.
+    pub fn agent_kind(&self) -> Option<ErrorKind> {
+        match self {
+            Self::Agent { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+}
+
+fn connect_error(path: &Path, source: io::Error) -> ClientError {
+    match source.kind() {
+        // NB: a socket file left behind by a dead agent refuses connections: same advice.
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            ClientError::AgentNotRunning {
+                path: path.to_owned(),
+            }
+        }
+        io::ErrorKind::PermissionDenied => ClientError::PermissionDenied {
+            path: path.to_owned(),
+        },
+        _ => ClientError::Io {
+            context: format!("cannot connect to {}", path.display()),
+            source,
+        },
+    }
+}
+
+async fn connect_conn(path: &Path) -> Result<Conn, ClientError> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|e| connect_error(path, e))?;
+    Ok(Conn::new(stream))
+}
+
+fn reply_name(reply: &Reply) -> &'static str {
+    match reply {
+        Reply::Registered { .. } => "registered",
+        Reply::Status { .. } => "status",
+        Reply::Changed { .. } => "changed",
+        Reply::State { .. } => "state",
+        Reply::Error { .. } => "error",
+    }
+}
+
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::Register { .. } => "register",
+        Op::Status { .. } => "status",
+        Op::Activate { .. } => "activate",
+        Op::Drain { .. } => "drain",
+    }
+}
+
+/// Sends `op` (with `fd` attached) and returns the first reply, turning
+/// [`Reply::Error`] into [`ClientError::Agent`].
+async fn round_trip(
+    conn: &mut Conn,
+    op: Op,
+    fd: Option<BorrowedFd<'_>>,
+) -> Result<Reply, ClientError> {
+    conn.send(&Request::new(op), fd).await?;
+    match conn.recv_msg::<Reply>().await? {
+        None => Err(ClientError::ConnectionClosed),
+        Some((Reply::Error { kind, message }, _)) => Err(ClientError::Agent { kind, message }),
+        // Descriptors are never expected on replies; dropping them closes them.
+        Some((reply, _fds)) => Ok(reply),
+    }
+}
+
+/// A control connection for requests that get one answer each (`status`, `activate`,
+/// `drain`). Requests are answered in order, so one client serves any number of them.
+#[derive(Debug)]
+pub struct ControlClient {
+    conn: Conn,
+}
+
+impl ControlClient {
+    pub async fn connect(path: impl AsRef<Path>) -> Result<Self, ClientError> {
+        Ok(Self {
+            conn: connect_conn(path.as_ref()).await?,
+        })
+    }
+
+    /// Sends `op` and returns the agent's reply; [`Reply::Error`] becomes
+    /// [`ClientError::Agent`].
+    pub async fn request(&mut self, op: Op) -> Result<Reply, ClientError> {
+        round_trip(&mut self.conn, op, None).await
+    }
+
+    /// All groups, or only `group`.
+    pub async fn status(
+        &mut self,
+        group: Option<GroupAddr>,
+    ) -> Result<Vec<GroupStatus>, ClientError> {
+        match self.request(Op::Status { group }).await? {
+            Reply::Status { groups } => Ok(groups),
+            other => Err(ClientError::UnexpectedReply {
+                request: "status",
+                reply: reply_name(&other),
+            }),
+        }
+    }
+
+    /// Makes `generation` the active one; returns the group after the change.
+    pub async fn activate(
+        &mut self,
+        group: GroupAddr,
+        generation: u32,
+    ) -> Result<GroupStatus, ClientError> {
+        self.change(Op::Activate { group, generation }).await
+    }
+
+    /// Stops sending new connections to `generation`; returns the group after the change.
+    pub async fn drain(
+        &mut self,
+        group: GroupAddr,
+        generation: u32,
+    ) -> Result<GroupStatus, ClientError> {
+        self.change(Op::Drain { group, generation }).await
+    }
+
+    async fn change(&mut self, op: Op) -> Result<GroupStatus, ClientError> {
+        let request = op_name(&op);
+        match self.request(op).await? {
+            Reply::Changed { group } => Ok(group),
+            other => Err(ClientError::UnexpectedReply {
+                request,
+                reply: reply_name(&other),
+            }),
+        }
+    }
+}
+
+/// Options for one registration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegisterOptions {
+    /// The agent's control socket.
+    pub control: PathBuf,
+    pub group: GroupAddr,
+    pub generation: u32,
+    /// Shown by `reuseportctl status`; at most [`crate::protocol::MAX_NAME_LEN`] bytes.
+    pub name: Option<String>,
+    /// Make the generation active as soon as the socket is registered.
+    pub activate: bool,
+}
+
+impl RegisterOptions {
+    /// Options with the default control socket, no name, not activating.
+    pub fn new(group: GroupAddr, generation: u32) -> Self {
+        Self {
+            control: PathBuf::from(crate::DEFAULT_CONTROL_PATH),
+            group,
+            generation,
+            name: None,
+            activate: false,
+        }
+    }
+}
+
+/// A live registration. It keeps the control connection open: closing it (dropping the
+/// `Registration`) unregisters the socket.
+#[derive(Debug)]
+pub struct Registration {
+    group: GroupAddr,
+    generation: u32,
+    slot: u32,
+    state: watch::Receiver<GenState>,
+    /// Reads pushed frames; owns the connection. `None` once [`Registration::closed`] saw
+    /// it finish.
+    reader: Option<JoinHandle<Result<(), ClientError>>>,
+    /// A second descriptor of the connection's socket, so that `drop` can shut the
+    /// connection down at once rather than when the runtime next polls the aborted reader.
+    shutdown: OwnedFd,
+}
+
+impl Registration {
+    /// The slot the agent gave the socket in the group's socket array.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// The group as the agent names it (with its network namespace).
+    pub fn group(&self) -> GroupAddr {
+        self.group
+    }
+
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// The generation's state, updated whenever the agent pushes a change. The sender side
+    /// is dropped when the connection closes, so `changed()` then fails.
+    pub fn state(&self) -> watch::Receiver<GenState> {
+        self.state.clone()
+    }
+
+    /// Resolves when the control connection ends: `Ok` when the agent closed it cleanly,
+    /// `Err` when it broke (I/O error or a malformed frame). Either way the socket is no
+    /// longer registered. Cancel-safe; resolves at once on later calls.
+    pub async fn closed(&mut self) -> Result<(), ClientError> {
+        let Some(reader) = self.reader.as_mut() else {
+            return Ok(());
+        };
+        let res = reader.await;
+        self.reader = None;
+        match res {
+            Ok(res) => res,
+            Err(e) => Err(ClientError::Io {
+                context: "registration reader task failed".into(),
+                source: io::Error::other(e),
+            }),
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        // The agent must see the close even if the runtime is never polled again.
+        let _ = SockRef::from(&self.shutdown).shutdown(std::net::Shutdown::Both);
+        if let Some(reader) = &self.reader {
+            reader.abort();
+        }
+    }
+}
+
+async fn read_pushed(
+    mut conn: Conn,
+    generation: u32,
+    state: watch::Sender<GenState>,
+) -> Result<(), ClientError> {
+    loop {
+        match conn.recv_msg::<Reply>().await? {
+            None => return Ok(()),
+            Some((
+                Reply::State {
+                    generation: g,
+                    state: s,
+                    ..
+                },
+                _,
+            )) if g == generation => {
+                state.send_replace(s);
+            }
+            Some((other, _)) => {
+                tracing::debug!(
+                    reply = reply_name(&other),
+                    "ignoring unexpected pushed frame"
+                );
+            }
+        }
+    }
+}
+
+/// Registers the listening `socket` with the agent. The agent checks that it is a
+/// listening TCP socket with `SO_REUSEPORT` bound to the group's address.
+pub async fn register(
+    socket: BorrowedFd<'_>,
+    opts: &RegisterOptions,
+) -> Result<Registration, ClientError> {
+    let mut conn = connect_conn(&opts.control).await?;
+    let op = Op::Register {
+        group: opts.group,
+        generation: opts.generation,
+        name: opts.name.clone(),
+        activate: opts.activate,
+    };
+    let (group, generation, slot, state) = match round_trip(&mut conn, op, Some(socket)).await? {
+        Reply::Registered {
+            group,
+            generation,
+            slot,
+            state,
+        } => (group, generation, slot, state),
+        other => {
+            return Err(ClientError::UnexpectedReply {
+                request: "register",
+                reply: reply_name(&other),
+            });
+        }
+    };
+    let shutdown = conn
+        .stream()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| ClientError::Io {
+            context: "cannot duplicate the control connection".into(),
+            source,
+        })?;
+    let (tx, rx) = watch::channel(state);
+    let reader = tokio::spawn(read_pushed(conn, generation, tx));
+    Ok(Registration {
+        group,
+        generation,
+        slot,
+        state: rx,
+        reader: Some(reader),
+        shutdown,
+    })
+}
+
+/// Creates a listening TCP socket that can join a reuseport group: `SO_REUSEPORT` (and
+/// `SO_REUSEADDR`, as `std`'s `TcpListener::bind` sets it) before `bind`, backlog
+/// [`LISTEN_BACKLOG`], non-blocking, close-on-exec.
+///
+/// `IPV6_V6ONLY` is left at the system default (`net.ipv6.bindv6only`, normally 0, so
+/// `[::]` also accepts IPv4): the kernel only groups sockets that agree on it, and servers
+/// that bind themselves use that default too.
+pub fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    // NB: socket2 creates the socket with SOCK_CLOEXEC on Linux.
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+pub(crate) fn listen_error(addr: SocketAddr, source: io::Error) -> ClientError {
+    let hint = match source.kind() {
+        io::ErrorKind::AddrInUse => {
+            " (the address is held by a socket without SO_REUSEPORT, or by another user: \
+             members of a reuseport group must share the owner uid)"
+        }
+        io::ErrorKind::AddrNotAvailable => " (no local interface has that address)",
+        io::ErrorKind::PermissionDenied => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+        _ => "",
+    };
+    ClientError::Listen { addr, hint, source }
+}
+
+/// [`reuseport_listener`] on the group's address, then [`register`]. The returned
+/// [`Registration`] must live as long as the listener serves the group.
+pub async fn bind_and_register(
+    opts: &RegisterOptions,
+) -> Result<(tokio::net::TcpListener, Registration), ClientError> {
+    let addr = opts.group.addr;
+    let listener = reuseport_listener(addr).map_err(|e| listen_error(addr, e))?;
+    let registration = register(listener.as_fd(), opts).await?;
+    let listener =
+        tokio::net::TcpListener::from_std(listener).map_err(|source| ClientError::Io {
+            context: "cannot add the listener to the tokio runtime".into(),
+            source,
+        })?;
+    Ok((listener, registration))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::atomic::{AtomicU32, Ordering},
+        time::Duration,
+    };
+
+    use tokio::net::UnixListener;
+
+    use super::*;
+    use crate::protocol::{Counters, GenerationStatus};
+
+    /// A directory of its own for each test's control socket.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "reuseport-client-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&dir).expect("create temp dir");
+            Self(dir)
+        }
+
+        fn sock(&self) -> PathBuf {
+            self.0.join("agent.sock")
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn group(s: &str) -> GroupAddr {
+        s.parse().expect("valid group address")
+    }
+
+    fn status_of(group: GroupAddr, active: u32) -> GroupStatus {
+        GroupStatus {
+            group,
+            mode: "select-or-migrate".into(),
+            active: Some(active),
+            falling_back: false,
+            generations: vec![GenerationStatus {
+                generation: active,
+                name: None,
+                state: GenState::Active,
+                sockets: vec![],
+                counters: Counters::default(),
+            }],
+            unsteered: 0,
+        }
+    }
+
+    async fn accept(listener: &UnixListener) -> Conn {
+        let (stream, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .expect("client should connect within 5 s")
+            .expect("accept");
+        Conn::new(stream)
+    }
+
+    async fn recv_request(conn: &mut Conn) -> (Request, Vec<OwnedFd>) {
+        tokio::time::timeout(Duration::from_secs(5), conn.recv_msg::<Request>())
+            .await
+            .expect("client should send a request within 5 s")
+            .expect("well-formed request")
+            .expect("a request, not a close")
+    }
+
+    #[tokio::test]
+    async fn missing_socket_means_agent_not_running() {
+        let dir = TempDir::new();
+        let err = ControlClient::connect(dir.sock()).await.unwrap_err();
+        assert!(
+            matches!(err, ClientError::AgentNotRunning { .. }),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&dir.sock().display().to_string()),
+            "message names the path: {msg}"
+        );
+        assert!(
+            msg.contains("--control"),
+            "message says how to fix it: {msg}"
+        );
+    }
+
+    #[tokio::test]
+    async fn stale_socket_file_means_agent_not_running() {
+        let dir = TempDir::new();
+        drop(std::os::unix::net::UnixListener::bind(dir.sock()).expect("bind"));
+        let err = ControlClient::connect(dir.sock()).await.unwrap_err();
+        assert!(
+            matches!(err, ClientError::AgentNotRunning { .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn eacces_means_permission_denied() {
+        // Root bypasses file permissions, so the mapping is tested without a real socket.
+        let err = connect_error(Path::new("/x"), io::Error::from_raw_os_error(libc::EACCES));
+        assert_eq!(
+            err.to_string(),
+            "permission denied on /x: run as root or as a member of the agent's control group"
+        );
+    }
+
+    #[tokio::test]
+    async fn requests_round_trip_and_agent_errors_keep_their_message() {
+        let dir = TempDir::new();
+        let listener = UnixListener::bind(dir.sock()).expect("bind");
+        let g = group("tcp://127.0.0.1:8080");
+        let agent = tokio::spawn(async move {
+            let mut conn = accept(&listener).await;
+            let (req, _) = recv_request(&mut conn).await;
+            assert_eq!(req, Request::new(Op::Status { group: None }));
+            conn.send(
+                &Reply::Status {
+                    groups: vec![status_of(g, 1)],
+                },
+                None,
+            )
+            .await
+            .unwrap();
+            let (req, _) = recv_request(&mut conn).await;
+            assert_eq!(
+                req,
+                Request::new(Op::Activate {
+                    group: g,
+                    generation: 2
+                })
+            );
+            conn.send(
+                &Reply::Changed {
+                    group: status_of(g, 2),
+                },
+                None,
+            )
+            .await
+            .unwrap();
+            let (req, _) = recv_request(&mut conn).await;
+            assert_eq!(
+                req,
+                Request::new(Op::Drain {
+                    group: g,
+                    generation: 2
+                })
+            );
+            let reply = Reply::Error {
+                kind: ErrorKind::Conflict,
+                message: "generation 2 is the active generation of tcp://127.0.0.1:8080; \
+                          activate another one first"
+                    .into(),
+            };
+            conn.send(&reply, None).await.unwrap();
+        });
+        let mut client = ControlClient::connect(dir.sock()).await.expect("connect");
+        assert_eq!(client.status(None).await.unwrap(), vec![status_of(g, 1)]);
+        assert_eq!(client.activate(g, 2).await.unwrap(), status_of(g, 2));
+        let err = client.drain(g, 2).await.unwrap_err();
+        assert_eq!(err.agent_kind(), Some(ErrorKind::Conflict));
+        assert!(
+            err.to_string().starts_with("generation 2 is the active"),
+            "{err}"
+        );
+        agent.await.unwrap();
+        let err = client.status(None).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::ConnectionClosed | ClientError::Protocol(_)
+            ),
+            "a closed connection should be an error: {err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unexpected_reply_is_an_error() {
+        let dir = TempDir::new();
+        let listener = UnixListener::bind(dir.sock()).expect("bind");
+        let g = group("tcp://127.0.0.1:8080");
+        let agent = tokio::spawn(async move {
+            let mut conn = accept(&listener).await;
+            recv_request(&mut conn).await;
+            conn.send(
+                &Reply::Changed {
+                    group: status_of(g, 1),
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        });
+        let mut client = ControlClient::connect(dir.sock()).await.expect("connect");
+        let err = client.status(Some(g)).await.unwrap_err();
+        assert!(
+            matches!(err, ClientError::UnexpectedReply { .. }),
+            "{err:?}"
+        );
+        agent.await.unwrap();
+    }
+
+    #[test]
+    fn listeners_share_a_port() {
+        let a = reuseport_listener("127.0.0.1:0".parse().unwrap()).expect("first listener");
+        let addr = a.local_addr().unwrap();
+        let b = reuseport_listener(addr).expect("second listener on the same port");
+        for l in [&a, &b] {
+            let s = SockRef::from(l);
+            assert!(s.reuse_port().unwrap(), "SO_REUSEPORT should be set");
+            assert!(s.nonblocking().unwrap(), "listener should be non-blocking");
+            let flags = nix::fcntl::fcntl(l, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+            assert_eq!(
+                flags & libc::FD_CLOEXEC,
+                libc::FD_CLOEXEC,
+                "listener should be CLOEXEC"
+            );
+        }
+        // A plain listener on the same port has no SO_REUSEPORT: the hint must say so.
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = reuseport_listener(plain.local_addr().unwrap()).unwrap_err();
+        let err = listen_error(plain.local_addr().unwrap(), err);
+        assert!(err.to_string().contains("without SO_REUSEPORT"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn register_passes_the_socket_and_follows_pushed_state() {
+        let dir = TempDir::new();
+        let listener = UnixListener::bind(dir.sock()).expect("bind");
+        // A port nobody else holds, then the group on it.
+        let probe = reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let g = group(&format!("tcp://{}", probe.local_addr().unwrap()));
+        let mut opts = RegisterOptions::new(g, 7);
+        opts.control = dir.sock();
+        opts.name = Some("v7".into());
+
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        let agent = tokio::spawn(async move {
+            let mut conn = accept(&listener).await;
+            let (req, fds) = recv_request(&mut conn).await;
+            assert_eq!(
+                req,
+                Request::new(Op::Register {
+                    group: g,
+                    generation: 7,
+                    name: Some("v7".into()),
+                    activate: false
+                })
+            );
+            assert_eq!(fds.len(), 1, "register should carry exactly one descriptor");
+            let local = SockRef::from(&fds[0]).local_addr().unwrap().as_socket();
+            assert_eq!(
+                local,
+                Some(g.addr),
+                "the passed socket should be the group's listener"
+            );
+            let canonical = GroupAddr {
+                netns: Some(4026531840),
+                ..g
+            };
+            let reply = Reply::Registered {
+                group: canonical,
+                generation: 7,
+                slot: 3,
+                state: GenState::Standby,
+            };
+            conn.send(&reply, None).await.unwrap();
+            let push = |state| Reply::State {
+                group: canonical,
+                generation: 7,
+                state,
+            };
+            conn.send(&push(GenState::Active), None).await.unwrap();
+            conn.send(&push(GenState::Draining), None).await.unwrap();
+            // The client closes the connection when the Registration is dropped.
+            let end = tokio::time::timeout(Duration::from_secs(5), conn.recv()).await;
+            closed_tx.send(matches!(end, Ok(Ok(None)))).unwrap();
+        });
+
+        let (tcp, reg) = bind_and_register(&opts).await.expect("bind and register");
+        assert_eq!(tcp.local_addr().unwrap(), g.addr);
+        assert_eq!(reg.slot(), 3);
+        assert_eq!(reg.generation(), 7);
+        assert_eq!(
+            reg.group().netns,
+            Some(4026531840),
+            "group as the agent names it"
+        );
+        let mut state = reg.state();
+        let seen = tokio::time::timeout(
+            Duration::from_secs(5),
+            state.wait_for(|s| *s == GenState::Draining),
+        )
+        .await
+        .expect("pushed draining state should reach the watch within 5 s")
+        .map(|s| *s);
+        assert_eq!(seen.unwrap(), GenState::Draining);
+
+        // Dropping without polling the runtime afterwards must still close the connection.
+        drop(reg);
+        assert!(
+            closed_rx.await.unwrap(),
+            "agent should see a clean close when the Registration is dropped"
+        );
+        agent.await.unwrap();
+        assert!(
+            state.changed().await.is_err(),
+            "state watch should end with the connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn closed_resolves_when_the_agent_goes_away() {
+        let dir = TempDir::new();
+        let listener = UnixListener::bind(dir.sock()).expect("bind");
+        let tcp = reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let g = group(&format!("tcp://{}", tcp.local_addr().unwrap()));
+        let mut opts = RegisterOptions::new(g, 1);
+        opts.control = dir.sock();
+        let agent = tokio::spawn(async move {
+            let mut conn = accept(&listener).await;
+            recv_request(&mut conn).await;
+            let reply = Reply::Registered {
+                group: g,
+                generation: 1,
+                slot: 0,
+                state: GenState::Active,
+            };
+            conn.send(&reply, None).await.unwrap();
+        });
+        let mut reg = register(tcp.as_fd(), &opts).await.expect("register");
+        agent.await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), reg.closed())
+            .await
+            .expect("closed() should resolve once the agent closed the connection")
+            .expect("a clean close");
+        reg.closed().await.expect("later calls resolve at once");
+    }
+
+    #[tokio::test]
+    async fn register_error_is_the_agents_message() {
+        let dir = TempDir::new();
+        let listener = UnixListener::bind(dir.sock()).expect("bind");
+        let tcp = reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let g = group(&format!("tcp://{}", tcp.local_addr().unwrap()));
+        let mut opts = RegisterOptions::new(g, 1);
+        opts.control = dir.sock();
+        let agent = tokio::spawn(async move {
+            let mut conn = accept(&listener).await;
+            recv_request(&mut conn).await;
+            let reply = Reply::Error {
+                kind: ErrorKind::Limit,
+                message: "group is full (64 sockets)".into(),
+            };
+            conn.send(&reply, None).await.unwrap();
+        });
+        let err = register(tcp.as_fd(), &opts).await.unwrap_err();
+        assert_eq!(err.to_string(), "group is full (64 sockets)");
+        agent.await.unwrap();
+    }
+}

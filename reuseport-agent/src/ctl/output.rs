@@ -1,0 +1,243 @@
+//! Human-readable output: the `status` table and the one-line summary of a change.
+
+use std::{fmt::Write as _, io::Write as _};
+
+use crate::protocol::{GenState, GenerationStatus, GroupStatus};
+
+/// Writes `text` to stdout. A closed pipe (`reuseportctl status | head -1`) is not an
+/// error: the reader has what it wanted.
+pub fn print(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("cannot write to stdout"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Left-aligned columns separated by two spaces; the last column is not padded.
+struct Table {
+    headers: &'static [&'static str],
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn render(&self, indent: &str, out: &mut String) {
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.len()).collect();
+        for row in &self.rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let headers = self
+            .headers
+            .iter()
+            .map(|h| h.to_string())
+            .collect::<Vec<_>>();
+        for row in std::iter::once(&headers).chain(&self.rows) {
+            let mut line = String::from(indent);
+            for (i, (cell, w)) in row.iter().zip(&widths).enumerate() {
+                if i + 1 == row.len() {
+                    line.push_str(cell);
+                } else {
+                    let _ = write!(line, "{cell:w$}  ");
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+    }
+}
+
+fn join<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
+    let s = items
+        .into_iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    if s.is_empty() { "-".into() } else { s }
+}
+
+fn generation_row(generation: &GenerationStatus) -> Vec<String> {
+    let mut pids: Vec<i32> = generation.sockets.iter().map(|s| s.pid).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    let mut slots: Vec<u32> = generation.sockets.iter().map(|s| s.slot).collect();
+    slots.sort_unstable();
+    let closed = generation.sockets.iter().filter(|s| !s.listening).count();
+    let sockets = if closed == 0 {
+        generation.sockets.len().to_string()
+    } else {
+        format!("{} ({closed} closed)", generation.sockets.len())
+    };
+    vec![
+        generation.generation.to_string(),
+        generation.name.clone().unwrap_or_else(|| "-".into()),
+        generation.state.to_string(),
+        sockets,
+        join(pids),
+        join(slots),
+        generation.counters.selected.to_string(),
+        generation.counters.fallback.to_string(),
+        generation.counters.migrated.to_string(),
+    ]
+}
+
+/// The `status` table: a header line per group, then a row per generation.
+pub fn status_table(groups: &[GroupStatus]) -> String {
+    if groups.is_empty() {
+        return "no groups\n".into();
+    }
+    let mut out = String::new();
+    for (i, group) in groups.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let active = group
+            .active
+            .map_or_else(|| "none".into(), |g| g.to_string());
+        let _ = write!(
+            out,
+            "{}  mode {}  active {}  unsteered {}",
+            group.group, group.mode, active, group.unsteered
+        );
+        if group.falling_back {
+            out.push_str("  FALLING BACK (no active socket left)");
+        }
+        out.push('\n');
+        let mut generations: Vec<&GenerationStatus> = group.generations.iter().collect();
+        generations.sort_by_key(|g| g.generation);
+        Table {
+            headers: &[
+                "GEN", "NAME", "STATE", "SOCKETS", "PIDS", "SLOTS", "SELECTED", "FALLBACK",
+                "MIGRATED",
+            ],
+            rows: generations.into_iter().map(generation_row).collect(),
+        }
+        .render("  ", &mut out);
+    }
+    out
+}
+
+/// One line after `activate` or `drain`, e.g.
+/// `tcp://127.0.0.1:8080: generation 2 active (1 draining)`.
+pub fn change_summary(group: &GroupStatus, generation: u32) -> String {
+    let mut line = format!("{}: generation {generation}", group.group);
+    if let Some(g) = group
+        .generations
+        .iter()
+        .find(|g| g.generation == generation)
+    {
+        let _ = write!(line, " {}", g.state);
+    }
+    let mut others = Vec::new();
+    for state in [GenState::Active, GenState::Draining, GenState::Standby] {
+        let mut gens: Vec<u32> = group
+            .generations
+            .iter()
+            .filter(|g| g.generation != generation && g.state == state)
+            .map(|g| g.generation)
+            .collect();
+        gens.sort_unstable();
+        if !gens.is_empty() {
+            let gens = gens
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            others.push(format!("{gens} {state}"));
+        }
+    }
+    if !others.is_empty() {
+        let _ = write!(line, " ({})", others.join("; "));
+    }
+    if group.falling_back {
+        line.push_str("; FALLING BACK: no active socket left");
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Counters, SocketStatus};
+
+    fn generation(n: u32, state: GenState, pids: &[i32]) -> GenerationStatus {
+        GenerationStatus {
+            generation: n,
+            name: (n == 2).then(|| "v2".into()),
+            state,
+            sockets: pids
+                .iter()
+                .enumerate()
+                .map(|(i, &pid)| SocketStatus {
+                    slot: i as u32 + n * 10,
+                    pid,
+                    uid: 0,
+                    cookie: 1,
+                    listening: pid != 0,
+                })
+                .collect(),
+            counters: Counters {
+                selected: 1000 * u64::from(n),
+                fallback: 0,
+                migrated: 3,
+            },
+        }
+    }
+
+    fn group() -> GroupStatus {
+        GroupStatus {
+            group: "tcp://127.0.0.1:8080".parse().unwrap(),
+            mode: "select-or-migrate".into(),
+            active: Some(2),
+            falling_back: false,
+            generations: vec![
+                generation(2, GenState::Active, &[200, 200]),
+                generation(1, GenState::Draining, &[100, 0]),
+                generation(3, GenState::Standby, &[]),
+            ],
+            unsteered: 0,
+        }
+    }
+
+    #[test]
+    fn summary_names_the_other_generations() {
+        let g = group();
+        assert_eq!(
+            change_summary(&g, 2),
+            "tcp://127.0.0.1:8080: generation 2 active (1 draining; 3 standby)"
+        );
+        assert_eq!(
+            change_summary(&g, 1),
+            "tcp://127.0.0.1:8080: generation 1 draining (2 active; 3 standby)"
+        );
+    }
+
+    #[test]
+    fn table_has_a_row_per_generation_in_order() {
+        let mut g = group();
+        g.falling_back = true;
+        let out = status_table(&[g]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].starts_with("tcp://127.0.0.1:8080  mode select-or-migrate  active 2"));
+        assert!(lines[0].contains("FALLING BACK"), "{out}");
+        assert!(lines[1].trim_start().starts_with("GEN"), "{out}");
+        let gens: Vec<&str> = lines[2..]
+            .iter()
+            .map(|l| l.split_whitespace().next().unwrap())
+            .collect();
+        assert_eq!(gens, ["1", "2", "3"], "{out}");
+        assert!(
+            lines[2].contains("2 (1 closed)"),
+            "closed listeners are shown: {out}"
+        );
+        assert!(lines[3].contains(" 200 "), "pids are deduplicated: {out}");
+        assert!(lines[3].contains("20,21"), "slots are listed: {out}");
+        assert_eq!(status_table(&[]), "no groups\n");
+    }
+}
