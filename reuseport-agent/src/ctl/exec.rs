@@ -52,7 +52,7 @@ const DEFAULT_FD_NAME: &str = "reuseport";
     after_long_help = "Exit status: COMMAND's status; 127 if COMMAND was not found, 126 if \
         it could not be executed, 1 for any other failure of the launcher.\n\n\
         Example, a blue/green deploy:\n\
-        \x20 reuseportctl exec --listen 0.0.0.0:8080 --generation 1 --activate -- ./server-v1\n\
+        \x20 reuseportctl exec --listen 0.0.0.0:8080 --generation 1 --activate --on-drain TERM -- ./server-v1\n\
         \x20 reuseportctl exec --listen 0.0.0.0:8080 --generation 2 --on-drain TERM -- ./server-v2\n\
         \x20 reuseportctl activate 0.0.0.0:8080 2   # v1 drains and gets SIGTERM"
 )]
