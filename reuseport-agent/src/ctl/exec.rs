@@ -181,9 +181,9 @@ async fn supervise(
         if state == GenState::Draining
             && let Some(sig) = on_drain.take()
         {
-            eprintln!(
-                "reuseportctl: generation {generation} of {group} is draining: sending {sig} to pid {pid}"
-            );
+            note(format_args!(
+                "generation {generation} of {group} is draining: sending {sig} to pid {pid}"
+            ));
             let _ = kill(pid, sig);
         }
     };
@@ -207,13 +207,20 @@ async fn supervise(
                     Ok(()) => String::new(),
                     Err(e) => format!(" ({e})"),
                 };
-                eprintln!(
-                    "reuseportctl: warning: the agent closed the control connection{why}: \
-                     pid {pid} keeps running, but its listener is no longer registered in {group}"
-                );
+                note(format_args!(
+                    "warning: the agent closed the control connection{why}: pid {pid} keeps \
+                     running, but its listener is no longer registered in {group}"
+                ));
             }
         }
     }
+}
+
+/// A message of the launcher on stderr. Unlike `eprintln!`, a broken stderr is ignored: a
+/// panic here would kill the launcher, unregister the socket and SIGTERM the server.
+fn note(msg: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "reuseportctl: {msg}");
 }
 
 /// The exit status to report if `pid` has exited, `None` while it runs.

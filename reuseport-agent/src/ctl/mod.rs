@@ -66,14 +66,14 @@ pub fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("reuseportctl: cannot start the async runtime: {e}");
+            report(&format!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("reuseportctl: {}", one_line(&e));
+            report(&one_line(&e));
             ExitCode::from(
                 e.downcast_ref::<spawn::SpawnError>()
                     .map_or(1, spawn::SpawnError::exit_code),
@@ -89,6 +89,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Drain(args) => drain::run(&cli.global, args).await,
         Command::Exec(args) => exec::run(&cli.global, args).await,
     }
+}
+
+/// Prints an error line; a closed stderr is not worth a panic on the way out.
+fn report(message: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "reuseportctl: {message}");
 }
 
 /// The error and its causes on one line, joined by ": ". A cause whose text the previous
