@@ -1,0 +1,392 @@
+//! [`TestEnv`]: one network namespace, one temp dir, one bpffs dir and one agent per test.
+
+use std::{
+    fs::File,
+    future::Future,
+    io,
+    net::TcpListener,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sched::{CloneFlags, unshare},
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use reuseport_agent::{
+    client::{self, ControlClient, RegisterOptions, Registration},
+    protocol::{ErrorKind, GroupStatus},
+};
+
+use super::{Server, ServerKind, group, local};
+
+/// How long the agent may take to accept connections on its control socket.
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the agent may take to exit after SIGTERM before it gets SIGKILL.
+const AGENT_EXIT_TIMEOUT: Duration = Duration::from_secs(3);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// True when the agent is asked to run in select-only mode (`REUSEPORT_SELECT_ONLY=1`, which
+/// the agent reads itself: the variable is inherited).
+pub fn select_only_env() -> bool {
+    std::env::var("REUSEPORT_SELECT_ONLY").is_ok_and(|v| v == "1")
+}
+
+/// Path of a binary under test: `$REUSEPORT_BIN_DIR/NAME`, or `target/<profile>/NAME` found
+/// from the test executable (`target/<profile>/deps/reuseport_tests-…`).
+pub fn bin_path(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("REUSEPORT_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe().expect("current_exe");
+            let deps = exe
+                .parent()
+                .expect("test executable has a parent directory");
+            deps.parent().unwrap_or(deps).to_path_buf()
+        }
+    };
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{name} not found at {}: build them first: cargo build -p reuseport-agent \
+         (or set REUSEPORT_BIN_DIR to the directory holding reuseport-agent and reuseportctl)",
+        path.display()
+    );
+    path
+}
+
+/// An isolated world for one test: a fresh network namespace (entered by the calling thread;
+/// threads, runtimes and processes created afterwards inherit it) with `lo` up, a temp dir
+/// holding the control socket and the agent's log, a fresh bpffs dir, and a running agent.
+///
+/// Create it first in every test, so that it is dropped last. On drop the agent is stopped,
+/// its log is printed if the test is failing, and both directories are removed.
+pub struct TestEnv {
+    name: &'static str,
+    dir: PathBuf,
+    control: PathBuf,
+    bpffs: PathBuf,
+    log: PathBuf,
+    agent: Option<Child>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl TestEnv {
+    pub fn new(name: &'static str) -> Self {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "{name}: the integration tests need root (network namespaces, bpffs, BPF programs)"
+        );
+        unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        bring_lo_up().expect("bring lo up in the new network namespace");
+
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let dir = std::env::temp_dir().join(format!("reuseport-test-{pid}-{n}-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the test's temp dir");
+        let bpffs = PathBuf::from(format!("/sys/fs/bpf/reuseport-test-{pid}-{n}"));
+        check_bpffs(Path::new("/sys/fs/bpf"));
+        let _ = std::fs::remove_dir_all(&bpffs);
+        std::fs::create_dir(&bpffs).expect("create the test's bpffs dir");
+        let control = dir.join("agent.sock");
+        let log = dir.join("agent.log");
+
+        // NB: created after unshare, so its worker threads live in the test's namespace.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+
+        let mut env = Self {
+            name,
+            dir,
+            control,
+            bpffs,
+            log,
+            agent: None,
+            rt,
+        };
+        env.start_agent();
+        env
+    }
+
+    fn start_agent(&mut self) {
+        let log = File::create(&self.log).expect("create agent log");
+        let agent = Command::new(bin_path("reuseport-agent"))
+            .arg("--control")
+            .arg(&self.control)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup agent log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn reuseport-agent");
+        self.agent = Some(agent);
+
+        let deadline = Instant::now() + AGENT_READY_TIMEOUT;
+        loop {
+            if let Some(status) = self
+                .agent
+                .as_mut()
+                .and_then(|a| a.try_wait().ok().flatten())
+            {
+                panic!(
+                    "{}: reuseport-agent exited before it was ready ({status})\n--- agent log ---\n{}",
+                    self.name,
+                    self.agent_log()
+                );
+            }
+            match std::os::unix::net::UnixStream::connect(&self.control) {
+                Ok(_) => return,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                    ) => {}
+                Err(e) => panic!(
+                    "{}: connecting to {}: {e}",
+                    self.name,
+                    self.control.display()
+                ),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: reuseport-agent did not accept on {} within {AGENT_READY_TIMEOUT:?}\n\
+                 --- agent log ---\n{}",
+                self.name,
+                self.control.display(),
+                self.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The test's temp dir (removed on drop).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn control_path(&self) -> &Path {
+        &self.control
+    }
+
+    pub fn bpffs_path(&self) -> &Path {
+        &self.bpffs
+    }
+
+    pub fn rt(&self) -> &tokio::runtime::Runtime {
+        &self.rt
+    }
+
+    pub fn block_on<F: Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// Everything the agent wrote so far.
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(no agent log: {e})"))
+    }
+
+    /// PID of the agent process.
+    pub fn agent_pid(&self) -> Pid {
+        Pid::from_raw(self.agent.as_ref().expect("agent running").id() as i32)
+    }
+
+    /// A new control connection.
+    pub fn control(&self) -> ControlClient {
+        self.block_on(ControlClient::connect(&self.control))
+            .expect("connect to the agent")
+    }
+
+    /// Status of the group on `127.0.0.1:port`.
+    pub fn status(&self, port: u16) -> GroupStatus {
+        self.try_status(port)
+            .unwrap_or_else(|| panic!("{}: agent reports no group on 127.0.0.1:{port}", self.name))
+    }
+
+    /// Status of the group on `127.0.0.1:port`, if the agent knows it.
+    pub fn try_status(&self, port: u16) -> Option<GroupStatus> {
+        let groups = self.block_on(async {
+            let mut c = ControlClient::connect(&self.control)
+                .await
+                .expect("connect to the agent");
+            c.status(Some(group(port))).await
+        });
+        match groups {
+            Ok(groups) => groups.into_iter().find(|g| g.group.addr == local(port)),
+            Err(e) if e.agent_kind() == Some(ErrorKind::UnknownGroup) => None,
+            Err(e) => panic!("{}: status of 127.0.0.1:{port} failed: {e}", self.name),
+        }
+    }
+
+    /// `activate port gen` through the client library.
+    pub fn activate(&self, port: u16, generation: u32) -> GroupStatus {
+        self.block_on(async {
+            let mut c = ControlClient::connect(&self.control)
+                .await
+                .expect("connect to the agent");
+            c.activate(group(port), generation).await
+        })
+        .unwrap_or_else(|e| panic!("{}: activate {port} {generation}: {e}", self.name))
+    }
+
+    pub fn register_options(&self, port: u16, generation: u32, activate: bool) -> RegisterOptions {
+        RegisterOptions {
+            control: self.control.clone(),
+            group: group(port),
+            generation,
+            name: Some(format!("gen{generation}")),
+            activate,
+        }
+    }
+
+    /// Registers `listener` (bound to `127.0.0.1:port`) as `generation`.
+    pub fn register(
+        &self,
+        listener: &TcpListener,
+        port: u16,
+        generation: u32,
+        activate: bool,
+    ) -> Registration {
+        let opts = self.register_options(port, generation, activate);
+        self.block_on(client::register(listener.as_fd(), &opts))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: register generation {generation} on port {port}: {e}",
+                    self.name
+                )
+            })
+    }
+
+    /// A listening SO_REUSEPORT socket on `127.0.0.1:port` from the client library (non-blocking).
+    pub fn listen(&self, port: u16) -> TcpListener {
+        client::reuseport_listener(local(port))
+            .unwrap_or_else(|e| panic!("{}: listen on 127.0.0.1:{port}: {e}", self.name))
+    }
+
+    /// A registered generation with a running server of `kind`.
+    pub fn serve(
+        &self,
+        port: u16,
+        generation: u32,
+        kind: ServerKind,
+        activate: bool,
+    ) -> Generation {
+        let listener = self.listen(port);
+        let registration = self.register(&listener, port, generation, activate);
+        let server = Server::start(kind, listener, generation, self.rt.handle());
+        Generation {
+            generation,
+            server,
+            registration,
+        }
+    }
+
+    /// Runs `reuseportctl --control <this agent> ARGS…`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        let mut cmd = self.ctl_command();
+        cmd.args(args);
+        cmd.output().expect("run reuseportctl")
+    }
+
+    /// `reuseportctl --control <this agent>`, ready for more arguments.
+    pub fn ctl_command(&self) -> Command {
+        let mut cmd = Command::new(bin_path("reuseportctl"));
+        cmd.arg("--control").arg(&self.control).stdin(Stdio::null());
+        cmd
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let pid = Pid::from_raw(agent.id() as i32);
+            let _ = kill(pid, Signal::SIGTERM);
+            let deadline = Instant::now() + AGENT_EXIT_TIMEOUT;
+            loop {
+                match agent.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() >= deadline => {
+                        eprintln!(
+                            "{}: agent ignored SIGTERM for {AGENT_EXIT_TIMEOUT:?}",
+                            self.name
+                        );
+                        let _ = agent.kill();
+                        let _ = agent.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {}: agent log ({}) ---\n{}",
+                self.name,
+                self.log.display(),
+                self.agent_log()
+            );
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.bpffs) {
+            eprintln!("{}: removing {}: {e}", self.name, self.bpffs.display());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One registered generation: its server and its registration. Dropping it closes the
+/// listener first, then the registration (the order of the fields).
+pub struct Generation {
+    pub generation: u32,
+    pub server: Server,
+    pub registration: Registration,
+}
+
+/// `ip link set lo up`, with the ioctl `ip` would use, in the calling thread's namespace.
+fn bring_lo_up() -> io::Result<()> {
+    // SAFETY: plain socket/ioctl calls on a zeroed ifreq we own; the fd is closed below.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = *src as libc::c_char;
+        }
+        let mut res = libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut ifr);
+        if res == 0 {
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            res = libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &ifr);
+        }
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if res < 0 { Err(err) } else { Ok(()) }
+    }
+}
+
+fn check_bpffs(path: &Path) {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: statfs fills the zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let res = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    assert!(
+        res == 0 && st.f_type as i64 == BPF_FS_MAGIC,
+        "{} is not a bpffs mount: mount -t bpf bpf {}",
+        path.display(),
+        path.display()
+    );
+}

@@ -1,0 +1,68 @@
+//! What every test needs: an isolated environment with a running agent ([`TestEnv`]),
+//! servers that answer with their generation ([`Server`]), clients that tally who answered
+//! ([`tally`], [`ClientConn`]) and server processes ([`ChildServer`]).
+//!
+//! The wire protocol between test clients and test servers is one line each way:
+//! the client sends `req <n>\n`, the server answers `gen <G> <n+1>\n`.
+
+mod child;
+mod env;
+mod server;
+mod traffic;
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+pub use child::{CHILD_SERVER_ENV, ChildServer, child_server_main};
+pub use env::{Generation, TestEnv, bin_path, select_only_env};
+pub use server::{Server, ServerKind};
+pub use traffic::{ClientConn, Tally, parse_reply, request_once, tally};
+
+use reuseport_agent::{
+    addr::GroupAddr,
+    protocol::{GenerationStatus, GroupStatus},
+};
+
+/// Prints the line the VM runner looks for and lets the caller return.
+pub fn skip(test: &str, reason: &str) {
+    println!("SKIP: {test}: {reason}");
+}
+
+/// `127.0.0.1:port`.
+pub fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// The group address of `127.0.0.1:port`, in the caller's namespace.
+pub fn group(port: u16) -> GroupAddr {
+    GroupAddr {
+        addr: local(port),
+        netns: None,
+    }
+}
+
+/// Polls `cond` every few milliseconds until it holds; panics with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Generation `generation` in `status`; panics if the agent does not list it.
+pub fn generation_status(status: &GroupStatus, generation: u32) -> &GenerationStatus {
+    status
+        .generations
+        .iter()
+        .find(|g| g.generation == generation)
+        .unwrap_or_else(|| panic!("status should list generation {generation}: {status:?}"))
+}

@@ -1,0 +1,162 @@
+//! Test clients: one request per connection ([`request_once`], [`tally`]) or a held-open
+//! connection that sends several requests ([`ClientConn`]).
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    io::{self, BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+/// Bound on connect and on waiting for a reply.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Parses `gen <G> <n+1>` and checks it answers request `n`; returns G.
+pub fn parse_reply(line: &str, n: u64) -> io::Result<u32> {
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad reply {line:?} to req {n}"),
+        )
+    };
+    let mut parts = line.split_whitespace();
+    if parts.next() != Some("gen") {
+        return Err(bad());
+    }
+    let generation = parts
+        .next()
+        .and_then(|g| g.parse::<u32>().ok())
+        .ok_or_else(bad)?;
+    let echoed = parts
+        .next()
+        .and_then(|m| m.parse::<u64>().ok())
+        .ok_or_else(bad)?;
+    if echoed != n + 1 || parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(generation)
+}
+
+/// A connection that can carry several requests.
+pub struct ClientConn {
+    reader: BufReader<TcpStream>,
+    next: u64,
+}
+
+impl ClientConn {
+    pub fn connect(addr: SocketAddr) -> io::Result<Self> {
+        let stream = TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT)?;
+        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            reader: BufReader::new(stream),
+            next: 0,
+        })
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        self.reader.get_ref()
+    }
+
+    /// Sends `req <n>` without waiting for the answer.
+    pub fn send(&mut self, n: u64) -> io::Result<()> {
+        self.next = n;
+        self.reader
+            .get_mut()
+            .write_all(format!("req {n}\n").as_bytes())
+    }
+
+    /// Waits for the answer to the last [`send`](Self::send); returns the generation.
+    pub fn recv(&mut self) -> io::Result<u32> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "server closed without a reply",
+            ));
+        }
+        parse_reply(&line, self.next)
+    }
+
+    /// One request and its answer; returns the generation that answered.
+    pub fn request(&mut self) -> io::Result<u32> {
+        let n = self.next + 1;
+        self.send(n)?;
+        self.recv()
+    }
+}
+
+/// connect → `req n` → reply → close; returns the generation that answered.
+pub fn request_once(addr: SocketAddr, n: u64) -> io::Result<u32> {
+    let mut c = ClientConn::connect(addr)?;
+    c.send(n)?;
+    c.recv()
+}
+
+/// Which generations answered, and what failed.
+#[derive(Clone, Debug, Default)]
+pub struct Tally {
+    pub by_generation: BTreeMap<u32, u64>,
+    pub failed: u64,
+    /// The first few failures, for the assertion message.
+    pub errors: Vec<String>,
+}
+
+impl Tally {
+    pub fn record(&mut self, result: io::Result<u32>) {
+        match result {
+            Ok(g) => *self.by_generation.entry(g).or_default() += 1,
+            Err(e) => {
+                self.failed += 1;
+                if self.errors.len() < 5 {
+                    self.errors.push(e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Connections answered by `generation`.
+    pub fn of(&self, generation: u32) -> u64 {
+        self.by_generation.get(&generation).copied().unwrap_or(0)
+    }
+
+    pub fn answered(&self) -> u64 {
+        self.by_generation.values().sum()
+    }
+
+    pub fn merge(&mut self, other: &Tally) {
+        for (g, n) in &other.by_generation {
+            *self.by_generation.entry(*g).or_default() += n;
+        }
+        self.failed += other.failed;
+        for e in &other.errors {
+            if self.errors.len() < 5 {
+                self.errors.push(e.clone());
+            }
+        }
+    }
+}
+
+impl fmt::Display for Tally {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "answered by generation {:?}, failed {}",
+            self.by_generation, self.failed
+        )?;
+        if !self.errors.is_empty() {
+            write!(f, " (first errors: {:?})", self.errors)?;
+        }
+        Ok(())
+    }
+}
+
+/// `count` sequential one-request connections to `addr`.
+pub fn tally(addr: SocketAddr, count: u64) -> Tally {
+    let mut t = Tally::default();
+    for n in 0..count {
+        t.record(request_once(addr, n));
+    }
+    t
+}

@@ -1,0 +1,117 @@
+//! Many activation flips under continuous load: no connection fails, none reaches a standby.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use reuseport_agent::client::ControlClient;
+
+use crate::harness::{ServerKind, Tally, TestEnv, group, local, request_once};
+
+const FLIPS: u32 = 10_000;
+const CLIENT_THREADS: usize = 3;
+
+#[test]
+fn ten_thousand_flips_under_load_lose_no_connection() {
+    const PORT: u16 = 7601;
+    let env = TestEnv::new("ten_thousand_flips_under_load_lose_no_connection");
+    let g1 = env.serve(PORT, 1, ServerKind::Tokio, false);
+    let g2 = env.serve(PORT, 2, ServerKind::Tokio, false);
+    let g3 = env.serve(PORT, 3, ServerKind::Tokio, false);
+
+    let done = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENT_THREADS)
+        .map(|_| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let (mut t, mut n, mut slowest, mut slow) =
+                    (Tally::default(), 0, Duration::ZERO, 0u64);
+                while !done.load(Ordering::Relaxed) {
+                    let start = Instant::now();
+                    t.record(request_once(local(PORT), n));
+                    let took = start.elapsed();
+                    slowest = slowest.max(took);
+                    slow += u64::from(took > Duration::from_millis(900));
+                    n += 1;
+                }
+                (t, slowest, slow)
+            })
+        })
+        .collect();
+
+    let started = Instant::now();
+    env.block_on(async {
+        let mut c = ControlClient::connect(env.control_path())
+            .await
+            .expect("connect to the agent");
+        for i in 0..FLIPS {
+            let g = if i % 2 == 0 { 2 } else { 1 };
+            let changed = c
+                .activate(group(PORT), g)
+                .await
+                .unwrap_or_else(|e| panic!("flip {i} (activate {g}) should succeed: {e}"));
+            assert_eq!(
+                changed.active,
+                Some(g),
+                "flip {i}: generation {g} should be active: {changed:?}"
+            );
+        }
+    });
+    let flip_time = started.elapsed();
+    done.store(true, Ordering::Relaxed);
+
+    let (mut t, mut slowest, mut slow) = (Tally::default(), Duration::ZERO, 0);
+    for c in clients {
+        let (ct, cs, cslow) = c.join().expect("client thread");
+        t.merge(&ct);
+        slowest = slowest.max(cs);
+        slow += cslow;
+    }
+    let status = env.status(PORT);
+    println!(
+        "{FLIPS} flips in {flip_time:?} ({:.1} µs/flip) with {CLIENT_THREADS} client threads: {t}; \
+         slowest connection {slowest:?}, {slow} over 900 ms (a SYN retransmit would show here); \
+         servers: gen1 {} gen2 {} gen3 {}; unsteered {}",
+        flip_time.as_micros() as f64 / f64::from(FLIPS),
+        g1.server.served(),
+        g2.server.served(),
+        g3.server.served(),
+        status.unsteered,
+    );
+    assert!(
+        t.answered() > 0,
+        "clients should have made connections during the flips: {t}"
+    );
+    assert_eq!(
+        t.failed, 0,
+        "no connection should be refused or fail during the flips: {t}"
+    );
+    assert_eq!(
+        t.of(3),
+        0,
+        "standby generation 3 should receive no connection: {t}"
+    );
+    assert_eq!(
+        t.answered(),
+        t.of(1) + t.of(2),
+        "every connection should be answered by generation 1 or 2: {t}"
+    );
+    assert_eq!(
+        g3.server.accepted(),
+        0,
+        "standby generation 3's listener should accept nothing"
+    );
+    assert_eq!(
+        status.active,
+        Some(1),
+        "after an even number of flips generation 1 should be active: {status:?}"
+    );
+    assert_eq!(
+        status.unsteered, 0,
+        "no connection should be handed back to the kernel's hash: {status:?}"
+    );
+}

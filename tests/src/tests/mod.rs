@@ -1,0 +1,9 @@
+//! The integration tests, one module per topic. Run with `--test-threads=1` (see the crate doc).
+
+mod bad_input;
+mod child_process;
+mod exec;
+mod flips;
+mod migration;
+mod process_death;
+mod steering;
