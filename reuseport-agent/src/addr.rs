@@ -23,7 +23,9 @@ pub enum AddrError {
         "bad address {input:?}: expected IP:PORT such as 127.0.0.1:8080 or [::]:443 (hostnames are not resolved)"
     )]
     Syntax { input: String },
-    #[error("bad address {input:?}: port 0 is not a fixed port; name the port the group listens on")]
+    #[error(
+        "bad address {input:?}: port 0 is not a fixed port; name the port the group listens on"
+    )]
     PortZero { input: String },
     #[error("bad address {input:?}: network namespace must be an inode number after '@'")]
     Netns { input: String },
@@ -36,23 +38,29 @@ impl FromStr for GroupAddr {
         let s = input.trim();
         let rest = match s.split_once("://") {
             Some((scheme, rest)) if scheme.eq_ignore_ascii_case("tcp") => rest,
-            Some(_) => return Err(AddrError::Scheme { input: input.into() }),
+            Some(_) => {
+                return Err(AddrError::Scheme {
+                    input: input.into(),
+                });
+            }
             None => s,
         };
         let (addr, netns) = match rest.rsplit_once('@') {
             Some((addr, ns)) => {
-                let ns = ns
-                    .parse::<u64>()
-                    .map_err(|_| AddrError::Netns { input: input.into() })?;
+                let ns = ns.parse::<u64>().map_err(|_| AddrError::Netns {
+                    input: input.into(),
+                })?;
                 (addr, Some(ns))
             }
             None => (rest, None),
         };
-        let addr: SocketAddr = addr
-            .parse()
-            .map_err(|_| AddrError::Syntax { input: input.into() })?;
+        let addr: SocketAddr = addr.parse().map_err(|_| AddrError::Syntax {
+            input: input.into(),
+        })?;
         if addr.port() == 0 {
-            return Err(AddrError::PortZero { input: input.into() });
+            return Err(AddrError::PortZero {
+                input: input.into(),
+            });
         }
         Ok(Self { addr, netns })
     }
@@ -90,7 +98,10 @@ pub struct GroupKey {
 
 impl GroupKey {
     pub fn to_addr(self) -> GroupAddr {
-        GroupAddr { addr: self.addr, netns: Some(self.netns) }
+        GroupAddr {
+            addr: self.addr,
+            netns: Some(self.netns),
+        }
     }
 
     /// Whether a user-typed address names this group.
@@ -98,10 +109,12 @@ impl GroupKey {
         self.addr == wanted.addr && wanted.netns.is_none_or(|ns| ns == self.netns)
     }
 
-    /// A name usable as a bpffs directory: `tcp_127.0.0.1_8080_4026531840`.
+    /// A name usable as a bpffs directory: `tcp4_127_0_0_1_8080_4026531840`.
+    /// NB: bpffs refuses names containing '.' (EPERM).
     pub fn pin_name(&self) -> String {
-        let ip = self.addr.ip().to_string().replace(':', "-");
-        format!("tcp_{ip}_{}_{}", self.addr.port(), self.netns)
+        let family = if self.addr.is_ipv4() { "tcp4" } else { "tcp6" };
+        let ip = self.addr.ip().to_string().replace(['.', ':'], "_");
+        format!("{family}_{ip}_{}_{}", self.addr.port(), self.netns)
     }
 }
 
@@ -145,8 +158,16 @@ mod tests {
 
     #[test]
     fn pin_names_are_path_safe() {
-        let k = GroupKey { addr: "[::1]:443".parse().unwrap(), netns: 7 };
-        assert_eq!(k.pin_name(), "tcp_--1_443_7");
-        assert!(!k.pin_name().contains('/'));
+        let k = GroupKey {
+            addr: "[::1]:443".parse().unwrap(),
+            netns: 7,
+        };
+        assert_eq!(k.pin_name(), "tcp6___1_443_7");
+        let k = GroupKey {
+            addr: "127.0.0.1:80".parse().unwrap(),
+            netns: 7,
+        };
+        assert_eq!(k.pin_name(), "tcp4_127_0_0_1_80_7");
+        assert!(!k.pin_name().contains(['/', '.']));
     }
 }

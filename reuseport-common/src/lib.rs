@@ -23,7 +23,7 @@ pub const ABI_VERSION: u32 = 1;
 pub const MAX_SLOTS: u32 = 128;
 
 /// Number of [`SteeringConfig`] buffers per group. A flip writes a buffer no reader can be
-/// looking at and then switches [`CURRENT`-map](MapNames::CURRENT) to it with one 4-byte
+/// looking at and then switches the `CURRENT` map to it with one 4-byte
 /// write; a retired buffer is rewritten only after an RCU grace period (see the agent's
 /// `grace` module). More buffers mean more flips in a row without waiting for one.
 /// NB: power of two, for the same masking reason as [`MAX_SLOTS`].
@@ -59,37 +59,58 @@ impl ProgramNames {
 /// One complete steering decision table. The program reads exactly one of these per
 /// connection, chosen by the value in the `CURRENT` map.
 ///
-/// `slots` holds sockarray indices in preference order:
-/// - `slots[0 .. n_active]`: sockets of the active generation. The program starts at
-///   `hash % n_active` and walks forward past empty slots (closed sockets).
-/// - `slots[n_active .. n_active + n_fallback]`: every other registered socket, best first:
-///   draining generations newest first, then standby generations newest first. The program
-///   starts at `hash % n_fallback_first` inside the first `n_fallback_first` entries (the
-///   preferred fallback generation) and then walks the rest in order.
+/// Tried in order until a slot still holds a socket:
+/// 1. `active[hash & (MAX_SLOTS - 1)]`: the active generation, spread by the packet hash;
+/// 2. `active[0 .. n_active]` in order: the other active sockets, if that one closed;
+/// 3. `preferred[hash & (MAX_SLOTS - 1)]`: the preferred fallback generation (the newest
+///    draining one, or the newest standby one if none drains);
+/// 4. `fallback[0 .. n_fallback]` in order: every non-active registered slot, draining
+///    generations newest first, then standby generations newest first.
 ///
 /// Only when no listed slot holds a socket does the program hand the choice back to the
 /// kernel (which then hashes over whatever sockets remain in the group).
+///
+/// NB: `active` and `preferred` hold their generation's `n` distinct slots repeated
+/// cyclically over all `MAX_SLOTS` entries (so their first `n` entries are the distinct
+/// list), and the program picks with a masked hash, never with `% n`: a modulo by a count
+/// read from a map makes the verifier track that count precisely and explore the loops
+/// once per possible count (minutes, then "program too large"). Repetition over 128
+/// entries skews the spread by at most 1/128.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SteeringConfig {
     pub n_active: u32,
+    pub n_preferred: u32,
     pub n_fallback: u32,
-    pub n_fallback_first: u32,
     /// Increases with every published config; lets tests and the agent tell tables apart.
     pub serial: u32,
-    pub slots: [u32; MAX_SLOTS as usize],
+    pub active: [u32; MAX_SLOTS as usize],
+    pub preferred: [u32; MAX_SLOTS as usize],
+    pub fallback: [u32; MAX_SLOTS as usize],
 }
 
-const _: () = assert!(core::mem::size_of::<SteeringConfig>() == 16 + 4 * MAX_SLOTS as usize);
+const _: () = assert!(core::mem::size_of::<SteeringConfig>() == 16 + 12 * MAX_SLOTS as usize);
 
 impl SteeringConfig {
     pub const EMPTY: Self = Self {
         n_active: 0,
+        n_preferred: 0,
         n_fallback: 0,
-        n_fallback_first: 0,
         serial: 0,
-        slots: [0; MAX_SLOTS as usize],
+        active: [0; MAX_SLOTS as usize],
+        preferred: [0; MAX_SLOTS as usize],
+        fallback: [0; MAX_SLOTS as usize],
     };
+
+    /// Fills `dst` with `slots` repeated cyclically (see the type's note).
+    pub fn fill_cyclic(dst: &mut [u32; MAX_SLOTS as usize], slots: &[u32]) -> u32 {
+        if !slots.is_empty() {
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = slots[i % slots.len()];
+            }
+        }
+        slots.len() as u32
+    }
 }
 
 /// Per-CPU counters, one entry per slot (what reached that socket) plus a group-wide entry

@@ -11,20 +11,61 @@
 #![no_std]
 #![no_main]
 
+use core::{cell::UnsafeCell, ffi::c_void};
+
 use aya_ebpf::{
-    bindings::sk_action::SK_PASS,
+    EbpfContext as _,
+    bindings::{bpf_map_def, bpf_map_type::BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, sk_action::SK_PASS},
+    helpers::generated::bpf_sk_select_reuseport,
     macros::{map, sk_reuseport},
-    maps::{Array, PerCpuArray, ReusePortSockArray},
+    maps::{Array, PerCpuArray},
     programs::SkReuseportContext,
 };
 use aya_log_ebpf::warn;
 use reuseport_common::{
-    COUNTER_ENTRIES, CONFIG_BUFFERS, GROUP_COUNTER_INDEX, MAX_SLOTS, SlotCounters,
-    SteeringConfig,
+    CONFIG_BUFFERS, COUNTER_ENTRIES, GROUP_COUNTER_INDEX, MAX_SLOTS, SlotCounters, SteeringConfig,
 };
 
-#[map]
-static SOCKETS: ReusePortSockArray = ReusePortSockArray::with_max_entries(MAX_SLOTS, 0);
+/// The group's sockets, by slot.
+///
+/// NB: declared by hand instead of with aya-ebpf's `ReusePortSockArray`, which fixes the
+/// value size at 4 bytes: the kernel only answers userspace lookups (which return the socket
+/// cookie) on a sockarray with 8-byte values, and the agent needs those to tell whether a
+/// slot still holds the socket it registered.
+#[repr(transparent)]
+struct SockArray(UnsafeCell<bpf_map_def>);
+
+// SAFETY: the definition is only read by the loader; the program passes its address to a
+// helper and never dereferences it.
+unsafe impl Sync for SockArray {}
+
+impl SockArray {
+    #[inline(always)]
+    fn select(&self, ctx: &SkReuseportContext, mut slot: u32) -> bool {
+        // SAFETY: a valid map definition and a stack key, as the helper expects.
+        let ret = unsafe {
+            bpf_sk_select_reuseport(
+                ctx.as_ptr().cast(),
+                self.0.get().cast(),
+                core::ptr::from_mut(&mut slot).cast::<c_void>(),
+                0,
+            )
+        };
+        ret == 0
+    }
+}
+
+#[unsafe(link_section = "maps")]
+#[unsafe(export_name = "SOCKETS")]
+static SOCKETS: SockArray = SockArray(UnsafeCell::new(bpf_map_def {
+    type_: BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
+    key_size: 4,
+    value_size: 8,
+    max_entries: MAX_SLOTS,
+    map_flags: 0,
+    id: 0,
+    pinning: 0,
+}));
 
 #[map]
 static CONFIG: Array<SteeringConfig> = Array::with_max_entries(CONFIG_BUFFERS, 0);
@@ -66,28 +107,36 @@ fn steer(ctx: &SkReuseportContext, migrating: bool) -> u32 {
         return SK_PASS;
     };
     let hash = ctx.hash();
-
-    let n_active = cfg.n_active & SLOT_MASK;
-    if n_active != 0 && try_range(ctx, cfg, 0, n_active, hash % n_active, Tier::Active, migrating)
+    let place = |slots: &[u32; MAX_SLOTS as usize], n: u32, tier: Tier| {
+        n != 0 && try_slot(ctx, slots[(hash & SLOT_MASK) as usize], tier, migrating)
+            || try_each(ctx, slots, n, tier, migrating)
+    };
+    if place(&cfg.active, cfg.n_active, Tier::Active)
+        || (cfg.n_preferred != 0
+            && try_slot(
+                ctx,
+                cfg.preferred[(hash & SLOT_MASK) as usize],
+                Tier::Fallback,
+                migrating,
+            ))
+        || try_each(
+            ctx,
+            &cfg.fallback,
+            cfg.n_fallback,
+            Tier::Fallback,
+            migrating,
+        )
     {
         return SK_PASS;
     }
-
-    let n_fallback = cfg.n_fallback & SLOT_MASK;
-    if n_fallback != 0 {
-        // Spread over the preferred fallback generation first, then walk everything else.
-        let n_first = cfg.n_fallback_first & SLOT_MASK;
-        let start = if n_first == 0 { 0 } else { hash % n_first };
-        if try_range(ctx, cfg, n_active, n_fallback, start, Tier::Fallback, migrating) {
-            return SK_PASS;
-        }
-    }
-
     // No registered socket is left: hand the choice back to the kernel's hash over whatever
     // sockets remain in the group. That is never worse than refusing the connection.
     count(GROUP_COUNTER_INDEX, |c| c.unsteered += 1);
     if first_on_this_cpu(GROUP_COUNTER_INDEX) {
-        warn!(ctx, "no registered socket left in the group; connection handed to the kernel's hash");
+        warn!(
+            ctx,
+            "no registered socket left in the group; connection handed to the kernel's hash"
+        );
     }
     SK_PASS
 }
@@ -98,39 +147,39 @@ fn current_config() -> Option<&'static SteeringConfig> {
     CONFIG.get(cur & (CONFIG_BUFFERS - 1))
 }
 
-/// Tries `cfg.slots[base + (start + i) % len]` for `i` in `0..len`; true once a socket was
-/// selected. Empty slots (a socket that closed) return -ENOENT and are skipped.
+/// Tries `slots[0 .. n]` in order; true once a socket was selected.
 #[inline(always)]
-fn try_range(
+fn try_each(
     ctx: &SkReuseportContext,
-    cfg: &SteeringConfig,
-    base: u32,
-    len: u32,
-    start: u32,
+    slots: &[u32; MAX_SLOTS as usize],
+    n: u32,
     tier: Tier,
     migrating: bool,
 ) -> bool {
-    let mut idx = start;
-    for _ in 0..MAX_SLOTS {
-        if idx >= len {
-            idx = 0;
+    for i in 0..MAX_SLOTS {
+        if i >= n {
+            break;
         }
-        let slot = cfg.slots[((base + idx) & SLOT_MASK) as usize];
-        if SOCKETS.select_reuseport(ctx, slot).is_ok() {
-            let slot = slot & SLOT_MASK;
-            count(slot, |c| match (migrating, tier) {
-                (true, _) => c.migrated += 1,
-                (false, Tier::Active) => c.selected += 1,
-                (false, Tier::Fallback) => c.fallback += 1,
-            });
+        if try_slot(ctx, slots[(i & SLOT_MASK) as usize], tier, migrating) {
             return true;
-        }
-        idx += 1;
-        if idx == start || len == 1 {
-            return false;
         }
     }
     false
+}
+
+/// Selects the socket in `slot` and counts it; false if the slot is empty (its socket
+/// closed: the helper fails with -ENOENT).
+#[inline(always)]
+fn try_slot(ctx: &SkReuseportContext, slot: u32, tier: Tier, migrating: bool) -> bool {
+    if !SOCKETS.select(ctx, slot) {
+        return false;
+    }
+    count(slot & SLOT_MASK, |c| match (migrating, tier) {
+        (true, _) => c.migrated += 1,
+        (false, Tier::Active) => c.selected += 1,
+        (false, Tier::Fallback) => c.fallback += 1,
+    });
+    true
 }
 
 #[inline(always)]

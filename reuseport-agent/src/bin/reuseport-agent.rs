@@ -1,1 +1,59 @@
-fn main() {}
+//! `reuseport-agent`: the daemon that steers SO_REUSEPORT groups (see the README).
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use reuseport_agent::{DEFAULT_BPFFS_PATH, DEFAULT_CONTROL_PATH, agent};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Steers new connections of SO_REUSEPORT groups to the active generation"
+)]
+struct Cli {
+    /// Control socket path.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_PATH, env = "REUSEPORT_CONTROL")]
+    control: PathBuf,
+    /// bpffs directory for the pinned programs and maps (bpffs is mounted if needed).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_BPFFS_PATH)]
+    bpffs: PathBuf,
+    /// Use the select-only program even where select-or-migrate is available (testing the
+    /// 4.19–5.13 code path).
+    #[arg(long, env = "REUSEPORT_SELECT_ONLY", value_parser = clap::builder::FalseyValueParser::new())]
+    select_only: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let opts = agent::Options {
+        control: cli.control,
+        bpffs: cli.bpffs,
+        select_only: cli.select_only,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("reuseport-agent: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(agent::run(opts)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("reuseport-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
