@@ -131,7 +131,16 @@ impl Group {
         self.kernel.slot_cookie(slot) == Some(m.cookie)
     }
 
-    fn status(&self) -> GroupStatus {
+    /// The address users see: without `@NETNS` when the group lives in the agent's own
+    /// network namespace (the common case), with it otherwise.
+    fn addr(&self, own_netns: u64) -> GroupAddr {
+        GroupAddr {
+            addr: self.key.addr,
+            netns: (self.key.netns != own_netns).then_some(self.key.netns),
+        }
+    }
+
+    fn status(&self, own_netns: u64) -> GroupStatus {
         let mut active_listening = false;
         let generations = self
             .registry
@@ -168,7 +177,7 @@ impl Group {
             })
             .collect();
         GroupStatus {
-            group: self.key.to_addr(),
+            group: self.addr(own_netns),
             mode: self.kernel.mode().as_str().into(),
             active: self.registry.active(),
             falling_back: !active_listening,
@@ -236,7 +245,7 @@ impl State {
         }
     }
 
-    fn notify(&self, group: &Group, changes: &[StateChange]) {
+    fn notify(&self, group: &Group, changes: &[StateChange], own_netns: u64) {
         for ch in changes {
             let Some(g) = group.registry.generations.get(&ch.generation) else {
                 continue;
@@ -245,7 +254,7 @@ impl State {
             for reg in regs {
                 if let Some(tx) = self.subscribers.get(&reg) {
                     let _ = tx.send(Reply::State {
-                        group: group.key.to_addr(),
+                        group: group.addr(own_netns),
                         generation: ch.generation,
                         state: ch.state,
                     });
@@ -269,16 +278,20 @@ pub struct Agent {
     mode: Mode,
     bpffs: PathBuf,
     next_reg: AtomicU64,
+    /// Inode of the agent's own network namespace.
+    own_netns: u64,
 }
 
 impl Agent {
     fn new(mode: Mode, bpffs: PathBuf) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt as _;
         Ok(Self {
             state: Mutex::new(State::default()),
             grace: Grace::start()?,
             mode,
             bpffs,
             next_reg: AtomicU64::new(1),
+            own_netns: std::fs::metadata("/proc/self/ns/net")?.ino(),
         })
     }
 
@@ -355,14 +368,14 @@ impl Agent {
             Ok((slot, changes)) => {
                 state.subscribers.insert(reg, events);
                 let group = &state.groups[&key];
-                state.notify(group, &changes);
+                state.notify(group, &changes, self.own_netns);
                 let gen_state = group.registry.generations[&req.generation].state;
                 tracing::info!(
                     group = %key, generation = req.generation, slot, pid = peer.pid,
                     state = %gen_state, "socket registered"
                 );
                 Ok(Reply::Registered {
-                    group: key.to_addr(),
+                    group: group.addr(self.own_netns),
                     generation: req.generation,
                     slot,
                     state: gen_state,
@@ -535,9 +548,9 @@ impl Agent {
             group.publish(&self.grace)?;
         }
         let key = group.key;
-        let status = group.status();
+        let status = group.status(self.own_netns);
         let group = &state.groups[&key];
-        state.notify(group, &changes);
+        state.notify(group, &changes, self.own_netns);
         for ch in &changes {
             tracing::info!(group = %key, generation = ch.generation, state = %ch.state, "state changed");
         }
@@ -547,8 +560,12 @@ impl Agent {
     pub fn status(&self, wanted: Option<&GroupAddr>) -> Result<Reply, Refusal> {
         let mut state = self.lock();
         let groups = match wanted {
-            Some(w) => vec![state.find(w)?.status()],
-            None => state.groups.values().map(Group::status).collect(),
+            Some(w) => vec![state.find(w)?.status(self.own_netns)],
+            None => state
+                .groups
+                .values()
+                .map(|g| g.status(self.own_netns))
+                .collect(),
         };
         Ok(Reply::Status { groups })
     }
