@@ -8,7 +8,9 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("agent crate has no parent directory"))?
         .join("reuseport-ebpf");
-    let root = root.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {root:?}"))?;
+    let root = root
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {root:?}"))?;
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "reuseport-ebpf",
@@ -17,5 +19,7 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::default(),
     )
-    .context("building the eBPF program (run `cargo xtask setup` if bpf-linker or rust-src is missing)")
+    .context(
+        "building the eBPF program (run `cargo xtask setup` if bpf-linker or rust-src is missing)",
+    )
 }

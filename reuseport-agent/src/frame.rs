@@ -51,7 +51,11 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(stream: UnixStream) -> Self {
-        Self { stream, buf: Vec::new(), fds: VecDeque::new() }
+        Self {
+            stream,
+            buf: Vec::new(),
+            fds: VecDeque::new(),
+        }
     }
 
     pub fn stream(&self) -> &UnixStream {
@@ -84,8 +88,11 @@ impl Conn {
         while sent < bytes.len() {
             self.stream.writable().await?;
             let res = self.stream.try_io(Interest::WRITABLE, || {
-                let cmsgs: &[ControlMessage] =
-                    if sent == 0 && !fds.is_empty() { &[ControlMessage::ScmRights(&fds)] } else { &[] };
+                let cmsgs: &[ControlMessage] = if sent == 0 && !fds.is_empty() {
+                    &[ControlMessage::ScmRights(&fds)]
+                } else {
+                    &[]
+                };
                 sendmsg::<()>(
                     raw,
                     &[IoSlice::new(&bytes[sent..])],
@@ -120,7 +127,11 @@ impl Conn {
                 }
             }
             if self.read_more().await? == 0 {
-                return if self.buf.is_empty() { Ok(None) } else { Err(FrameError::Truncated) };
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(FrameError::Truncated)
+                };
             }
         }
     }
@@ -150,7 +161,11 @@ impl Conn {
                     if let ControlMessageOwned::ScmRights(received) = c {
                         // SAFETY: SCM_RIGHTS just installed these descriptors in our table;
                         // nothing else owns them.
-                        fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                        fds.extend(
+                            received
+                                .into_iter()
+                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                        );
                     }
                 }
                 Ok((msg.bytes, fds))

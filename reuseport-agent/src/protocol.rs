@@ -30,7 +30,10 @@ pub struct Request {
 
 impl Request {
     pub fn new(op: Op) -> Self {
-        Self { v: PROTOCOL_VERSION, op }
+        Self {
+            v: PROTOCOL_VERSION,
+            op,
+        }
     }
 }
 
@@ -95,16 +98,23 @@ pub enum Reply {
         slot: u32,
         state: GenState,
     },
-    Status { groups: Vec<GroupStatus> },
+    Status {
+        groups: Vec<GroupStatus>,
+    },
     /// Answer to `activate` and `drain`: the group as it is after the change.
-    Changed { group: GroupStatus },
+    Changed {
+        group: GroupStatus,
+    },
     /// Pushed on a registration connection when its generation changes state.
     State {
         group: GroupAddr,
         generation: u32,
         state: GenState,
     },
-    Error { kind: ErrorKind, message: String },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,7 +195,10 @@ mod tests {
             generation: 2,
         });
         let s = serde_json::to_string(&r).unwrap();
-        assert_eq!(s, r#"{"v":1,"op":"activate","group":"tcp://127.0.0.1:8080","generation":2}"#);
+        assert_eq!(
+            s,
+            r#"{"v":1,"op":"activate","group":"tcp://127.0.0.1:8080","generation":2}"#
+        );
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
     }
 
@@ -207,7 +220,10 @@ mod tests {
 
     #[test]
     fn reply_wire_form_is_stable() {
-        let r = Reply::Error { kind: ErrorKind::UnknownGroup, message: "x".into() };
+        let r = Reply::Error {
+            kind: ErrorKind::UnknownGroup,
+            message: "x".into(),
+        };
         assert_eq!(
             serde_json::to_string(&r).unwrap(),
             r#"{"type":"error","kind":"unknown_group","message":"x"}"#
