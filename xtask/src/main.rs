@@ -1,7 +1,12 @@
-//! Project tasks: `cargo xtask setup | test | vm-test`.
+//! Project tasks: `cargo xtask setup | test | vm-test | demo`.
+mod demo;
+mod demo_server;
+mod netns;
 mod setup;
 mod test;
 mod vm;
+
+use std::path::{Path, PathBuf};
 
 use clap::Parser as _;
 
@@ -15,6 +20,11 @@ enum Cli {
     Test(test::TestOpts),
     /// Only the integration tests inside QEMU guests, one per kernel.
     VmTest(vm::VmOpts),
+    /// Live demo: generations of a server replace each other under load (needs root).
+    Demo(demo::DemoOpts),
+    /// The demo's LISTEN_FDS server (started by the demo through `reuseportctl exec`).
+    #[command(hide = true)]
+    DemoServer(demo_server::ServerOpts),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -22,5 +32,19 @@ fn main() -> anyhow::Result<()> {
         Cli::Setup => setup::setup(),
         Cli::Test(opts) => test::test(&opts),
         Cli::VmTest(opts) => vm::vm_test(&opts),
+        Cli::Demo(opts) => demo::demo(&opts),
+        Cli::DemoServer(opts) => demo_server::serve(&opts),
     }
+}
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
 }

@@ -1,7 +1,7 @@
 //! `cargo xtask test`: the one command CI runs (see `.ci/run`).
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::Instant,
 };
@@ -20,13 +20,6 @@ pub struct TestOpts {
     pub no_lint: bool,
     #[command(flatten)]
     pub vm: vm::VmOpts,
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_owned()
 }
 
 fn cargo(root: &Path, args: &[&str]) -> Command {
@@ -48,9 +41,9 @@ fn timed(name: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<(
 }
 
 pub fn test(opts: &TestOpts) -> anyhow::Result<()> {
-    let root = workspace();
+    let root = crate::workspace();
     let started = Instant::now();
-    if !nix_is_root() {
+    if !crate::is_root() {
         bail!(
             "cargo xtask test needs root: the integration tests load BPF programs and create network namespaces"
         );
@@ -190,9 +183,4 @@ fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
-}
-
-fn nix_is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }
