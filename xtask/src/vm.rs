@@ -1,0 +1,407 @@
+//! `cargo xtask vm-test`: the integration tests inside real kernels, one QEMU guest per
+//! kernel, reported as a kernel × test matrix.
+//!
+//! Steps, each cached or skipped when already done: host tools (apt), the musl target
+//! (rustup), kernel packages (Debian 12's sources, resolved at run time, unpacked under
+//! `target/vm/kernels/`), static guest binaries (cargo), one initramfs shared by every
+//! column (`target/vm/initramfs.cpio`), then the boots (`target/vm/logs/<column>.log`).
+//!
+//! A column is a kernel spec, optionally with `:select-only`, which boots the same kernel
+//! with `REUSEPORT_SELECT_ONLY=1` so the agent takes its select-only path.
+//!
+//! The verdict of a boot comes only from the `REUSEPORT-VM-RESULT` line that `/init` prints:
+//! QEMU exits 0 on power-off whatever happened inside.
+
+mod binaries;
+mod cmd;
+mod initramfs;
+mod kernel;
+mod qemu;
+mod results;
+mod tools;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail};
+
+pub use results::{Column, TestOutcome, parse_test_output, print_matrix};
+
+/// Columns run when no `--kernel` is given: each Debian 12 series, plus select-only mode on
+/// the newest.
+pub const DEFAULT_KERNELS: &[&str] = &["6.1", "6.12", "6.12:select-only"];
+
+const SELECT_ONLY_SUFFIX: &str = ":select-only";
+const SELECT_ONLY_ENV: (&str, &str) = ("REUSEPORT_SELECT_ONLY", "1");
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct VmOpts {
+    /// Kernel column: `6.1`, `6.12` or an exact `linux-image-…` package name, optionally
+    /// followed by `:select-only` (runs with REUSEPORT_SELECT_ONLY=1). Repeatable.
+    /// Default: 6.1, 6.12, 6.12:select-only.
+    #[arg(long = "kernel", value_name = "SPEC")]
+    pub kernels: Vec<String>,
+    /// Hard limit for one guest, boot to power-off.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub timeout: u64,
+    /// Guests running at once.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub jobs: usize,
+    /// Virtual CPUs per guest.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u32,
+    /// Arguments for every test executable, e.g. a test name filter.
+    #[arg(last = true, value_name = "TEST_ARGS")]
+    pub test_args: Vec<String>,
+}
+
+impl Default for VmOpts {
+    fn default() -> Self {
+        Self {
+            kernels: Vec::new(),
+            timeout: 600,
+            jobs: 2,
+            cpus: 1,
+            test_args: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VmReport {
+    pub kernels: Vec<KernelResult>,
+}
+
+/// One matrix column: one boot of one kernel.
+#[derive(Debug, Clone)]
+pub struct KernelResult {
+    /// The spec as given (`6.12 select-only`): the column header.
+    pub name: String,
+    pub package: String,
+    /// `uname -r` as printed by the guest's init; None if it never got that far.
+    pub release: Option<String>,
+    pub outcome: RunOutcome,
+    pub tests: Vec<(String, TestOutcome)>,
+    /// The serial console log, kept for every run.
+    pub log: PathBuf,
+    /// Boot, tests and power-off.
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    Passed,
+    /// `/init` reported this non-zero exit status of a test executable.
+    TestsFailed(i32),
+    /// A kernel panic, BUG, oops, lockup or warning: the first such console line.
+    KernelCrash(String),
+    TimedOut,
+    /// QEMU exited without the result marker.
+    NoResult,
+}
+
+/// Prepares everything and runs every column. Errors are setup failures (a download, a
+/// build, QEMU missing); test and kernel failures are in the report.
+pub fn run(opts: &VmOpts) -> anyhow::Result<VmReport> {
+    let started = Instant::now();
+    let columns = parse_columns(&opts.kernels)?;
+    let paths = Paths::new()?;
+    step("host tools", || {
+        tools::ensure_host_tools()?;
+        tools::ensure_musl_target()
+    })?;
+    let kernels = step("kernels", || fetch_kernels(&columns, &paths.vm))?;
+    let binaries = step("guest binaries", || binaries::build(&paths.workspace))?;
+    let initrd = paths.vm.join("initramfs.cpio");
+    step("initramfs", || {
+        initramfs::write(&initrd, &binaries, &opts.test_args)
+    })?;
+    if binaries.target != tools::MUSL_TARGET {
+        eprintln!(
+            "vm: NB: guest binaries are static glibc ({}), the musl build failed",
+            binaries.target
+        );
+    }
+    let boots: Vec<Boot> = columns
+        .iter()
+        .map(|c| Boot {
+            column: c,
+            kernel: &kernels[&c.spec],
+            initrd: &initrd,
+            logs: &paths.logs,
+            opts,
+        })
+        .collect();
+    let results = step("boots", || run_boots(&boots, opts.jobs))?;
+    eprintln!("vm: total {:.1}s", started.elapsed().as_secs_f64());
+    Ok(VmReport { kernels: results })
+}
+
+/// `cargo xtask vm-test`: run, print the matrix, fail if any column failed.
+pub fn vm_test(opts: &VmOpts) -> anyhow::Result<()> {
+    let report = run(opts)?;
+    report.print(&[]);
+    if !report.success() {
+        bail!(
+            "{} of {} kernel runs failed",
+            report.failures().count(),
+            report.kernels.len()
+        );
+    }
+    Ok(())
+}
+
+impl VmReport {
+    pub fn success(&self) -> bool {
+        self.failures().next().is_none()
+    }
+
+    pub fn failures(&self) -> impl Iterator<Item = &KernelResult> {
+        self.kernels
+            .iter()
+            .filter(|k| k.outcome != RunOutcome::Passed)
+    }
+
+    /// The VM columns, after `before` (e.g. the host run of `cargo xtask test`).
+    pub fn columns(&self, before: &[Column]) -> Vec<Column> {
+        let vms = self.kernels.iter().map(|k| Column {
+            label: k.name.clone(),
+            tests: k.tests.clone(),
+        });
+        before.iter().cloned().chain(vms).collect()
+    }
+
+    /// The matrix, then one line per kernel: release, timing, outcome, and the log to read.
+    pub fn print(&self, before: &[Column]) {
+        print_matrix(&self.columns(before));
+        println!();
+        for k in &self.kernels {
+            let release = k.release.as_deref().unwrap_or("?");
+            let verdict = match &k.outcome {
+                RunOutcome::Passed => "ok".to_owned(),
+                RunOutcome::TestsFailed(code) => format!("FAILED: tests exited {code}"),
+                RunOutcome::KernelCrash(line) => format!("FAILED: kernel: {line}"),
+                RunOutcome::TimedOut => "FAILED: timed out".to_owned(),
+                RunOutcome::NoResult => "FAILED: no result marker (init died?)".to_owned(),
+            };
+            println!(
+                "{:<18} {release:<28} {:>6.1}s  {verdict}  ({})",
+                k.name,
+                k.elapsed.as_secs_f64(),
+                k.package
+            );
+            if k.outcome != RunOutcome::Passed {
+                println!("{:<18} log: {}", "", k.log.display());
+            }
+        }
+    }
+}
+
+/// A parsed `--kernel` argument.
+#[derive(Debug)]
+struct ColumnSpec {
+    /// What `kernel::resolve` gets: `6.12` or a package name.
+    spec: String,
+    label: String,
+    env: Vec<(String, String)>,
+}
+
+fn parse_columns(args: &[String]) -> anyhow::Result<Vec<ColumnSpec>> {
+    let args: Vec<&str> = if args.is_empty() {
+        DEFAULT_KERNELS.to_vec()
+    } else {
+        args.iter().map(String::as_str).collect()
+    };
+    args.into_iter().map(parse_column).collect()
+}
+
+fn parse_column(arg: &str) -> anyhow::Result<ColumnSpec> {
+    let (spec, env, label) = match arg.strip_suffix(SELECT_ONLY_SUFFIX) {
+        Some(spec) => {
+            let (name, value) = SELECT_ONLY_ENV;
+            (
+                spec,
+                vec![(name.to_owned(), value.to_owned())],
+                format!("{spec} select-only"),
+            )
+        }
+        None => (arg, Vec::new(), arg.to_owned()),
+    };
+    if spec.is_empty() || spec.contains(':') {
+        bail!(
+            "bad --kernel {arg:?}: expected 6.1, 6.12 or a package name, optionally with {SELECT_ONLY_SUFFIX}"
+        );
+    }
+    Ok(ColumnSpec {
+        spec: spec.to_owned(),
+        label,
+        env,
+    })
+}
+
+struct Paths {
+    workspace: PathBuf,
+    vm: PathBuf,
+    logs: PathBuf,
+}
+
+impl Paths {
+    fn new() -> anyhow::Result<Self> {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .ok_or_else(|| anyhow!("xtask has no parent directory"))?
+            .to_owned();
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| workspace.join("target"), PathBuf::from);
+        let vm = target.join("vm");
+        let logs = vm.join("logs");
+        std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+        Ok(Self {
+            workspace,
+            vm,
+            logs,
+        })
+    }
+}
+
+/// Runs one preparation step, naming it in the error and timing it.
+fn step<T>(name: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let started = Instant::now();
+    let value = f().with_context(|| format!("vm-test: {name}"))?;
+    eprintln!(
+        "vm: {name} ready in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(value)
+}
+
+/// One kernel per distinct spec (two columns may boot the same kernel).
+fn fetch_kernels(
+    columns: &[ColumnSpec],
+    vm_dir: &Path,
+) -> anyhow::Result<BTreeMap<String, kernel::Kernel>> {
+    let mut apt_updated = false;
+    let mut kernels = BTreeMap::new();
+    for column in columns {
+        if kernels.contains_key(&column.spec) {
+            continue;
+        }
+        let package = kernel::resolve(&column.spec, &mut apt_updated)?;
+        let kernel =
+            kernel::fetch(&package, vm_dir).with_context(|| format!("fetching {package}"))?;
+        kernels.insert(column.spec.clone(), kernel);
+    }
+    Ok(kernels)
+}
+
+struct Boot<'a> {
+    column: &'a ColumnSpec,
+    kernel: &'a kernel::Kernel,
+    initrd: &'a Path,
+    logs: &'a Path,
+    opts: &'a VmOpts,
+}
+
+/// Runs the boots `jobs` at a time, results in column order.
+fn run_boots(boots: &[Boot<'_>], jobs: usize) -> anyhow::Result<Vec<KernelResult>> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<anyhow::Result<KernelResult>>>> =
+        Mutex::new(boots.iter().map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..jobs.clamp(1, boots.len().max(1)) {
+            s.spawn(|| {
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(boot) = boots.get(index) else { break };
+                    let result = run_boot(boot);
+                    results.lock().expect("no thread panics holding the lock")[index] =
+                        Some(result);
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .expect("no thread panics holding the lock")
+        .into_iter()
+        .map(|r| r.expect("every boot ran"))
+        .collect()
+}
+
+fn run_boot(boot: &Boot<'_>) -> anyhow::Result<KernelResult> {
+    let label = &boot.column.label;
+    let log = boot.logs.join(format!("{}.log", file_name(label)));
+    eprintln!("vm: booting {label} ({})", boot.kernel.package);
+    let started = Instant::now();
+    let end = qemu::boot(&qemu::Boot {
+        kernel: &boot.kernel.image,
+        initrd: boot.initrd,
+        env: &boot.column.env,
+        cpus: boot.opts.cpus,
+        timeout: Duration::from_secs(boot.opts.timeout),
+        log: &log,
+    })
+    .with_context(|| format!("booting {label}"))?;
+    let elapsed = started.elapsed();
+    let text =
+        std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
+    let outcome = match end {
+        qemu::BootEnd::Result(0) => RunOutcome::Passed,
+        qemu::BootEnd::Result(code) => RunOutcome::TestsFailed(code),
+        qemu::BootEnd::Crash(line) => RunOutcome::KernelCrash(line),
+        qemu::BootEnd::TimedOut => RunOutcome::TimedOut,
+        qemu::BootEnd::NoMarker => RunOutcome::NoResult,
+    };
+    eprintln!(
+        "vm: {label} done in {:.1}s: {outcome:?}",
+        elapsed.as_secs_f64()
+    );
+    Ok(KernelResult {
+        name: label.clone(),
+        package: boot.kernel.package.clone(),
+        release: text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(initramfs::RELEASE_MARKER))
+            .map(str::to_owned),
+        outcome,
+        tests: parse_test_output(&text),
+        log,
+        elapsed,
+    })
+}
+
+fn file_name(label: &str) -> String {
+    label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_column;
+
+    #[test]
+    fn select_only_suffix_sets_the_env() {
+        let column = parse_column("6.12:select-only").expect("valid spec");
+        assert_eq!(column.spec, "6.12");
+        assert_eq!(column.label, "6.12 select-only");
+        assert_eq!(
+            column.env,
+            vec![("REUSEPORT_SELECT_ONLY".to_owned(), "1".to_owned())]
+        );
+        assert!(
+            parse_column("6.12:bogus").is_err(),
+            "unknown suffixes should be rejected"
+        );
+    }
+}

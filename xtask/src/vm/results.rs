@@ -1,0 +1,204 @@
+//! Test outcomes read from libtest's human output, and the kernel × test matrix.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// One test in one column of the matrix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TestOutcome {
+    Pass,
+    Fail,
+    /// The test returned early because the kernel lacks something (its `SKIP:` line), or was
+    /// `#[ignore]`d. Carries the reason.
+    Skip(String),
+}
+
+/// One column of the matrix: a guest kernel run, or the caller's host run.
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub label: String,
+    pub tests: Vec<(String, TestOutcome)>,
+}
+
+const SKIP_PREFIX: &str = "SKIP: ";
+
+/// Reads test outcomes from the output of libtest executables run with `--show-output`
+/// (human format; stable libtest has no JSON): `test NAME ... ok|FAILED|ignored` lines, and
+/// `SKIP: NAME: reason` lines that a test prints when it skips itself. Works on a guest's
+/// serial log and on a host run's captured stdout alike.
+pub fn parse_test_output(text: &str) -> Vec<(String, TestOutcome)> {
+    let mut tests: Vec<(String, TestOutcome)> = text.lines().filter_map(result_line).collect();
+    for (name, reason) in text.lines().filter_map(skip_line) {
+        for (test, outcome) in tests.iter_mut() {
+            if *outcome == TestOutcome::Pass && same_test(test, name) {
+                *outcome = TestOutcome::Skip(reason.to_owned());
+            }
+        }
+    }
+    tests
+}
+
+fn result_line(line: &str) -> Option<(String, TestOutcome)> {
+    let (name, verdict) = line.trim().strip_prefix("test ")?.split_once(" ... ")?;
+    let outcome = match verdict.trim() {
+        "ok" => TestOutcome::Pass,
+        "FAILED" => TestOutcome::Fail,
+        "ignored" => TestOutcome::Skip("ignored".to_owned()),
+        other => TestOutcome::Skip(other.strip_prefix("ignored, ")?.to_owned()),
+    };
+    Some((name.trim().to_owned(), outcome))
+}
+
+fn skip_line(line: &str) -> Option<(&str, &str)> {
+    // NB: split on ": ", not ':': test paths contain "::".
+    let (name, reason) = line.trim().strip_prefix(SKIP_PREFIX)?.split_once(": ")?;
+    Some((name.trim(), reason.trim()))
+}
+
+/// A SKIP line may name a test by its full libtest path or by its last segments.
+fn same_test(libtest_name: &str, skip_name: &str) -> bool {
+    let ends_with_path = |long: &str, short: &str| {
+        long.strip_suffix(short)
+            .is_some_and(|rest| rest.ends_with("::"))
+    };
+    libtest_name == skip_name
+        || ends_with_path(libtest_name, skip_name)
+        || ends_with_path(skip_name, libtest_name)
+}
+
+/// Prints rows = tests, columns = runs; skip reasons as numbered notes below the table.
+pub fn print_matrix(columns: &[Column]) {
+    print!("{}", render_matrix(columns));
+}
+
+pub fn render_matrix(columns: &[Column]) -> String {
+    let mut reasons: Vec<String> = Vec::new();
+    let mut rows: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (i, column) in columns.iter().enumerate() {
+        for (test, outcome) in &column.tests {
+            let cells = rows
+                .entry(test)
+                .or_insert_with(|| vec!["-".to_owned(); columns.len()]);
+            cells[i] = cell(outcome, &mut reasons);
+        }
+    }
+    let name_width = rows.keys().map(|n| n.len()).chain([4]).max().unwrap_or(4);
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            rows.values()
+                .map(|cells| cells[i].len())
+                .chain([c.label.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    let header: Vec<&str> = columns.iter().map(|c| c.label.as_str()).collect();
+    push_row(&mut out, "test", name_width, &header, &widths);
+    for (test, cells) in &rows {
+        let cells: Vec<&str> = cells.iter().map(String::as_str).collect();
+        push_row(&mut out, test, name_width, &cells, &widths);
+    }
+    if rows.is_empty() {
+        out.push_str("(no test results)\n");
+    }
+    for (i, reason) in reasons.iter().enumerate() {
+        out.push_str(&format!("[{}] {reason}\n", i + 1));
+    }
+    out
+}
+
+fn cell(outcome: &TestOutcome, reasons: &mut Vec<String>) -> String {
+    match outcome {
+        TestOutcome::Pass => "pass".to_owned(),
+        TestOutcome::Fail => "FAIL".to_owned(),
+        TestOutcome::Skip(reason) => {
+            let index = reasons.iter().position(|r| r == reason).unwrap_or_else(|| {
+                reasons.push(reason.clone());
+                reasons.len() - 1
+            });
+            format!("skip[{}]", index + 1)
+        }
+    }
+}
+
+fn push_row(out: &mut String, name: &str, name_width: usize, cells: &[&str], widths: &[usize]) {
+    out.push_str(&format!("{name:<name_width$}"));
+    for (cell, width) in cells.iter().zip(widths) {
+        out.push_str(&format!("  {cell:<width$}"));
+    }
+    out.truncate(out.trim_end().len());
+    out.push('\n');
+}
+
+impl fmt::Display for TestOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Pass => f.write_str("pass"),
+            Self::Fail => f.write_str("FAIL"),
+            Self::Skip(reason) => write!(f, "skip ({reason})"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOG: &str = "\
+running 3 tests
+test steering::follows_generation ... ok
+test steering::select_only ... ok
+test agent::restart ... FAILED
+test legacy ... ignored, needs 5.x
+[    3.2] random kernel line
+successes:
+
+---- steering::select_only stdout ----
+SKIP: select_only: kernel lacks bpf_sk_select_reuseport on this path
+test result: FAILED. 2 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out
+";
+
+    #[test]
+    fn reads_results_and_skips() {
+        let tests = parse_test_output(LOG);
+        assert_eq!(
+            tests,
+            vec![
+                ("steering::follows_generation".to_owned(), TestOutcome::Pass),
+                (
+                    "steering::select_only".to_owned(),
+                    TestOutcome::Skip(
+                        "kernel lacks bpf_sk_select_reuseport on this path".to_owned()
+                    )
+                ),
+                ("agent::restart".to_owned(), TestOutcome::Fail),
+                (
+                    "legacy".to_owned(),
+                    TestOutcome::Skip("needs 5.x".to_owned())
+                ),
+            ],
+            "every libtest line should be read, and a SKIP line should turn its pass into a skip"
+        );
+    }
+
+    #[test]
+    fn matrix_numbers_skip_reasons() {
+        let column = |label: &str| Column {
+            label: label.to_owned(),
+            tests: parse_test_output(LOG),
+        };
+        let text = render_matrix(&[column("6.1"), column("6.12")]);
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("steering::select_only"))
+            .expect("a row per test");
+        assert!(
+            row.ends_with("skip[1]  skip[1]"),
+            "both columns should cite reason 1, got:\n{text}"
+        );
+        assert!(text.contains("[2] needs 5.x"), "got:\n{text}");
+    }
+}
