@@ -78,7 +78,8 @@ impl ChildServer {
         loop {
             match rx.recv_timeout(CHILD_READY_TIMEOUT) {
                 Ok(line) => {
-                    if let Some(slot) = line.strip_prefix("READY slot=") {
+                    // NB: libtest prints "test … ... " before the test's own output, on the same line.
+                    if let Some((_, slot)) = line.split_once("READY slot=") {
                         this.slot = slot.trim().parse().expect("slot number");
                         return this;
                     }

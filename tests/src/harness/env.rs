@@ -29,6 +29,9 @@ const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the agent may take to exit after SIGTERM before it gets SIGKILL.
 const AGENT_EXIT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Lines of the agent's log printed when a test fails.
+const LOG_TAIL_LINES: usize = 200;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// True when the agent is asked to run in select-only mode (`REUSEPORT_SELECT_ONLY=1`, which
@@ -139,9 +142,8 @@ impl TestEnv {
                 .and_then(|a| a.try_wait().ok().flatten())
             {
                 panic!(
-                    "{}: reuseport-agent exited before it was ready ({status})\n--- agent log ---\n{}",
-                    self.name,
-                    self.agent_log()
+                    "{}: reuseport-agent exited before it was ready ({status})",
+                    self.name
                 );
             }
             match std::os::unix::net::UnixStream::connect(&self.control) {
@@ -159,11 +161,9 @@ impl TestEnv {
             }
             assert!(
                 Instant::now() < deadline,
-                "{}: reuseport-agent did not accept on {} within {AGENT_READY_TIMEOUT:?}\n\
-                 --- agent log ---\n{}",
+                "{}: reuseport-agent did not accept on {} within {AGENT_READY_TIMEOUT:?}",
                 self.name,
                 self.control.display(),
-                self.agent_log()
             );
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -332,11 +332,11 @@ impl Drop for TestEnv {
             }
         }
         if std::thread::panicking() {
+            // NB: the agent's own log (a verifier log can be huge): only its end.
             eprintln!(
-                "--- {}: agent log ({}) ---\n{}",
+                "--- {}: agent log ---\n{}",
                 self.name,
-                self.log.display(),
-                self.agent_log()
+                tail(&self.agent_log(), LOG_TAIL_LINES)
             );
         }
         if let Err(e) = std::fs::remove_dir_all(&self.bpffs) {
@@ -352,6 +352,19 @@ pub struct Generation {
     pub generation: u32,
     pub server: Server,
     pub registration: Registration,
+}
+
+/// The last `n` lines of `text`, saying how many were left out.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.len() <= n {
+        return text.to_string();
+    }
+    format!(
+        "({} earlier lines left out)\n{}",
+        lines.len() - n,
+        lines[lines.len() - n..].join("\n")
+    )
 }
 
 /// `ip link set lo up`, with the ioctl `ip` would use, in the calling thread's namespace.

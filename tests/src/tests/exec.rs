@@ -4,7 +4,7 @@
 use std::{
     fs::File,
     os::unix::process::CommandExt,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
@@ -18,7 +18,7 @@ use crate::harness::{TestEnv, local, skip, tally, wait_until};
 
 /// A server that knows nothing about reuseport: it takes fd 3 as systemd would hand it over.
 const SERVER_PY: &str = r#"
-import os, signal, socket, sys
+import fcntl, os, signal, socket, sys
 
 generation, marker = sys.argv[1], sys.argv[2]
 assert os.environ.get("LISTEN_FDS") == "1", "LISTEN_FDS=%r" % os.environ.get("LISTEN_FDS")
@@ -31,6 +31,8 @@ def on_term(signum, frame):
     os._exit(42)
 
 signal.signal(signal.SIGTERM, on_term)
+# NB: systemd hands listeners over blocking (unless NonBlocking=true): servers rely on it.
+assert not fcntl.fcntl(3, fcntl.F_GETFL) & os.O_NONBLOCK, "fd 3 is O_NONBLOCK; a LISTEN_FDS server expects a blocking listener"
 listener = socket.socket(fileno=3)
 assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1, "fd 3 is not listening"
 print("generation %s serving on %r" % (generation, listener.getsockname()), file=sys.stderr, flush=True)
@@ -65,7 +67,7 @@ fn exec_runs_listen_fds_server_and_flips_end_to_end() {
         "generation 1 is registered by reuseportctl exec",
         Duration::from_secs(15),
         || {
-            launcher1.assert_running(&env);
+            launcher1.assert_running();
             env.try_status(PORT).is_some_and(|s| s.active == Some(1))
         },
     );
@@ -81,7 +83,7 @@ fn exec_runs_listen_fds_server_and_flips_end_to_end() {
         "generation 2 is registered and active",
         Duration::from_secs(15),
         || {
-            launcher2.assert_running(&env);
+            launcher2.assert_running();
             env.try_status(PORT).is_some_and(|s| s.active == Some(2))
         },
     );
@@ -99,19 +101,19 @@ fn exec_runs_listen_fds_server_and_flips_end_to_end() {
     let status = launcher1.wait_exit(Duration::from_secs(15)).unwrap_or_else(|| {
         panic!(
             "generation 1's launcher should exit once its server got SIGTERM (--on-drain TERM); log:\n{}",
-            launcher1.log(&env)
+            launcher1.log()
         )
     });
     assert!(
         marker1.exists(),
         "generation 1's server should have received SIGTERM when it started draining; log:\n{}",
-        launcher1.log(&env)
+        launcher1.log()
     );
     assert_eq!(
         status.code(),
         Some(TERM_EXIT),
         "the launcher should exit with its child's status ({TERM_EXIT}), got {status}; log:\n{}",
-        launcher1.log(&env)
+        launcher1.log()
     );
     assert!(
         !marker2.exists(),
@@ -124,7 +126,7 @@ fn exec_runs_listen_fds_server_and_flips_end_to_end() {
         50,
         "generation 2 should keep serving after generation 1 exited: {t}"
     );
-    launcher2.assert_running(&env);
+    launcher2.assert_running();
 }
 
 fn python3_available() -> bool {
@@ -140,6 +142,7 @@ fn python3_available() -> bool {
 struct Launcher {
     child: Option<Child>,
     generation: u32,
+    log: PathBuf,
 }
 
 impl Launcher {
@@ -151,7 +154,8 @@ impl Launcher {
         script: &Path,
         marker: &Path,
     ) -> Self {
-        let log = File::create(Self::log_path(env, generation)).expect("launcher log");
+        let log_path = env.dir().join(format!("exec-gen{generation}.log"));
+        let log = File::create(&log_path).expect("launcher log");
         let mut cmd = env.ctl_command();
         cmd.args([
             "exec",
@@ -178,18 +182,16 @@ impl Launcher {
         Self {
             child: Some(child),
             generation,
+            log: log_path,
         }
     }
 
-    fn log_path(env: &TestEnv, generation: u32) -> std::path::PathBuf {
-        env.dir().join(format!("exec-gen{generation}.log"))
+    /// What the launcher and its server wrote.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn log(&self, env: &TestEnv) -> String {
-        std::fs::read_to_string(Self::log_path(env, self.generation)).unwrap_or_default()
-    }
-
-    fn assert_running(&mut self, env: &TestEnv) {
+    fn assert_running(&mut self) {
         if let Some(status) = self
             .child
             .as_mut()
@@ -198,7 +200,7 @@ impl Launcher {
             panic!(
                 "reuseportctl exec for generation {} exited early ({status}); log:\n{}",
                 self.generation,
-                self.log(env)
+                self.log()
             );
         }
     }
@@ -224,6 +226,13 @@ impl Drop for Launcher {
             // The whole group: the launcher and the Python server it started.
             let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
             let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- reuseportctl exec, generation {} ---\n{}",
+                self.generation,
+                self.log()
+            );
         }
     }
 }
