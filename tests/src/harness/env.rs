@@ -8,7 +8,10 @@ use std::{
     os::fd::AsFd,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -33,6 +36,10 @@ const AGENT_EXIT_TIMEOUT: Duration = Duration::from_secs(3);
 const LOG_TAIL_LINES: usize = 200;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Held by every live [`TestEnv`]: tests run one at a time even if someone forgets
+/// `--test-threads=1` (see the crate doc for why they must).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// True when the agent is asked to run in select-only mode (`REUSEPORT_SELECT_ONLY=1`, which
 /// the agent reads itself: the variable is inherited).
@@ -77,6 +84,8 @@ pub struct TestEnv {
     log: PathBuf,
     agent: Option<Child>,
     rt: tokio::runtime::Runtime,
+    // NB: last, so it is released after everything else was dropped.
+    _one_at_a_time: MutexGuard<'static, ()>,
 }
 
 impl TestEnv {
@@ -85,6 +94,8 @@ impl TestEnv {
             nix::unistd::geteuid().is_root(),
             "{name}: the integration tests need root (network namespaces, bpffs, BPF programs)"
         );
+        // A test that panicked poisons the lock; its Drop has cleaned up all the same.
+        let one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
         bring_lo_up().expect("bring lo up in the new network namespace");
 
@@ -115,6 +126,7 @@ impl TestEnv {
             log,
             agent: None,
             rt,
+            _one_at_a_time: one_at_a_time,
         };
         env.start_agent();
         env
