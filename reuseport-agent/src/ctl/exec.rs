@@ -136,6 +136,11 @@ async fn launch(global: &GlobalOpts, args: ExecArgs) -> anyhow::Result<u8> {
         activate: args.activate,
     };
     let registration = client::register(listener.as_fd(), &opts).await?;
+    // NB: systemd hands over listeners in blocking mode (unless NonBlocking=true), and
+    // servers rely on it: Python's socket(fileno=3).accept() fails on a non-blocking one.
+    listener
+        .set_nonblocking(false)
+        .context("cannot make the listener blocking for the server")?;
 
     let fd_name = args.name.as_deref().unwrap_or(DEFAULT_FD_NAME);
     let env = spawn::child_env(std::env::vars_os(), addr, fd_name);

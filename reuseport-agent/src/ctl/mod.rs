@@ -5,6 +5,7 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
+use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 
 pub mod activate;
@@ -56,7 +57,23 @@ pub enum Command {
 
 /// Entry point of the `reuseportctl` binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // A bad value (e.g. an address) is a one-line error like every other; help,
+        // version and usage mistakes keep clap's own output.
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::ValueValidation | ErrorKind::InvalidValue
+            ) =>
+        {
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or_default();
+            report(first.strip_prefix("error: ").unwrap_or(first));
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
     // NB: current-thread on purpose: `exec` forks, and the child's parent-death signal
     // (PR_SET_PDEATHSIG) follows the thread that forked, which must be the one that lives
     // as long as the launcher: the main thread.
