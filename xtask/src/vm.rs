@@ -85,6 +85,8 @@ pub struct KernelResult {
     pub release: Option<String>,
     pub outcome: RunOutcome,
     pub tests: Vec<(String, TestOutcome)>,
+    /// Wall time of each test in the guest (TCG: far slower than on the host).
+    pub durations: Vec<(String, Duration)>,
     /// The serial console log, kept for every run.
     pub log: PathBuf,
     /// Boot, tests and power-off.
@@ -193,10 +195,30 @@ impl VmReport {
                 k.elapsed.as_secs_f64(),
                 k.package
             );
+            if let Some(slowest) = k.slowest_tests(3) {
+                println!("{:<18} slowest: {slowest}", "");
+            }
             if k.outcome != RunOutcome::Passed {
                 println!("{:<18} log: {}", "", k.log.display());
             }
         }
+    }
+}
+
+impl KernelResult {
+    /// `name 12.3s, name 4.5s`: where a column's time goes (only the last path segment).
+    fn slowest_tests(&self, n: usize) -> Option<String> {
+        let mut durations = self.durations.clone();
+        durations.sort_by_key(|(_, d)| std::cmp::Reverse(*d));
+        let shown: Vec<String> = durations
+            .iter()
+            .take(n)
+            .map(|(name, d)| {
+                let short = name.rsplit("::").next().unwrap_or(name);
+                format!("{short} {:.1}s", d.as_secs_f64())
+            })
+            .collect();
+        (!shown.is_empty()).then(|| shown.join(", "))
     }
 }
 
@@ -215,7 +237,17 @@ fn parse_columns(args: &[String]) -> anyhow::Result<Vec<ColumnSpec>> {
     } else {
         args.iter().map(String::as_str).collect()
     };
-    args.into_iter().map(parse_column).collect()
+    let columns: Vec<ColumnSpec> = args
+        .into_iter()
+        .map(parse_column)
+        .collect::<Result<_, _>>()?;
+    // NB: the label names the log file: two equal columns would write the same log.
+    for (i, column) in columns.iter().enumerate() {
+        if columns[..i].iter().any(|c| c.label == column.label) {
+            bail!("--kernel {} is given twice", column.label);
+        }
+    }
+    Ok(columns)
 }
 
 fn parse_column(arg: &str) -> anyhow::Result<ColumnSpec> {
@@ -336,7 +368,7 @@ fn run_boot(boot: &Boot<'_>) -> anyhow::Result<KernelResult> {
     let log = boot.logs.join(format!("{}.log", file_name(label)));
     eprintln!("vm: booting {label} ({})", boot.kernel.package);
     let started = Instant::now();
-    let end = qemu::boot(&qemu::Boot {
+    let console = qemu::boot(&qemu::Boot {
         kernel: &boot.kernel.image,
         initrd: boot.initrd,
         env: &boot.column.env,
@@ -346,9 +378,12 @@ fn run_boot(boot: &Boot<'_>) -> anyhow::Result<KernelResult> {
     })
     .with_context(|| format!("booting {label}"))?;
     let elapsed = started.elapsed();
-    let text =
-        std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
-    let outcome = match end {
+    let text: String = console
+        .lines
+        .iter()
+        .map(|(_, l)| format!("{l}\n"))
+        .collect();
+    let outcome = match console.end {
         qemu::BootEnd::Result(0) => RunOutcome::Passed,
         qemu::BootEnd::Result(code) => RunOutcome::TestsFailed(code),
         qemu::BootEnd::Crash(line) => RunOutcome::KernelCrash(line),
@@ -368,9 +403,26 @@ fn run_boot(boot: &Boot<'_>) -> anyhow::Result<KernelResult> {
             .map(str::to_owned),
         outcome,
         tests: parse_test_output(&text),
+        durations: test_durations(&console.lines),
         log,
         elapsed,
     })
+}
+
+/// How long each test ran, from when its result line arrived after the previous one (or
+/// after its executable started).
+fn test_durations(lines: &[(Duration, String)]) -> Vec<(String, Duration)> {
+    let mut since = Duration::ZERO;
+    let mut durations = Vec::new();
+    for (at, line) in lines {
+        if line.trim().starts_with(initramfs::EXEC_MARKER) {
+            since = *at;
+        } else if let Some((name, _)) = results::result_line(line) {
+            durations.push((name, at.saturating_sub(since)));
+            since = *at;
+        }
+    }
+    durations
 }
 
 fn file_name(label: &str) -> String {

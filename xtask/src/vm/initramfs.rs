@@ -70,7 +70,8 @@ fn init_script(tests: &[Artifact], test_args: &[String]) -> String {
     format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
-export PATH=/bin HOME=/root REUSEPORT_BIN_DIR=/bin
+# REUSEPORT_VM=1 lets a test scale its load down: everything here runs emulated (TCG).
+export PATH=/bin HOME=/root REUSEPORT_BIN_DIR=/bin REUSEPORT_VM=1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev

@@ -57,21 +57,28 @@ enum Event {
     Eof,
 }
 
+/// What the guest printed, and how the boot ended.
+pub struct Console {
+    pub end: BootEnd,
+    /// Each serial line with its arrival time since QEMU started: tells how long each test
+    /// took, which libtest itself reports only on nightly.
+    pub lines: Vec<(Duration, String)>,
+}
+
 /// Boots and returns how it ended; the serial console is copied to `boot.log` line by line.
-pub fn boot(boot: &Boot<'_>) -> anyhow::Result<BootEnd> {
+pub fn boot(boot: &Boot<'_>) -> anyhow::Result<Console> {
     let mut log =
         File::create(boot.log).with_context(|| format!("creating {}", boot.log.display()))?;
     let mut child = spawn(boot)?;
     let lines = follow_stdout(&mut child);
-    let deadline = Instant::now() + boot.timeout;
-    let end = watch(&lines, &mut log, deadline);
+    let end = watch(&lines, &mut log, boot.timeout);
     // NB: QEMU exits on its own after `poweroff -f` or a panic (-no-reboot); kill() covers the
     // deadline and crash cases and is harmless on a process that already exited.
     let _ = child.kill();
     child.wait().context("waiting for qemu")?;
-    let end = end?;
-    writeln!(log, "\n[xtask] boot ended: {end:?}").context("writing the serial log")?;
-    Ok(end)
+    let console = end?;
+    writeln!(log, "\n[xtask] boot ended: {:?}", console.end).context("writing the serial log")?;
+    Ok(console)
 }
 
 fn spawn(boot: &Boot<'_>) -> anyhow::Result<Child> {
@@ -128,10 +135,14 @@ fn follow_stdout(child: &mut Child) -> mpsc::Receiver<Event> {
 fn watch(
     lines: &mpsc::Receiver<Event>,
     log: &mut File,
-    deadline: Instant,
-) -> anyhow::Result<BootEnd> {
+    timeout: Duration,
+) -> anyhow::Result<Console> {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let mut seen = Vec::new();
     let mut crash: Option<(String, Instant)> = None;
     let mut result = None;
+    let mut timed_out = false;
     loop {
         let until = crash
             .as_ref()
@@ -141,7 +152,10 @@ fn watch(
             Ok(Event::Line(line)) => line,
             Ok(Event::Eof) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) if crash.is_some() => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => return Ok(BootEnd::TimedOut),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                timed_out = true;
+                break;
+            }
         };
         writeln!(log, "{line}").context("writing the serial log")?;
         if let Some(code) = line.trim().strip_prefix(RESULT_MARKER) {
@@ -150,15 +164,20 @@ fn watch(
         if crash.is_none() && is_kernel_crash(&line) {
             crash = Some((line.trim().to_owned(), Instant::now() + CRASH_GRACE));
         }
-        if crash.is_some() && kernel_message(&line).is_some_and(|m| m.starts_with("---[ end ")) {
+        let report_done =
+            crash.is_some() && kernel_message(&line).is_some_and(|m| m.starts_with("---[ end "));
+        seen.push((started.elapsed(), line));
+        if report_done {
             break;
         }
     }
-    Ok(match (crash, result) {
+    let end = match (crash, result) {
         (Some((line, _)), _) => BootEnd::Crash(line),
         (None, Some(code)) => BootEnd::Result(code),
+        (None, None) if timed_out => BootEnd::TimedOut,
         (None, None) => BootEnd::NoMarker,
-    })
+    };
+    Ok(Console { end, lines: seen })
 }
 
 fn is_kernel_crash(line: &str) -> bool {

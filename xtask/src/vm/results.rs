@@ -38,7 +38,7 @@ pub fn parse_test_output(text: &str) -> Vec<(String, TestOutcome)> {
     tests
 }
 
-fn result_line(line: &str) -> Option<(String, TestOutcome)> {
+pub(super) fn result_line(line: &str) -> Option<(String, TestOutcome)> {
     let (name, verdict) = line.trim().strip_prefix("test ")?.split_once(" ... ")?;
     let outcome = match verdict.trim() {
         "ok" => TestOutcome::Pass,
