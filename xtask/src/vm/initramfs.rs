@@ -24,8 +24,7 @@ pub const EXEC_MARKER: &str = "REUSEPORT-VM-EXEC: ";
 /// Writes `out` (uncompressed newc). `test_args` go to every test executable (filters…).
 ///
 /// NB: left uncompressed on purpose: QEMU loads it from the host page cache in no time,
-/// while inflating even `gzip -1` runs as emulated code under TCG (see `cargo xtask vm-test`
-/// timings in the module docs of `vm`).
+/// while inflating even `gzip -1` runs as emulated code under TCG (timings: `vm` module docs).
 pub fn write(out: &Path, binaries: &GuestBinaries, test_args: &[String]) -> anyhow::Result<()> {
     let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut cpio = Cpio::new(BufWriter::new(file));

@@ -194,7 +194,54 @@ fn kernel_message(line: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
-    use super::is_kernel_crash;
+    use super::*;
+
+    fn watch_lines(lines: &[&str], eof: bool) -> Console {
+        let (tx, rx) = mpsc::channel();
+        for line in lines {
+            tx.send(Event::Line((*line).to_owned()))
+                .expect("receiver alive");
+        }
+        if eof {
+            tx.send(Event::Eof).expect("receiver alive");
+        }
+        let path = std::env::temp_dir().join(format!("xtask-vm-watch-{}", std::process::id()));
+        let mut log = File::create(&path).expect("temp log");
+        let console = watch(&rx, &mut log, Duration::from_millis(200)).expect("watch");
+        drop(tx);
+        let _ = std::fs::remove_file(&path);
+        console
+    }
+
+    #[test]
+    fn verdict_comes_from_the_marker() {
+        let console = watch_lines(&["test a ... ok", "REUSEPORT-VM-RESULT: exit=101"], true);
+        assert_eq!(console.end, BootEnd::Result(101));
+        assert_eq!(watch_lines(&["booting"], true).end, BootEnd::NoMarker);
+    }
+
+    #[test]
+    fn kernel_panic_ends_the_boot_after_its_report() {
+        let console = watch_lines(
+            &[
+                "[    2.1] Kernel panic - not syncing: Attempted to kill init!",
+                "[    2.2] ---[ end Kernel panic - not syncing: Attempted to kill init! ]---",
+                "never read",
+            ],
+            false,
+        );
+        assert!(matches!(console.end, BootEnd::Crash(ref l) if l.contains("Kernel panic")));
+        assert_eq!(
+            console.lines.len(),
+            2,
+            "reading should stop at the end of the report"
+        );
+    }
+
+    #[test]
+    fn silence_past_the_deadline_is_a_timeout() {
+        assert_eq!(watch_lines(&["booting"], false).end, BootEnd::TimedOut);
+    }
 
     #[test]
     fn crash_markers_count_only_on_kernel_lines() {
