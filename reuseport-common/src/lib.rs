@@ -61,21 +61,22 @@ impl ProgramNames {
 ///
 /// Tried in order until a slot still holds a socket:
 /// 1. `active[hash & (MAX_SLOTS - 1)]`: the active generation, spread by the packet hash;
-/// 2. `active[0 .. n_active]` in order: the other active sockets, if that one closed;
+/// 2. `active[..]` in order: the other active sockets, if that one closed;
 /// 3. `preferred[hash & (MAX_SLOTS - 1)]`: the preferred fallback generation (the newest
 ///    draining one, or the newest standby one if none drains);
-/// 4. `fallback[0 .. n_fallback]` in order: every non-active registered slot, draining
-///    generations newest first, then standby generations newest first.
+/// 4. `fallback[..]` in order: every non-active registered slot, draining generations
+///    newest first, then standby generations newest first.
+///
+/// Each array holds its `n_*` distinct slots, in order, repeated cyclically over all
+/// `MAX_SLOTS` entries; a tier whose count is 0 is skipped.
 ///
 /// Only when no listed slot holds a socket does the program hand the choice back to the
 /// kernel (which then hashes over whatever sockets remain in the group).
 ///
-/// NB: `active` and `preferred` hold their generation's `n` distinct slots repeated
-/// cyclically over all `MAX_SLOTS` entries (so their first `n` entries are the distinct
-/// list), and the program picks with a masked hash, never with `% n`: a modulo by a count
-/// read from a map makes the verifier track that count precisely and explore the loops
-/// once per possible count (minutes, then "program too large"). Repetition over 128
-/// entries skews the spread by at most 1/128.
+/// NB: the repetition lets the program pick with a masked hash instead of `% n` and walk
+/// with a constant trip count: a modulo by, or a loop exit on, a count read from a map
+/// makes verifiers either explore every possible count (1M-instruction limit) or, on 6.1,
+/// lose the loop bound. Repetition over 128 entries skews the hash spread by at most 1/128.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SteeringConfig {

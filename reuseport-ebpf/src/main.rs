@@ -107,26 +107,15 @@ fn steer(ctx: &SkReuseportContext, migrating: bool) -> u32 {
         return SK_PASS;
     };
     let hash = ctx.hash();
-    let place = |slots: &[u32; MAX_SLOTS as usize], n: u32, tier: Tier| {
-        n != 0 && try_slot(ctx, slots[(hash & SLOT_MASK) as usize], tier, migrating)
-            || try_each(ctx, slots, n, tier, migrating)
+    let pick = |slots: &[u32; MAX_SLOTS as usize], tier: Tier| {
+        try_slot(ctx, slots[(hash & SLOT_MASK) as usize], tier, migrating)
     };
-    if place(&cfg.active, cfg.n_active, Tier::Active)
-        || (cfg.n_preferred != 0
-            && try_slot(
-                ctx,
-                cfg.preferred[(hash & SLOT_MASK) as usize],
-                Tier::Fallback,
-                migrating,
-            ))
-        || try_each(
-            ctx,
-            &cfg.fallback,
-            cfg.n_fallback,
-            Tier::Fallback,
-            migrating,
-        )
-    {
+    let placed = (cfg.n_active != 0
+        && (pick(&cfg.active, Tier::Active)
+            || try_each(ctx, &cfg.active, Tier::Active, migrating)))
+        || (cfg.n_preferred != 0 && pick(&cfg.preferred, Tier::Fallback))
+        || (cfg.n_fallback != 0 && try_each(ctx, &cfg.fallback, Tier::Fallback, migrating));
+    if placed {
         return SK_PASS;
     }
     // No registered socket is left: hand the choice back to the kernel's hash over whatever
@@ -147,20 +136,22 @@ fn current_config() -> Option<&'static SteeringConfig> {
     CONFIG.get(cur & (CONFIG_BUFFERS - 1))
 }
 
-/// Tries `slots[0 .. n]` in order; true once a socket was selected.
+/// Tries every entry of `slots` in order; true once a socket was selected.
+///
+/// NB: the loop has no exit that depends on map data (the tables repeat their slots to fill
+/// all entries instead): with a count-dependent exit, LLVM merges the two exits into one
+/// countdown of min(n, MAX_SLOTS) and the 6.1 verifier cannot bound it; opaque tricks
+/// against that make newer verifiers explode. A constant trip count with an early return
+/// verifies everywhere. Only the rare "picked socket has closed" path runs the loop.
 #[inline(always)]
 fn try_each(
     ctx: &SkReuseportContext,
     slots: &[u32; MAX_SLOTS as usize],
-    n: u32,
     tier: Tier,
     migrating: bool,
 ) -> bool {
-    for i in 0..MAX_SLOTS {
-        if i >= n {
-            break;
-        }
-        if try_slot(ctx, slots[(i & SLOT_MASK) as usize], tier, migrating) {
+    for slot in slots {
+        if try_slot(ctx, *slot, tier, migrating) {
             return true;
         }
     }

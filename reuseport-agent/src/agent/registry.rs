@@ -193,9 +193,7 @@ impl Registry {
                 fallback.extend(slots);
             }
         }
-        // Slots are unique and < MAX_SLOTS, so the list always fits.
-        cfg.n_fallback = fallback.len() as u32;
-        cfg.fallback[..fallback.len()].copy_from_slice(&fallback);
+        cfg.n_fallback = SteeringConfig::fill_cyclic(&mut cfg.fallback, &fallback);
         cfg
     }
 
@@ -317,7 +315,7 @@ mod tests {
         assert!(c.preferred.iter().all(|s| *s == 20));
         // Draining newest first (2, then 1), then standby (4).
         assert_eq!(c.n_fallback, 5);
-        assert_eq!(&c.fallback[..5], &[20, 10, 11, 40, 41]);
+        assert_eq!(&c.fallback[..6], &[20, 10, 11, 40, 41, 20]);
     }
 
     #[test]
