@@ -49,6 +49,9 @@ pub struct Options {
     pub control: PathBuf,
     pub bpffs: PathBuf,
     pub select_only: bool,
+    /// Make wake-up connections after a registered listener closes (see [`wake`]). Off
+    /// only in tests that measure what the kernel does by itself.
+    pub wake_ups: bool,
 }
 
 /// Who is on the other end of a control connection (SO_PEERCRED).
@@ -280,10 +283,11 @@ pub struct Agent {
     next_reg: AtomicU64,
     /// Inode of the agent's own network namespace.
     own_netns: u64,
+    wake_ups: bool,
 }
 
 impl Agent {
-    fn new(mode: Mode, bpffs: PathBuf) -> std::io::Result<Self> {
+    fn new(mode: Mode, bpffs: PathBuf, wake_ups: bool) -> std::io::Result<Self> {
         use std::os::unix::fs::MetadataExt as _;
         Ok(Self {
             state: Mutex::new(State::default()),
@@ -292,6 +296,7 @@ impl Agent {
             bpffs,
             next_reg: AtomicU64::new(1),
             own_netns: std::fs::metadata("/proc/self/ns/net")?.ino(),
+            wake_ups,
         })
     }
 
@@ -591,7 +596,11 @@ impl Agent {
                 }
             }
             group.closed = closed;
-            if newly_closed && active_sockets > 0 && self.mode == Mode::SelectOrMigrate {
+            if newly_closed
+                && active_sockets > 0
+                && self.mode == Mode::SelectOrMigrate
+                && self.wake_ups
+            {
                 match group.netns.try_clone() {
                     Ok(netns) => out.push(wake::WakeUp {
                         target: wake::target_for(group.key.addr),

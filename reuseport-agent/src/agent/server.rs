@@ -28,7 +28,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     bpffs::ensure(&opts.bpffs)?;
     let force = opts.select_only;
     let mode = tokio::task::spawn_blocking(move || steering::detect_mode(force)).await??;
-    let agent = Arc::new(Agent::new(mode, opts.bpffs.clone()).context(
+    let agent = Arc::new(Agent::new(mode, opts.bpffs.clone(), opts.wake_ups).context(
         "starting the RCU grace-period helper (membarrier MEMBARRIER_CMD_GLOBAL, Linux 4.3+)",
     )?);
     let listener = bind_control(&opts.control)?;

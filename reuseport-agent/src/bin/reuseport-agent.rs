@@ -21,6 +21,10 @@ struct Cli {
     /// 4.19–5.13 code path).
     #[arg(long, env = "REUSEPORT_SELECT_ONLY", value_parser = clap::builder::FalseyValueParser::new())]
     select_only: bool,
+    /// Do not make wake-up connections after a listener closes (tests use this to see what
+    /// the kernel does by itself with migrated connections).
+    #[arg(long, hide = true, env = "REUSEPORT_NO_WAKE_UPS", value_parser = clap::builder::FalseyValueParser::new())]
+    no_wake_ups: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -37,6 +41,7 @@ fn main() -> std::process::ExitCode {
         control: cli.control,
         bpffs: cli.bpffs,
         select_only: cli.select_only,
+        wake_ups: !cli.no_wake_ups,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
