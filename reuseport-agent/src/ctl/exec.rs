@@ -3,32 +3,22 @@
 //! conventions), keeps the registration open while the server runs and exits with the
 //! server's status.
 
-use std::{ffi::OsString, os::fd::AsFd as _, process::ExitCode};
+use std::{ffi::OsString, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::Args;
 use nix::{
-    errno::Errno,
-    sys::{
-        signal::{Signal, kill},
-        wait::{WaitPidFlag, WaitStatus, waitpid},
-    },
+    sys::signal::{Signal, kill},
     unistd::Pid,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{
     GlobalOpts,
+    launch::{self, DEFAULT_FD_NAME, DrainSignal, note, parse_name, parse_signal},
     spawn::{self, FORWARDED_SIGNALS},
 };
-use crate::{
-    addr::GroupAddr,
-    client::{self, RegisterOptions, Registration},
-    protocol::{GenState, MAX_NAME_LEN},
-};
-
-/// LISTEN_FDNAMES when no --name is given.
-const DEFAULT_FD_NAME: &str = "reuseport";
+use crate::{addr::GroupAddr, client::Registration};
 
 /// Run a server on a registered SO_REUSEPORT listener passed as fd 3.
 #[derive(Debug, Args)]
@@ -85,39 +75,6 @@ pub struct ExecArgs {
     pub command: Vec<OsString>,
 }
 
-/// A signal by name (`TERM`, `sigterm`, `SIGTERM`) or number.
-fn parse_signal(s: &str) -> Result<Signal, String> {
-    if let Ok(n) = s.parse::<i32>() {
-        return Signal::try_from(n).map_err(|_| format!("{n} is not a signal number"));
-    }
-    let upper = s.to_ascii_uppercase();
-    let name = if upper.starts_with("SIG") {
-        upper
-    } else {
-        format!("SIG{upper}")
-    };
-    name.parse().map_err(|_| {
-        format!("unknown signal {s:?}: use a name such as TERM, QUIT, USR1, or a number")
-    })
-}
-
-/// The name must fit both the agent (length) and LISTEN_FDNAMES (no ':', which separates
-/// names there, and no control characters: systemd's rule).
-fn parse_name(s: &str) -> Result<String, String> {
-    let valid = !s.is_empty()
-        && s.len() <= MAX_NAME_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii() && !b.is_ascii_control() && b != b':');
-    if valid {
-        Ok(s.to_owned())
-    } else {
-        Err(format!(
-            "use 1 to {MAX_NAME_LEN} ASCII characters, no ':' and no control characters \
-             (the name is passed in LISTEN_FDNAMES)"
-        ))
-    }
-}
-
 pub async fn run(global: &GlobalOpts, args: ExecArgs) -> anyhow::Result<ExitCode> {
     launch(global, args).await.map(ExitCode::from)
 }
@@ -127,20 +84,14 @@ async fn launch(global: &GlobalOpts, args: ExecArgs) -> anyhow::Result<u8> {
     // Resolved first: a typo in COMMAND should not touch the agent.
     let program = spawn::resolve_program(&args.command[0], std::env::var_os("PATH").as_deref())?;
     let addr = args.listen.addr;
-    let listener = client::reuseport_listener(addr).map_err(|e| client::listen_error(addr, e))?;
-    let opts = RegisterOptions {
-        control: global.control.clone(),
-        group: args.listen,
-        generation: args.generation,
-        name: args.name.clone(),
-        activate: args.activate,
-    };
-    let registration = client::register(listener.as_fd(), &opts).await?;
-    // NB: systemd hands over listeners in blocking mode (unless NonBlocking=true), and
-    // servers rely on it: Python's socket(fileno=3).accept() fails on a non-blocking one.
-    listener
-        .set_nonblocking(false)
-        .context("cannot make the listener blocking for the server")?;
+    let registered = launch::bind_and_register(
+        &global.control,
+        args.listen,
+        args.generation,
+        args.name.clone(),
+        args.activate,
+    )
+    .await?;
 
     let fd_name = args.name.as_deref().unwrap_or(DEFAULT_FD_NAME);
     let env = spawn::child_env(std::env::vars_os(), addr, fd_name);
@@ -154,9 +105,8 @@ async fn launch(global: &GlobalOpts, args: ExecArgs) -> anyhow::Result<u8> {
             .with_context(|| format!("cannot watch {sig}"))?;
         forwarded.push((sig, stream));
     }
-    let pid = spawn::spawn(&mut plan, listener.as_fd())?;
     // The server owns the listener now; a copy kept here would outlive the server.
-    drop(listener);
+    let (pid, registration) = registered.start(&mut plan)?;
     drop(plan);
 
     for (sig, mut stream) in forwarded {
@@ -175,35 +125,33 @@ async fn launch(global: &GlobalOpts, args: ExecArgs) -> anyhow::Result<u8> {
 async fn supervise(
     pid: Pid,
     mut registration: Registration,
-    mut on_drain: Option<Signal>,
+    on_drain: Option<Signal>,
     mut sigchld: tokio::signal::unix::Signal,
 ) -> anyhow::Result<u8> {
     let mut state = registration.state();
     let mut watching_state = true;
     let mut registered = true;
-    let (generation, group) = (registration.generation(), registration.group());
-    let drain_check = |state: GenState, on_drain: &mut Option<Signal>| {
-        if state == GenState::Draining
-            && let Some(sig) = on_drain.take()
-        {
-            note(format_args!(
-                "generation {generation} of {group} is draining: sending {sig} to pid {pid}"
-            ));
-            let _ = kill(pid, sig);
-        }
+    let group = registration.group();
+    let mut drain = DrainSignal {
+        pid,
+        generation: registration.generation(),
+        group,
+        signal: on_drain,
     };
     // A socket can join a generation that is already draining.
-    drain_check(*state.borrow_and_update(), &mut on_drain);
+    drain.check(*state.borrow_and_update());
 
     loop {
         tokio::select! {
             _ = sigchld.recv() => {
-                if let Some(status) = reap(pid)? {
+                if let Some(status) = launch::try_reap(pid)?.and_then(launch::exit_code) {
                     return Ok(status);
                 }
             }
             changed = state.changed(), if watching_state => match changed {
-                Ok(()) => drain_check(*state.borrow_and_update(), &mut on_drain),
+                Ok(()) => {
+                    drain.check(*state.borrow_and_update());
+                }
                 Err(_) => watching_state = false,
             },
             closed = registration.closed(), if registered => {
@@ -221,23 +169,6 @@ async fn supervise(
     }
 }
 
-/// A message of the launcher on stderr. Unlike `eprintln!`, a broken stderr is ignored: a
-/// panic here would kill the launcher, unregister the socket and SIGTERM the server.
-fn note(msg: std::fmt::Arguments<'_>) {
-    use std::io::Write as _;
-    let _ = writeln!(std::io::stderr(), "reuseportctl: {msg}");
-}
-
-/// The exit status to report if `pid` has exited, `None` while it runs.
-fn reap(pid: Pid) -> anyhow::Result<Option<u8>> {
-    match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-        Ok(WaitStatus::Exited(_, code)) => Ok(Some(code as u8)),
-        Ok(WaitStatus::Signaled(_, sig, _)) => Ok(Some(128 + sig as u8)),
-        Ok(_) | Err(Errno::EINTR) => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("cannot wait for pid {pid}")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::{
@@ -247,8 +178,9 @@ mod tests {
 
     use super::*;
     use crate::{
+        client,
         frame::Conn,
-        protocol::{Op, Reply, Request},
+        protocol::{GenState, MAX_NAME_LEN, Op, Reply, Request},
     };
 
     struct TempDir(PathBuf);

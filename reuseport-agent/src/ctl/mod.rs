@@ -11,9 +11,11 @@ use clap::{Args, Parser, Subcommand};
 pub mod activate;
 pub mod drain;
 pub mod exec;
+mod launch;
 mod output;
 mod spawn;
 pub mod status;
+pub mod supervise;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,8 +25,9 @@ pub mod status;
     long_about = "Operate reuseport groups through reuseport-agent.\n\n\
         A group is every listener on one address (SO_REUSEPORT); each listener belongs to a \
         generation (one deploy of a server). New connections go to the active generation only; \
-        the others drain. `activate` switches generations without refusing a connection, and \
-        `exec` starts a server of any language on a registered listener."
+        the others drain. `activate` switches generations without refusing a connection, \
+        `exec` starts a server of any language on a registered listener, and `supervise` \
+        replaces generations of a server on SIGHUP (like start_server)."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -53,6 +56,7 @@ pub enum Command {
     Activate(activate::ActivateArgs),
     Drain(drain::DrainArgs),
     Exec(exec::ExecArgs),
+    Supervise(supervise::SuperviseArgs),
 }
 
 /// Entry point of the `reuseportctl` binary.
@@ -74,7 +78,7 @@ pub fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
-    // NB: current-thread on purpose: `exec` forks, and the child's parent-death signal
+    // NB: current-thread on purpose: `exec` and `supervise` fork, and the child's parent-death signal
     // (PR_SET_PDEATHSIG) follows the thread that forked, which must be the one that lives
     // as long as the launcher: the main thread.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -105,6 +109,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Activate(args) => activate::run(&cli.global, args).await,
         Command::Drain(args) => drain::run(&cli.global, args).await,
         Command::Exec(args) => exec::run(&cli.global, args).await,
+        Command::Supervise(args) => supervise::run(&cli.global, args).await,
     }
 }
 

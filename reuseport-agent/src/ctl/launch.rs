@@ -1,0 +1,188 @@
+//! What `exec` and `supervise` share: option parsers, binding and registering a listener,
+//! starting a server on it as fd 3, the drain signal, and reporting how a server exited.
+
+use std::{
+    net::TcpListener,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use nix::{
+    errno::Errno,
+    sys::{
+        signal::{Signal, kill},
+        wait::{WaitPidFlag, WaitStatus, waitpid},
+    },
+    unistd::Pid,
+};
+
+use super::spawn::{self, SpawnError};
+use crate::{
+    addr::GroupAddr,
+    client::{self, RegisterOptions, Registration},
+    protocol::{GenState, MAX_NAME_LEN},
+};
+
+/// LISTEN_FDNAMES when no --name is given.
+pub const DEFAULT_FD_NAME: &str = "reuseport";
+
+/// A signal by name (`TERM`, `sigterm`, `SIGTERM`) or number.
+pub fn parse_signal(s: &str) -> Result<Signal, String> {
+    if let Ok(n) = s.parse::<i32>() {
+        return Signal::try_from(n).map_err(|_| format!("{n} is not a signal number"));
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse().map_err(|_| {
+        format!("unknown signal {s:?}: use a name such as TERM, QUIT, USR1, or a number")
+    })
+}
+
+/// The name must fit both the agent (length) and LISTEN_FDNAMES (no ':', which separates
+/// names there, and no control characters: systemd's rule).
+pub fn parse_name(s: &str) -> Result<String, String> {
+    let valid = !s.is_empty()
+        && s.len() <= MAX_NAME_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii() && !b.is_ascii_control() && b != b':');
+    if valid {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "use 1 to {MAX_NAME_LEN} ASCII characters, no ':' and no control characters \
+             (the name is passed in LISTEN_FDNAMES)"
+        ))
+    }
+}
+
+/// A message of the launcher on stderr. Unlike `eprintln!`, a broken stderr is ignored: a
+/// panic here would kill the launcher, unregister the socket and SIGTERM the server.
+pub fn note(msg: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "reuseportctl: {msg}");
+}
+
+/// How a server ended, as a shell reports it: its exit code, or 128+N if signal N killed
+/// it. `None` while it runs (or is merely stopped).
+pub fn exit_code(status: WaitStatus) -> Option<u8> {
+    match status {
+        WaitStatus::Exited(_, code) => Some(code as u8),
+        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as u8),
+        _ => None,
+    }
+}
+
+/// `status 1` or `signal SIGKILL`, for log lines.
+pub fn describe_exit(status: WaitStatus) -> String {
+    match status {
+        WaitStatus::Signaled(_, sig, _) => format!("signal {sig}"),
+        WaitStatus::Exited(_, code) => format!("status {code}"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The wait status of `pid` if it has exited (it is reaped then), `None` while it runs.
+pub fn try_reap(pid: Pid) -> anyhow::Result<Option<WaitStatus>> {
+    match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+        Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => Ok(Some(status)),
+        Ok(_) | Err(Errno::EINTR) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot wait for pid {pid}")),
+    }
+}
+
+/// A registered listener whose server has not been started yet.
+pub struct Registered {
+    listener: TcpListener,
+    pub registration: Registration,
+}
+
+/// Creates the SO_REUSEPORT listener on `group`'s address and registers it as `generation`.
+pub async fn bind_and_register(
+    control: &Path,
+    group: GroupAddr,
+    generation: u32,
+    name: Option<String>,
+    activate: bool,
+) -> anyhow::Result<Registered> {
+    let addr = group.addr;
+    let listener = client::reuseport_listener(addr).map_err(|e| client::listen_error(addr, e))?;
+    let opts = RegisterOptions {
+        control: PathBuf::from(control),
+        group,
+        generation,
+        name,
+        activate,
+    };
+    let registration = client::register(listener.as_fd(), &opts).await?;
+    // NB: systemd hands over listeners in blocking mode (unless NonBlocking=true), and
+    // servers rely on it: Python's socket(fileno=3).accept() fails on a non-blocking one.
+    listener
+        .set_nonblocking(false)
+        .context("cannot make the listener blocking for the server")?;
+    Ok(Registered {
+        listener,
+        registration,
+    })
+}
+
+impl Registered {
+    /// Starts `plan` with the listener as fd 3 and closes the launcher's own copy, so the
+    /// listener lives exactly as long as the server keeps it.
+    ///
+    /// NB: watch SIGCHLD before calling this, or an early exit of the server is missed.
+    pub fn start(self, plan: &mut spawn::Plan) -> Result<(Pid, Registration), SpawnError> {
+        let pid = spawn::spawn(plan, self.listener.as_fd())?;
+        drop(self.listener);
+        Ok((pid, self.registration))
+    }
+}
+
+/// Sends `--on-drain SIGNAL` to a server, once, when its generation's pushed state becomes
+/// draining.
+pub struct DrainSignal {
+    pub pid: Pid,
+    pub generation: u32,
+    pub group: GroupAddr,
+    pub signal: Option<Signal>,
+}
+
+impl DrainSignal {
+    /// Call with every state the agent pushes (and the state at registration: a socket can
+    /// join a generation that is already draining). True if the signal was sent now.
+    pub fn check(&mut self, state: GenState) -> bool {
+        if state != GenState::Draining {
+            return false;
+        }
+        let Some(sig) = self.signal.take() else {
+            return false;
+        };
+        let (generation, group, pid) = (self.generation, self.group, self.pid);
+        note(format_args!(
+            "generation {generation} of {group} is draining: sending {sig} to pid {pid}"
+        ));
+        // ESRCH only when the server is already gone, which the SIGCHLD handling sees.
+        let _ = kill(pid, sig);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_are_reported_like_a_shell() {
+        let pid = Pid::from_raw(1);
+        assert_eq!(exit_code(WaitStatus::Exited(pid, 3)), Some(3));
+        let killed = WaitStatus::Signaled(pid, Signal::SIGKILL, false);
+        assert_eq!(exit_code(killed), Some(137));
+        assert_eq!(describe_exit(killed), "signal SIGKILL");
+        assert_eq!(describe_exit(WaitStatus::Exited(pid, 1)), "status 1");
+        assert_eq!(exit_code(WaitStatus::StillAlive), None);
+    }
+}
