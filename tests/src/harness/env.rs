@@ -21,7 +21,8 @@ use nix::{
     unistd::Pid,
 };
 use reuseport_agent::{
-    client::{self, ControlClient, RegisterOptions, Registration},
+    addr::GroupAddr,
+    client::{self, ClientError, ControlClient, RegisterOptions, Registration},
     protocol::{ErrorKind, GroupStatus},
 };
 
@@ -45,6 +46,13 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 /// the agent reads itself: the variable is inherited).
 pub fn select_only_env() -> bool {
     std::env::var("REUSEPORT_SELECT_ONLY").is_ok_and(|v| v == "1")
+}
+
+/// True inside the VM runner's QEMU guests (`REUSEPORT_VM=1`, set by the guest's init):
+/// everything there is emulated (TCG, one vCPU), 5-10x slower than on the host, so tests
+/// scale their load down with [`load_size`](super::load_size).
+pub fn in_vm() -> bool {
+    std::env::var("REUSEPORT_VM").is_ok_and(|v| v == "1")
 }
 
 /// Path of a binary under test: `$REUSEPORT_BIN_DIR/NAME`, or `target/<profile>/NAME` found
@@ -82,6 +90,8 @@ pub struct TestEnv {
     control: PathBuf,
     bpffs: PathBuf,
     log: PathBuf,
+    agent_args: Vec<String>,
+    agent_env: Vec<(String, String)>,
     agent: Option<Child>,
     rt: tokio::runtime::Runtime,
     // NB: last, so it is released after everything else was dropped.
@@ -90,6 +100,12 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub fn new(name: &'static str) -> Self {
+        Self::with_agent(name, &[], &[])
+    }
+
+    /// Like [`new`](Self::new), with extra command-line arguments and environment variables
+    /// for the agent (e.g. the hidden `--no-wake-ups`).
+    pub fn with_agent(name: &'static str, args: &[&str], env: &[(&str, &str)]) -> Self {
         assert!(
             nix::unistd::geteuid().is_root(),
             "{name}: the integration tests need root (network namespaces, bpffs, BPF programs)"
@@ -124,6 +140,11 @@ impl TestEnv {
             control,
             bpffs,
             log,
+            agent_args: args.iter().map(|a| a.to_string()).collect(),
+            agent_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             agent: None,
             rt,
             _one_at_a_time: one_at_a_time,
@@ -139,6 +160,8 @@ impl TestEnv {
             .arg(&self.control)
             .arg("--bpffs")
             .arg(&self.bpffs)
+            .args(&self.agent_args)
+            .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup agent log"))
             .stderr(log)
@@ -222,6 +245,53 @@ impl TestEnv {
             .expect("connect to the agent")
     }
 
+    /// Status of every group the agent manages.
+    pub fn statuses(&self) -> Vec<GroupStatus> {
+        self.block_on(async {
+            let mut c = ControlClient::connect(&self.control)
+                .await
+                .expect("connect to the agent");
+            c.status(None).await
+        })
+        .unwrap_or_else(|e| panic!("{}: status of all groups failed: {e}", self.name))
+    }
+
+    /// Status of the group `group` (any address family; `@NETNS` when ambiguous).
+    pub fn status_of(&self, group: GroupAddr) -> GroupStatus {
+        let groups = self
+            .block_on(async {
+                let mut c = ControlClient::connect(&self.control)
+                    .await
+                    .expect("connect to the agent");
+                c.status(Some(group)).await
+            })
+            .unwrap_or_else(|e| panic!("{}: status of {group} failed: {e}", self.name));
+        groups
+            .into_iter()
+            .find(|g| g.group.addr == group.addr)
+            .unwrap_or_else(|| panic!("{}: agent reports no group {group}", self.name))
+    }
+
+    /// `activate GROUP gen` through the client library; the agent's refusal as an error.
+    pub fn try_activate_group(
+        &self,
+        group: GroupAddr,
+        generation: u32,
+    ) -> Result<GroupStatus, ClientError> {
+        self.block_on(async {
+            let mut c = ControlClient::connect(&self.control)
+                .await
+                .expect("connect to the agent");
+            c.activate(group, generation).await
+        })
+    }
+
+    /// `activate GROUP gen` through the client library.
+    pub fn activate_group(&self, group: GroupAddr, generation: u32) -> GroupStatus {
+        self.try_activate_group(group, generation)
+            .unwrap_or_else(|e| panic!("{}: activate {group} {generation}: {e}", self.name))
+    }
+
     /// Status of the group on `127.0.0.1:port`.
     pub fn status(&self, port: u16) -> GroupStatus {
         self.try_status(port)
@@ -255,9 +325,18 @@ impl TestEnv {
     }
 
     pub fn register_options(&self, port: u16, generation: u32, activate: bool) -> RegisterOptions {
+        self.register_options_for(group(port), generation, activate)
+    }
+
+    pub fn register_options_for(
+        &self,
+        group: GroupAddr,
+        generation: u32,
+        activate: bool,
+    ) -> RegisterOptions {
         RegisterOptions {
             control: self.control.clone(),
-            group: group(port),
+            group,
             generation,
             name: Some(format!("gen{generation}")),
             activate,
@@ -282,6 +361,42 @@ impl TestEnv {
             })
     }
 
+    /// Registers `listener` (bound to `group`'s address, in any namespace) as `generation`.
+    pub fn register_to(
+        &self,
+        listener: &TcpListener,
+        group: GroupAddr,
+        generation: u32,
+        activate: bool,
+    ) -> Registration {
+        let opts = self.register_options_for(group, generation, activate);
+        self.block_on(client::register(listener.as_fd(), &opts))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: register generation {generation} in {group}: {e}",
+                    self.name
+                )
+            })
+    }
+
+    /// Registers `listener` as `generation` of `group` and serves it with a server of `kind`.
+    pub fn serve_listener(
+        &self,
+        listener: TcpListener,
+        group: GroupAddr,
+        generation: u32,
+        kind: ServerKind,
+        activate: bool,
+    ) -> Generation {
+        let registration = self.register_to(&listener, group, generation, activate);
+        let server = Server::start(kind, listener, generation, self.rt.handle());
+        Generation {
+            generation,
+            server,
+            registration,
+        }
+    }
+
     /// A listening SO_REUSEPORT socket on `127.0.0.1:port` from the client library (non-blocking).
     pub fn listen(&self, port: u16) -> TcpListener {
         client::reuseport_listener(local(port))
@@ -296,14 +411,7 @@ impl TestEnv {
         kind: ServerKind,
         activate: bool,
     ) -> Generation {
-        let listener = self.listen(port);
-        let registration = self.register(&listener, port, generation, activate);
-        let server = Server::start(kind, listener, generation, self.rt.handle());
-        Generation {
-            generation,
-            server,
-            registration,
-        }
+        self.serve_listener(self.listen(port), group(port), generation, kind, activate)
     }
 
     /// Runs `reuseportctl --control <this agent> ARGS…`.
@@ -380,7 +488,7 @@ fn tail(text: &str, n: usize) -> String {
 }
 
 /// `ip link set lo up`, with the ioctl `ip` would use, in the calling thread's namespace.
-fn bring_lo_up() -> io::Result<()> {
+pub(super) fn bring_lo_up() -> io::Result<()> {
     // SAFETY: plain socket/ioctl calls on a zeroed ifreq we own; the fd is closed below.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);

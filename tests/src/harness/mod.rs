@@ -7,6 +7,7 @@
 
 mod child;
 mod env;
+mod netns;
 mod server;
 mod traffic;
 
@@ -16,7 +17,8 @@ use std::{
 };
 
 pub use child::{CHILD_SERVER_ENV, ChildServer, child_server_main};
-pub use env::{Generation, TestEnv, bin_path, select_only_env};
+pub use env::{Generation, TestEnv, bin_path, in_vm, select_only_env};
+pub use netns::{NetNs, current_netns_inode};
 pub use server::{Server, ServerKind};
 pub use traffic::{ClientConn, Tally, parse_reply, request_once, tally};
 
@@ -28,6 +30,18 @@ use reuseport_agent::{
 /// Prints the line the VM runner looks for and lets the caller return.
 pub fn skip(test: &str, reason: &str) {
     println!("SKIP: {test}: {reason}");
+}
+
+/// The size of a test's load: `host` on the host, `vm` inside a VM guest (see [`in_vm`]).
+/// Prints the size used, as one line (`flips: 1000 (reduced in VM)`).
+pub fn load_size(what: &str, host: u64, vm: u64) -> u64 {
+    if in_vm() {
+        println!("{what}: {vm} (reduced in VM; {host} on the host)");
+        vm
+    } else {
+        println!("{what}: {host}");
+        host
+    }
 }
 
 /// `127.0.0.1:port`.
