@@ -10,15 +10,19 @@ use std::{
 
 use reuseport_agent::client::ControlClient;
 
-use crate::harness::{ServerKind, Tally, TestEnv, group, local, request_once};
+use crate::harness::{ServerKind, Tally, TestEnv, group, load_size, local, request_once};
 
-const FLIPS: u32 = 10_000;
+/// Flips on the host (what the issue asks for) and in a VM guest, where 10,000 took 82-130 s
+/// under emulation.
+const FLIPS: u64 = 10_000;
+const FLIPS_IN_VM: u64 = 1_000;
 const CLIENT_THREADS: usize = 3;
 
 #[test]
 fn ten_thousand_flips_under_load_lose_no_connection() {
     const PORT: u16 = 7601;
     let env = TestEnv::new("ten_thousand_flips_under_load_lose_no_connection");
+    let flips = load_size("flips", FLIPS, FLIPS_IN_VM);
     let g1 = env.serve(PORT, 1, ServerKind::Tokio, false);
     let g2 = env.serve(PORT, 2, ServerKind::Tokio, false);
     let g3 = env.serve(PORT, 3, ServerKind::Tokio, false);
@@ -48,7 +52,7 @@ fn ten_thousand_flips_under_load_lose_no_connection() {
         let mut c = ControlClient::connect(env.control_path())
             .await
             .expect("connect to the agent");
-        for i in 0..FLIPS {
+        for i in 0..flips {
             let g = if i % 2 == 0 { 2 } else { 1 };
             let changed = c
                 .activate(group(PORT), g)
@@ -73,10 +77,10 @@ fn ten_thousand_flips_under_load_lose_no_connection() {
     }
     let status = env.status(PORT);
     println!(
-        "{FLIPS} flips in {flip_time:?} ({:.1} µs/flip) with {CLIENT_THREADS} client threads: {t}; \
+        "{flips} flips in {flip_time:?} ({:.1} µs/flip) with {CLIENT_THREADS} client threads: {t}; \
          slowest connection {slowest:?}, {slow} over 900 ms (a SYN retransmit would show here); \
          servers: gen1 {} gen2 {} gen3 {}; unsteered {}",
-        flip_time.as_micros() as f64 / f64::from(FLIPS),
+        flip_time.as_micros() as f64 / flips as f64,
         g1.server.served(),
         g2.server.served(),
         g3.server.served(),
