@@ -4,6 +4,7 @@ mod bad_input;
 mod child_process;
 mod exec;
 mod flips;
+mod groups;
 mod migration;
 mod process_death;
 mod steering;
