@@ -62,9 +62,13 @@ pub fn parse_name(s: &str) -> Result<String, String> {
 
 /// A message of the launcher on stderr. Unlike `eprintln!`, a broken stderr is ignored: a
 /// panic here would kill the launcher, unregister the socket and SIGTERM the server.
+///
+/// NB: one `write` per line: `writeln!` with arguments writes piece by piece, and lines of
+/// several supervisors (or of their servers) sharing a terminal would interleave.
 pub fn note(msg: std::fmt::Arguments<'_>) {
     use std::io::Write as _;
-    let _ = writeln!(std::io::stderr(), "reuseportctl: {msg}");
+    let line = format!("reuseportctl: {msg}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 /// How a server ended, as a shell reports it: its exit code, or 128+N if signal N killed

@@ -8,3 +8,4 @@ mod groups;
 mod migration;
 mod process_death;
 mod steering;
+mod supervise;

@@ -1,0 +1,421 @@
+//! `reuseportctl supervise` replaces generations of an unmodified LISTEN_FDS server on
+//! SIGHUP under load without losing a request, and keeps the old generation when a new one
+//! fails to start.
+//!
+//! NB: this holds in select-only mode too (`REUSEPORT_SELECT_ONLY=1`), so neither test
+//! skips there: after the flip a draining listener gets nothing new, and the test server
+//! empties its accept queue before it closes it, so there is nothing left to migrate. On
+//! loopback no handshake is still half-open by then.
+//!
+//! The server is this test executable again (as for [`ChildServer`](crate::harness::ChildServer)):
+//! the ignored test [`listen_fds_server`] takes fd 3 as systemd would hand it over.
+
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Write},
+    net::{TcpListener, TcpStream},
+    os::{
+        fd::{AsRawFd, FromRawFd},
+        unix::process::CommandExt,
+    },
+    path::PathBuf,
+    process::{Child, ExitStatus},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{SigHandler, Signal, kill, killpg, signal},
+    unistd::Pid,
+};
+
+use crate::harness::{Tally, TestEnv, local, request_once, wait_until};
+
+/// Set (to anything) in the server processes the supervisor starts.
+const SERVER_ENV: &str = "REUSEPORT_TEST_LISTEN_FDS_SERVER";
+/// A generation whose server exits with status 1 at once (a broken release).
+const FAIL_GENERATION_ENV: &str = "REUSEPORT_TEST_FAIL_GENERATION";
+const SERVER_TEST: &str = "tests::supervise::listen_fds_server";
+
+/// How long a restart may take: readiness delay, activation, the old generation's exit.
+const RESTART_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[test]
+fn supervise_restarts_under_load_without_failed_requests() {
+    const NAME: &str = "supervise_restarts_under_load_without_failed_requests";
+    const PORT: u16 = 7801;
+    const RESTARTS: u32 = 5;
+    let env = TestEnv::new(NAME);
+    let mut sup = Supervisor::spawn(&env, PORT, &["--ready", "delay=300ms"], None);
+    sup.wait_active(&env, PORT, 1);
+    let load = Load::start(PORT, 4);
+    load.wait_answered_by(1, &sup);
+
+    for generation in 2..=RESTARTS + 1 {
+        sup.signal(Signal::SIGHUP);
+        sup.wait_active(&env, PORT, generation);
+        load.wait_answered_by(generation, &sup);
+    }
+    let last = RESTARTS + 1;
+    wait_until(
+        "every old generation has exited and left the group",
+        RESTART_TIMEOUT,
+        || {
+            sup.assert_running();
+            env.status(PORT)
+                .generations
+                .iter()
+                .all(|g| g.generation == last)
+        },
+    );
+    let t = load.stop();
+    println!("{NAME}: {RESTARTS} restarts, {t}");
+    assert_eq!(
+        t.failed,
+        0,
+        "no request should fail while generations replace each other: {t}; log:\n{}",
+        sup.log()
+    );
+    for generation in 1..=last {
+        assert!(
+            t.of(generation) > 0,
+            "generation {generation} should have answered requests: {t}"
+        );
+    }
+    let log = sup.log();
+    for generation in 1..last {
+        assert!(
+            exited_after_draining(&log, generation),
+            "generation {generation} should have exited after draining; log:\n{log}"
+        );
+    }
+
+    let status = sup.stop(Signal::SIGTERM, RESTART_TIMEOUT);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM should stop the supervisor with status 0; log:\n{}",
+        sup.log()
+    );
+    assert!(
+        env.try_status(PORT).is_none(),
+        "no generation should be left in the group after the supervisor exited"
+    );
+}
+
+#[test]
+fn supervise_keeps_the_old_generation_when_the_new_one_fails() {
+    const NAME: &str = "supervise_keeps_the_old_generation_when_the_new_one_fails";
+    const PORT: u16 = 7802;
+    let env = TestEnv::new(NAME);
+    let mut sup = Supervisor::spawn(&env, PORT, &["--ready", "notify"], Some(2));
+    sup.wait_active(&env, PORT, 1);
+
+    sup.signal(Signal::SIGHUP);
+    let line = "restart failed: generation 2 exited with status 1 before it was ready; \
+                generation 1 stays active";
+    wait_until(
+        "the supervisor reports the failed restart",
+        RESTART_TIMEOUT,
+        || {
+            sup.assert_running();
+            sup.log().contains(line)
+        },
+    );
+    let status = env.status(PORT);
+    assert_eq!(
+        status.active,
+        Some(1),
+        "generation 1 should stay active after generation 2 failed: {status:?}"
+    );
+    let mut t = Tally::default();
+    for n in 0..50 {
+        t.record(request_once(local(PORT), n));
+    }
+    assert_eq!(
+        (t.of(1), t.failed),
+        (50, 0),
+        "generation 1 should answer every request after the failed restart: {t}"
+    );
+
+    // The next release is fine: READY=1 on NOTIFY_SOCKET activates it.
+    sup.signal(Signal::SIGHUP);
+    sup.wait_active(&env, PORT, 3);
+    wait_until("generation 1 has exited", RESTART_TIMEOUT, || {
+        exited_after_draining(&sup.log(), 1)
+    });
+    let mut t = Tally::default();
+    for n in 0..50 {
+        t.record(request_once(local(PORT), n));
+    }
+    assert_eq!(
+        (t.of(3), t.failed),
+        (50, 0),
+        "generation 3 should answer every request once it is active: {t}"
+    );
+    let status = sup.stop(Signal::SIGTERM, RESTART_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "log:\n{}", sup.log());
+}
+
+fn exited_after_draining(log: &str, generation: u32) -> bool {
+    log.lines().any(|l| {
+        l.contains(&format!("generation {generation} (pid ")) && l.contains("after draining")
+    })
+}
+
+/// `reuseportctl supervise --listen 127.0.0.1:PORT … -- <this executable as a server>`, in
+/// its own process group, logging to a file in the test's dir.
+struct Supervisor {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Supervisor {
+    fn spawn(env: &TestEnv, port: u16, extra: &[&str], fail_generation: Option<u32>) -> Self {
+        let log = env.dir().join("supervise.log");
+        let file = File::create(&log).expect("supervise log");
+        let mut cmd = env.ctl_command();
+        cmd.args(["supervise", "--listen", &local(port).to_string()])
+            .args(["--on-drain", "TERM", "--drain-timeout", "10s"])
+            .args(extra)
+            .arg("--")
+            .arg(std::env::current_exe().expect("current_exe"))
+            .args([
+                "--exact",
+                SERVER_TEST,
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(SERVER_ENV, "1")
+            .env_remove(FAIL_GENERATION_ENV)
+            .stdout(file.try_clone().expect("dup log"))
+            .stderr(file)
+            .process_group(0);
+        if let Some(generation) = fail_generation {
+            cmd.env(FAIL_GENERATION_ENV, generation.to_string());
+        }
+        Self {
+            child: Some(cmd.spawn().expect("spawn reuseportctl supervise")),
+            log,
+        }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().expect("supervisor").id() as i32)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: Signal) {
+        kill(self.pid(), sig).expect("signal the supervisor");
+    }
+
+    fn assert_running(&mut self) {
+        if let Some(status) = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().expect("try_wait"))
+        {
+            panic!(
+                "reuseportctl supervise exited early ({status}); log:\n{}",
+                self.log()
+            );
+        }
+    }
+
+    fn wait_active(&mut self, env: &TestEnv, port: u16, generation: u32) {
+        wait_until(
+            &format!("generation {generation} is active"),
+            RESTART_TIMEOUT,
+            || {
+                self.assert_running();
+                env.try_status(port)
+                    .is_some_and(|s| s.active == Some(generation))
+            },
+        );
+    }
+
+    /// Sends `sig` and waits for the supervisor to exit.
+    fn stop(&mut self, sig: Signal, timeout: Duration) -> ExitStatus {
+        self.signal(sig);
+        let child = self.child.as_mut().expect("supervisor");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the supervisor should exit within {timeout:?} of {sig}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // NB: the servers run in sessions of their own; they get SIGTERM through
+            // PR_SET_PDEATHSIG when the supervisor dies, and exit.
+            let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- reuseportctl supervise ---\n{}", self.log());
+        }
+    }
+}
+
+/// Client threads, each making one connection per request until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tally: Arc<Mutex<Tally>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(port: u16, threads: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let threads = (0..threads)
+            .map(|_| {
+                let (stop, tally) = (stop.clone(), tally.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        let result = request_once(local(port), n);
+                        tally.lock().unwrap().record(result);
+                        n += 1;
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            tally,
+            threads,
+        }
+    }
+
+    fn wait_answered_by(&self, generation: u32, sup: &Supervisor) {
+        wait_until(
+            &format!("generation {generation} answers requests"),
+            RESTART_TIMEOUT,
+            || self.tally.lock().unwrap().of(generation) > 0,
+        );
+        let failed = self.tally.lock().unwrap().failed;
+        assert_eq!(
+            failed,
+            0,
+            "no request should fail: {}; log:\n{}",
+            self.tally.lock().unwrap(),
+            sup.log()
+        );
+    }
+
+    fn stop(self) -> Tally {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            t.join().expect("load thread");
+        }
+        self.tally.lock().unwrap().clone()
+    }
+}
+
+/// Not a test: the server the supervisor starts (see the module doc). It knows nothing
+/// about reuseport: fd 3, LISTEN_FDS, LISTEN_PID, NOTIFY_SOCKET, and REUSEPORT_GENERATION
+/// to say who answers. On SIGTERM it closes its listener, finishes the connections it
+/// accepted and exits 0.
+#[test]
+#[ignore = "entry point of the server processes `reuseportctl supervise` starts"]
+fn listen_fds_server() {
+    if std::env::var_os(SERVER_ENV).is_none() {
+        return;
+    }
+    let var = |name: &str| std::env::var(name).unwrap_or_default();
+    let generation: u32 = var("REUSEPORT_GENERATION")
+        .parse()
+        .expect("REUSEPORT_GENERATION");
+    if var(FAIL_GENERATION_ENV) == generation.to_string() {
+        eprintln!("server: generation {generation} fails on purpose");
+        std::process::exit(1);
+    }
+    assert_eq!(var("LISTEN_FDS"), "1");
+    assert_eq!(var("LISTEN_PID"), std::process::id().to_string());
+    // SAFETY: LISTEN_FDS=1 for this pid: fd 3 is ours.
+    let listener = unsafe { TcpListener::from_raw_fd(3) };
+    listener.set_nonblocking(true).expect("non-blocking");
+
+    static TERM: AtomicBool = AtomicBool::new(false);
+    extern "C" fn on_term(_: libc::c_int) {
+        TERM.store(true, Ordering::SeqCst);
+    }
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe { signal(Signal::SIGTERM, SigHandler::Handler(on_term)) }.expect("SIGTERM handler");
+
+    let notify = var("NOTIFY_SOCKET");
+    if let Some(name) = notify.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt as _;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .expect("NOTIFY_SOCKET address");
+        let socket = std::os::unix::net::UnixDatagram::unbound().expect("datagram socket");
+        socket
+            .send_to_addr(b"READY=1\nSTATUS=serving\n", &addr)
+            .expect("notify READY=1");
+    }
+    eprintln!("server: generation {generation} serving");
+
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    while !TERM.load(Ordering::SeqCst) {
+        let mut poll = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd we own. NB: accept() is tried after every wake-up or timeout,
+        // not only on readiness: migrated connections arrive without a wake-up.
+        unsafe { libc::poll(&mut poll, 1, 20) };
+        while let Ok((stream, _)) = listener.accept() {
+            in_flight.fetch_add(1, Ordering::SeqCst);
+            let in_flight = in_flight.clone();
+            std::thread::spawn(move || {
+                let _ = serve(stream, generation);
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    }
+    // What is still queued migrates to the active generation when the listener closes.
+    drop(listener);
+    while in_flight.load(Ordering::SeqCst) > 0 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!("server: generation {generation} drained");
+    std::process::exit(0);
+}
+
+fn serve(stream: TcpStream, generation: u32) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut writer = stream.try_clone()?;
+    for line in BufReader::new(stream).lines() {
+        let line = line?;
+        let Some(n) = line
+            .strip_prefix("req ")
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            return Ok(());
+        };
+        writer.write_all(format!("gen {generation} {}\n", n + 1).as_bytes())?;
+    }
+    Ok(())
+}
