@@ -451,7 +451,14 @@ impl Supervisor {
         let Some(gen_) = self.gens.get(&generation) else {
             return;
         };
-        let group = gen_.drain.group;
+        let (group, pid) = (gen_.drain.group, gen_.pid);
+        // NB: its SIGCHLD may still be queued: activating a generation that just died would
+        // drain the one that serves and leave the group falling back.
+        match launch::try_reap(pid) {
+            Ok(Some(status)) => return self.on_exit(generation, status),
+            Ok(None) => {}
+            Err(e) => note(format_args!("warning: {}", super::one_line(&e))),
+        }
         let changed = async {
             let mut client = ControlClient::connect(&self.control).await?;
             client.activate(group, generation).await
@@ -625,10 +632,15 @@ impl Supervisor {
                 "warning: no generation of this supervisor is active; send SIGHUP to start one"
             ));
         }
-        // Nothing left (the first start failed): exit with that generation's status.
+        // Nothing left (the first start failed): exit with that generation's status, or 1
+        // if it was killed for not getting ready.
         if self.gens.is_empty() {
+            let code = match g.phase {
+                Phase::Failed => None,
+                _ => launch::exit_code(status),
+            };
             self.shutdown = Some(Shutdown {
-                code: launch::exit_code(status).unwrap_or(1),
+                code: code.unwrap_or(1),
                 kill_at: Instant::now(),
                 killed: true,
             });
