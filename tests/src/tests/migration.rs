@@ -163,6 +163,11 @@ const EPOLL_WAKE_WINDOW: Duration = Duration::from_secs(1);
 /// other traffic? Either answer passes; what must hold on every kernel is that no migrated
 /// connection is lost and that ONE new connection (what the agent's wake-up does) gets all of
 /// them accepted and answered.
+///
+/// NB: upstream 3864c6ba1e04 ("tcp: call sk_data_ready() after listener migration", 2026,
+/// `Cc: stable`) makes `inet_csk_listen_stop()` wake the target listener: kernels with it
+/// answer "yes", kernels before it "no". Measured "yes" on 6.18.44 (host), Debian
+/// 6.1.0-56 and 6.12.117 (VM guests).
 #[test]
 fn epoll_wakeup_for_migrated_connections() {
     const NAME: &str = "epoll_wakeup_for_migrated_connections";
