@@ -1,8 +1,11 @@
 //! Project tasks: `cargo xtask setup | test | vm-test | demo`.
+mod bench;
 mod demo;
 mod demo_server;
+mod load;
 mod netns;
 mod setup;
+mod stack;
 mod test;
 mod vm;
 
@@ -20,6 +23,9 @@ enum Cli {
     Test(test::TestOpts),
     /// Only the integration tests inside QEMU guests, one per kernel.
     VmTest(vm::VmOpts),
+    /// Benchmarks that print figures (needs root).
+    #[command(subcommand)]
+    Bench(bench::Bench),
     /// Live demo: generations of a server replace each other under load (needs root).
     Demo(demo::DemoOpts),
     /// The demo's LISTEN_FDS server (started by the demo through `reuseportctl exec`).
@@ -32,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         Cli::Setup => setup::setup(),
         Cli::Test(opts) => test::test(&opts),
         Cli::VmTest(opts) => vm::vm_test(&opts),
+        Cli::Bench(b) => bench::bench(&b),
         Cli::Demo(opts) => demo::demo(&opts),
         Cli::DemoServer(opts) => demo_server::serve(&opts),
     }

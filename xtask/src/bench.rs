@@ -1,0 +1,336 @@
+//! `cargo xtask bench …`: figures, printed and written as JSON; never asserted by tests.
+//!
+//! `overhead`: what steering costs against plain SO_REUSEPORT, what one program run costs,
+//! and how fast a flip takes effect.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::SocketAddr,
+    os::unix::net::UnixStream,
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+
+use crate::{
+    load::{Load, Record},
+    stack::{Stack, wait_for},
+};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Bench {
+    /// Steered vs plain SO_REUSEPORT throughput, program cost per run, flip latency.
+    Overhead(OverheadOpts),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct OverheadOpts {
+    /// Seconds of load per measurement round.
+    #[arg(long, default_value_t = 3)]
+    pub seconds: u64,
+    /// Rounds, alternating plain and steered.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Concurrent clients (a new connection per request).
+    #[arg(long, default_value_t = 4)]
+    pub clients: usize,
+    /// Flips for the latency measurement.
+    #[arg(long, default_value_t = 500)]
+    pub flips: u32,
+}
+
+pub fn bench(b: &Bench) -> anyhow::Result<()> {
+    match b {
+        Bench::Overhead(o) => {
+            let stack = Stack::start("bench")?;
+            let res = overhead(&stack, o);
+            stack.stop();
+            res
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct OverheadReport {
+    kernel: String,
+    cpus: usize,
+    clients: usize,
+    seconds_per_round: u64,
+    plain_conn_per_s: Vec<f64>,
+    steered_conn_per_s: Vec<f64>,
+    throughput_ratio: f64,
+    program_runs: u64,
+    program_ns_per_run: f64,
+    flips: usize,
+    flip_latency_us: Percentiles,
+    activate_rtt_us: Percentiles,
+    failures: u64,
+}
+
+#[derive(Serialize)]
+struct Percentiles {
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Percentiles {
+    fn of(mut v: Vec<f64>) -> Self {
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        Self {
+            p50: at(0.5),
+            p99: at(0.99),
+            max: v.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+const PLAIN: &str = "127.0.0.1:9001";
+const STEERED: &str = "127.0.0.1:9002";
+
+fn overhead(stack: &Stack, o: &OverheadOpts) -> anyhow::Result<()> {
+    let plain: SocketAddr = PLAIN.parse().expect("valid");
+    let steered: SocketAddr = STEERED.parse().expect("valid");
+    stack.start_plain(plain, 1)?;
+    stack.start_generation(steered, 1, false)?;
+    wait_for(Duration::from_secs(10), "the plain server", || {
+        std::net::TcpStream::connect(plain).is_ok()
+    })?;
+
+    let stats = BpfStats::enable()?;
+    let prog = stack.pinned_program(steered)?;
+    let before = prog_stats(&prog)?;
+    let (mut plain_rates, mut steered_rates, mut failures) = (Vec::new(), Vec::new(), 0);
+    for round in 1..=o.rounds {
+        for (name, addr, rates) in [
+            ("plain", plain, &mut plain_rates),
+            ("steered", steered, &mut steered_rates),
+        ] {
+            let t = Instant::now();
+            let load = Load::start(addr, o.clients, false);
+            // The measurement window itself, not a readiness wait.
+            thread::sleep(Duration::from_secs(o.seconds));
+            let (tally, _) = load.stop();
+            let rate = tally.requests() as f64 / t.elapsed().as_secs_f64();
+            failures += tally.failures();
+            println!(
+                "bench: round {round} {name:<7} {rate:>8.0} conn/s  {}",
+                tally.failure_line()
+            );
+            rates.push(rate);
+        }
+    }
+    let after = prog_stats(&prog)?;
+    drop(stats);
+    let runs = after.1 - before.1;
+    let ns_per_run = if runs == 0 {
+        0.0
+    } else {
+        (after.0 - before.0) as f64 / runs as f64
+    };
+
+    let (latencies, rtts, flip_failures) = flip_latency(stack, steered, o)?;
+    failures += flip_failures;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let report = OverheadReport {
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .into(),
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        clients: o.clients,
+        seconds_per_round: o.seconds,
+        throughput_ratio: mean(&steered_rates) / mean(&plain_rates),
+        plain_conn_per_s: plain_rates,
+        steered_conn_per_s: steered_rates,
+        program_runs: runs,
+        program_ns_per_run: ns_per_run,
+        flips: latencies.len(),
+        flip_latency_us: Percentiles::of(latencies),
+        activate_rtt_us: Percentiles::of(rtts),
+        failures,
+    };
+    print_report(&report);
+    let dir = crate::workspace().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("overhead.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+    println!("\nbench: JSON written to {}", path.display());
+    Ok(())
+}
+
+fn print_report(r: &OverheadReport) {
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    println!("\n| figure | value |");
+    println!("|---|---|");
+    println!("| machine | {} CPUs, kernel {} |", r.cpus, r.kernel);
+    println!(
+        "| load | {} clients, a new connection per request, {} s rounds |",
+        r.clients, r.seconds_per_round
+    );
+    println!(
+        "| plain SO_REUSEPORT | {:.0} conn/s |",
+        mean(&r.plain_conn_per_s)
+    );
+    println!(
+        "| steered (reuseport) | {:.0} conn/s |",
+        mean(&r.steered_conn_per_s)
+    );
+    println!(
+        "| throughput ratio steered/plain | {:.3} |",
+        r.throughput_ratio
+    );
+    println!(
+        "| program cost | {:.1} ns per run ({} runs) |",
+        r.program_ns_per_run, r.program_runs
+    );
+    println!(
+        "| flip latency (activate sent → last new connection reaching the old generation) | p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs over {} flips |",
+        r.flip_latency_us.p50, r.flip_latency_us.p99, r.flip_latency_us.max, r.flips
+    );
+    println!(
+        "| activate round trip | p50 {:.0} µs, p99 {:.0} µs |",
+        r.activate_rtt_us.p50, r.activate_rtt_us.p99
+    );
+    println!("| failed requests | {} |", r.failures);
+}
+
+/// Flips between generations 1 and 2 under recorded load. Per flip: the time from sending
+/// `activate` to the start of the last connection that still reached the old generation
+/// (0 if none did), and the request's round trip.
+fn flip_latency(
+    stack: &Stack,
+    addr: SocketAddr,
+    o: &OverheadOpts,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>, u64)> {
+    stack.start_generation(addr, 2, false)?;
+    let mut control = UnixStream::connect(&stack.control).context("connecting to the agent")?;
+    let load = Load::start(addr, o.clients, true);
+    let mut flips: Vec<(Instant, u32)> = Vec::new();
+    let mut rtts = Vec::new();
+    for k in 0..o.flips {
+        let target = if k % 2 == 0 { 2 } else { 1 };
+        let t0 = Instant::now();
+        activate(&mut control, addr, target)?;
+        rtts.push(t0.elapsed().as_secs_f64() * 1e6);
+        flips.push((t0, target));
+        // Spacing between flips, so each one's tail can be told apart.
+        thread::sleep(Duration::from_millis(10));
+    }
+    let (tally, records) = load.stop();
+    println!(
+        "bench: flips under load: {} requests, {}",
+        tally.requests(),
+        tally.failure_line()
+    );
+    Ok((latencies(&flips, &records), rtts, tally.failures()))
+}
+
+fn latencies(flips: &[(Instant, u32)], records: &[Record]) -> Vec<f64> {
+    flips
+        .iter()
+        .enumerate()
+        .map(|(k, (t0, target))| {
+            let end = flips.get(k + 1).map(|f| f.0);
+            records
+                .iter()
+                .filter(|r| {
+                    r.generation != *target && r.start >= *t0 && end.is_none_or(|e| r.start < e)
+                })
+                .map(|r| (r.start - *t0).as_secs_f64() * 1e6)
+                .fold(0.0, f64::max)
+        })
+        .collect()
+}
+
+/// One `activate` over an open control connection (the protocol in docs/protocol.md).
+fn activate(control: &mut UnixStream, addr: SocketAddr, generation: u32) -> anyhow::Result<()> {
+    let body = serde_json::to_vec(&serde_json::json!({
+        "v": 1, "op": "activate", "group": format!("tcp://{addr}"), "generation": generation
+    }))?;
+    control.write_all(&(body.len() as u32).to_be_bytes())?;
+    control.write_all(&body)?;
+    let mut len = [0u8; 4];
+    control.read_exact(&mut len)?;
+    let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
+    control.read_exact(&mut reply)?;
+    let v: serde_json::Value = serde_json::from_slice(&reply)?;
+    if v["type"] != "changed" {
+        bail!("activate {generation}: {}", v["message"]);
+    }
+    Ok(())
+}
+
+/// `kernel.bpf_stats_enabled` on for the measurement, restored on drop.
+struct BpfStats(String);
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> anyhow::Result<Self> {
+        let old =
+            std::fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
+        std::fs::write(BPF_STATS, "1").with_context(|| format!("enabling {BPF_STATS}"))?;
+        Ok(Self(old.trim().to_owned()))
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, &self.0);
+    }
+}
+
+/// (run_time_ns, run_cnt) of a pinned program, from its fdinfo.
+fn prog_stats(pin: &Path) -> anyhow::Result<(u64, u64)> {
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())?;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let attr = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    // SAFETY: a valid bpf_attr prefix for BPF_OBJ_GET; the kernel copies the path.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const attr,
+            size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        bail!(
+            "opening the pinned program {}: {}",
+            pin.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"));
+    // SAFETY: the descriptor was just returned to us.
+    unsafe { libc::close(fd as i32) };
+    let info = info?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .map(|v| v.trim_start_matches(':').trim().parse::<u64>())
+            })
+            .unwrap_or(Ok(0))
+    };
+    Ok((field("run_time_ns")?, field("run_cnt")?))
+}

@@ -1,0 +1,270 @@
+//! An agent plus demo servers, run from xtask in a private network namespace: what the demo
+//! and the benchmarks stand on.
+
+use std::{
+    net::SocketAddr,
+    os::fd::AsRawFd as _,
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::Mutex,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{netns, setup};
+
+pub struct Stack {
+    bin: PathBuf,
+    pub control: PathBuf,
+    pub bpffs: PathBuf,
+    pub tmp: PathBuf,
+    agent: Mutex<Option<Child>>,
+    servers: Mutex<Vec<Child>>,
+}
+
+impl Stack {
+    /// Builds the release binaries, enters a new network namespace and starts the agent.
+    pub fn start(tag: &str) -> anyhow::Result<Self> {
+        if !crate::is_root() {
+            bail!("cargo xtask {tag} needs root (it loads BPF programs); run it with sudo");
+        }
+        setup::setup()?;
+        let root = crate::workspace();
+        println!("{tag}: building reuseport-agent and reuseportctl (release)…");
+        setup::run(
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .current_dir(&root)
+                .args(["build", "--release", "-p", "reuseport-agent", "--bins"]),
+        )?;
+        netns::enter_new().context("creating a private network namespace")?;
+        let pid = std::process::id();
+        let tmp = std::env::temp_dir().join(format!("reuseport-{tag}-{pid}"));
+        std::fs::create_dir_all(&tmp)?;
+        let stack = Self {
+            bin: root.join("target/release"),
+            control: tmp.join("agent.sock"),
+            bpffs: PathBuf::from(format!("/sys/fs/bpf/reuseport-{tag}-{pid}")),
+            tmp,
+            agent: Mutex::new(None),
+            servers: Mutex::new(Vec::new()),
+        };
+        let log = std::fs::File::create(stack.tmp.join("agent.log"))?;
+        let agent = Command::new(stack.bin.join("reuseport-agent"))
+            .arg("--control")
+            .arg(&stack.control)
+            .arg("--bpffs")
+            .arg(&stack.bpffs)
+            .stderr(log)
+            .spawn()
+            .context("starting reuseport-agent")?;
+        *stack.agent.lock().expect("lock") = Some(agent);
+        wait_for(
+            Duration::from_secs(30),
+            "the agent's control socket",
+            || std::os::unix::net::UnixStream::connect(&stack.control).is_ok(),
+        )?;
+        Ok(stack)
+    }
+
+    pub fn ctl(&self) -> Command {
+        let mut cmd = Command::new(self.bin.join("reuseportctl"));
+        cmd.arg("--control").arg(&self.control);
+        cmd
+    }
+
+    /// Runs `reuseportctl ARGS` and returns its stdout; fails with its stderr.
+    pub fn ctl_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.ctl().args(args).output()?;
+        if !out.status.success() {
+            bail!(
+                "reuseportctl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts the demo server as `generation` of `addr` through `reuseportctl exec` and
+    /// waits until the agent lists it. With `exit_on_drain`, the server gets SIGTERM when
+    /// its generation drains (and exits); without, it keeps serving what it is given.
+    pub fn start_generation(
+        &self,
+        addr: SocketAddr,
+        generation: u32,
+        exit_on_drain: bool,
+    ) -> anyhow::Result<()> {
+        let g = generation.to_string();
+        let mut cmd = self.ctl();
+        cmd.args(["exec", "--listen", &addr.to_string(), "--generation", &g])
+            .args(["--name", &format!("demo-v{generation}")]);
+        if exit_on_drain {
+            cmd.args(["--on-drain", "TERM"]);
+        }
+        let child = cmd
+            .arg("--")
+            .arg(std::env::current_exe()?)
+            .args(["demo-server", "--generation", &g])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting reuseportctl exec")?;
+        self.servers.lock().expect("lock").push(child);
+        wait_for(
+            Duration::from_secs(30),
+            &format!("generation {generation} to register"),
+            || self.has_generation(addr, generation),
+        )
+    }
+
+    /// Starts the demo server on a plain SO_REUSEPORT listener the agent knows nothing
+    /// about: the baseline of the benchmarks.
+    pub fn start_plain(&self, addr: SocketAddr, generation: u32) -> anyhow::Result<()> {
+        let listener = reuseport_listener(addr)?;
+        let fd = listener.as_raw_fd();
+        let mut cmd = Command::new("/bin/sh");
+        // NB: LISTEN_PID must be the server's own pid: `exec` keeps the shell's.
+        cmd.args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""])
+            .arg(std::env::current_exe()?)
+            .args(["demo-server", "--generation", &generation.to_string()])
+            .env("LISTEN_FDS", "1")
+            .stdout(Stdio::null());
+        // SAFETY: dup2 is async-signal-safe; runs in the child between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().context("starting the plain server")?;
+        self.servers.lock().expect("lock").push(child);
+        drop(listener);
+        Ok(())
+    }
+
+    pub fn has_generation(&self, addr: SocketAddr, generation: u32) -> bool {
+        self.status().is_some_and(|v| {
+            v.as_array().into_iter().flatten().any(|g| {
+                g["group"].as_str() == Some(&format!("tcp://{addr}"))
+                    && g["generations"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|x| x["generation"] == generation)
+            })
+        })
+    }
+
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let out = self.ctl().args(["status", "--json"]).output().ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// The pinned program of the group on `addr` (for its run statistics).
+    pub fn pinned_program(&self, addr: SocketAddr) -> anyhow::Result<PathBuf> {
+        let port = format!("_{}_", addr.port());
+        for e in std::fs::read_dir(&self.bpffs)? {
+            let dir = e?.path();
+            if dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.contains(&port))
+            {
+                for p in std::fs::read_dir(&dir)? {
+                    let p = p?.path();
+                    if p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("select"))
+                    {
+                        return Ok(p);
+                    }
+                }
+            }
+        }
+        bail!(
+            "no pinned program for {addr} under {}",
+            self.bpffs.display()
+        )
+    }
+
+    pub fn agent_log(&self) -> PathBuf {
+        self.tmp.join("agent.log")
+    }
+
+    pub fn stop(&self) {
+        for mut s in self.servers.lock().expect("lock").drain(..) {
+            terminate(&mut s);
+        }
+        if let Some(mut a) = self.agent.lock().expect("lock").take() {
+            terminate(&mut a);
+        }
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+        let _ = std::fs::remove_dir_all(&self.tmp);
+    }
+}
+
+fn reuseport_listener(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    // SAFETY: plain socket calls on a descriptor we own until it is wrapped below.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        let listener = <std::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        let len = size_of::<libc::c_int>() as libc::socklen_t;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            (&raw const one).cast(),
+            len,
+        );
+        let SocketAddr::V4(v4) = addr else {
+            bail!("IPv4 only")
+        };
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*v4.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        if libc::bind(
+            fd,
+            (&raw const sin).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        ) < 0
+            || libc::listen(fd, 4096) < 0
+        {
+            bail!("bind/listen {addr}: {}", std::io::Error::last_os_error());
+        }
+        Ok(listener)
+    }
+}
+
+fn terminate(child: &mut Child) {
+    // SAFETY: kill(2) with a pid we own.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+}
+
+pub fn wait_for(
+    limit: Duration,
+    what: &str,
+    mut ready: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let until = Instant::now() + limit;
+    while !ready() {
+        if Instant::now() > until {
+            bail!("timed out waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
