@@ -191,17 +191,8 @@ impl Group {
 }
 
 fn kernel_refusal(e: steering::SteeringError) -> Refusal {
-    Refusal::new(ErrorKind::Kernel, format!("{e}: {}", source_chain(&e)))
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        parts.push(s.to_string());
-        cur = s.source();
-    }
-    parts.join(": ")
+    // NB: the error's Display already ends with its source; no cause chain to append.
+    Refusal::new(ErrorKind::Kernel, e.to_string())
 }
 
 #[derive(Default)]
