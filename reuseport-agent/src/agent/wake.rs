@@ -1,7 +1,8 @@
 //! Wake-ups for connections migrated to a listener without a wake-up.
 //!
-//! NB: when a listener closes, the kernel moves its queued connections onto the chosen
-//! listener's accept queue without calling `sk_data_ready`
+//! NB: when a listener closes, kernels without the upstream fix "tcp: call sk_data_ready()
+//! after listener migration" move its queued connections onto the chosen listener's accept
+//! queue without calling `sk_data_ready`
 //! (`inet_csk_listen_stop()`,
 //! <https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/inet_connection_sock.c>):
 //! a server blocked in epoll (tokio, nginx, Go) is not told they are there until another
