@@ -2,6 +2,7 @@
 //! control protocol.
 //!
 //! - [`registry`]: the model of a group (generations, states, slots) and the policy table.
+//! - [`group`]: one managed group: model, kernel objects, slot allocation, status.
 //! - [`steering`]: the kernel objects of a group and the atomic table flip.
 //! - [`grace`]: RCU grace periods that make rewriting a retired table safe.
 //! - [`sockcheck`]: validation of sockets passed for registration.
@@ -10,6 +11,7 @@
 
 mod bpffs;
 mod grace;
+mod group;
 mod registry;
 mod server;
 mod sockcheck;
@@ -31,16 +33,15 @@ use reuseport_common::MAX_SLOTS;
 use tokio::sync::mpsc::UnboundedSender;
 
 use self::{
-    grace::{Grace, Ticket},
+    grace::Grace,
+    group::{Group, SlotPool, kernel_refusal, spawn_logger},
     registry::{Member, Refusal, RegId, Registry, StateChange},
     steering::GroupKernel,
 };
 pub use self::{server::run, steering::Mode};
 use crate::{
     addr::{GroupAddr, GroupKey},
-    protocol::{
-        ErrorKind, GenState, GenerationStatus, GroupStatus, MAX_NAME_LEN, Reply, SocketStatus,
-    },
+    protocol::{ErrorKind, GenState, MAX_NAME_LEN, Reply},
 };
 
 /// Command-line options of `reuseport-agent`.
@@ -65,134 +66,6 @@ impl Peer {
     fn may_change(&self, owner_uid: u32) -> bool {
         self.uid == 0 || self.uid == owner_uid
     }
-}
-
-/// Sockarray slots of a group: free ones, and freed ones that a program may still select
-/// until an RCU grace period has passed.
-struct SlotPool {
-    free: BTreeSet<u32>,
-    quarantine: Vec<(u32, Ticket)>,
-}
-
-impl SlotPool {
-    fn new() -> Self {
-        Self {
-            free: (0..MAX_SLOTS).collect(),
-            quarantine: Vec::new(),
-        }
-    }
-
-    fn alloc(&mut self, grace: &Grace) -> Option<u32> {
-        if self.free.is_empty() {
-            let oldest = self.quarantine.iter().map(|(_, t)| *t).min()?;
-            grace.wait(oldest);
-            self.quarantine.retain(|(slot, t)| {
-                let done = grace.passed(*t);
-                if done {
-                    self.free.insert(*slot);
-                }
-                !done
-            });
-        }
-        self.free.pop_first()
-    }
-
-    fn release(&mut self, slot: u32, ticket: Ticket) {
-        self.quarantine.push((slot, ticket));
-    }
-}
-
-struct Group {
-    key: GroupKey,
-    owner_uid: u32,
-    registry: Registry,
-    kernel: GroupKernel,
-    slots: SlotPool,
-    serial: u32,
-    netns: OwnedFd,
-    /// Registered slots whose listener was seen closed (edge detection for wake-ups).
-    closed: HashSet<u32>,
-    logger: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        if let Some(task) = self.logger.take() {
-            task.abort();
-        }
-    }
-}
-
-impl Group {
-    fn publish(&mut self, grace: &Grace) -> Result<(), Refusal> {
-        self.serial = self.serial.wrapping_add(1);
-        let cfg = self.registry.steering_config(self.serial);
-        self.kernel.publish(&cfg, grace).map_err(kernel_refusal)
-    }
-
-    fn listening(&self, slot: u32, m: &Member) -> bool {
-        self.kernel.slot_cookie(slot) == Some(m.cookie)
-    }
-
-    /// The address users see: without `@NETNS` when the group lives in the agent's own
-    /// network namespace (the common case), with it otherwise.
-    fn addr(&self, own_netns: u64) -> GroupAddr {
-        GroupAddr {
-            addr: self.key.addr,
-            netns: (self.key.netns != own_netns).then_some(self.key.netns),
-        }
-    }
-
-    fn status(&self, own_netns: u64) -> GroupStatus {
-        let mut active_listening = false;
-        let generations = self
-            .registry
-            .generations
-            .iter()
-            .map(|(n, g)| {
-                let mut counters = g.retired_counters;
-                let sockets = g
-                    .sockets
-                    .iter()
-                    .map(|(slot, m)| {
-                        let c = self.kernel.counters(*slot);
-                        counters.selected += c.selected;
-                        counters.fallback += c.fallback;
-                        counters.migrated += c.migrated;
-                        let listening = self.listening(*slot, m);
-                        active_listening |= listening && g.state == GenState::Active;
-                        SocketStatus {
-                            slot: *slot,
-                            pid: m.pid,
-                            uid: m.uid,
-                            cookie: m.cookie,
-                            listening,
-                        }
-                    })
-                    .collect();
-                GenerationStatus {
-                    generation: *n,
-                    name: g.name.clone(),
-                    state: g.state,
-                    sockets,
-                    counters,
-                }
-            })
-            .collect();
-        GroupStatus {
-            group: self.addr(own_netns),
-            mode: self.kernel.mode().as_str().into(),
-            active: self.registry.active(),
-            falling_back: !active_listening,
-            generations,
-            unsteered: self.kernel.group_counters().unsteered,
-        }
-    }
-}
-
-fn kernel_refusal(e: steering::SteeringError) -> Refusal {
-    // NB: the error's Display already ends with its source; no cause chain to append.
-    Refusal::new(ErrorKind::Kernel, e.to_string())
 }
 
 #[derive(Default)]
@@ -606,33 +479,4 @@ impl Agent {
         }
         out
     }
-}
-
-fn spawn_logger(
-    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
-) -> Option<tokio::task::JoinHandle<()>> {
-    let handle = tokio::runtime::Handle::try_current().ok()?;
-    let _entered = handle.enter();
-    // SAFETY: the logger owns its ring buffer descriptor and keeps it open until dropped,
-    // which happens only with the AsyncFd.
-    let registered = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-    };
-    let fd = match registered {
-        Ok(fd) => fd,
-        Err(e) => {
-            tracing::debug!(error = %e, "program logger unavailable");
-            return None;
-        }
-    };
-    Some(handle.spawn(async move {
-        let mut fd = fd;
-        loop {
-            let Ok(mut guard) = fd.readable_mut().await else {
-                return;
-            };
-            guard.get_inner_mut().flush();
-            guard.clear_ready();
-        }
-    }))
 }

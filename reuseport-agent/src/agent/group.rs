@@ -1,0 +1,176 @@
+//! One managed group: its model, its kernel objects, its slot allocation.
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    os::fd::OwnedFd,
+};
+
+use reuseport_common::MAX_SLOTS;
+
+use super::{
+    grace::{Grace, Ticket},
+    registry::{Member, Refusal, Registry},
+    steering::{self, GroupKernel},
+};
+use crate::{
+    addr::{GroupAddr, GroupKey},
+    protocol::{ErrorKind, GenState, GenerationStatus, GroupStatus, SocketStatus},
+};
+
+/// Sockarray slots of a group: free ones, and freed ones that a program may still select
+/// until an RCU grace period has passed.
+pub(super) struct SlotPool {
+    pub(super) free: BTreeSet<u32>,
+    quarantine: Vec<(u32, Ticket)>,
+}
+
+impl SlotPool {
+    pub(super) fn new() -> Self {
+        Self {
+            free: (0..MAX_SLOTS).collect(),
+            quarantine: Vec::new(),
+        }
+    }
+
+    pub(super) fn alloc(&mut self, grace: &Grace) -> Option<u32> {
+        if self.free.is_empty() {
+            let oldest = self.quarantine.iter().map(|(_, t)| *t).min()?;
+            grace.wait(oldest);
+            self.quarantine.retain(|(slot, t)| {
+                let done = grace.passed(*t);
+                if done {
+                    self.free.insert(*slot);
+                }
+                !done
+            });
+        }
+        self.free.pop_first()
+    }
+
+    pub(super) fn release(&mut self, slot: u32, ticket: Ticket) {
+        self.quarantine.push((slot, ticket));
+    }
+}
+
+pub(super) struct Group {
+    pub(super) key: GroupKey,
+    pub(super) owner_uid: u32,
+    pub(super) registry: Registry,
+    pub(super) kernel: GroupKernel,
+    pub(super) slots: SlotPool,
+    pub(super) serial: u32,
+    pub(super) netns: OwnedFd,
+    /// Registered slots whose listener was seen closed (edge detection for wake-ups).
+    pub(super) closed: HashSet<u32>,
+    pub(super) logger: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Some(task) = self.logger.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Group {
+    pub(super) fn publish(&mut self, grace: &Grace) -> Result<(), Refusal> {
+        self.serial = self.serial.wrapping_add(1);
+        let cfg = self.registry.steering_config(self.serial);
+        self.kernel.publish(&cfg, grace).map_err(kernel_refusal)
+    }
+
+    pub(super) fn listening(&self, slot: u32, m: &Member) -> bool {
+        self.kernel.slot_cookie(slot) == Some(m.cookie)
+    }
+
+    /// The address users see: without `@NETNS` when the group lives in the agent's own
+    /// network namespace (the common case), with it otherwise.
+    pub(super) fn addr(&self, own_netns: u64) -> GroupAddr {
+        GroupAddr {
+            addr: self.key.addr,
+            netns: (self.key.netns != own_netns).then_some(self.key.netns),
+        }
+    }
+
+    pub(super) fn status(&self, own_netns: u64) -> GroupStatus {
+        let mut active_listening = false;
+        let generations = self
+            .registry
+            .generations
+            .iter()
+            .map(|(n, g)| {
+                let mut counters = g.retired_counters;
+                let sockets = g
+                    .sockets
+                    .iter()
+                    .map(|(slot, m)| {
+                        let c = self.kernel.counters(*slot);
+                        counters.selected += c.selected;
+                        counters.fallback += c.fallback;
+                        counters.migrated += c.migrated;
+                        let listening = self.listening(*slot, m);
+                        active_listening |= listening && g.state == GenState::Active;
+                        SocketStatus {
+                            slot: *slot,
+                            pid: m.pid,
+                            uid: m.uid,
+                            cookie: m.cookie,
+                            listening,
+                        }
+                    })
+                    .collect();
+                GenerationStatus {
+                    generation: *n,
+                    name: g.name.clone(),
+                    state: g.state,
+                    sockets,
+                    counters,
+                }
+            })
+            .collect();
+        GroupStatus {
+            group: self.addr(own_netns),
+            mode: self.kernel.mode().as_str().into(),
+            active: self.registry.active(),
+            falling_back: !active_listening,
+            generations,
+            unsteered: self.kernel.group_counters().unsteered,
+        }
+    }
+}
+
+pub(super) fn kernel_refusal(e: steering::SteeringError) -> Refusal {
+    // NB: the error's Display already ends with its source; no cause chain to append.
+    Refusal::new(ErrorKind::Kernel, e.to_string())
+}
+
+/// Forwards the program's rare-event log lines (aya-log) while the group lives.
+pub(super) fn spawn_logger(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let handle = tokio::runtime::Handle::try_current().ok()?;
+    let _entered = handle.enter();
+    // SAFETY: the logger owns its ring buffer descriptor and keeps it open until dropped,
+    // which happens only with the AsyncFd.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::debug!(error = %e, "program logger unavailable");
+            return None;
+        }
+    };
+    Some(handle.spawn(async move {
+        let mut fd = fd;
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
+}
