@@ -128,8 +128,10 @@ pub fn test(opts: &TestOpts) -> anyhow::Result<()> {
         Ok(())
     })?;
     let host = host.expect("set by the host run");
+    let mut columns = vec![host];
+    let mut vm_failure = None;
     if opts.no_vm {
-        vm::print_matrix(std::slice::from_ref(&host));
+        vm::print_matrix(&columns);
     } else {
         let mut report = None;
         timed("integration tests (QEMU kernel matrix)", || {
@@ -137,14 +139,32 @@ pub fn test(opts: &TestOpts) -> anyhow::Result<()> {
             Ok(())
         })?;
         let report = report.expect("set by the VM run");
-        report.print(std::slice::from_ref(&host));
+        report.print(&columns);
+        columns = report.columns(&columns);
         if !report.success() {
-            bail!(
+            vm_failure = Some(format!(
                 "{} of {} kernel runs failed",
                 report.failures().count(),
                 report.kernels.len()
-            );
+            ));
         }
+    }
+    // The closing line CI reads: every test of every column (host and guests).
+    let count = |f: fn(&vm::TestOutcome) -> bool| {
+        columns
+            .iter()
+            .flat_map(|c| &c.tests)
+            .filter(|(_, o)| f(o))
+            .count()
+    };
+    println!(
+        "xtask: {} passed, {} failed, {} skipped",
+        count(|o| *o == vm::TestOutcome::Pass),
+        count(|o| *o == vm::TestOutcome::Fail),
+        count(|o| matches!(o, vm::TestOutcome::Skip(_)))
+    );
+    if let Some(failure) = vm_failure {
+        bail!(failure);
     }
     println!(
         "xtask test: all passed in {:.1}s",
