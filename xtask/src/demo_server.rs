@@ -1,6 +1,8 @@
 //! The demo's server: an ordinary LISTEN_FDS server that knows nothing about reuseport.
-//! Answers `req N` with `gen G N+1`. On SIGTERM it closes its listener (queued connections
-//! then migrate to the active generation), finishes the requests in flight and exits.
+//! Answers `req N` with `gen G N+1`; with `--http`, answers `GET /` with `200 OK`, the body
+//! `gen G` and `Connection: close` (for HTTP load generators such as wrk). On SIGTERM it
+//! closes its listener (queued connections then migrate to the active generation), finishes
+//! the requests in flight and exits.
 
 use std::os::fd::{FromRawFd as _, OwnedFd};
 
@@ -14,8 +16,13 @@ use tokio::{
 
 #[derive(clap::Args, Debug)]
 pub struct ServerOpts {
-    #[arg(long)]
+    /// The generation this server names in its answers (`reuseportctl supervise` sets
+    /// REUSEPORT_GENERATION).
+    #[arg(long, env = "REUSEPORT_GENERATION")]
     pub generation: u32,
+    /// Speak HTTP/1.1: `GET /` → `200 OK`, body `gen G`, then close the connection.
+    #[arg(long)]
+    pub http: bool,
 }
 
 pub fn serve(opts: &ServerOpts) -> anyhow::Result<()> {
@@ -38,10 +45,10 @@ pub fn serve(opts: &ServerOpts) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run(listener, opts.generation))
+    rt.block_on(run(listener, opts.generation, opts.http))
 }
 
-async fn run(listener: std::net::TcpListener, generation: u32) -> anyhow::Result<()> {
+async fn run(listener: std::net::TcpListener, generation: u32, http: bool) -> anyhow::Result<()> {
     let listener = TcpListener::from_std(listener).context("registering the listener")?;
     let mut term = signal(SignalKind::terminate())?;
     let mut conns = JoinSet::new();
@@ -49,7 +56,11 @@ async fn run(listener: std::net::TcpListener, generation: u32) -> anyhow::Result
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _) = accepted?;
-                conns.spawn(answer(stream, generation));
+                if http {
+                    conns.spawn(answer_http(stream, generation));
+                } else {
+                    conns.spawn(answer(stream, generation));
+                }
             }
             _ = term.recv() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -75,4 +86,47 @@ async fn answer(stream: tokio::net::TcpStream, generation: u32) {
     let _ = wr
         .write_all(format!("gen {generation} {}\n", n + 1).as_bytes())
         .await;
+}
+
+/// One HTTP/1.1 request, one answer, then the connection is closed (whatever the client
+/// asked for: every request of a load generator is then a new connection).
+async fn answer_http(stream: tokio::net::TcpStream, generation: u32) {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    let mut request_line = String::new();
+    match rd.read_line(&mut request_line).await {
+        Ok(0) | Err(_) => return, // e.g. the agent's wake-up connections
+        Ok(_) => {}
+    }
+    // The headers, up to the empty line: read them all so that closing the socket does not
+    // reset the connection because of unread data.
+    let mut header = String::new();
+    let mut total = request_line.len();
+    loop {
+        header.clear();
+        match rd.read_line(&mut header).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => total += n,
+        }
+        if header == "\r\n" || header == "\n" {
+            break;
+        }
+        if total > 16 * 1024 {
+            return;
+        }
+    }
+    let mut words = request_line.split_whitespace();
+    let (status, body) = match (words.next(), words.next()) {
+        (Some("GET"), Some("/")) => ("200 OK", format!("gen {generation}\n")),
+        (Some("GET"), _) => ("404 Not Found", "not found\n".to_owned()),
+        _ => ("405 Method Not Allowed", "GET only\n".to_owned()),
+    };
+    let answer = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if wr.write_all(answer.as_bytes()).await.is_ok() {
+        let _ = wr.shutdown().await;
+    }
 }

@@ -1,10 +1,7 @@
-//! `cargo xtask bench …`: figures, printed and written as JSON; never asserted by tests.
-//!
-//! `overhead`: what steering costs against plain SO_REUSEPORT, what one program run costs,
-//! and how fast a flip takes effect.
+//! `cargo xtask bench overhead`: what steering costs against plain SO_REUSEPORT, what one
+//! program run costs, and how fast a flip takes effect.
 
 use std::{
-    io::{Read as _, Write as _},
     net::SocketAddr,
     os::unix::net::UnixStream,
     path::Path,
@@ -15,16 +12,11 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
+use super::{Machine, Percentiles, control_request};
 use crate::{
     load::{Load, Record},
     stack::{Stack, wait_for},
 };
-
-#[derive(clap::Subcommand, Debug)]
-pub enum Bench {
-    /// Steered vs plain SO_REUSEPORT throughput, program cost per run, flip latency.
-    Overhead(OverheadOpts),
-}
 
 #[derive(clap::Args, Debug)]
 pub struct OverheadOpts {
@@ -40,17 +32,6 @@ pub struct OverheadOpts {
     /// Flips for the latency measurement.
     #[arg(long, default_value_t = 500)]
     pub flips: u32,
-}
-
-pub fn bench(b: &Bench) -> anyhow::Result<()> {
-    match b {
-        Bench::Overhead(o) => {
-            let stack = Stack::start("bench")?;
-            let res = overhead(&stack, o);
-            stack.stop();
-            res
-        }
-    }
 }
 
 #[derive(Serialize)]
@@ -70,33 +51,10 @@ struct OverheadReport {
     failures: u64,
 }
 
-#[derive(Serialize)]
-struct Percentiles {
-    p50: f64,
-    p99: f64,
-    max: f64,
-}
-
-impl Percentiles {
-    fn of(mut v: Vec<f64>) -> Self {
-        v.sort_by(f64::total_cmp);
-        let at = |q: f64| {
-            v.get(((v.len() as f64 - 1.0) * q).round() as usize)
-                .copied()
-                .unwrap_or(0.0)
-        };
-        Self {
-            p50: at(0.5),
-            p99: at(0.99),
-            max: v.last().copied().unwrap_or(0.0),
-        }
-    }
-}
-
 const PLAIN: &str = "127.0.0.1:9001";
 const STEERED: &str = "127.0.0.1:9002";
 
-fn overhead(stack: &Stack, o: &OverheadOpts) -> anyhow::Result<()> {
+pub fn overhead(stack: &Stack, o: &OverheadOpts) -> anyhow::Result<()> {
     let plain: SocketAddr = PLAIN.parse().expect("valid");
     let steered: SocketAddr = STEERED.parse().expect("valid");
     stack.start_plain(plain, 1)?;
@@ -140,12 +98,10 @@ fn overhead(stack: &Stack, o: &OverheadOpts) -> anyhow::Result<()> {
     let (latencies, rtts, flip_failures) = flip_latency(stack, steered, o)?;
     failures += flip_failures;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let machine = Machine::this();
     let report = OverheadReport {
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .into(),
-        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel: machine.kernel,
+        cpus: machine.cpus,
         clients: o.clients,
         seconds_per_round: o.seconds,
         throughput_ratio: mean(&steered_rates) / mean(&plain_rates),
@@ -159,10 +115,7 @@ fn overhead(stack: &Stack, o: &OverheadOpts) -> anyhow::Result<()> {
         failures,
     };
     print_report(&report);
-    let dir = crate::workspace().join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("overhead.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+    let path = super::write_json("overhead", &report)?;
     println!("\nbench: JSON written to {}", path.display());
     Ok(())
 }
@@ -253,16 +206,12 @@ fn latencies(flips: &[(Instant, u32)], records: &[Record]) -> Vec<f64> {
 
 /// One `activate` over an open control connection (the protocol in docs/protocol.md).
 fn activate(control: &mut UnixStream, addr: SocketAddr, generation: u32) -> anyhow::Result<()> {
-    let body = serde_json::to_vec(&serde_json::json!({
-        "v": 1, "op": "activate", "group": format!("tcp://{addr}"), "generation": generation
-    }))?;
-    control.write_all(&(body.len() as u32).to_be_bytes())?;
-    control.write_all(&body)?;
-    let mut len = [0u8; 4];
-    control.read_exact(&mut len)?;
-    let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
-    control.read_exact(&mut reply)?;
-    let v: serde_json::Value = serde_json::from_slice(&reply)?;
+    let v = control_request(
+        control,
+        &serde_json::json!({
+            "v": 1, "op": "activate", "group": format!("tcp://{addr}"), "generation": generation
+        }),
+    )?;
     if v["type"] != "changed" {
         bail!("activate {generation}: {}", v["message"]);
     }

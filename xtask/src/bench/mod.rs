@@ -1,0 +1,116 @@
+//! `cargo xtask bench …`: figures, printed and written as JSON under `target/bench/`; never
+//! asserted by tests.
+//!
+//! - `overhead`: what steering costs against plain SO_REUSEPORT, what one program run costs,
+//!   and how fast a flip takes effect.
+//! - `flip`: hot deploys under load, plain SO_REUSEPORT (start the new server, kill the old
+//!   one after a delay) against `reuseportctl supervise`, with our client and with `wrk`.
+
+mod flip;
+mod overhead;
+
+use std::{
+    io::{Read as _, Write as _},
+    os::unix::net::UnixStream,
+    path::PathBuf,
+};
+
+use serde::Serialize;
+
+pub use flip::short_flip_check;
+
+use crate::stack::Stack;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Bench {
+    /// Steered vs plain SO_REUSEPORT throughput, program cost per run, flip latency.
+    Overhead(overhead::OverheadOpts),
+    /// Hot deploys under load: plain SO_REUSEPORT (kill the old server after a delay) vs
+    /// `reuseportctl supervise` + SIGHUP; failed requests of each, with our client and wrk.
+    Flip(flip::FlipOpts),
+    /// The short correctness check `cargo xtask test` runs: 50 quick deploys through
+    /// `reuseportctl supervise` under load, failing on any failed request.
+    FlipCheck,
+}
+
+pub fn bench(b: &Bench) -> anyhow::Result<()> {
+    match b {
+        Bench::Overhead(o) => with_stack(|stack| overhead::overhead(stack, o)),
+        Bench::Flip(o) => with_stack(|stack| flip::flip(stack, o)),
+        Bench::FlipCheck => short_flip_check(),
+    }
+}
+
+fn with_stack(f: impl FnOnce(&Stack) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let stack = Stack::start("bench")?;
+    let res = f(&stack);
+    stack.stop();
+    res
+}
+
+/// What the figures were measured on.
+#[derive(Serialize, Clone)]
+struct Machine {
+    cpus: usize,
+    kernel: String,
+}
+
+impl Machine {
+    fn this() -> Self {
+        Self {
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .into(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Percentiles {
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Percentiles {
+    fn of(mut v: Vec<f64>) -> Self {
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        Self {
+            p50: at(0.5),
+            p99: at(0.99),
+            max: v.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// Writes `target/bench/NAME.json` and returns its path.
+fn write_json(name: &str, report: &impl Serialize) -> anyhow::Result<PathBuf> {
+    let dir = crate::workspace().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_vec_pretty(report)?)?;
+    Ok(path)
+}
+
+/// One request over an open control connection and its answer (the framing of
+/// docs/protocol.md: a 4-byte big-endian length, then JSON).
+fn control_request(
+    control: &mut UnixStream,
+    request: &serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let body = serde_json::to_vec(request)?;
+    control.write_all(&(body.len() as u32).to_be_bytes())?;
+    control.write_all(&body)?;
+    let mut len = [0u8; 4];
+    control.read_exact(&mut len)?;
+    let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
+    control.read_exact(&mut reply)?;
+    Ok(serde_json::from_slice(&reply)?)
+}
