@@ -28,23 +28,17 @@ pub struct Stack {
 impl Stack {
     /// Builds the release binaries, enters a new network namespace and starts the agent.
     pub fn start(tag: &str) -> anyhow::Result<Self> {
-        if !crate::is_root() {
-            bail!("cargo xtask {tag} needs root (it loads BPF programs); run it with sudo");
-        }
-        setup::setup()?;
-        let root = crate::workspace();
-        println!("{tag}: building reuseport-agent and reuseportctl (release)…");
-        setup::run(
-            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .current_dir(&root)
-                .args(["build", "--release", "-p", "reuseport-agent", "--bins"]),
-        )?;
+        Self::start_in(tag, &build_release(tag)?)
+    }
+
+    /// Like [`Stack::start`], with binaries already built in `bin`.
+    pub fn start_in(tag: &str, bin: &std::path::Path) -> anyhow::Result<Self> {
         netns::enter_new().context("creating a private network namespace")?;
         let pid = std::process::id();
         let tmp = std::env::temp_dir().join(format!("reuseport-{tag}-{pid}"));
         std::fs::create_dir_all(&tmp)?;
         let stack = Self {
-            bin: root.join("target/release"),
+            bin: bin.to_owned(),
             control: tmp.join("agent.sock"),
             bpffs: PathBuf::from(format!("/sys/fs/bpf/reuseport-{tag}-{pid}")),
             tmp,
@@ -122,27 +116,8 @@ impl Stack {
     /// Starts the demo server on a plain SO_REUSEPORT listener the agent knows nothing
     /// about: the baseline of the benchmarks.
     pub fn start_plain(&self, addr: SocketAddr, generation: u32) -> anyhow::Result<()> {
-        let listener = reuseport_listener(addr)?;
-        let fd = listener.as_raw_fd();
-        let mut cmd = Command::new("/bin/sh");
-        // NB: LISTEN_PID must be the server's own pid: `exec` keeps the shell's.
-        cmd.args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""])
-            .arg(std::env::current_exe()?)
-            .args(["demo-server", "--generation", &generation.to_string()])
-            .env("LISTEN_FDS", "1")
-            .stdout(Stdio::null());
-        // SAFETY: dup2 is async-signal-safe; runs in the child between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::dup2(fd, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().context("starting the plain server")?;
+        let child = spawn_plain(addr, generation, false)?;
         self.servers.lock().expect("lock").push(child);
-        drop(listener);
         Ok(())
     }
 
@@ -207,45 +182,63 @@ impl Stack {
     }
 }
 
-fn reuseport_listener(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
-    // SAFETY: plain socket calls on a descriptor we own until it is wrapped below.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        if fd < 0 {
-            bail!("socket: {}", std::io::Error::last_os_error());
-        }
-        let listener = <std::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd);
-        let one: libc::c_int = 1;
-        let len = size_of::<libc::c_int>() as libc::socklen_t;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEPORT,
-            (&raw const one).cast(),
-            len,
-        );
-        let SocketAddr::V4(v4) = addr else {
-            bail!("IPv4 only")
-        };
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: v4.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*v4.ip()).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        if libc::bind(
-            fd,
-            (&raw const sin).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        ) < 0
-            || libc::listen(fd, 4096) < 0
-        {
-            bail!("bind/listen {addr}: {}", std::io::Error::last_os_error());
-        }
-        Ok(listener)
+/// The demo server on a new plain SO_REUSEPORT listener of its own in `addr`'s group, and the listener exists (and is in the group) before the
+/// server runs.
+/// Checks for root, sets up, builds the release agent and CLI; returns their directory.
+pub fn build_release(tag: &str) -> anyhow::Result<PathBuf> {
+    if !crate::is_root() {
+        bail!("cargo xtask {tag} needs root (it loads BPF programs); run it with sudo");
     }
+    setup::setup()?;
+    let root = crate::workspace();
+    println!("{tag}: building reuseport-agent and reuseportctl (release)…");
+    setup::run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&root)
+            .args(["build", "--release", "-p", "reuseport-agent", "--bins"]),
+    )?;
+    Ok(root.join("target/release"))
+}
+
+pub fn spawn_plain(addr: SocketAddr, generation: u32, http: bool) -> anyhow::Result<Child> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseport(true)?;
+    socket
+        .bind(addr)
+        .with_context(|| format!("binding {addr}"))?;
+    let fd = socket.as_raw_fd();
+    // SAFETY: listen(2) on a bound socket we own.
+    if unsafe { libc::listen(fd, 4096) } < 0 {
+        bail!("listen {addr}: {}", std::io::Error::last_os_error());
+    }
+    let mut cmd = Command::new("/bin/sh");
+    // NB: LISTEN_PID must be the server's own pid: `exec` keeps the shell's.
+    cmd.args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""])
+        .arg(std::env::current_exe()?)
+        .args(["demo-server", "--generation", &generation.to_string()])
+        .env("LISTEN_FDS", "1")
+        .stdout(Stdio::null());
+    if http {
+        cmd.arg("--http");
+    }
+    // SAFETY: dup2 and fcntl are async-signal-safe; runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // NB: dup2(3, 3) would keep FD_CLOEXEC: the listener may well be fd 3 already.
+            let res = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if res < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    // NB: our copy of the listener closes when `socket` drops: from then on only the
+    // server holds it, and its close resets what is queued in it.
+    cmd.spawn().context("starting the plain server")
 }
 
 fn terminate(child: &mut Child) {

@@ -128,6 +128,10 @@ pub fn test(opts: &TestOpts) -> anyhow::Result<()> {
         Ok(())
     })?;
     let host = host.expect("set by the host run");
+    timed(
+        "flip check (reuseportctl supervise, 50 deploys under load)",
+        || crate::bench::short_flip_check(&root.join("target/debug")),
+    )?;
     let mut columns = vec![host];
     let mut vm_failure = None;
     if opts.no_vm {

@@ -20,7 +20,7 @@ use std::{
     fmt,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    os::{fd::AsRawFd as _, unix::net::UnixStream, unix::process::CommandExt as _},
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     thread,
@@ -33,7 +33,7 @@ use serde::Serialize;
 use super::{Machine, Percentiles, control_request};
 use crate::{
     load::{Load, Tally},
-    stack::{Stack, wait_for},
+    stack::{Stack, spawn_plain, wait_for},
 };
 
 #[derive(clap::Args, Debug)]
@@ -153,9 +153,10 @@ pub fn flip(stack: &Stack, o: &FlipOpts) -> anyhow::Result<()> {
 /// client's load, in a private network namespace with its own agent; fails unless every
 /// request was answered. Builds the release binaries (through [`Stack::start`]) and runs on a
 /// thread of its own, so the caller's thread stays in its network namespace.
-pub fn short_flip_check() -> anyhow::Result<()> {
-    thread::spawn(|| {
-        let stack = Stack::start("flip-check")?;
+pub fn short_flip_check(bin: &std::path::Path) -> anyhow::Result<()> {
+    let bin = bin.to_owned();
+    thread::spawn(move || {
+        let stack = Stack::start_in("flip-check", &bin)?;
         let o = FlipOpts {
             flips: 50,
             clients: 4,
@@ -572,50 +573,6 @@ fn wait_output(mut child: Child, limit: Duration) -> anyhow::Result<(ExitStatus,
         out.read_to_string(&mut text)?;
     }
     Ok((status, text))
-}
-
-/// The demo server on a new plain SO_REUSEPORT listener of its own in `addr`'s group, as
-/// [`Stack::start_plain`] starts it: the listener exists (and is in the group) before the
-/// server runs.
-fn spawn_plain(addr: SocketAddr, generation: u32, http: bool) -> anyhow::Result<Child> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_reuseport(true)?;
-    socket
-        .bind(addr)
-        .with_context(|| format!("binding {addr}"))?;
-    let fd = socket.as_raw_fd();
-    // SAFETY: listen(2) on a bound socket we own.
-    if unsafe { libc::listen(fd, 4096) } < 0 {
-        bail!("listen {addr}: {}", std::io::Error::last_os_error());
-    }
-    let mut cmd = Command::new("/bin/sh");
-    // NB: LISTEN_PID must be the server's own pid: `exec` keeps the shell's.
-    cmd.args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""])
-        .arg(std::env::current_exe()?)
-        .args(["demo-server", "--generation", &generation.to_string()])
-        .env("LISTEN_FDS", "1")
-        .stdout(Stdio::null());
-    if http {
-        cmd.arg("--http");
-    }
-    // SAFETY: dup2 and fcntl are async-signal-safe; runs in the child between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // NB: dup2(3, 3) would keep FD_CLOEXEC: the listener may well be fd 3 already.
-            let res = if fd == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(fd, 3)
-            };
-            if res < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    // NB: our copy of the listener closes when `socket` drops: from then on only the
-    // server holds it, and its close resets what is queued in it.
-    cmd.spawn().context("starting the plain server")
 }
 
 /// One request answered with a generation.

@@ -37,7 +37,7 @@ pub fn bench(b: &Bench) -> anyhow::Result<()> {
     match b {
         Bench::Overhead(o) => with_stack(|stack| overhead::overhead(stack, o)),
         Bench::Flip(o) => with_stack(|stack| flip::flip(stack, o)),
-        Bench::FlipCheck => short_flip_check(),
+        Bench::FlipCheck => short_flip_check(&crate::stack::build_release("flip-check")?),
     }
 }
 
