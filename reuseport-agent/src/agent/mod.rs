@@ -282,9 +282,11 @@ impl Agent {
                 format!("group {key} is full: it already holds {MAX_SLOTS} sockets"),
             )
         })?;
+        // NB: back through the quarantine, not straight to the free list: a failed attach
+        // happens after a table naming this slot was published.
         let undo_slot = |group: &mut Group| {
             let _ = group.kernel.clear_slot(slot);
-            group.slots.free.insert(slot);
+            group.slots.release(slot, self.grace.retire());
         };
         if let Err(e) = group
             .kernel
