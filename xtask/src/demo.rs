@@ -1,7 +1,7 @@
 //! `cargo xtask demo`: the live demo. In a private network namespace: the agent, a demo
-//! server started through `reuseportctl exec` as generation 1, continuous client load (a new
-//! connection per request), then generations 2..=N deployed one after the other, each
-//! activated while the load runs; the old one drains, gets SIGTERM and exits. Prints a live
+//! server run by `reuseportctl supervise` as generation 1, continuous client load (a new
+//! connection per request), then a SIGHUP per deploy: supervise starts the next generation,
+//! activates it once ready, and the old one drains, gets SIGTERM and exits. Prints a live
 //! per-generation tally and the final count of failed requests (the point: 0).
 
 use std::{
@@ -12,7 +12,11 @@ use std::{
 
 use anyhow::bail;
 
-use crate::{load::Load, stack::Stack};
+use crate::{
+    bench::{Deployer, Mode},
+    load::Load,
+    stack::Stack,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct DemoOpts {
@@ -39,20 +43,18 @@ pub fn demo(opts: &DemoOpts) -> anyhow::Result<()> {
 
 fn run(stack: &Stack, opts: &DemoOpts) -> anyhow::Result<()> {
     let addr: SocketAddr = ADDR.parse().expect("valid");
-    stack.start_generation(addr, 1, true)?;
-    println!("demo: generation 1 registered");
+    let ready = Duration::from_millis(300);
+    let mut deployer = Deployer::start(stack, Mode::Reuseport, addr, false, ready)?;
+    println!("demo: reuseportctl supervise runs generation 1 on {ADDR}");
     let load = Load::start(addr, opts.clients, false);
     let started = Instant::now();
     for generation in 1..=opts.generations {
         if generation > 1 {
-            stack.start_generation(addr, generation, true)?;
-            println!("demo: generation {generation} registered");
-            let out = stack.ctl_ok(&[
-                "activate",
-                &format!("tcp://{ADDR}"),
-                &generation.to_string(),
-            ])?;
-            println!("demo: {}", out.trim());
+            deployer.deploy()?;
+            println!(
+                "demo: SIGHUP: generation {generation} started, ready, active; generation {} drains",
+                generation - 1
+            );
         }
         let until = Instant::now() + Duration::from_secs(opts.interval);
         while Instant::now() < until {

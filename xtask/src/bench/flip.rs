@@ -70,7 +70,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[derive(Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-enum Mode {
+pub enum Mode {
     Baseline,
     Reuseport,
 }
@@ -354,7 +354,7 @@ fn deploys(
 }
 
 /// Runs the generations of one mode on one address.
-struct Deployer<'a> {
+pub struct Deployer<'a> {
     stack: &'a Stack,
     mode: Mode,
     addr: SocketAddr,
@@ -373,7 +373,7 @@ struct Deployer<'a> {
 
 impl<'a> Deployer<'a> {
     /// Starts generation 1 and waits until it answers (reuseport: and is active).
-    fn start(
+    pub fn start(
         stack: &'a Stack,
         mode: Mode,
         addr: SocketAddr,
@@ -427,7 +427,7 @@ impl<'a> Deployer<'a> {
     }
 
     /// One deploy: the next generation takes over from the current one.
-    fn deploy(&mut self) -> anyhow::Result<()> {
+    pub fn deploy(&mut self) -> anyhow::Result<()> {
         let next = self.generation + 1;
         match self.mode {
             Mode::Baseline => {

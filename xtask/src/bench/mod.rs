@@ -17,7 +17,7 @@ use std::{
 
 use serde::Serialize;
 
-pub use flip::short_flip_check;
+pub use flip::{Deployer, Mode, short_flip_check};
 
 use crate::stack::Stack;
 
