@@ -187,7 +187,7 @@ impl Stack {
 /// Checks for root, sets up, builds the release agent and CLI; returns their directory.
 pub fn build_release(tag: &str) -> anyhow::Result<PathBuf> {
     if !crate::is_root() {
-        bail!("cargo xtask {tag} needs root (it loads BPF programs); run it with sudo");
+        bail!("cargo xtask {tag} needs root (it loads BPF programs): run it in a root shell");
     }
     setup::setup()?;
     let root = crate::workspace();
