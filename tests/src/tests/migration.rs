@@ -20,6 +20,65 @@ use crate::harness::{
     wait_until,
 };
 
+/// Generation 1 holding `n` queued connections (requests sent, never accepted) while
+/// generation 2 stands by with a server of `kind`: the state both migration tests close
+/// generation 1's listener in.
+struct Queued {
+    g1_listener: TcpListener,
+    g1_registration: reuseport_agent::client::Registration,
+    g2: crate::harness::Generation,
+    clients: Vec<ClientConn>,
+}
+
+/// Sets up [`Queued`]; `None` (after a SKIP line) when the group runs without migration.
+fn queue_on_generation_1(
+    env: &TestEnv,
+    name: &str,
+    port: u16,
+    kind: ServerKind,
+    n: u64,
+) -> Option<Queued> {
+    // Generation 1 (active, registered first) never accepts: everything stays queued.
+    let g1_listener = listener_with_backlog(port, 1024);
+    let g1_registration = env.register(&g1_listener, port, 1, false);
+    let g2 = env.serve(port, 2, kind, false);
+    let status = env.status(port);
+    if status.mode != "select-or-migrate" {
+        skip(
+            name,
+            &format!(
+                "the agent runs the group in {} mode: no migration at close",
+                status.mode
+            ),
+        );
+        return None;
+    }
+    let clients: Vec<ClientConn> = (0..n)
+        .map(|i| {
+            let mut c =
+                ClientConn::connect(local(port)).expect("connect while generation 1 is active");
+            c.send(i).expect("send the request while queued");
+            c
+        })
+        .collect();
+    wait_until(
+        &format!("generation 1's accept queue holds {n} connections"),
+        Duration::from_secs(5),
+        || accept_queue_len(&g1_listener) == n as u32,
+    );
+    assert_eq!(
+        g2.server.accepted(),
+        0,
+        "standby generation 2 should accept nothing before the flip"
+    );
+    Some(Queued {
+        g1_listener,
+        g1_registration,
+        g2,
+        clients,
+    })
+}
+
 /// Connections waiting in the draining listener's accept queue when it closes.
 const QUEUED: u64 = 200;
 /// How long the migrated connections may take to be answered, all together.
@@ -49,39 +108,15 @@ fn closing_draining_listener_migrates_queue(name: &'static str, port: u16, kind:
     }
     let env = TestEnv::new(name);
 
-    // Generation 1 (active, registered first) never accepts: everything stays queued.
-    let g1_listener = listener_with_backlog(port, 1024);
-    let g1_registration = env.register(&g1_listener, port, 1, false);
-    let g2 = env.serve(port, 2, kind, false);
-    let status = env.status(port);
-    if status.mode != "select-or-migrate" {
-        return skip(
-            name,
-            &format!(
-                "the agent runs the group in {} mode: no migration control",
-                status.mode
-            ),
-        );
-    }
-
-    let mut clients: Vec<ClientConn> = (0..QUEUED)
-        .map(|n| {
-            let mut c =
-                ClientConn::connect(local(port)).expect("connect while generation 1 is active");
-            c.send(n).expect("send the request while queued");
-            c
-        })
-        .collect();
-    wait_until(
-        &format!("generation 1's accept queue holds {QUEUED} connections"),
-        Duration::from_secs(5),
-        || accept_queue_len(&g1_listener) == QUEUED as u32,
-    );
-    assert_eq!(
-        g2.server.accepted(),
-        0,
-        "standby generation 2 should accept nothing before the flip"
-    );
+    let Some(Queued {
+        g1_listener,
+        g1_registration,
+        g2,
+        mut clients,
+    }) = queue_on_generation_1(&env, name, port, kind, QUEUED)
+    else {
+        return;
+    };
 
     env.activate(port, 2);
     let closed_at = Instant::now();
@@ -181,39 +216,15 @@ fn epoll_wakeup_for_migrated_connections() {
     }
     let env = TestEnv::with_agent(NAME, &["--no-wake-ups"], &[]);
 
-    // Generation 1 (active, registered first) never accepts: everything stays queued.
-    let g1_listener = listener_with_backlog(PORT, 1024);
-    let g1_registration = env.register(&g1_listener, PORT, 1, false);
-    let g2 = env.serve(PORT, 2, ServerKind::Tokio, false);
-    let status = env.status(PORT);
-    if status.mode != "select-or-migrate" {
-        return skip(
-            NAME,
-            &format!(
-                "the agent runs the group in {} mode: no migration at close",
-                status.mode
-            ),
-        );
-    }
-
-    let mut clients: Vec<ClientConn> = (0..N)
-        .map(|n| {
-            let mut c =
-                ClientConn::connect(local(PORT)).expect("connect while generation 1 is active");
-            c.send(n).expect("send the request while queued");
-            c
-        })
-        .collect();
-    wait_until(
-        &format!("generation 1's accept queue holds {N} connections"),
-        Duration::from_secs(5),
-        || accept_queue_len(&g1_listener) == N as u32,
-    );
-    assert_eq!(
-        g2.server.accepted(),
-        0,
-        "standby generation 2 should accept nothing before the flip"
-    );
+    let Some(Queued {
+        g1_listener,
+        g1_registration,
+        g2,
+        mut clients,
+    }) = queue_on_generation_1(&env, NAME, PORT, ServerKind::Tokio, N)
+    else {
+        return;
+    };
 
     env.activate(PORT, 2);
     drop(g1_listener);
