@@ -493,6 +493,27 @@ mod tests {
             .expect("a request, not a close")
     }
 
+    /// A fake agent's control socket, a listener on a free port, and options registering it
+    /// as `generation` through that socket. The TempDir must outlive the test.
+    fn registration_fixture(
+        generation: u32,
+    ) -> (
+        TempDir,
+        UnixListener,
+        std::net::TcpListener,
+        GroupAddr,
+        RegisterOptions,
+    ) {
+        let dir = TempDir::new();
+        let listener = UnixListener::bind(dir.sock()).expect("bind");
+        // A port nobody else holds, then the group on it.
+        let tcp = reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let g = group(&format!("tcp://{}", tcp.local_addr().unwrap()));
+        let mut opts = RegisterOptions::new(g, generation);
+        opts.control = dir.sock();
+        (dir, listener, tcp, g, opts)
+    }
+
     #[tokio::test]
     async fn missing_socket_means_agent_not_running() {
         let dir = TempDir::new();
@@ -653,13 +674,7 @@ mod tests {
 
     #[tokio::test]
     async fn register_passes_the_socket_and_follows_pushed_state() {
-        let dir = TempDir::new();
-        let listener = UnixListener::bind(dir.sock()).expect("bind");
-        // A port nobody else holds, then the group on it.
-        let probe = reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
-        let g = group(&format!("tcp://{}", probe.local_addr().unwrap()));
-        let mut opts = RegisterOptions::new(g, 7);
-        opts.control = dir.sock();
+        let (_dir, listener, _probe, g, mut opts) = registration_fixture(7);
         opts.name = Some("v7".into());
 
         let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
@@ -739,12 +754,7 @@ mod tests {
 
     #[tokio::test]
     async fn closed_resolves_when_the_agent_goes_away() {
-        let dir = TempDir::new();
-        let listener = UnixListener::bind(dir.sock()).expect("bind");
-        let tcp = reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
-        let g = group(&format!("tcp://{}", tcp.local_addr().unwrap()));
-        let mut opts = RegisterOptions::new(g, 1);
-        opts.control = dir.sock();
+        let (_dir, listener, tcp, g, opts) = registration_fixture(1);
         let agent = tokio::spawn(async move {
             let mut conn = accept(&listener).await;
             recv_request(&mut conn).await;
@@ -767,12 +777,7 @@ mod tests {
 
     #[tokio::test]
     async fn register_error_is_the_agents_message() {
-        let dir = TempDir::new();
-        let listener = UnixListener::bind(dir.sock()).expect("bind");
-        let tcp = reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
-        let g = group(&format!("tcp://{}", tcp.local_addr().unwrap()));
-        let mut opts = RegisterOptions::new(g, 1);
-        opts.control = dir.sock();
+        let (_dir, listener, tcp, _g, opts) = registration_fixture(1);
         let agent = tokio::spawn(async move {
             let mut conn = accept(&listener).await;
             recv_request(&mut conn).await;
