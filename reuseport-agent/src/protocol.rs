@@ -171,6 +171,15 @@ pub struct SocketStatus {
     /// False once the process closed this listener (its slot is empty in the kernel) while
     /// its registration is still open.
     pub listening: bool,
+    /// False while the socket's registration has not come back after an agent restart (the
+    /// socket keeps its slot and is steered as before; see "What happens when…" in the
+    /// README).
+    #[serde(default = "yes")]
+    pub registered: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Counts of connections the kernel program placed, summed over CPUs and sockets.

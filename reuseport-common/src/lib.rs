@@ -8,14 +8,26 @@
 //! - Never change the size, order or meaning of an existing field. The size asserts below
 //!   turn an accidental change into a compile error.
 //! - Any change to a map's layout, a map's size or the program's policy bumps [`ABI_VERSION`].
-//!   The agent records that version next to the pinned objects of each group and refuses to
-//!   adopt pinned state of another version.
+//!   The agent records that version in the header of each group's pinned `STATE` map
+//!   ([`StateHeader`]).
+//! - A restarted (or upgraded) agent adopts pinned objects whose version is in
+//!   [`ADOPTABLE_ABI`]: their maps are laid out exactly as today's, so it reuses them and
+//!   replaces only the program (atomically for the kernel, at the next registration into the
+//!   group). A version outside that range is refused with an error that says what to do;
+//!   the group keeps running on its old program meanwhile.
+//! - So: a change that only touches the program's policy bumps [`ABI_VERSION`] and leaves
+//!   the start of [`ADOPTABLE_ABI`] alone; a change to any map layout or size bumps both.
 //! - No `bool`, `Option`, enums or implicit padding in map values: use `u32` flags and explicit
 //!   `_pad` fields, so every byte is defined on both sides.
 #![no_std]
 
 /// Version of the layouts and the steering policy below. Bump on any change (see module doc).
-pub const ABI_VERSION: u32 = 1;
+///
+/// History: 1 = no `STATE` map (pinned state could not be adopted); 2 = `STATE` map.
+pub const ABI_VERSION: u32 = 2;
+
+/// Pinned objects of these versions share today's map layouts and are adopted.
+pub const ADOPTABLE_ABI: core::ops::RangeInclusive<u32> = 2..=ABI_VERSION;
 
 /// Slots in a group's `REUSEPORT_SOCKARRAY`: the most listening sockets one group can hold.
 /// NB: must stay a power of two; the program masks indices with `MAX_SLOTS - 1` so the
@@ -44,6 +56,7 @@ impl MapNames {
     pub const CONFIG: &'static str = "CONFIG";
     pub const CURRENT: &'static str = "CURRENT";
     pub const COUNTERS: &'static str = "COUNTERS";
+    pub const STATE: &'static str = "STATE";
 }
 
 /// Program names in the object.
@@ -141,8 +154,47 @@ impl SlotCounters {
     }
 }
 
+/// Marks a [`PinnedState`] written by this project's agent.
+pub const STATE_MAGIC: u32 = u32::from_be_bytes(*b"RPST");
+
+/// Bytes available for the agent's record of a group in [`PinnedState`].
+pub const STATE_CAPACITY: usize = 32 * 1024 - core::mem::size_of::<StateHeader>();
+
+/// Header of the group record kept in the one-entry `STATE` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateHeader {
+    /// [`STATE_MAGIC`].
+    pub magic: u32,
+    /// [`ABI_VERSION`] of the agent that wrote the record and created the maps.
+    pub abi_version: u32,
+    /// Bytes of `data` in use.
+    pub len: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<StateHeader>() == 16);
+
+/// The agent's record of a group (generations, states, names, which socket cookie sits in
+/// which slot), so that a restarted agent can adopt the group. Only userspace reads it; the
+/// program never touches this map. `data` is the agent's own encoding (JSON), versioned by
+/// the header.
+///
+/// NB: the agent writes it *before* the table flip it describes, so after a crash it holds
+/// the newest state that may have reached the kernel; an adopting agent republishes from it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PinnedState {
+    pub header: StateHeader,
+    pub data: [u8; STATE_CAPACITY],
+}
+
+const _: () = assert!(core::mem::size_of::<PinnedState>() == 32 * 1024);
+
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: repr(C), integers and a byte array, no padding (size asserts above).
+    unsafe impl aya::Pod for super::PinnedState {}
     // SAFETY: repr(C), only integers, no padding (checked by the size asserts above).
     unsafe impl aya::Pod for super::SteeringConfig {}
     // SAFETY: as above.

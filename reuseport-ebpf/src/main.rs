@@ -23,7 +23,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use reuseport_common::{
-    CONFIG_BUFFERS, COUNTER_ENTRIES, GROUP_COUNTER_INDEX, MAX_SLOTS, SlotCounters, SteeringConfig,
+    CONFIG_BUFFERS, COUNTER_ENTRIES, GROUP_COUNTER_INDEX, MAX_SLOTS, PinnedState, SlotCounters,
+    SteeringConfig,
 };
 
 /// The group's sockets, by slot.
@@ -77,6 +78,12 @@ static CURRENT: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<SlotCounters> = PerCpuArray::with_max_entries(COUNTER_ENTRIES, 0);
+
+/// The agent's record of the group, pinned with the other maps so that a restarted agent
+/// can adopt it. Never read here: declared in the object only so that every map of a group
+/// is created, pinned and adopted the same way.
+#[map]
+static STATE: Array<PinnedState> = Array::with_max_entries(1, 0);
 
 const SLOT_MASK: u32 = MAX_SLOTS - 1;
 

@@ -42,3 +42,16 @@ fn mount_bpffs(at: &Path) -> anyhow::Result<()> {
         )
     })
 }
+
+/// Takes the bpffs directory for this agent alone (held until the returned lock drops):
+/// two agents adopting and rewriting the same pins would undo each other's flips.
+pub fn lock(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<fs::File>> {
+    let file = fs::File::open(dir)
+        .with_context(|| format!("opening the bpffs directory {}", dir.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!(
+            "another reuseport-agent already manages {} ({e}): stop it, or pass --bpffs DIR",
+            dir.display()
+        )
+    })
+}

@@ -9,7 +9,8 @@ use reuseport_common::MAX_SLOTS;
 
 use super::{
     grace::{Grace, Ticket},
-    registry::{Member, Refusal, Registry},
+    pinned::{self, GroupRecord},
+    registry::{Member, Refusal, RegId, Registry},
     steering::{self, GroupKernel},
 };
 use crate::{
@@ -29,6 +30,19 @@ impl SlotPool {
         Self {
             free: (0..MAX_SLOTS).collect(),
             quarantine: Vec::new(),
+        }
+    }
+
+    /// The pool of an adopted group: `used` slots are taken; every other one may have been
+    /// freed by the dead agent less than a grace period ago, so it is quarantined until
+    /// `ticket` has passed.
+    pub(super) fn adopted(used: &[u32], ticket: Ticket) -> Self {
+        Self {
+            free: BTreeSet::new(),
+            quarantine: (0..MAX_SLOTS)
+                .filter(|s| !used.contains(s))
+                .map(|s| (s, ticket))
+                .collect(),
         }
     }
 
@@ -59,7 +73,12 @@ pub(super) struct Group {
     pub(super) kernel: GroupKernel,
     pub(super) slots: SlotPool,
     pub(super) serial: u32,
-    pub(super) netns: OwnedFd,
+    /// The group's network namespace, for wake-ups. `None` for an adopted group until one
+    /// of its sockets registers again.
+    pub(super) netns: Option<OwnedFd>,
+    /// ABI version written into the pinned record (the current one, except in tests that
+    /// simulate an older agent).
+    pub(super) record_abi: u32,
     /// Registered slots whose listener was seen closed (edge detection for wake-ups).
     pub(super) closed: HashSet<u32>,
     pub(super) logger: Option<tokio::task::JoinHandle<()>>,
@@ -74,10 +93,29 @@ impl Drop for Group {
 }
 
 impl Group {
+    /// Pins the group's record and makes the kernel follow the table for the registry as it
+    /// is now (see [`GroupKernel::publish`]).
     pub(super) fn publish(&mut self, grace: &Grace) -> Result<(), Refusal> {
         self.serial = self.serial.wrapping_add(1);
         let cfg = self.registry.steering_config(self.serial);
-        self.kernel.publish(&cfg, grace).map_err(kernel_refusal)
+        let record = pinned::encode(&self.record(), self.record_abi)?;
+        self.kernel
+            .publish(&cfg, &record, grace)
+            .map_err(kernel_refusal)
+    }
+
+    fn record(&self) -> GroupRecord {
+        GroupRecord {
+            addr: self.key.addr,
+            netns: self.key.netns,
+            owner_uid: self.owner_uid,
+            serial: self.serial,
+            // NB: a clone per publish (at most MAX_SLOTS members): simpler than a borrowing
+            // twin of the record type, and publishes are not a hot path.
+            registry: Registry {
+                generations: self.registry.generations.clone(),
+            },
+        }
     }
 
     pub(super) fn listening(&self, slot: u32, m: &Member) -> bool {
@@ -93,7 +131,7 @@ impl Group {
         }
     }
 
-    pub(super) fn status(&self, own_netns: u64) -> GroupStatus {
+    pub(super) fn status(&self, own_netns: u64, registered: impl Fn(RegId) -> bool) -> GroupStatus {
         let mut active_listening = false;
         let generations = self
             .registry
@@ -117,6 +155,7 @@ impl Group {
                             uid: m.uid,
                             cookie: m.cookie,
                             listening,
+                            registered: registered(m.reg),
                         }
                     })
                     .collect();

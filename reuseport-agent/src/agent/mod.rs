@@ -4,6 +4,7 @@
 //! - [`registry`]: the model of a group (generations, states, slots) and the policy table.
 //! - [`group`]: one managed group: model, kernel objects, slot allocation, status.
 //! - [`steering`]: the kernel objects of a group and the atomic table flip.
+//! - [`pinned`]: the record pinned with a group's maps, and its adoption after a restart.
 //! - [`grace`]: RCU grace periods that make rewriting a retired table safe.
 //! - [`sockcheck`]: validation of sockets passed for registration.
 //! - [`server`]: the control socket.
@@ -12,6 +13,7 @@
 mod bpffs;
 mod grace;
 mod group;
+mod pinned;
 mod registry;
 mod server;
 mod sockcheck;
@@ -29,14 +31,14 @@ use std::{
     },
 };
 
-use reuseport_common::MAX_SLOTS;
+use reuseport_common::{ABI_VERSION, ADOPTABLE_ABI, MAX_SLOTS};
 use tokio::sync::mpsc::UnboundedSender;
 
 use self::{
     grace::Grace,
     group::{Group, SlotPool, kernel_refusal, spawn_logger},
     registry::{Member, Refusal, RegId, Registry, StateChange},
-    steering::GroupKernel,
+    steering::{GroupKernel, PinnedRecord},
 };
 pub use self::{server::run, steering::Mode};
 use crate::{
@@ -53,6 +55,9 @@ pub struct Options {
     /// Make wake-up connections after a registered listener closes (see [`wake`]). Off
     /// only in tests that measure what the kernel does by itself.
     pub wake_ups: bool,
+    /// ABI version written into pinned records: [`reuseport_common::ABI_VERSION`] except in
+    /// tests that simulate an older agent.
+    pub pin_abi: u32,
 }
 
 /// Who is on the other end of a control connection (SO_PEERCRED).
@@ -148,10 +153,11 @@ pub struct Agent {
     /// Inode of the agent's own network namespace.
     own_netns: u64,
     wake_ups: bool,
+    pin_abi: u32,
 }
 
 impl Agent {
-    fn new(mode: Mode, bpffs: PathBuf, wake_ups: bool) -> std::io::Result<Self> {
+    fn new(mode: Mode, bpffs: PathBuf, wake_ups: bool, pin_abi: u32) -> std::io::Result<Self> {
         use std::os::unix::fs::MetadataExt as _;
         Ok(Self {
             state: Mutex::new(State::default()),
@@ -161,6 +167,7 @@ impl Agent {
             next_reg: AtomicU64::new(1),
             own_netns: std::fs::metadata("/proc/self/ns/net")?.ino(),
             wake_ups,
+            pin_abi,
         })
     }
 
@@ -202,9 +209,19 @@ impl Agent {
         }
         let mut state = self.lock();
         let key = listener.key;
+        if state.groups.contains_key(&key)
+            && let Some(reclaimed) =
+                self.reclaim(&mut state, key, peer, reg, &socket, &req, &listener)
+        {
+            if reclaimed.is_ok() {
+                state.subscribers.insert(reg, events);
+            }
+            return reclaimed;
+        }
         let created = !state.groups.contains_key(&key);
         if created {
             let pin_dir = self.bpffs.join(key.pin_name());
+            refuse_unadoptable(&key, &pin_dir)?;
             let mut kernel = GroupKernel::create(self.mode, &pin_dir).map_err(kernel_refusal)?;
             let logger = kernel.take_logger().and_then(spawn_logger);
             state.groups.insert(
@@ -216,7 +233,8 @@ impl Agent {
                     kernel,
                     slots: SlotPool::new(),
                     serial: 0,
-                    netns: listener.netns,
+                    netns: Some(listener.netns),
+                    record_abi: self.pin_abi,
                     closed: HashSet::new(),
                     logger,
                 },
@@ -258,6 +276,176 @@ impl Agent {
                 Err(e)
             }
         }
+    }
+
+    /// A socket that is already in the group comes back on a new connection (its client
+    /// reconnected after an agent restart): it keeps its slot, generation and state. `None`
+    /// if the group does not know the socket.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site; a struct would only rename them"
+    )]
+    fn reclaim(
+        &self,
+        state: &mut State,
+        key: GroupKey,
+        peer: Peer,
+        reg: RegId,
+        socket: &OwnedFd,
+        req: &Registration,
+        listener: &sockcheck::Listener,
+    ) -> Option<Result<Reply, Refusal>> {
+        let live = &state.subscribers;
+        let group = state.groups.get_mut(&key)?;
+        let (generation, slot, member) = group.registry.find_cookie(listener.cookie)?;
+        if live.contains_key(&member.reg) {
+            return Some(Err(Refusal::new(
+                ErrorKind::Conflict,
+                format!(
+                    "this socket is already registered in {key} (generation {generation}, slot                      {slot}, pid {}): a socket registers once; close the other registration first",
+                    member.pid
+                ),
+            )));
+        }
+        if generation != req.generation {
+            return Some(Err(Refusal::new(
+                ErrorKind::Conflict,
+                format!(
+                    "this socket is registered in {key} as generation {generation}, not {}:                      register it again as generation {generation}",
+                    req.generation
+                ),
+            )));
+        }
+        member.reg = reg;
+        member.pid = peer.pid;
+        if group.netns.is_none() {
+            group.netns = listener.netns.try_clone().ok();
+        }
+        // NB: attaching replaces an adopted group's program (possibly an older build) with
+        // this agent's, atomically for the kernel; the maps stay the same.
+        let result = group
+            .publish(&self.grace)
+            .and_then(|()| group.kernel.attach(socket.as_fd()).map_err(kernel_refusal));
+        if let Err(e) = result {
+            return Some(Err(e));
+        }
+        let gen_state = group.registry.generations[&generation].state;
+        tracing::info!(group = %key, generation, slot, pid = peer.pid, "socket registered again");
+        Some(Ok(Reply::Registered {
+            group: group.addr(self.own_netns),
+            generation,
+            slot,
+            state: gen_state,
+        }))
+    }
+
+    /// Takes over the groups that an earlier agent pinned in the bpffs directory (see
+    /// [`pinned`]). Their sockets keep their slots and are steered as before; clients that
+    /// register them again get them back. Returns how many groups were adopted.
+    pub fn adopt_pinned(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.bpffs) else {
+            return 0;
+        };
+        let mut adopted = 0;
+        for dir in entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
+            match steering::read_pinned(&dir) {
+                PinnedRecord::Adoptable(record) => match self.adopt_one(&dir, &record) {
+                    Ok(true) => adopted += 1,
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(
+                        dir = %dir.display(), error = %e,
+                        "cannot adopt the pinned group; it keeps steering as it was, unmanaged"
+                    ),
+                },
+                PinnedRecord::Incompatible { abi_version } => tracing::error!(
+                    dir = %dir.display(),
+                    "pinned by an agent of ABI version {abi_version}, which this agent (ABI \
+                     {ABI_VERSION}, adopts {ADOPTABLE_ABI:?}) cannot adopt; the group keeps \
+                     steering on its old program, unmanaged: {}",
+                    UNADOPTABLE_ADVICE
+                ),
+                PinnedRecord::Missing if steering::pinned_sockets_live(&dir) => tracing::error!(
+                    dir = %dir.display(),
+                    "pinned without a group record (ABI version 1, or not ours); its sockets \
+                     keep being steered by the old program, unmanaged: {}",
+                    UNADOPTABLE_ADVICE
+                ),
+                PinnedRecord::Missing => {}
+            }
+        }
+        adopted
+    }
+
+    /// Adopts one group; `Ok(false)` when none of its sockets is left (its pins go).
+    fn adopt_one(
+        &self,
+        dir: &std::path::Path,
+        state: &reuseport_common::PinnedState,
+    ) -> Result<bool, String> {
+        let record = pinned::decode(state)?;
+        let key = record.key();
+        let kernel = GroupKernel::adopt(self.mode, dir, &self.grace).map_err(|e| e.to_string())?;
+        let mut registry = record.registry;
+        // Registration ids of the dead agent mean nothing here: one fresh id per old one,
+        // none of them connected until its client registers again.
+        let mut fresh: HashMap<RegId, RegId> = HashMap::new();
+        let mut gone = Vec::new();
+        for g in registry.generations.values_mut() {
+            for (slot, m) in &mut g.sockets {
+                m.reg = *fresh.entry(m.reg).or_insert_with(|| self.next_reg_id());
+                if kernel.slot_cookie(*slot) != Some(m.cookie) {
+                    gone.push(*slot);
+                }
+            }
+        }
+        let dropped = registry.remove_slots(&gone);
+        for slot in &dropped {
+            let _ = kernel.clear_slot(*slot);
+        }
+        if registry.is_empty() {
+            kernel.unpin();
+            tracing::info!(group = %key, "pinned group has no socket left; its pins were removed");
+            return Ok(false);
+        }
+        let used: Vec<u32> = registry
+            .generations
+            .values()
+            .flat_map(|g| g.sockets.keys().copied())
+            .collect();
+        let netns = registry
+            .generations
+            .values()
+            .flat_map(|g| g.sockets.values())
+            .find_map(|m| netns_of(m.pid, key.netns));
+        let mut group = Group {
+            key,
+            owner_uid: record.owner_uid,
+            registry,
+            kernel,
+            slots: SlotPool::adopted(&used, self.grace.retire()),
+            serial: record.serial,
+            netns,
+            record_abi: self.pin_abi,
+            closed: HashSet::new(),
+            logger: None,
+        };
+        group.logger = group.kernel.take_logger().and_then(spawn_logger);
+        // Republish from the record: the dead agent pinned it before its last flip, so this
+        // completes a flip it may have been killed in the middle of.
+        group.publish(&self.grace).map_err(|r| r.message)?;
+        let generations: Vec<String> = group
+            .registry
+            .generations
+            .iter()
+            .map(|(n, g)| format!("{n}:{}", g.state))
+            .collect();
+        tracing::info!(
+            group = %key, generations = %generations.join(","), sockets = used.len(),
+            dropped = dropped.len(), abi = state.header.abi_version,
+            "adopted pinned group; its clients re-register their sockets"
+        );
+        self.lock().groups.insert(key, group);
+        Ok(true)
     }
 
     #[expect(
@@ -404,6 +592,7 @@ impl Agent {
         what: &str,
     ) -> Result<Reply, Refusal> {
         let mut state = self.lock();
+        let live: HashSet<RegId> = state.subscribers.keys().copied().collect();
         let group = state.find(wanted)?;
         if !peer.may_change(group.owner_uid) {
             return Err(Refusal::new(
@@ -419,7 +608,7 @@ impl Agent {
             group.publish(&self.grace)?;
         }
         let key = group.key;
-        let status = group.status(self.own_netns);
+        let status = group.status(self.own_netns, |r| live.contains(&r));
         let group = &state.groups[&key];
         state.notify(group, &changes, self.own_netns);
         for ch in &changes {
@@ -430,12 +619,14 @@ impl Agent {
 
     pub fn status(&self, wanted: Option<&GroupAddr>) -> Result<Reply, Refusal> {
         let mut state = self.lock();
+        let live: HashSet<RegId> = state.subscribers.keys().copied().collect();
+        let registered = |reg| live.contains(&reg);
         let groups = match wanted {
-            Some(w) => vec![state.find(w)?.status(self.own_netns)],
+            Some(w) => vec![state.find(w)?.status(self.own_netns, registered)],
             None => state
                 .groups
                 .values()
-                .map(|g| g.status(self.own_netns))
+                .map(|g| g.status(self.own_netns, registered))
                 .collect(),
         };
         Ok(Reply::Status { groups })
@@ -446,7 +637,17 @@ impl Agent {
     fn scan_closed(&self) -> Vec<wake::WakeUp> {
         let mut state = self.lock();
         let mut out = Vec::new();
-        for group in state.groups.values_mut() {
+        let State {
+            groups,
+            subscribers,
+        } = &mut *state;
+        let mut emptied = Vec::new();
+        for group in groups.values_mut() {
+            self.drop_closed_orphans(group, subscribers);
+            if group.registry.is_empty() {
+                emptied.push(group.key);
+                continue;
+            }
             let mut newly_closed = false;
             let mut active_sockets = 0;
             let mut closed = std::mem::take(&mut group.closed);
@@ -467,18 +668,87 @@ impl Agent {
                 && self.mode == Mode::SelectOrMigrate
                 && self.wake_ups
             {
-                match group.netns.try_clone() {
-                    Ok(netns) => out.push(wake::WakeUp {
+                match group.netns.as_ref().map(OwnedFd::try_clone) {
+                    Some(Ok(netns)) => out.push(wake::WakeUp {
                         target: wake::target_for(group.key.addr),
                         netns,
                         connections: active_sockets + 1,
                     }),
-                    Err(e) => {
+                    Some(Err(e)) => {
                         tracing::warn!(error = %e, "wake-up: cannot duplicate the netns descriptor")
                     }
+                    None => {}
                 }
+            }
+        }
+        for key in emptied {
+            if let Some(g) = groups.remove(&key) {
+                g.kernel.unpin();
+                tracing::info!(group = %key, "group removed: no registered socket left");
             }
         }
         out
     }
+
+    /// An adopted socket whose client never came back has no connection whose close would
+    /// unregister it: it leaves the group when its listener closes.
+    fn drop_closed_orphans(
+        &self,
+        group: &mut Group,
+        subscribers: &HashMap<RegId, UnboundedSender<Reply>>,
+    ) {
+        let gone: Vec<u32> = group
+            .registry
+            .generations
+            .values()
+            .flat_map(|g| g.sockets.iter())
+            .filter(|(slot, m)| !subscribers.contains_key(&m.reg) && !group.listening(**slot, m))
+            .map(|(slot, _)| *slot)
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let freed = group.registry.remove_slots(&gone);
+        if let Err(e) = group.publish(&self.grace) {
+            tracing::error!(group = %group.key, error = %e, "republishing after a closed socket failed");
+        }
+        let ticket = self.grace.retire();
+        for slot in freed {
+            let _ = group.kernel.clear_slot(slot);
+            group.slots.release(slot, ticket);
+        }
+        tracing::info!(group = %group.key, slots = ?gone, "closed sockets that were not registered again left the group");
+    }
+}
+
+const UNADOPTABLE_ADVICE: &str = "finish the deploy with the agent version that pinned it, or \
+    stop the group's servers (once no socket is left, this agent replaces the pins)";
+
+/// Refuses to create a group over pins that another agent version left with sockets still
+/// listening: a fresh program would not know those sockets.
+fn refuse_unadoptable(key: &GroupKey, pin_dir: &std::path::Path) -> Result<(), Refusal> {
+    if !steering::pinned_sockets_live(pin_dir) {
+        return Ok(());
+    }
+    let version = match steering::read_pinned(pin_dir) {
+        PinnedRecord::Incompatible { abi_version } => abi_version.to_string(),
+        PinnedRecord::Missing => "1".into(),
+        PinnedRecord::Adoptable(_) => "an adoptable version that failed to load".into(),
+    };
+    Err(Refusal::new(
+        ErrorKind::Conflict,
+        format!(
+            "group {key} is still steered by objects that an agent of ABI version {version} \
+             pinned in {} (this agent: ABI {ABI_VERSION}, adopts {ADOPTABLE_ABI:?}): \
+             {UNADOPTABLE_ADVICE}",
+            pin_dir.display()
+        ),
+    ))
+}
+
+/// The network namespace of process `pid` if it is the group's (inode `netns`).
+fn netns_of(pid: i32, netns: u64) -> Option<OwnedFd> {
+    use std::os::unix::fs::MetadataExt as _;
+    let file = std::fs::File::open(format!("/proc/{pid}/ns/net")).ok()?;
+    (file.metadata().ok()?.ino() == netns).then(|| file.into())
 }

@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
+
 use reuseport_common::SteeringConfig;
 
 use crate::protocol::{Counters, ErrorKind, GenState};
@@ -11,7 +13,7 @@ use crate::protocol::{Counters, ErrorKind, GenState};
 /// Identifies one registration connection (one registering process).
 pub type RegId = u64;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub reg: RegId,
     pub pid: i32,
@@ -19,7 +21,7 @@ pub struct Member {
     pub cookie: u64,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Generation {
     pub state: GenState,
     pub name: Option<String>,
@@ -53,7 +55,7 @@ pub struct StateChange {
     pub state: GenState,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Registry {
     pub generations: BTreeMap<u32, Generation>,
 }
@@ -160,10 +162,19 @@ impl Registry {
     /// without sockets disappear (an active one leaves the group without an active
     /// generation: the program then falls back, see [`Registry::steering_config`]).
     pub fn unregister(&mut self, reg: RegId) -> Vec<u32> {
+        self.remove_where(|_, m| m.reg == reg)
+    }
+
+    /// Removes the sockets in `slots` (see [`Registry::unregister`]).
+    pub fn remove_slots(&mut self, slots: &[u32]) -> Vec<u32> {
+        self.remove_where(|slot, _| slots.contains(&slot))
+    }
+
+    fn remove_where(&mut self, gone: impl Fn(u32, &Member) -> bool) -> Vec<u32> {
         let mut freed = Vec::new();
         for g in self.generations.values_mut() {
             g.sockets.retain(|slot, m| {
-                let keep = m.reg != reg;
+                let keep = !gone(*slot, m);
                 if !keep {
                     freed.push(*slot);
                 }
@@ -172,6 +183,16 @@ impl Registry {
         }
         self.generations.retain(|_, g| !g.sockets.is_empty());
         freed
+    }
+
+    /// The socket with `cookie`, wherever it is registered: (generation, slot, member).
+    pub fn find_cookie(&mut self, cookie: u64) -> Option<(u32, u32, &mut Member)> {
+        self.generations.iter_mut().find_map(|(n, g)| {
+            g.sockets
+                .iter_mut()
+                .find(|(_, m)| m.cookie == cookie)
+                .map(|(slot, m)| (*n, *slot, m))
+        })
     }
 
     /// The table the kernel program follows: active slots first, then fallbacks (draining

@@ -28,15 +28,21 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     bpffs::ensure(&opts.bpffs)?;
     let force = opts.select_only;
     let mode = tokio::task::spawn_blocking(move || steering::detect_mode(force)).await??;
-    let agent = Arc::new(Agent::new(mode, opts.bpffs.clone(), opts.wake_ups).context(
-        "starting the RCU grace-period helper (membarrier MEMBARRIER_CMD_GLOBAL, Linux 4.3+)",
-    )?);
+    let agent = Arc::new(
+        Agent::new(mode, opts.bpffs.clone(), opts.wake_ups, opts.pin_abi).context(
+            "starting the RCU grace-period helper (membarrier MEMBARRIER_CMD_GLOBAL, Linux 4.3+)",
+        )?,
+    );
     let listener = bind_control(&opts.control)?;
+    let _bpffs_lock = bpffs::lock(&opts.bpffs)?;
+    // NB: before the first accept: a client that reconnects must find its group adopted.
+    let adopted = agent.adopt_pinned();
     tracing::info!(
         control = %opts.control.display(),
         bpffs = %opts.bpffs.display(),
         mode = mode.as_str(),
         kernel = %steering::kernel_release(),
+        adopted,
         "reuseport-agent ready"
     );
 

@@ -14,8 +14,8 @@ use aya::{
     util::nr_cpus,
 };
 use reuseport_common::{
-    CONFIG_BUFFERS, COUNTER_ENTRIES, GROUP_COUNTER_INDEX, MapNames, ProgramNames, SlotCounters,
-    SteeringConfig,
+    ADOPTABLE_ABI, CONFIG_BUFFERS, COUNTER_ENTRIES, GROUP_COUNTER_INDEX, MAX_SLOTS, MapNames,
+    PinnedState, ProgramNames, STATE_MAGIC, SlotCounters, SteeringConfig,
 };
 
 use super::{
@@ -79,11 +79,26 @@ fn load_err(mode: Mode) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>)
     }
 }
 
-/// Loads the object and the program for `mode` (nothing is attached or pinned).
-fn load(mode: Mode) -> Result<Ebpf, SteeringError> {
-    let mut ebpf = EbpfLoader::new()
-        .load(PROGRAM)
-        .map_err(|e| load_err(mode)(e.into()))?;
+/// Every map of a group, each pinned in the group's directory under its own name.
+const PINNED_MAPS: [&str; 5] = [
+    MapNames::SOCKETS,
+    MapNames::CONFIG,
+    MapNames::CURRENT,
+    MapNames::COUNTERS,
+    MapNames::STATE,
+];
+
+/// Loads the object and the program for `mode`. With `pin_dir`, every map is taken from
+/// its pin there, or created and pinned there if it has none yet; without, nothing is
+/// pinned (mode detection).
+fn load(mode: Mode, pin_dir: Option<&Path>) -> Result<Ebpf, SteeringError> {
+    let mut loader = EbpfLoader::new();
+    if let Some(dir) = pin_dir {
+        for name in PINNED_MAPS {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    let mut ebpf = loader.load(PROGRAM).map_err(|e| load_err(mode)(e.into()))?;
     let prog: &mut SkReuseport = ebpf
         .program_mut(mode.program())
         .ok_or_else(|| load_err(mode)(format!("program {} missing", mode.program()).into()))?
@@ -93,11 +108,51 @@ fn load(mode: Mode) -> Result<Ebpf, SteeringError> {
     Ok(ebpf)
 }
 
+/// What a group directory in bpffs holds.
+pub enum PinnedRecord {
+    /// A record this agent can adopt.
+    Adoptable(Box<PinnedState>),
+    /// Pinned by an agent of an ABI version this one cannot adopt.
+    Incompatible { abi_version: u32 },
+    /// No record at all (pinned by a version 1 agent) or not one of ours.
+    Missing,
+}
+
+/// Reads the `STATE` record pinned in `pin_dir` without touching anything else.
+pub fn read_pinned(pin_dir: &Path) -> PinnedRecord {
+    let Ok(data) = MapData::from_pin(pin_dir.join(MapNames::STATE)) else {
+        return PinnedRecord::Missing;
+    };
+    let Ok(state) = Array::<_, PinnedState>::try_from(Map::Array(data)) else {
+        return PinnedRecord::Missing;
+    };
+    let Ok(record) = state.get(&0, 0) else {
+        return PinnedRecord::Missing;
+    };
+    if record.header.magic != STATE_MAGIC {
+        PinnedRecord::Missing
+    } else if ADOPTABLE_ABI.contains(&record.header.abi_version) {
+        PinnedRecord::Adoptable(Box::new(record))
+    } else {
+        PinnedRecord::Incompatible {
+            abi_version: record.header.abi_version,
+        }
+    }
+}
+
+/// Whether any slot of the sockarray pinned in `pin_dir` still holds a socket.
+pub fn pinned_sockets_live(pin_dir: &Path) -> bool {
+    let Ok(data) = MapData::from_pin(pin_dir.join(MapNames::SOCKETS)) else {
+        return false;
+    };
+    (0..MAX_SLOTS).any(|slot| matches!(sys::sockarray_cookie(data.fd().as_fd(), slot), Ok(Some(_))))
+}
+
 /// Picks the best mode this kernel supports (or select-only if forced). Fails with a
 /// message naming the kernel requirement when not even select-only loads.
 pub fn detect_mode(force_select_only: bool) -> anyhow::Result<Mode> {
     if !force_select_only {
-        match load(Mode::SelectOrMigrate) {
+        match load(Mode::SelectOrMigrate, None) {
             Ok(_) => return Ok(Mode::SelectOrMigrate),
             Err(e) => tracing::warn!(
                 error = %e,
@@ -107,7 +162,7 @@ pub fn detect_mode(force_select_only: bool) -> anyhow::Result<Mode> {
             ),
         }
     }
-    load(Mode::SelectOnly)
+    load(Mode::SelectOnly, None)
         .map(|_| Mode::SelectOnly)
         .map_err(|e| {
             anyhow::anyhow!(
@@ -131,6 +186,7 @@ pub struct GroupKernel {
     config: Array<MapData, SteeringConfig>,
     current: Array<MapData, u32>,
     counters: PerCpuArray<MapData, SlotCounters>,
+    state: Array<MapData, PinnedState>,
     mode: Mode,
     pin_dir: PathBuf,
     /// Buffer the program reads now.
@@ -143,7 +199,22 @@ impl GroupKernel {
     /// Loads a fresh program and maps for a group and pins them in `pin_dir` (replacing
     /// stale pins a previous agent left there).
     pub fn create(mode: Mode, pin_dir: &Path) -> Result<Self, SteeringError> {
-        let mut ebpf = load(mode)?;
+        remove_pins(pin_dir);
+        Self::open(mode, pin_dir, None)
+    }
+
+    /// Loads a fresh program on the maps pinned in `pin_dir` by an earlier agent. The
+    /// program the kernel runs stays the old one until [`GroupKernel::attach`].
+    ///
+    /// NB: the crashed agent may have retired buffers less than a grace period ago, so
+    /// every buffer starts out retired "now".
+    pub fn adopt(mode: Mode, pin_dir: &Path, grace: &Grace) -> Result<Self, SteeringError> {
+        Self::open(mode, pin_dir, Some(grace.retire()))
+    }
+
+    fn open(mode: Mode, pin_dir: &Path, retired: Option<Ticket>) -> Result<Self, SteeringError> {
+        fs::create_dir_all(pin_dir).map_err(kernel(format!("creating {}", pin_dir.display())))?;
+        let mut ebpf = load(mode, Some(pin_dir))?;
         let mut take = |name: &str| {
             ebpf.take_map(name).ok_or_else(|| SteeringError::Kernel {
                 what: format!("map {name} missing from the program object"),
@@ -165,44 +236,36 @@ impl GroupKernel {
                 source: io::Error::other(e),
             }
         };
-        remove_pins(pin_dir);
-        fs::create_dir_all(pin_dir).map_err(kernel(format!("creating {}", pin_dir.display())))?;
-        let pin_err = |what: &str| {
-            let what = format!("pinning {what} in {}", pin_dir.display());
-            move |e: aya::pin::PinError| SteeringError::Kernel {
-                what,
-                source: io::Error::other(e),
-            }
-        };
-        let mut take_pinned = |name: &'static str| {
-            let map = take(name)?;
-            map.pin(pin_dir.join(name)).map_err(pin_err(name))?;
-            Ok::<_, SteeringError>(map)
-        };
-        let config = Array::try_from(take_pinned(MapNames::CONFIG)?).map_err(map_err("CONFIG"))?;
-        let current =
-            Array::try_from(take_pinned(MapNames::CURRENT)?).map_err(map_err("CURRENT"))?;
+        let config = Array::try_from(take(MapNames::CONFIG)?).map_err(map_err("CONFIG"))?;
+        let current = Array::try_from(take(MapNames::CURRENT)?).map_err(map_err("CURRENT"))?;
         let counters =
-            PerCpuArray::try_from(take_pinned(MapNames::COUNTERS)?).map_err(map_err("COUNTERS"))?;
-        sockets
-            .pin(pin_dir.join(MapNames::SOCKETS))
-            .map_err(pin_err(MapNames::SOCKETS))?;
+            PerCpuArray::try_from(take(MapNames::COUNTERS)?).map_err(map_err("COUNTERS"))?;
+        let state = Array::try_from(take(MapNames::STATE)?).map_err(map_err("STATE"))?;
         let name = mode.program();
         let prog: &mut SkReuseport = ebpf
             .program_mut(name)
             .and_then(|p| p.try_into().ok())
             .expect("program was loaded by load()");
-        prog.pin(pin_dir.join(name)).map_err(pin_err(name))?;
+        // The pin only keeps the program findable; an adopted group's old program stays
+        // attached (and alive) until the next attach replaces it.
+        let prog_pin = pin_dir.join(name);
+        let _ = fs::remove_file(&prog_pin);
+        prog.pin(&prog_pin).map_err(|e| SteeringError::Kernel {
+            what: format!("pinning {name} in {}", pin_dir.display()),
+            source: io::Error::other(e),
+        })?;
+        let live = current.get(&0, 0).unwrap_or(0) % CONFIG_BUFFERS;
         Ok(Self {
             ebpf,
             sockets,
             config,
             current,
             counters,
+            state,
             mode,
             pin_dir: pin_dir.to_owned(),
-            live: 0,
-            retired: [None; CONFIG_BUFFERS as usize],
+            live,
+            retired: [retired; CONFIG_BUFFERS as usize],
         })
     }
 
@@ -256,7 +319,22 @@ impl GroupKernel {
     /// Makes `cfg` the table the program follows, atomically: it is written into a buffer no
     /// program invocation can be reading (waiting for an RCU grace period only if every
     /// buffer retired too recently), then the 4-byte `CURRENT` word switches to it.
-    pub fn publish(&mut self, cfg: &SteeringConfig, grace: &Grace) -> Result<(), SteeringError> {
+    ///
+    /// `record` (the agent's description of the same state) is pinned first: an agent
+    /// killed anywhere in here leaves a record that is either the old state or the new one,
+    /// and the agent that adopts the group republishes the table from the record.
+    pub fn publish(
+        &mut self,
+        cfg: &SteeringConfig,
+        record: &PinnedState,
+        grace: &Grace,
+    ) -> Result<(), SteeringError> {
+        self.state
+            .set(0, record, 0)
+            .map_err(|e| SteeringError::Kernel {
+                what: "writing the pinned group record".into(),
+                source: io::Error::other(e),
+            })?;
         let next = (self.live + 1) % CONFIG_BUFFERS;
         if let Some(t) = self.retired[next as usize] {
             grace.wait(t);

@@ -25,6 +25,9 @@ struct Cli {
     /// the kernel does by itself with migrated connections).
     #[arg(long, hide = true, env = "REUSEPORT_NO_WAKE_UPS", value_parser = clap::builder::FalseyValueParser::new())]
     no_wake_ups: bool,
+    /// ABI version written into pinned group records (tests simulate an older agent with it).
+    #[arg(long, hide = true, env = "REUSEPORT_TEST_PIN_ABI", default_value_t = reuseport_common::ABI_VERSION)]
+    pin_abi_version: u32,
 }
 
 fn main() -> std::process::ExitCode {
@@ -42,6 +45,7 @@ fn main() -> std::process::ExitCode {
         bpffs: cli.bpffs,
         select_only: cli.select_only,
         wake_ups: !cli.no_wake_ups,
+        pin_abi: cli.pin_abi_version,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -69,11 +69,14 @@ fn generation_row(generation: &GenerationStatus) -> Vec<String> {
     let mut slots: Vec<u32> = generation.sockets.iter().map(|s| s.slot).collect();
     slots.sort_unstable();
     let closed = generation.sockets.iter().filter(|s| !s.listening).count();
-    let sockets = if closed == 0 {
-        generation.sockets.len().to_string()
-    } else {
-        format!("{} ({closed} closed)", generation.sockets.len())
-    };
+    let waiting = generation.sockets.iter().filter(|s| !s.registered).count();
+    let mut sockets = generation.sockets.len().to_string();
+    if closed > 0 {
+        let _ = write!(sockets, " ({closed} closed)");
+    }
+    if waiting > 0 {
+        let _ = write!(sockets, " ({waiting} not re-registered)");
+    }
     vec![
         generation.generation.to_string(),
         generation.name.clone().unwrap_or_else(|| "-".into()),
@@ -180,6 +183,7 @@ mod tests {
                     uid: 0,
                     cookie: 1,
                     listening: pid != 0,
+                    registered: true,
                 })
                 .collect(),
             counters: Counters {

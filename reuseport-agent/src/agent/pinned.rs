@@ -1,0 +1,127 @@
+//! The record of a group that the agent pins next to the group's maps (the `STATE` map,
+//! see [`reuseport_common::PinnedState`]), so that a restarted or upgraded agent can adopt
+//! the group: addresses, owner, generations with their states and names, and which socket
+//! (by cookie) sits in which slot.
+//!
+//! The encoding is JSON behind the binary header: fields may be added with a serde default
+//! without an ABI bump; removing or changing one is an ABI change.
+
+use std::net::SocketAddr;
+
+use reuseport_common::{PinnedState, STATE_CAPACITY, STATE_MAGIC, StateHeader};
+use serde::{Deserialize, Serialize};
+
+use super::registry::{Refusal, Registry};
+use crate::{addr::GroupKey, protocol::ErrorKind};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub addr: SocketAddr,
+    pub netns: u64,
+    pub owner_uid: u32,
+    /// Serial of the table published with this record.
+    pub serial: u32,
+    pub registry: Registry,
+}
+
+impl GroupRecord {
+    pub fn key(&self) -> GroupKey {
+        GroupKey {
+            addr: self.addr,
+            netns: self.netns,
+        }
+    }
+}
+
+/// Encodes `record` with `abi_version` in the header.
+pub fn encode(record: &GroupRecord, abi_version: u32) -> Result<Box<PinnedState>, Refusal> {
+    let json = serde_json::to_vec(record).expect("the record serialises");
+    if json.len() > STATE_CAPACITY {
+        return Err(Refusal::new(
+            ErrorKind::Limit,
+            format!(
+                "the group's record would take {} bytes, more than the {STATE_CAPACITY} its \
+                 pinned STATE map holds: use shorter generation names or fewer generations",
+                json.len()
+            ),
+        ));
+    }
+    let mut state = Box::new(PinnedState {
+        header: StateHeader {
+            magic: STATE_MAGIC,
+            abi_version,
+            len: json.len() as u32,
+            _pad: 0,
+        },
+        data: [0; STATE_CAPACITY],
+    });
+    state.data[..json.len()].copy_from_slice(&json);
+    Ok(state)
+}
+
+/// Decodes a record whose header was already checked (magic, adoptable version).
+pub fn decode(state: &PinnedState) -> Result<GroupRecord, String> {
+    let len = state.header.len as usize;
+    let bytes = state
+        .data
+        .get(..len)
+        .ok_or_else(|| format!("record length {len} exceeds the map's {STATE_CAPACITY} bytes"))?;
+    serde_json::from_slice(bytes).map_err(|e| format!("undecodable record: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::registry::Member;
+
+    #[test]
+    fn record_round_trips() {
+        let mut registry = Registry::default();
+        let m = |reg, cookie| Member {
+            reg,
+            pid: 10,
+            uid: 0,
+            cookie,
+        };
+        registry.register(1, Some("v1".into()), false, 0, m(1, 100));
+        registry.register(2, None, true, 5, m(2, 200));
+        let rec = GroupRecord {
+            addr: "[::1]:443".parse().unwrap(),
+            netns: 42,
+            owner_uid: 7,
+            serial: 9,
+            registry,
+        };
+        let state = encode(&rec, 2).unwrap();
+        assert_eq!(state.header.magic, STATE_MAGIC);
+        assert_eq!(state.header.abi_version, 2);
+        let back = decode(&state).unwrap();
+        assert_eq!(back.key(), rec.key());
+        assert_eq!(back.owner_uid, 7);
+        assert_eq!(back.serial, 9);
+        assert_eq!(
+            format!("{:?}", back.registry),
+            format!("{:?}", rec.registry),
+            "the registry should come back exactly"
+        );
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let mut state = encode(
+            &GroupRecord {
+                addr: "127.0.0.1:1".parse().unwrap(),
+                netns: 1,
+                owner_uid: 0,
+                serial: 0,
+                registry: Registry::default(),
+            },
+            2,
+        )
+        .unwrap();
+        state.data[0] = b'!';
+        assert!(decode(&state).is_err());
+        state.header.len = u32::MAX;
+        assert!(decode(&state).is_err());
+    }
+}
