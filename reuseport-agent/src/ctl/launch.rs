@@ -121,6 +121,7 @@ pub async fn bind_and_register(
         generation,
         name,
         activate,
+        reconnect: true,
     };
     let registration = client::register(listener.as_fd(), &opts).await?;
     // NB: systemd hands over listeners in blocking mode (unless NonBlocking=true), and
@@ -136,12 +137,16 @@ pub async fn bind_and_register(
 
 impl Registered {
     /// Starts `plan` with the listener as fd 3 and closes the launcher's own copy, so the
-    /// listener lives exactly as long as the server keeps it.
+    /// listener lives exactly as long as the server keeps it. After an agent restart the
+    /// registration fetches the listener from the server (`pidfd_getfd`) to register it
+    /// again.
     ///
     /// NB: watch SIGCHLD before calling this, or an early exit of the server is missed.
     pub fn start(self, plan: &mut spawn::Plan) -> Result<(Pid, Registration), SpawnError> {
         let pid = spawn::spawn(plan, self.listener.as_fd())?;
         drop(self.listener);
+        self.registration
+            .follow_child(pid.as_raw(), spawn::LISTEN_FD);
         Ok((pid, self.registration))
     }
 }

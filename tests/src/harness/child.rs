@@ -135,6 +135,7 @@ pub fn child_server_main() {
         generation,
         name: Some(format!("child-gen{generation}")),
         activate,
+        reconnect: true,
     };
     let (listener, registration) = rt
         .block_on(client::bind_and_register(&opts))

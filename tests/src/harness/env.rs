@@ -340,6 +340,7 @@ impl TestEnv {
             generation,
             name: Some(format!("gen{generation}")),
             activate,
+            reconnect: true,
         }
     }
 

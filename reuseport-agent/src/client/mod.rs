@@ -9,12 +9,21 @@
 //! when it becomes [`GenState::Draining`].
 //!
 //! Servers in other languages use `reuseportctl exec` instead (see [`crate::ctl`]).
+//!
+//! When the agent restarts, a registration reconnects with backoff and registers the same
+//! socket again (see [`rejoin`]); the agent, which adopted the group from its pins, gives
+//! it back its slot.
+
+mod rejoin;
+
+use self::rejoin::{Backoff, SocketSource};
 
 use std::{
     io,
     net::SocketAddr,
-    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd as _, BorrowedFd, OwnedFd, RawFd},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
 };
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -215,6 +224,9 @@ pub struct RegisterOptions {
     pub name: Option<String>,
     /// Make the generation active as soon as the socket is registered.
     pub activate: bool,
+    /// Reconnect and register the socket again when the agent goes away (restart,
+    /// upgrade), for as long as the socket stays open.
+    pub reconnect: bool,
 }
 
 impl RegisterOptions {
@@ -226,24 +238,41 @@ impl RegisterOptions {
             generation,
             name: None,
             activate: false,
+            reconnect: true,
         }
     }
 }
 
 /// A live registration. It keeps the control connection open: closing it (dropping the
-/// `Registration`) unregisters the socket.
+/// `Registration`) unregisters the socket. If the agent goes away, it reconnects and
+/// registers the socket again (unless [`RegisterOptions::reconnect`] is off).
 #[derive(Debug)]
 pub struct Registration {
     group: GroupAddr,
     generation: u32,
     slot: u32,
     state: watch::Receiver<GenState>,
-    /// Reads pushed frames; owns the connection. `None` once [`Registration::closed`] saw
-    /// it finish.
+    /// Follows the agent's pushes and reconnects; owns the connection. `None` once
+    /// [`Registration::closed`] saw it finish.
     reader: Option<JoinHandle<Result<(), ClientError>>>,
-    /// A second descriptor of the connection's socket, so that `drop` can shut the
-    /// connection down at once rather than when the runtime next polls the aborted reader.
-    shutdown: OwnedFd,
+    shared: Arc<Shared>,
+}
+
+/// What the registration's task shares with its handle.
+#[derive(Debug)]
+struct Shared {
+    /// A second descriptor of the current connection's socket, so that `drop` can shut the
+    /// connection down at once rather than when the runtime next polls the aborted task.
+    shutdown: Mutex<Option<OwnedFd>>,
+    /// Where to find the socket to register it again.
+    source: Mutex<SocketSource>,
+}
+
+impl Shared {
+    fn set_connection(&self, conn: &Conn) {
+        let dup = conn.stream().as_fd().try_clone_to_owned().ok();
+        *self.shutdown.lock().expect("not poisoned") = dup;
+    }
 }
 
 impl Registration {
@@ -262,14 +291,22 @@ impl Registration {
     }
 
     /// The generation's state, updated whenever the agent pushes a change. The sender side
-    /// is dropped when the connection closes, so `changed()` then fails.
+    /// is dropped when the registration ends, so `changed()` then fails.
     pub fn state(&self) -> watch::Receiver<GenState> {
         self.state.clone()
     }
 
-    /// Resolves when the control connection ends: `Ok` when the agent closed it cleanly,
-    /// `Err` when it broke (I/O error or a malformed frame). Either way the socket is no
-    /// longer registered. Cancel-safe; resolves at once on later calls.
+    /// The socket now lives as descriptor `fd` of process `pid` (a launcher handed it to
+    /// its server and closed its own copy): that is where a re-registration finds it.
+    pub fn follow_child(&self, pid: i32, fd: RawFd) {
+        *self.shared.source.lock().expect("not poisoned") = SocketSource::Child { pid, fd };
+    }
+
+    /// Resolves when the registration ends for good: `Ok` when the socket was closed (or,
+    /// without reconnect, when the agent closed the connection cleanly), `Err` when the
+    /// agent refused to take the socket back or, without reconnect, the connection broke.
+    /// Either way the socket is no longer registered. Cancel-safe; resolves at once on
+    /// later calls.
     pub async fn closed(&mut self) -> Result<(), ClientError> {
         let Some(reader) = self.reader.as_mut() else {
             return Ok(());
@@ -289,17 +326,20 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         // The agent must see the close even if the runtime is never polled again.
-        let _ = SockRef::from(&self.shutdown).shutdown(std::net::Shutdown::Both);
+        if let Some(fd) = self.shared.shutdown.lock().expect("not poisoned").as_ref() {
+            let _ = SockRef::from(fd).shutdown(std::net::Shutdown::Both);
+        }
         if let Some(reader) = &self.reader {
             reader.abort();
         }
     }
 }
 
+/// Applies pushed state changes until the connection ends.
 async fn read_pushed(
-    mut conn: Conn,
+    conn: &mut Conn,
     generation: u32,
-    state: watch::Sender<GenState>,
+    state: &watch::Sender<GenState>,
 ) -> Result<(), ClientError> {
     loop {
         match conn.recv_msg::<Reply>().await? {
@@ -324,12 +364,87 @@ async fn read_pushed(
     }
 }
 
+/// The registration's task: follows pushes and, when the agent goes away, registers the
+/// socket again on a new connection.
+async fn follow(
+    mut conn: Conn,
+    opts: RegisterOptions,
+    cookie: u64,
+    state: watch::Sender<GenState>,
+    shared: Arc<Shared>,
+) -> Result<(), ClientError> {
+    loop {
+        let end = read_pushed(&mut conn, opts.generation, &state).await;
+        if !opts.reconnect {
+            return end;
+        }
+        tracing::warn!(
+            group = %opts.group, generation = opts.generation,
+            "lost the agent's control connection; registering the socket again when it is back"
+        );
+        match rejoin(&opts, cookie, &state, &shared).await? {
+            Some(new) => conn = new,
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Reconnects with backoff and registers the socket again. `None` once the socket is gone.
+async fn rejoin(
+    opts: &RegisterOptions,
+    cookie: u64,
+    state: &watch::Sender<GenState>,
+    shared: &Shared,
+) -> Result<Option<Conn>, ClientError> {
+    let mut backoff = Backoff::new();
+    loop {
+        tokio::time::sleep(backoff.next_delay()).await;
+        let source = *shared.source.lock().expect("not poisoned");
+        let Some(socket) = source.fetch(cookie) else {
+            return Ok(None);
+        };
+        let Ok(mut conn) = connect_conn(&opts.control).await else {
+            continue;
+        };
+        // The agent keeps the generation's state; `activate` was for the first time only.
+        let op = Op::Register {
+            group: opts.group,
+            generation: opts.generation,
+            name: opts.name.clone(),
+            activate: false,
+        };
+        match round_trip(&mut conn, op, Some(socket.as_fd())).await {
+            Ok(Reply::Registered { state: s, slot, .. }) => {
+                state.send_replace(s);
+                shared.set_connection(&conn);
+                tracing::info!(group = %opts.group, generation = opts.generation, slot, "socket registered again");
+                return Ok(Some(conn));
+            }
+            Ok(other) => {
+                return Err(ClientError::UnexpectedReply {
+                    request: "register",
+                    reply: reply_name(&other),
+                });
+            }
+            Err(e @ ClientError::Agent { .. }) => return Err(e),
+            // The agent went away again, or is not accepting yet.
+            Err(_) => {}
+        }
+    }
+}
+
 /// Registers the listening `socket` with the agent. The agent checks that it is a
 /// listening TCP socket with `SO_REUSEPORT` bound to the group's address.
 pub async fn register(
     socket: BorrowedFd<'_>,
     opts: &RegisterOptions,
 ) -> Result<Registration, ClientError> {
+    let cookie = SockRef::from(&socket)
+        .cookie()
+        .map_err(|source| ClientError::Io {
+            context: "reading the socket's cookie (SO_COOKIE)".into(),
+            source,
+        })?;
     let mut conn = connect_conn(&opts.control).await?;
     let op = Op::Register {
         group: opts.group,
@@ -351,23 +466,20 @@ pub async fn register(
             });
         }
     };
-    let shutdown = conn
-        .stream()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|source| ClientError::Io {
-            context: "cannot duplicate the control connection".into(),
-            source,
-        })?;
+    let shared = Arc::new(Shared {
+        shutdown: Mutex::new(None),
+        source: Mutex::new(SocketSource::Fd(socket.as_raw_fd())),
+    });
+    shared.set_connection(&conn);
     let (tx, rx) = watch::channel(state);
-    let reader = tokio::spawn(read_pushed(conn, generation, tx));
+    let reader = tokio::spawn(follow(conn, opts.clone(), cookie, tx, shared.clone()));
     Ok(Registration {
         group,
         generation,
         slot,
         state: rx,
         reader: Some(reader),
-        shutdown,
+        shared,
     })
 }
 
@@ -754,7 +866,8 @@ mod tests {
 
     #[tokio::test]
     async fn closed_resolves_when_the_agent_goes_away() {
-        let (_dir, listener, tcp, g, opts) = registration_fixture(1);
+        let (_dir, listener, tcp, g, mut opts) = registration_fixture(1);
+        opts.reconnect = false;
         let agent = tokio::spawn(async move {
             let mut conn = accept(&listener).await;
             recv_request(&mut conn).await;
@@ -773,6 +886,69 @@ mod tests {
             .expect("closed() should resolve once the agent closed the connection")
             .expect("a clean close");
         reg.closed().await.expect("later calls resolve at once");
+    }
+
+    #[tokio::test]
+    async fn a_restarted_agent_gets_the_same_socket_again() {
+        let (_dir, listener, tcp, g, mut opts) = registration_fixture(4);
+        opts.activate = true;
+        let cookie = SockRef::from(&tcp).cookie().unwrap();
+        let registered = move |state| Reply::Registered {
+            group: g,
+            generation: 4,
+            slot: 9,
+            state,
+        };
+        let agent = tokio::spawn(async move {
+            let mut first = accept(&listener).await;
+            recv_request(&mut first).await;
+            first
+                .send(&registered(GenState::Active), None)
+                .await
+                .unwrap();
+            drop(first); // the agent dies
+            let mut second = accept(&listener).await;
+            let (req, fds) = recv_request(&mut second).await;
+            assert_eq!(fds.len(), 1, "the socket should come along again");
+            assert_eq!(
+                SockRef::from(&fds[0]).cookie().unwrap(),
+                cookie,
+                "the very same socket should be registered again"
+            );
+            assert!(
+                matches!(
+                    req.op,
+                    Op::Register {
+                        generation: 4,
+                        activate: false,
+                        ..
+                    }
+                ),
+                "a re-registration must not activate again: {req:?}"
+            );
+            second
+                .send(&registered(GenState::Draining), None)
+                .await
+                .unwrap();
+            second
+        });
+        let mut reg = register(tcp.as_fd(), &opts).await.expect("register");
+        let mut state = reg.state();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            state.wait_for(|s| *s == GenState::Draining),
+        )
+        .await
+        .expect("the state from the re-registration should reach the watch")
+        .unwrap();
+        let second = agent.await.unwrap();
+        // Socket closed, then the agent goes away again: nothing left to register.
+        drop(tcp);
+        drop(second);
+        tokio::time::timeout(Duration::from_secs(5), reg.closed())
+            .await
+            .expect("closed() should resolve once the socket is gone")
+            .expect("a clean end");
     }
 
     #[tokio::test]
