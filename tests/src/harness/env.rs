@@ -1,7 +1,6 @@
 //! [`TestEnv`]: one network namespace, one temp dir, one bpffs dir and one agent per test.
 
 use std::{
-    fs::File,
     future::Future,
     io,
     net::TcpListener,
@@ -154,7 +153,11 @@ impl TestEnv {
     }
 
     fn start_agent(&mut self) {
-        let log = File::create(&self.log).expect("create agent log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open the agent log");
         let agent = Command::new(bin_path("reuseport-agent"))
             .arg("--control")
             .arg(&self.control)
@@ -232,6 +235,36 @@ impl TestEnv {
     /// Everything the agent wrote so far.
     pub fn agent_log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(no agent log: {e})"))
+    }
+
+    /// `kill -9` of the agent, and waits until it is gone. Its pins, programs and control
+    /// socket file stay behind, as after a crash.
+    pub fn kill_agent(&mut self) {
+        let mut agent = self.agent.take().expect("agent running");
+        agent.kill().expect("SIGKILL the agent");
+        agent.wait().expect("reap the agent");
+    }
+
+    /// Starts the agent again on the same control socket and bpffs dir (after
+    /// [`kill_agent`](Self::kill_agent)), with `env` replacing the extra environment.
+    pub fn restart_agent(&mut self, env: &[(&str, &str)]) {
+        assert!(
+            self.agent.is_none(),
+            "{}: the agent is still running",
+            self.name
+        );
+        self.agent_env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        // NB: appends: the log of the killed agent stays readable above.
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .expect("agent log");
+        use std::io::Write as _;
+        let _ = writeln!(log, "--- {}: agent restarted ---", self.name);
+        self.start_agent();
     }
 
     /// PID of the agent process.

@@ -169,13 +169,18 @@ fn exited_after_draining(log: &str, generation: u32) -> bool {
 
 /// `reuseportctl supervise --listen 127.0.0.1:PORT … -- <this executable as a server>`, in
 /// its own process group, logging to a file in the test's dir.
-struct Supervisor {
+pub(crate) struct Supervisor {
     child: Option<Child>,
     log: PathBuf,
 }
 
 impl Supervisor {
-    fn spawn(env: &TestEnv, port: u16, extra: &[&str], fail_generation: Option<u32>) -> Self {
+    pub(crate) fn spawn(
+        env: &TestEnv,
+        port: u16,
+        extra: &[&str],
+        fail_generation: Option<u32>,
+    ) -> Self {
         let log = env.dir().join("supervise.log");
         let file = File::create(&log).expect("supervise log");
         let mut cmd = env.ctl_command();
@@ -205,19 +210,19 @@ impl Supervisor {
         }
     }
 
-    fn pid(&self) -> Pid {
+    pub(crate) fn pid(&self) -> Pid {
         Pid::from_raw(self.child.as_ref().expect("supervisor").id() as i32)
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn signal(&self, sig: Signal) {
+    pub(crate) fn signal(&self, sig: Signal) {
         kill(self.pid(), sig).expect("signal the supervisor");
     }
 
-    fn assert_running(&mut self) {
+    pub(crate) fn assert_running(&mut self) {
         if let Some(status) = self
             .child
             .as_mut()
@@ -230,7 +235,7 @@ impl Supervisor {
         }
     }
 
-    fn wait_active(&mut self, env: &TestEnv, port: u16, generation: u32) {
+    pub(crate) fn wait_active(&mut self, env: &TestEnv, port: u16, generation: u32) {
         wait_until(
             &format!("generation {generation} is active"),
             RESTART_TIMEOUT,
@@ -243,7 +248,7 @@ impl Supervisor {
     }
 
     /// Sends `sig` and waits for the supervisor to exit.
-    fn stop(&mut self, sig: Signal, timeout: Duration) -> ExitStatus {
+    pub(crate) fn stop(&mut self, sig: Signal, timeout: Duration) -> ExitStatus {
         self.signal(sig);
         let child = self.child.as_mut().expect("supervisor");
         let deadline = Instant::now() + timeout;
@@ -277,14 +282,14 @@ impl Drop for Supervisor {
 }
 
 /// Client threads, each making one connection per request until stopped.
-struct Load {
+pub(crate) struct Load {
     stop: Arc<AtomicBool>,
     tally: Arc<Mutex<Tally>>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Load {
-    fn start(port: u16, threads: usize) -> Self {
+    pub(crate) fn start(port: u16, threads: usize) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let tally = Arc::new(Mutex::new(Tally::default()));
         let threads = (0..threads)
@@ -307,7 +312,7 @@ impl Load {
         }
     }
 
-    fn wait_answered_by(&self, generation: u32, sup: &Supervisor) {
+    pub(crate) fn wait_answered_by(&self, generation: u32, sup: &Supervisor) {
         wait_until(
             &format!("generation {generation} answers requests"),
             RESTART_TIMEOUT,
@@ -323,7 +328,12 @@ impl Load {
         );
     }
 
-    fn stop(self) -> Tally {
+    /// What the clients have seen so far.
+    pub(crate) fn snapshot(&self) -> Tally {
+        self.tally.lock().unwrap().clone()
+    }
+
+    pub(crate) fn stop(self) -> Tally {
         self.stop.store(true, Ordering::SeqCst);
         for t in self.threads {
             t.join().expect("load thread");
