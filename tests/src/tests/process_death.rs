@@ -68,3 +68,82 @@ fn killed_active_generation_falls_back_to_draining_one() {
         "generation 1 should keep receiving connections once the agent noticed: {t}"
     );
 }
+
+#[test]
+fn killed_standby_generation_changes_nothing_for_traffic() {
+    const PORT: u16 = 7502;
+    let env = TestEnv::new("killed_standby_generation_changes_nothing_for_traffic");
+    let g1 = env.serve(PORT, 1, ServerKind::Tokio, false);
+    let mut g2 = ChildServer::spawn(&env, PORT, 2, false);
+    let t = tally(local(PORT), 200);
+    assert_eq!(t.of(1), 200, "standby generation 2 should get nothing: {t}");
+
+    g2.kill();
+    let t = tally(local(PORT), 1000);
+    assert_eq!(
+        (t.of(1), t.failed),
+        (1000, 0),
+        "a standby generation dying before activation should change nothing: {t}"
+    );
+    wait_until(
+        "status no longer lists the dead standby generation",
+        Duration::from_secs(10),
+        || {
+            env.status(PORT)
+                .generations
+                .iter()
+                .all(|g| g.generation != 2)
+        },
+    );
+    let status = env.status(PORT);
+    assert_eq!(
+        status.active,
+        Some(1),
+        "generation 1 stays active: {status:?}"
+    );
+    assert!(!status.falling_back, "nothing falls back: {status:?}");
+    drop(g1);
+}
+
+#[test]
+fn server_that_dies_while_the_agent_is_down_is_dropped_at_adoption() {
+    const PORT: u16 = 7503;
+    let mut env = TestEnv::new("server_that_dies_while_the_agent_is_down_is_dropped_at_adoption");
+    let g1 = env.serve(PORT, 1, ServerKind::Tokio, false);
+    let mut g2 = ChildServer::spawn(&env, PORT, 2, true);
+    let g2_slot = g2.slot;
+    env.kill_agent();
+    g2.kill();
+    // The active generation died while nobody managed the group: the program falls back.
+    let t = tally(local(PORT), 200);
+    assert_eq!(
+        (t.of(1), t.failed),
+        (200, 0),
+        "with the agent down, the program alone should fall back to generation 1: {t}"
+    );
+    env.restart_agent(&[]);
+    wait_until(
+        "generation 1 is registered again",
+        Duration::from_secs(15),
+        || {
+            env.status(PORT)
+                .generations
+                .iter()
+                .flat_map(|g| &g.sockets)
+                .all(|s| s.registered)
+        },
+    );
+    let status = env.status(PORT);
+    assert!(
+        status
+            .generations
+            .iter()
+            .all(|g| g.generation == 1 && g.sockets.iter().all(|s| s.slot != g2_slot)),
+        "the dead server's socket (slot {g2_slot}) should be dropped at adoption: {status:?}"
+    );
+    assert!(
+        env.agent_log().contains("dropped=1"),
+        "the agent should say it dropped one socket"
+    );
+    drop(g1);
+}
