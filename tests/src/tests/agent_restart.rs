@@ -14,13 +14,21 @@ use reuseport_agent::{
 use reuseport_common::{ABI_VERSION, ADOPTABLE_ABI};
 
 use super::supervise::{Load, Supervisor};
-use crate::harness::{ServerKind, TestEnv, group, local, tally, wait_until};
+use crate::harness::{ServerKind, TestEnv, group, load_size, local, tally, wait_until};
 
 /// How long clients may take to register again after the agent is back (their backoff is
 /// at most one second).
 const REREGISTER_TIMEOUT: Duration = Duration::from_secs(15);
-/// New connections the load must complete while the agent is down.
-const DOWNTIME_CONNECTIONS: u64 = 2_000;
+/// New connections the load must complete while the agent is down (host, VM guest).
+const DOWNTIME_CONNECTIONS: (u64, u64) = (2_000, 300);
+
+fn downtime_connections() -> u64 {
+    load_size(
+        "connections while the agent is down",
+        DOWNTIME_CONNECTIONS.0,
+        DOWNTIME_CONNECTIONS.1,
+    )
+}
 
 /// Status with the counters left out: what must survive a restart unchanged.
 fn comparable(mut groups: Vec<GroupStatus>) -> Vec<GroupStatus> {
@@ -79,12 +87,13 @@ fn agent_killed_under_load_is_adopted_and_clients_register_again() {
     let lib_before = lib_load.snapshot();
     let accepted_by_draining = lib1.server.accepted();
 
+    let downtime = downtime_connections();
     let down = std::time::Instant::now();
     env.kill_agent();
     wait_until(
         "the load completes connections while the agent is down",
         Duration::from_secs(60),
-        || lib_load.snapshot().answered() >= lib_before.answered() + DOWNTIME_CONNECTIONS,
+        || lib_load.snapshot().answered() >= lib_before.answered() + downtime,
     );
     let lib_down = lib_load.snapshot();
     let rate = (lib_down.answered() - lib_before.answered()) as f64 / down.elapsed().as_secs_f64();
@@ -244,12 +253,13 @@ fn upgrade_from(
     env.activate(port, 2);
     let load = Load::start(port, 2);
     let before = env.status(port);
+    let downtime = downtime_connections() / 4;
     env.kill_agent();
     let answered = load.snapshot().answered();
     wait_until(
         "the load completes connections while no agent runs",
         Duration::from_secs(60),
-        || load.snapshot().answered() >= answered + DOWNTIME_CONNECTIONS / 4,
+        || load.snapshot().answered() >= answered + downtime,
     );
     env.restart_agent(&[]);
     (env, gens, load, before)
