@@ -136,6 +136,16 @@ impl State {
     }
 }
 
+/// A socket arriving in a `register` request, checked, with who sent it.
+#[derive(Clone, Copy)]
+struct Incoming<'a> {
+    peer: Peer,
+    reg: RegId,
+    socket: &'a OwnedFd,
+    req: &'a Registration,
+    listener: &'a sockcheck::Listener,
+}
+
 /// What one registration asks for.
 pub struct Registration {
     pub group: GroupAddr,
@@ -209,9 +219,15 @@ impl Agent {
         }
         let mut state = self.lock();
         let key = listener.key;
+        let incoming = Incoming {
+            peer,
+            reg,
+            socket: &socket,
+            req: &req,
+            listener: &listener,
+        };
         if state.groups.contains_key(&key)
-            && let Some(reclaimed) =
-                self.reclaim(&mut state, key, peer, reg, &socket, &req, &listener)
+            && let Some(reclaimed) = self.reclaim(&mut state, key, &incoming)
         {
             if reclaimed.is_ok() {
                 state.subscribers.insert(reg, events);
@@ -233,7 +249,7 @@ impl Agent {
                     kernel,
                     slots: SlotPool::new(),
                     serial: 0,
-                    netns: Some(listener.netns),
+                    netns: listener.netns.try_clone().ok(),
                     record_abi: self.pin_abi,
                     closed: HashSet::new(),
                     logger,
@@ -241,16 +257,7 @@ impl Agent {
             );
             tracing::info!(group = %key, mode = self.mode.as_str(), "group created");
         }
-        let result = self.add_socket(
-            &mut state,
-            key,
-            peer,
-            reg,
-            &socket,
-            &req,
-            listener.uid,
-            listener.cookie,
-        );
+        let result = self.add_socket(&mut state, key, &incoming);
         match result {
             Ok((slot, changes)) => {
                 state.subscribers.insert(reg, events);
@@ -281,20 +288,19 @@ impl Agent {
     /// A socket that is already in the group comes back on a new connection (its client
     /// reconnected after an agent restart): it keeps its slot, generation and state. `None`
     /// if the group does not know the socket.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one call site; a struct would only rename them"
-    )]
     fn reclaim(
         &self,
         state: &mut State,
         key: GroupKey,
-        peer: Peer,
-        reg: RegId,
-        socket: &OwnedFd,
-        req: &Registration,
-        listener: &sockcheck::Listener,
+        incoming: &Incoming<'_>,
     ) -> Option<Result<Reply, Refusal>> {
+        let Incoming {
+            peer,
+            reg,
+            socket,
+            req,
+            listener,
+        } = *incoming;
         let live = &state.subscribers;
         let group = state.groups.get_mut(&key)?;
         let (generation, slot, member) = group.registry.find_cookie(listener.cookie)?;
@@ -302,7 +308,8 @@ impl Agent {
             return Some(Err(Refusal::new(
                 ErrorKind::Conflict,
                 format!(
-                    "this socket is already registered in {key} (generation {generation}, slot                      {slot}, pid {}): a socket registers once; close the other registration first",
+                    "this socket is already registered in {key} (generation {generation}, slot \
+                     {slot}, pid {}): a socket registers once; close the other registration first",
                     member.pid
                 ),
             )));
@@ -311,7 +318,8 @@ impl Agent {
             return Some(Err(Refusal::new(
                 ErrorKind::Conflict,
                 format!(
-                    "this socket is registered in {key} as generation {generation}, not {}:                      register it again as generation {generation}",
+                    "this socket is registered in {key} as generation {generation}, not {}: \
+                     register it again as generation {generation}",
                     req.generation
                 ),
             )));
@@ -448,21 +456,19 @@ impl Agent {
         Ok(true)
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one call site; a struct would only rename them"
-    )]
     fn add_socket(
         &self,
         state: &mut State,
         key: GroupKey,
-        peer: Peer,
-        reg: RegId,
-        socket: &OwnedFd,
-        req: &Registration,
-        uid: u32,
-        cookie: u64,
+        incoming: &Incoming<'_>,
     ) -> Result<(u32, Vec<StateChange>), Refusal> {
+        let Incoming {
+            peer,
+            reg,
+            socket,
+            req,
+            listener,
+        } = *incoming;
         let group = state.groups.get_mut(&key).expect("group exists");
         let slot = group.slots.alloc(&self.grace).ok_or_else(|| {
             Refusal::new(
@@ -487,8 +493,8 @@ impl Agent {
         let member = Member {
             reg,
             pid: peer.pid,
-            uid,
-            cookie,
+            uid: listener.uid,
+            cookie: listener.cookie,
         };
         let changes =
             group
