@@ -110,6 +110,7 @@ impl Group {
             netns: self.key.netns,
             owner_uid: self.owner_uid,
             serial: self.serial,
+            program: self.kernel.program_id(),
             // NB: a clone per publish (at most MAX_SLOTS members): simpler than a borrowing
             // twin of the record type, and publishes are not a hot path.
             registry: Registry {

@@ -392,7 +392,8 @@ impl Agent {
     ) -> Result<bool, String> {
         let record = pinned::decode(state)?;
         let key = record.key();
-        let kernel = GroupKernel::adopt(self.mode, dir, &self.grace).map_err(|e| e.to_string())?;
+        let kernel = GroupKernel::adopt(self.mode, dir, &record.program, &self.grace)
+            .map_err(|e| e.to_string())?;
         let mut registry = record.registry;
         // Registration ids of the dead agent mean nothing here: one fresh id per old one,
         // none of them connected until its client registers again.
@@ -450,6 +451,7 @@ impl Agent {
         tracing::info!(
             group = %key, generations = %generations.join(","), sockets = used.len(),
             dropped = dropped.len(), abi = state.header.abi_version,
+            program = if group.kernel.program_reused() { "reused" } else { "reloaded" },
             "adopted pinned group; its clients re-register their sockets"
         );
         self.lock().groups.insert(key, group);

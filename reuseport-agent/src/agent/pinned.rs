@@ -21,6 +21,9 @@ pub struct GroupRecord {
     pub owner_uid: u32,
     /// Serial of the table published with this record.
     pub serial: u32,
+    /// `steering::program_id` of the program the writer ran (empty: unknown).
+    #[serde(default)]
+    pub program: String,
     pub registry: Registry,
 }
 
@@ -90,6 +93,7 @@ mod tests {
             netns: 42,
             owner_uid: 7,
             serial: 9,
+            program: "select-or-migrate-00".into(),
             registry,
         };
         let state = encode(&rec, 2).unwrap();
@@ -114,6 +118,7 @@ mod tests {
                 netns: 1,
                 owner_uid: 0,
                 serial: 0,
+                program: String::new(),
                 registry: Registry::default(),
             },
             2,

@@ -10,7 +10,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, Map, MapData, PerCpuArray, PerCpuValues},
-    programs::SkReuseport,
+    programs::{SkReuseport, SkReuseportAttachType},
     util::nr_cpus,
 };
 use reuseport_common::{
@@ -40,6 +40,13 @@ impl Mode {
         match self {
             Self::SelectOrMigrate => "select-or-migrate",
             Self::SelectOnly => "select-only",
+        }
+    }
+
+    fn attach_type(self) -> SkReuseportAttachType {
+        match self {
+            Self::SelectOrMigrate => SkReuseportAttachType::SelectOrMigrate,
+            Self::SelectOnly => SkReuseportAttachType::Select,
         }
     }
 
@@ -106,6 +113,16 @@ fn load(mode: Mode, pin_dir: Option<&Path>) -> Result<Ebpf, SteeringError> {
         .map_err(|e: aya::programs::ProgramError| load_err(mode)(e.into()))?;
     prog.load().map_err(|e| load_err(mode)(e.into()))?;
     Ok(ebpf)
+}
+
+/// Identifies the program this agent build loads in `mode`: an adopted group whose pinned
+/// program has the same id is reused as it is (no new load: verification takes seconds on
+/// some kernels), any other is replaced.
+pub fn program_id(mode: Mode) -> String {
+    use std::hash::{DefaultHasher, Hash as _, Hasher as _};
+    let mut h = DefaultHasher::new();
+    PROGRAM.hash(&mut h);
+    format!("{}-{:016x}", mode.as_str(), h.finish())
 }
 
 /// What a group directory in bpffs holds.
@@ -181,7 +198,10 @@ pub fn kernel_release() -> String {
 
 /// One group's program and maps.
 pub struct GroupKernel {
-    ebpf: Ebpf,
+    /// The loaded object, unless the program was taken from its pin as it is.
+    ebpf: Option<Ebpf>,
+    /// The program taken from its pin (see [`program_id`]).
+    pinned_program: Option<SkReuseport>,
     sockets: MapData,
     config: Array<MapData, SteeringConfig>,
     current: Array<MapData, u32>,
@@ -203,13 +223,70 @@ impl GroupKernel {
         Self::open(mode, pin_dir, None)
     }
 
-    /// Loads a fresh program on the maps pinned in `pin_dir` by an earlier agent. The
-    /// program the kernel runs stays the old one until [`GroupKernel::attach`].
+    /// Takes over the maps pinned in `pin_dir` by an earlier agent. If the pinned program is
+    /// the one this build would load (`pinned_program_id`), it is reused from its pin;
+    /// otherwise a fresh program is loaded on the same maps, and the kernel keeps running
+    /// the old one until [`GroupKernel::attach`].
     ///
     /// NB: the crashed agent may have retired buffers less than a grace period ago, so
     /// every buffer starts out retired "now".
-    pub fn adopt(mode: Mode, pin_dir: &Path, grace: &Grace) -> Result<Self, SteeringError> {
-        Self::open(mode, pin_dir, Some(grace.retire()))
+    pub fn adopt(
+        mode: Mode,
+        pin_dir: &Path,
+        pinned_program_id: &str,
+        grace: &Grace,
+    ) -> Result<Self, SteeringError> {
+        let retired = Some(grace.retire());
+        if pinned_program_id == program_id(mode) {
+            match Self::from_pins(mode, pin_dir, retired) {
+                Ok(k) => return Ok(k),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reusing the pinned program failed; loading it again")
+                }
+            }
+        }
+        Self::open(mode, pin_dir, retired)
+    }
+
+    /// Everything from its pin, nothing loaded.
+    fn from_pins(
+        mode: Mode,
+        pin_dir: &Path,
+        retired: Option<Ticket>,
+    ) -> Result<Self, SteeringError> {
+        let map = |name: &'static str| {
+            MapData::from_pin(pin_dir.join(name)).map_err(|e| SteeringError::Kernel {
+                what: format!("opening the pinned map {name}"),
+                source: io::Error::other(e),
+            })
+        };
+        let typed = |name: &'static str| {
+            move |e: aya::maps::MapError| SteeringError::Kernel {
+                what: format!("pinned map {name}"),
+                source: io::Error::other(e),
+            }
+        };
+        let current: Array<MapData, u32> =
+            Array::try_from(Map::Array(map(MapNames::CURRENT)?)).map_err(typed("CURRENT"))?;
+        let program = SkReuseport::from_pin(pin_dir.join(mode.program()), mode.attach_type())
+            .map_err(|e| SteeringError::Kernel {
+                what: format!("opening the pinned program {}", mode.program()),
+                source: io::Error::other(e),
+            })?;
+        Ok(Self {
+            ebpf: None,
+            pinned_program: Some(program),
+            sockets: map(MapNames::SOCKETS)?,
+            config: Array::try_from(Map::Array(map(MapNames::CONFIG)?)).map_err(typed("CONFIG"))?,
+            live: current.get(&0, 0).unwrap_or(0) % CONFIG_BUFFERS,
+            current,
+            counters: PerCpuArray::try_from(Map::PerCpuArray(map(MapNames::COUNTERS)?))
+                .map_err(typed("COUNTERS"))?,
+            state: Array::try_from(Map::Array(map(MapNames::STATE)?)).map_err(typed("STATE"))?,
+            mode,
+            pin_dir: pin_dir.to_owned(),
+            retired: [retired; CONFIG_BUFFERS as usize],
+        })
     }
 
     fn open(mode: Mode, pin_dir: &Path, retired: Option<Ticket>) -> Result<Self, SteeringError> {
@@ -256,7 +333,8 @@ impl GroupKernel {
         })?;
         let live = current.get(&0, 0).unwrap_or(0) % CONFIG_BUFFERS;
         Ok(Self {
-            ebpf,
+            ebpf: Some(ebpf),
+            pinned_program: None,
             sockets,
             config,
             current,
@@ -273,6 +351,16 @@ impl GroupKernel {
         self.mode
     }
 
+    /// Whether the program was taken from its pin as it was (see [`GroupKernel::adopt`]).
+    pub fn program_reused(&self) -> bool {
+        self.pinned_program.is_some()
+    }
+
+    /// [`program_id`] of this agent's program, which a publish records.
+    pub fn program_id(&self) -> String {
+        program_id(self.mode)
+    }
+
     /// Removes the pins (the program stays attached to the kernel group while sockets use it).
     pub fn unpin(&self) {
         remove_pins(&self.pin_dir);
@@ -281,11 +369,14 @@ impl GroupKernel {
     /// Attaches the program to the kernel's reuseport group that `socket` belongs to.
     /// Idempotent: attaching again replaces the group's program with the same one.
     pub fn attach(&self, socket: BorrowedFd<'_>) -> Result<(), SteeringError> {
-        let prog: &SkReuseport = self
-            .ebpf
-            .program(self.mode.program())
-            .and_then(|p| p.try_into().ok())
-            .expect("program was loaded in create()");
+        let prog: &SkReuseport = match (&self.pinned_program, &self.ebpf) {
+            (Some(p), _) => p,
+            (None, Some(ebpf)) => ebpf
+                .program(self.mode.program())
+                .and_then(|p| p.try_into().ok())
+                .expect("program was loaded in open()"),
+            (None, None) => unreachable!("a group kernel has a program"),
+        };
         prog.attach(socket).map_err(|e| SteeringError::Kernel {
             what:
                 "attaching the program to the socket's reuseport group (SO_ATTACH_REUSEPORT_EBPF)"
@@ -392,7 +483,9 @@ impl GroupKernel {
 
     /// Sets up aya-log for the program's rare-event messages.
     pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
-        aya_log::EbpfLogger::init(&mut self.ebpf)
+        // NB: a program reused from its pin logs into a ring buffer of the dead agent's
+        // object that nobody reads any more: its rare-event lines are lost.
+        aya_log::EbpfLogger::init(self.ebpf.as_mut()?)
             .inspect_err(|e| tracing::debug!(error = %e, "program logger unavailable"))
             .ok()
     }

@@ -122,8 +122,9 @@ fn agent_killed_under_load_is_adopted_and_clients_register_again() {
         "after the restart, status (counters aside) should equal the one before the kill"
     );
     assert!(
-        env.agent_log().contains("adopted pinned group"),
-        "the agent should log the adoption"
+        env.agent_log().contains("adopted pinned group")
+            && env.agent_log().contains("program=\"reused\""),
+        "the agent should log the adoption, reusing the pinned program of its own build"
     );
 
     // The adopted groups are managed as before: flips work in both.
