@@ -8,6 +8,7 @@
 
 mod flip;
 mod overhead;
+mod reference_prog;
 
 use std::{
     io::{Read as _, Write as _},
