@@ -18,12 +18,16 @@ use std::{
 };
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tokio::{net::UnixStream, sync::watch, task::JoinHandle};
+use tokio::{
+    net::UnixStream,
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
 
 use crate::{
     addr::GroupAddr,
     frame::{Conn, FrameError},
-    protocol::{ErrorKind, GenState, GroupStatus, Op, Reply, Request},
+    protocol::{ErrorKind, GenState, GroupStatus, Op, Reply, Request, RestartOutcome},
 };
 
 /// Backlog of listeners created by [`reuseport_listener`]. The kernel caps it at
@@ -111,6 +115,9 @@ fn reply_name(reply: &Reply) -> &'static str {
         Reply::Status { .. } => "status",
         Reply::Changed { .. } => "changed",
         Reply::State { .. } => "state",
+        Reply::Restarting { .. } => "restarting",
+        Reply::Restart { .. } => "restart",
+        Reply::RestartResult { .. } => "restart_result",
         Reply::Error { .. } => "error",
     }
 }
@@ -121,6 +128,8 @@ fn op_name(op: &Op) -> &'static str {
         Op::Status { .. } => "status",
         Op::Activate { .. } => "activate",
         Op::Drain { .. } => "drain",
+        Op::Restart { .. } => "restart",
+        Op::RestartResult { .. } => "restart_result",
     }
 }
 
@@ -192,6 +201,59 @@ impl ControlClient {
         self.change(Op::Drain { group, generation }).await
     }
 
+    /// Asks the `reuseportctl supervise` of `group` to start its next generation. Returns
+    /// the restart's id and the supervisor's pid; [`ControlClient::restart_outcome`] then
+    /// waits for the outcome on this connection.
+    pub async fn restart(&mut self, group: GroupAddr) -> Result<(u64, i32), ClientError> {
+        match self.request(Op::Restart { group }).await? {
+            Reply::Restarting {
+                id, supervisor_pid, ..
+            } => Ok((id, supervisor_pid)),
+            other => Err(ClientError::UnexpectedReply {
+                request: "restart",
+                reply: reply_name(&other),
+            }),
+        }
+    }
+
+    /// The outcome of restart `id`, as the supervisor reports it. Waits as long as it
+    /// takes: put a timeout around it.
+    pub async fn restart_outcome(&mut self, id: u64) -> Result<RestartOutcome, ClientError> {
+        loop {
+            match self.conn.recv_msg::<Reply>().await? {
+                None => return Err(ClientError::ConnectionClosed),
+                Some((
+                    Reply::RestartResult {
+                        id: got, outcome, ..
+                    },
+                    _,
+                )) if got == id => return Ok(outcome),
+                Some((other, _)) => {
+                    tracing::debug!(reply = reply_name(&other), "ignoring a pushed frame");
+                }
+            }
+        }
+    }
+
+    /// From a supervisor: how restart `id` ended.
+    pub async fn report_restart(
+        &mut self,
+        group: GroupAddr,
+        id: u64,
+        outcome: RestartOutcome,
+    ) -> Result<(), ClientError> {
+        match self
+            .request(Op::RestartResult { group, id, outcome })
+            .await?
+        {
+            Reply::RestartResult { .. } => Ok(()),
+            other => Err(ClientError::UnexpectedReply {
+                request: "restart_result",
+                reply: reply_name(&other),
+            }),
+        }
+    }
+
     async fn change(&mut self, op: Op) -> Result<GroupStatus, ClientError> {
         let request = op_name(&op);
         match self.request(op).await? {
@@ -238,6 +300,8 @@ pub struct Registration {
     generation: u32,
     slot: u32,
     state: watch::Receiver<GenState>,
+    /// Restart ids the agent pushed (supervised registrations only).
+    restarts: Option<mpsc::UnboundedReceiver<u64>>,
     /// Reads pushed frames; owns the connection. `None` once [`Registration::closed`] saw
     /// it finish.
     reader: Option<JoinHandle<Result<(), ClientError>>>,
@@ -265,6 +329,12 @@ impl Registration {
     /// is dropped when the connection closes, so `changed()` then fails.
     pub fn state(&self) -> watch::Receiver<GenState> {
         self.state.clone()
+    }
+
+    /// The ids of the restarts the agent forwards to this registration (`reuseportctl
+    /// restart`); only a supervised registration gets any. `None` after the first call.
+    pub fn take_restart_requests(&mut self) -> Option<mpsc::UnboundedReceiver<u64>> {
+        self.restarts.take()
     }
 
     /// Resolves when the control connection ends: `Ok` when the agent closed it cleanly,
@@ -300,6 +370,7 @@ async fn read_pushed(
     mut conn: Conn,
     generation: u32,
     state: watch::Sender<GenState>,
+    restarts: mpsc::UnboundedSender<u64>,
 ) -> Result<(), ClientError> {
     loop {
         match conn.recv_msg::<Reply>().await? {
@@ -313,6 +384,10 @@ async fn read_pushed(
                 _,
             )) if g == generation => {
                 state.send_replace(s);
+            }
+            Some((Reply::Restart { id, .. }, _)) => {
+                // Nobody listening (not a supervisor): the agent never sends one then.
+                let _ = restarts.send(id);
             }
             Some((other, _)) => {
                 tracing::debug!(
@@ -330,12 +405,32 @@ pub async fn register(
     socket: BorrowedFd<'_>,
     opts: &RegisterOptions,
 ) -> Result<Registration, ClientError> {
+    register_for(socket, opts, &Launcher::default()).await
+}
+
+/// What a launcher (`reuseportctl exec` / `supervise`) adds to a registration it makes on
+/// behalf of a server.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Launcher {
+    /// The launcher is a supervisor that takes `restart` requests.
+    pub supervised: bool,
+    /// The server's pid, for `status`.
+    pub server_pid: Option<i32>,
+}
+
+pub(crate) async fn register_for(
+    socket: BorrowedFd<'_>,
+    opts: &RegisterOptions,
+    launcher: &Launcher,
+) -> Result<Registration, ClientError> {
     let mut conn = connect_conn(&opts.control).await?;
     let op = Op::Register {
         group: opts.group,
         generation: opts.generation,
         name: opts.name.clone(),
         activate: opts.activate,
+        supervised: launcher.supervised,
+        server_pid: launcher.server_pid,
     };
     let (group, generation, slot, state) = match round_trip(&mut conn, op, Some(socket)).await? {
         Reply::Registered {
@@ -360,12 +455,14 @@ pub async fn register(
             source,
         })?;
     let (tx, rx) = watch::channel(state);
-    let reader = tokio::spawn(read_pushed(conn, generation, tx));
+    let (restarts_tx, restarts_rx) = mpsc::unbounded_channel();
+    let reader = tokio::spawn(read_pushed(conn, generation, tx, restarts_tx));
     Ok(Registration {
         group,
         generation,
         slot,
         state: rx,
+        restarts: Some(restarts_rx),
         reader: Some(reader),
         shutdown,
     })
@@ -687,7 +784,9 @@ mod tests {
                     group: g,
                     generation: 7,
                     name: Some("v7".into()),
-                    activate: false
+                    activate: false,
+                    supervised: false,
+                    server_pid: None,
                 })
             );
             assert_eq!(fds.len(), 1, "register should carry exactly one descriptor");

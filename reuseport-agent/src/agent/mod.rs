@@ -6,6 +6,7 @@
 //! - [`steering`]: the kernel objects of a group and the atomic table flip.
 //! - [`grace`]: RCU grace periods that make rewriting a retired table safe.
 //! - [`sockcheck`]: validation of sockets passed for registration.
+//! - [`restart`]: `restart` requests relayed to a group's supervisor and back.
 //! - [`server`]: the control socket.
 //! - [`wake`]: wake-ups for connections migrated to a listener without a wake-up.
 
@@ -13,6 +14,7 @@ mod bpffs;
 mod grace;
 mod group;
 mod registry;
+mod restart;
 mod server;
 mod sockcheck;
 mod steering;
@@ -73,6 +75,8 @@ struct State {
     groups: BTreeMap<GroupKey, Group>,
     /// Where to push state changes for each live registration.
     subscribers: HashMap<RegId, UnboundedSender<Reply>>,
+    /// Supervised registrations and restarts waiting for their supervisor.
+    restarts: restart::Restarts,
 }
 
 impl State {
@@ -131,12 +135,30 @@ impl State {
     }
 }
 
+/// Who may activate, drain or restart a group: root or the uid that owns its sockets.
+fn check_may_change(peer: Peer, group: &Group, what: &str) -> Result<(), Refusal> {
+    if peer.may_change(group.owner_uid) {
+        return Ok(());
+    }
+    Err(Refusal::new(
+        ErrorKind::PermissionDenied,
+        format!(
+            "permission denied: group {} belongs to uid {}; {what} it as that user or as root",
+            group.key, group.owner_uid
+        ),
+    ))
+}
+
 /// What one registration asks for.
 pub struct Registration {
     pub group: GroupAddr,
     pub generation: u32,
     pub name: Option<String>,
     pub activate: bool,
+    /// Registered by `reuseportctl supervise` (it takes `restart` requests).
+    pub supervised: bool,
+    /// The server's pid when a launcher registers on its behalf.
+    pub server_pid: Option<i32>,
 }
 
 pub struct Agent {
@@ -236,6 +258,9 @@ impl Agent {
         match result {
             Ok((slot, changes)) => {
                 state.subscribers.insert(reg, events);
+                if req.supervised {
+                    state.restarts.add_supervisor(reg, peer.pid);
+                }
                 let group = &state.groups[&key];
                 state.notify(group, &changes, self.own_netns);
                 let gen_state = group.registry.generations[&req.generation].state;
@@ -298,7 +323,7 @@ impl Agent {
         }
         let member = Member {
             reg,
-            pid: peer.pid,
+            pid: req.server_pid.unwrap_or(peer.pid),
             uid,
             cookie,
         };
@@ -324,6 +349,7 @@ impl Agent {
     pub fn unregister(&self, reg: RegId) {
         let mut state = self.lock();
         state.subscribers.remove(&reg);
+        state.restarts.remove_supervisor(reg);
         let mut emptied = Vec::new();
         for (key, group) in &mut state.groups {
             let had_active = group.registry.active();
@@ -405,15 +431,7 @@ impl Agent {
     ) -> Result<Reply, Refusal> {
         let mut state = self.lock();
         let group = state.find(wanted)?;
-        if !peer.may_change(group.owner_uid) {
-            return Err(Refusal::new(
-                ErrorKind::PermissionDenied,
-                format!(
-                    "permission denied: group {} belongs to uid {}; {what} it as that user or as root",
-                    group.key, group.owner_uid
-                ),
-            ));
-        }
+        check_may_change(peer, group, what)?;
         let changes = op(&mut group.registry)?;
         if !changes.is_empty() {
             group.publish(&self.grace)?;

@@ -241,6 +241,7 @@ mod tests {
                 generation: 5,
                 name,
                 activate: true,
+                ..
             } = req.op
             else {
                 panic!("expected a register of generation 5 with activate: {req:?}");

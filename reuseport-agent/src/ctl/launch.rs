@@ -20,7 +20,7 @@ use nix::{
 use super::spawn::{self, SpawnError};
 use crate::{
     addr::GroupAddr,
-    client::{self, RegisterOptions, Registration},
+    client::{self, Launcher, RegisterOptions, Registration},
     protocol::{GenState, MAX_NAME_LEN},
 };
 
@@ -113,6 +113,26 @@ pub async fn bind_and_register(
     name: Option<String>,
     activate: bool,
 ) -> anyhow::Result<Registered> {
+    bind_and_register_for(
+        control,
+        group,
+        generation,
+        name,
+        activate,
+        &Launcher::default(),
+    )
+    .await
+}
+
+/// [`bind_and_register`], saying what the launcher is (e.g. a supervisor).
+pub async fn bind_and_register_for(
+    control: &Path,
+    group: GroupAddr,
+    generation: u32,
+    name: Option<String>,
+    activate: bool,
+    launcher: &Launcher,
+) -> anyhow::Result<Registered> {
     let addr = group.addr;
     let listener = client::reuseport_listener(addr).map_err(|e| client::listen_error(addr, e))?;
     let opts = RegisterOptions {
@@ -122,7 +142,7 @@ pub async fn bind_and_register(
         name,
         activate,
     };
-    let registration = client::register(listener.as_fd(), &opts).await?;
+    let registration = client::register_for(listener.as_fd(), &opts, launcher).await?;
     // NB: systemd hands over listeners in blocking mode (unless NonBlocking=true), and
     // servers rely on it: Python's socket(fileno=3).accept() fails on a non-blocking one.
     listener
