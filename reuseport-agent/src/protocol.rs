@@ -217,6 +217,8 @@ pub struct GenerationStatus {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SocketStatus {
     pub slot: u32,
+    /// The server's pid as its launcher registered it (`server_pid`), else the pid of the
+    /// registering process.
     pub pid: i32,
     pub uid: u32,
     /// SO_COOKIE of the listening socket.

@@ -413,18 +413,17 @@ impl Supervisor {
         self.next_generation = generation
             .checked_add(1)
             .context("no generation number left")?;
-        let registered = launch::bind_and_register_for(
+        let bound = launch::bind_for(
             &self.control,
             self.args.listen,
             generation,
             self.args.name.clone(),
             false,
-            &Launcher {
+            Launcher {
                 supervised: true,
                 server_pid: None,
             },
         )
-        .await
         .with_context(|| format!("generation {generation}"))?;
         let mut plan = spawn::Plan::new(
             &self.program,
@@ -432,7 +431,7 @@ impl Supervisor {
             self.child_env(generation),
         )
         .context("the command line contains a NUL byte")?;
-        let (pid, mut registration) = registered.start(&mut plan)?;
+        let (pid, mut registration) = bound.register_and_start(&mut plan).await?;
         drop(plan);
 
         let mut state = registration.state();

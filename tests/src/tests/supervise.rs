@@ -193,6 +193,20 @@ fn restart_command_deploys_under_load_without_failed_requests() {
             Some(generation),
             "generation {generation} should be active when restart returns: {status:?}"
         );
+        let active = status
+            .generations
+            .iter()
+            .find(|g| g.generation == generation)
+            .expect("the active generation is listed");
+        for socket in &active.sockets {
+            assert_eq!(
+                parent_of(socket.pid),
+                Some(sup.pid().as_raw()),
+                "status should show the server's pid (a child of the supervisor), not the \
+                 supervisor's {}: {status:?}",
+                sup.pid()
+            );
+        }
         load.wait_answered_by(generation, &sup);
     }
     let t = load.stop();
@@ -261,6 +275,17 @@ fn restart_command_without_a_supervisor_says_what_to_do() {
         Some(1),
         "a refused restart should change nothing"
     );
+}
+
+/// PPid of a running process, from /proc.
+fn parent_of(pid: i32) -> Option<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn exited_after_draining(log: &str, generation: u32) -> bool {
