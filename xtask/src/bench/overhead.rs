@@ -1,5 +1,10 @@
 //! `cargo xtask bench overhead`: what steering costs against plain SO_REUSEPORT, what one
 //! program run costs, and how fast a flip takes effect.
+//!
+//! The program cost comes from the kernel's run statistics, which time every run with two
+//! clock reads: that floor is large next to a short program, so two reference programs
+//! (see [`super::reference_prog`]) run under the same statistics on groups of their own,
+//! and the report puts ours next to them.
 
 use std::{
     net::SocketAddr,
