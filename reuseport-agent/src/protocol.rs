@@ -51,6 +51,14 @@ pub enum Op {
         /// Make this generation active as soon as it is registered.
         #[serde(default)]
         activate: bool,
+        /// The registering process is a `reuseportctl supervise` that starts the next
+        /// generation when the agent pushes [`Reply::Restart`] on this connection.
+        #[serde(default, skip_serializing_if = "is_false")]
+        supervised: bool,
+        /// The pid of the server that uses the socket, when a launcher registers it on the
+        /// server's behalf (`status` shows it instead of the launcher's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        server_pid: Option<i32>,
     },
     /// All groups, or the one named.
     Status {
@@ -61,6 +69,30 @@ pub enum Op {
     Activate { group: GroupAddr, generation: u32 },
     /// Stop sending new connections to `generation`.
     Drain { group: GroupAddr, generation: u32 },
+    /// Ask the `reuseportctl supervise` that manages `group` to start the next generation,
+    /// as on SIGHUP. Answered with [`Reply::Restarting`]; the outcome follows on the same
+    /// connection as [`Reply::RestartResult`].
+    Restart { group: GroupAddr },
+    /// From a supervisor: how the restart `id` ([`Reply::Restart`]) ended. Answered with the
+    /// same frame as a [`Reply::RestartResult`].
+    RestartResult {
+        group: GroupAddr,
+        id: u64,
+        #[serde(flatten)]
+        outcome: RestartOutcome,
+    },
+}
+
+/// How a requested restart ended: the generation that is now active, or why none is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum RestartOutcome {
+    Active { generation: u32 },
+    Failed { error: String },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// State of a generation, as the kernel program treats it.
@@ -110,6 +142,27 @@ pub enum Reply {
         group: GroupAddr,
         generation: u32,
         state: GenState,
+    },
+    /// Answer to `restart`: the request went to the supervisor `supervisor_pid`; a
+    /// [`Reply::RestartResult`] with the same `id` follows on this connection.
+    Restarting {
+        group: GroupAddr,
+        id: u64,
+        supervisor_pid: i32,
+    },
+    /// Pushed on a supervised registration connection: start the next generation (as on
+    /// SIGHUP) and report the outcome with the `restart_result` request.
+    Restart {
+        group: GroupAddr,
+        id: u64,
+    },
+    /// The outcome of restart `id`, pushed to whoever requested it (and the answer to the
+    /// supervisor's `restart_result`).
+    RestartResult {
+        group: GroupAddr,
+        id: u64,
+        #[serde(flatten)]
+        outcome: RestartOutcome,
     },
     Error {
         kind: ErrorKind,
@@ -164,6 +217,8 @@ pub struct GenerationStatus {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SocketStatus {
     pub slot: u32,
+    /// The server's pid as its launcher registered it (`server_pid`), else the pid of the
+    /// registering process.
     pub pid: i32,
     pub uid: u32,
     /// SO_COOKIE of the listening socket.
@@ -222,9 +277,26 @@ mod tests {
                 group: "[::1]:80".parse().unwrap(),
                 generation: 3,
                 name: None,
-                activate: false
+                activate: false,
+                supervised: false,
+                server_pid: None,
             }
         );
+    }
+
+    #[test]
+    fn restart_outcomes_are_flat() {
+        let r = Reply::RestartResult {
+            group: "tcp://127.0.0.1:8080".parse().unwrap(),
+            id: 3,
+            outcome: RestartOutcome::Failed { error: "x".into() },
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            s,
+            r#"{"type":"restart_result","group":"tcp://127.0.0.1:8080","id":3,"outcome":"failed","error":"x"}"#
+        );
+        assert_eq!(serde_json::from_str::<Reply>(&s).unwrap(), r);
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! `cargo xtask demo`: the live demo. In a private network namespace: the agent, a demo
-//! server run by `reuseportctl supervise` as generation 1, continuous client load (a new
-//! connection per request), then a SIGHUP per deploy: supervise starts the next generation,
-//! activates it once ready, and the old one drains, gets SIGTERM and exits. Prints a live
-//! per-generation tally and the final count of failed requests (the point: 0).
+//! `cargo xtask demo`: the live demo. In a private network namespace: the agent, the demo
+//! HTTP server run by `reuseportctl supervise` as generation 1, continuous HTTP load (a new
+//! connection per request, each carrying a counter the server must echo incremented), then
+//! one `reuseportctl restart` per deploy: the agent forwards it to supervise, which starts
+//! the next generation, activates it once ready, and the old one drains, gets SIGTERM and
+//! exits. Prints a live per-generation tally and the final count of failed requests (the
+//! point: 0).
 
 use std::{
     net::SocketAddr,
@@ -14,7 +16,7 @@ use anyhow::bail;
 
 use crate::{
     bench::{Deployer, Mode},
-    load::Load,
+    load::{Load, Proto},
     stack::Stack,
 };
 
@@ -44,17 +46,20 @@ pub fn demo(opts: &DemoOpts) -> anyhow::Result<()> {
 fn run(stack: &Stack, opts: &DemoOpts) -> anyhow::Result<()> {
     let addr: SocketAddr = ADDR.parse().expect("valid");
     let ready = Duration::from_millis(300);
-    let mut deployer = Deployer::start(stack, Mode::Reuseport, addr, false, ready)?;
-    println!("demo: reuseportctl supervise runs generation 1 on {ADDR}");
-    let load = Load::start(addr, opts.clients, false);
+    let mut deployer = Deployer::start(stack, Mode::Reuseport, addr, true, ready)?;
+    println!("demo: reuseportctl supervise runs generation 1 of the HTTP demo server on {ADDR}");
+    println!(
+        "demo: {} HTTP clients, a new connection per request (GET /?n=N, the answer must be \
+         `gen G N+1`)",
+        opts.clients
+    );
+    let load = Load::start_proto(addr, opts.clients, false, Proto::Http);
     let started = Instant::now();
     for generation in 1..=opts.generations {
         if generation > 1 {
-            deployer.deploy()?;
-            println!(
-                "demo: SIGHUP: generation {generation} started, ready, active; generation {} drains",
-                generation - 1
-            );
+            println!("demo: reuseportctl restart {ADDR}");
+            let said = deployer.restart_command()?;
+            println!("demo: {said}; generation {} drains", generation - 1);
         }
         let until = Instant::now() + Duration::from_secs(opts.interval);
         while Instant::now() < until {
@@ -76,7 +81,7 @@ fn run(stack: &Stack, opts: &DemoOpts) -> anyhow::Result<()> {
         println!("| {g} | {n} |");
     }
     println!(
-        "\ndemo: {} requests in {:.1}s ({:.0}/s, one new connection each); {}",
+        "\ndemo: {} HTTP requests in {:.1}s ({:.0}/s, one new connection each); {}",
         tally.requests(),
         elapsed.as_secs_f64(),
         tally.requests() as f64 / elapsed.as_secs_f64(),

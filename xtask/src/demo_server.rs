@@ -1,6 +1,7 @@
 //! The demo's server: an ordinary LISTEN_FDS server that knows nothing about reuseport.
 //! Answers `req N` with `gen G N+1`; with `--http`, answers `GET /` with `200 OK`, the body
-//! `gen G` and `Connection: close` (for HTTP load generators such as wrk). On SIGTERM it
+//! `gen G` and `Connection: close` (for HTTP load generators such as wrk), and `GET /?n=N`
+//! with the body `gen G N+1` (the counter check of our own load generator). On SIGTERM it
 //! closes its listener (queued connections then migrate to the active generation), finishes
 //! the requests in flight and exits.
 
@@ -20,7 +21,8 @@ pub struct ServerOpts {
     /// REUSEPORT_GENERATION).
     #[arg(long, env = "REUSEPORT_GENERATION")]
     pub generation: u32,
-    /// Speak HTTP/1.1: `GET /` → `200 OK`, body `gen G`, then close the connection.
+    /// Speak HTTP/1.1: `GET /` → `200 OK`, body `gen G` (`GET /?n=N`: `gen G N+1`), then
+    /// close the connection.
     #[arg(long)]
     pub http: bool,
 }
@@ -118,6 +120,10 @@ async fn answer_http(stream: tokio::net::TcpStream, generation: u32) {
     let mut words = request_line.split_whitespace();
     let (status, body) = match (words.next(), words.next()) {
         (Some("GET"), Some("/")) => ("200 OK", format!("gen {generation}\n")),
+        (Some("GET"), Some(path)) if let Some(n) = counter(path) => (
+            "200 OK",
+            format!("gen {generation} {}\n", n.wrapping_add(1)),
+        ),
         (Some("GET"), _) => ("404 Not Found", "not found\n".to_owned()),
         _ => ("405 Method Not Allowed", "GET only\n".to_owned()),
     };
@@ -129,4 +135,9 @@ async fn answer_http(stream: tokio::net::TcpStream, generation: u32) {
     if wr.write_all(answer.as_bytes()).await.is_ok() {
         let _ = wr.shutdown().await;
     }
+}
+
+/// N of `/?n=N`.
+fn counter(path: &str) -> Option<u64> {
+    path.strip_prefix("/?n=")?.parse().ok()
 }

@@ -3,7 +3,7 @@
 
 use std::{
     net::SocketAddr,
-    os::fd::AsRawFd as _,
+    os::fd::{AsRawFd as _, RawFd},
     os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -116,7 +116,18 @@ impl Stack {
     /// Starts the demo server on a plain SO_REUSEPORT listener the agent knows nothing
     /// about: the baseline of the benchmarks.
     pub fn start_plain(&self, addr: SocketAddr, generation: u32) -> anyhow::Result<()> {
-        let child = spawn_plain(addr, generation, false)?;
+        self.start_plain_with(addr, generation, |_| Ok(()))
+    }
+
+    /// Like [`Stack::start_plain`]; `prepare` gets the listener (bound and listening)
+    /// before the server starts, e.g. to attach a program to its group.
+    pub fn start_plain_with(
+        &self,
+        addr: SocketAddr,
+        generation: u32,
+        prepare: impl FnOnce(RawFd) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let child = spawn_plain_with(addr, generation, false, prepare)?;
         self.servers.lock().expect("lock").push(child);
         Ok(())
     }
@@ -182,8 +193,6 @@ impl Stack {
     }
 }
 
-/// The demo server on a new plain SO_REUSEPORT listener of its own in `addr`'s group, and the listener exists (and is in the group) before the
-/// server runs.
 /// Checks for root, sets up, builds the release agent and CLI; returns their directory.
 pub fn build_release(tag: &str) -> anyhow::Result<PathBuf> {
     if !crate::is_root() {
@@ -200,7 +209,19 @@ pub fn build_release(tag: &str) -> anyhow::Result<PathBuf> {
     Ok(root.join("target/release"))
 }
 
+/// The demo server on a new plain SO_REUSEPORT listener of its own in `addr`'s group; the
+/// listener exists (and is in the group) before the server runs.
 pub fn spawn_plain(addr: SocketAddr, generation: u32, http: bool) -> anyhow::Result<Child> {
+    spawn_plain_with(addr, generation, http, |_| Ok(()))
+}
+
+/// [`spawn_plain`], with `prepare` called on the listening socket before the server starts.
+pub fn spawn_plain_with(
+    addr: SocketAddr,
+    generation: u32,
+    http: bool,
+    prepare: impl FnOnce(RawFd) -> anyhow::Result<()>,
+) -> anyhow::Result<Child> {
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.set_reuseport(true)?;
     socket
@@ -211,6 +232,7 @@ pub fn spawn_plain(addr: SocketAddr, generation: u32, http: bool) -> anyhow::Res
     if unsafe { libc::listen(fd, 4096) } < 0 {
         bail!("listen {addr}: {}", std::io::Error::last_os_error());
     }
+    prepare(fd)?;
     let mut cmd = Command::new("/bin/sh");
     // NB: LISTEN_PID must be the server's own pid: `exec` keeps the shell's.
     cmd.args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""])

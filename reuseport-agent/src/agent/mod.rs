@@ -7,6 +7,7 @@
 //! - [`pinned`]: the record pinned with a group's maps, and its adoption after a restart.
 //! - [`grace`]: RCU grace periods that make rewriting a retired table safe.
 //! - [`sockcheck`]: validation of sockets passed for registration.
+//! - [`restart`]: `restart` requests relayed to a group's supervisor and back.
 //! - [`server`]: the control socket.
 //! - [`wake`]: wake-ups for connections migrated to a listener without a wake-up.
 
@@ -15,6 +16,7 @@ mod grace;
 mod group;
 mod pinned;
 mod registry;
+mod restart;
 mod server;
 mod sockcheck;
 mod steering;
@@ -78,6 +80,8 @@ struct State {
     groups: BTreeMap<GroupKey, Group>,
     /// Where to push state changes for each live registration.
     subscribers: HashMap<RegId, UnboundedSender<Reply>>,
+    /// Supervised registrations and restarts waiting for their supervisor.
+    restarts: restart::Restarts,
 }
 
 impl State {
@@ -146,12 +150,30 @@ struct Incoming<'a> {
     listener: &'a sockcheck::Listener,
 }
 
+/// Who may activate, drain or restart a group: root or the uid that owns its sockets.
+fn check_may_change(peer: Peer, group: &Group, what: &str) -> Result<(), Refusal> {
+    if peer.may_change(group.owner_uid) {
+        return Ok(());
+    }
+    Err(Refusal::new(
+        ErrorKind::PermissionDenied,
+        format!(
+            "permission denied: group {} belongs to uid {}; {what} it as that user or as root",
+            group.key, group.owner_uid
+        ),
+    ))
+}
+
 /// What one registration asks for.
 pub struct Registration {
     pub group: GroupAddr,
     pub generation: u32,
     pub name: Option<String>,
     pub activate: bool,
+    /// Registered by `reuseportctl supervise` (it takes `restart` requests).
+    pub supervised: bool,
+    /// The server's pid when a launcher registers on its behalf.
+    pub server_pid: Option<i32>,
 }
 
 pub struct Agent {
@@ -231,6 +253,9 @@ impl Agent {
         {
             if reclaimed.is_ok() {
                 state.subscribers.insert(reg, events);
+                if req.supervised {
+                    state.restarts.add_supervisor(reg, peer.pid);
+                }
             }
             return reclaimed;
         }
@@ -261,6 +286,9 @@ impl Agent {
         match result {
             Ok((slot, changes)) => {
                 state.subscribers.insert(reg, events);
+                if req.supervised {
+                    state.restarts.add_supervisor(reg, peer.pid);
+                }
                 let group = &state.groups[&key];
                 state.notify(group, &changes, self.own_netns);
                 let gen_state = group.registry.generations[&req.generation].state;
@@ -325,7 +353,7 @@ impl Agent {
             )));
         }
         member.reg = reg;
-        member.pid = peer.pid;
+        member.pid = req.server_pid.unwrap_or(peer.pid);
         if group.netns.is_none() {
             group.netns = listener.netns.try_clone().ok();
         }
@@ -494,7 +522,7 @@ impl Agent {
         }
         let member = Member {
             reg,
-            pid: peer.pid,
+            pid: req.server_pid.unwrap_or(peer.pid),
             uid: listener.uid,
             cookie: listener.cookie,
         };
@@ -520,6 +548,7 @@ impl Agent {
     pub fn unregister(&self, reg: RegId) {
         let mut state = self.lock();
         state.subscribers.remove(&reg);
+        state.restarts.remove_supervisor(reg);
         let mut emptied = Vec::new();
         for (key, group) in &mut state.groups {
             let had_active = group.registry.active();
@@ -602,15 +631,7 @@ impl Agent {
         let mut state = self.lock();
         let live: HashSet<RegId> = state.subscribers.keys().copied().collect();
         let group = state.find(wanted)?;
-        if !peer.may_change(group.owner_uid) {
-            return Err(Refusal::new(
-                ErrorKind::PermissionDenied,
-                format!(
-                    "permission denied: group {} belongs to uid {}; {what} it as that user or as root",
-                    group.key, group.owner_uid
-                ),
-            ));
-        }
+        check_may_change(peer, group, what)?;
         let changes = op(&mut group.registry)?;
         if !changes.is_empty() {
             group.publish(&self.grace)?;
@@ -648,6 +669,7 @@ impl Agent {
         let State {
             groups,
             subscribers,
+            ..
         } = &mut *state;
         let mut emptied = Vec::new();
         for group in groups.values_mut() {

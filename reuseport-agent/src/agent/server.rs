@@ -210,6 +210,8 @@ async fn handle(
             generation,
             name,
             activate,
+            supervised,
+            server_pid,
         } => {
             if registered {
                 return bad_request(
@@ -229,6 +231,8 @@ async fn handle(
                 generation,
                 name,
                 activate,
+                supervised,
+                server_pid,
             };
             tokio::task::spawn_blocking(move || a.register(peer, reg, socket, req, tx)).await
         }
@@ -238,6 +242,13 @@ async fn handle(
         }
         Op::Drain { group, generation } => {
             tokio::task::spawn_blocking(move || a.drain(peer, &group, generation)).await
+        }
+        Op::Restart { group } => {
+            let requester = events.clone();
+            tokio::task::spawn_blocking(move || a.restart(peer, &group, requester)).await
+        }
+        Op::RestartResult { id, outcome, .. } => {
+            tokio::task::spawn_blocking(move || a.restart_result(peer, id, outcome)).await
         }
     };
     match result {

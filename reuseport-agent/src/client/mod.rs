@@ -27,12 +27,16 @@ use std::{
 };
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tokio::{net::UnixStream, sync::watch, task::JoinHandle};
+use tokio::{
+    net::UnixStream,
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
 
 use crate::{
     addr::GroupAddr,
     frame::{Conn, FrameError},
-    protocol::{ErrorKind, GenState, GroupStatus, Op, Reply, Request},
+    protocol::{ErrorKind, GenState, GroupStatus, Op, Reply, Request, RestartOutcome},
 };
 
 /// Backlog of listeners created by [`reuseport_listener`]. The kernel caps it at
@@ -120,6 +124,9 @@ fn reply_name(reply: &Reply) -> &'static str {
         Reply::Status { .. } => "status",
         Reply::Changed { .. } => "changed",
         Reply::State { .. } => "state",
+        Reply::Restarting { .. } => "restarting",
+        Reply::Restart { .. } => "restart",
+        Reply::RestartResult { .. } => "restart_result",
         Reply::Error { .. } => "error",
     }
 }
@@ -130,6 +137,8 @@ fn op_name(op: &Op) -> &'static str {
         Op::Status { .. } => "status",
         Op::Activate { .. } => "activate",
         Op::Drain { .. } => "drain",
+        Op::Restart { .. } => "restart",
+        Op::RestartResult { .. } => "restart_result",
     }
 }
 
@@ -201,6 +210,59 @@ impl ControlClient {
         self.change(Op::Drain { group, generation }).await
     }
 
+    /// Asks the `reuseportctl supervise` of `group` to start its next generation. Returns
+    /// the restart's id and the supervisor's pid; [`ControlClient::restart_outcome`] then
+    /// waits for the outcome on this connection.
+    pub async fn restart(&mut self, group: GroupAddr) -> Result<(u64, i32), ClientError> {
+        match self.request(Op::Restart { group }).await? {
+            Reply::Restarting {
+                id, supervisor_pid, ..
+            } => Ok((id, supervisor_pid)),
+            other => Err(ClientError::UnexpectedReply {
+                request: "restart",
+                reply: reply_name(&other),
+            }),
+        }
+    }
+
+    /// The outcome of restart `id`, as the supervisor reports it. Waits as long as it
+    /// takes: put a timeout around it.
+    pub async fn restart_outcome(&mut self, id: u64) -> Result<RestartOutcome, ClientError> {
+        loop {
+            match self.conn.recv_msg::<Reply>().await? {
+                None => return Err(ClientError::ConnectionClosed),
+                Some((
+                    Reply::RestartResult {
+                        id: got, outcome, ..
+                    },
+                    _,
+                )) if got == id => return Ok(outcome),
+                Some((other, _)) => {
+                    tracing::debug!(reply = reply_name(&other), "ignoring a pushed frame");
+                }
+            }
+        }
+    }
+
+    /// From a supervisor: how restart `id` ended.
+    pub async fn report_restart(
+        &mut self,
+        group: GroupAddr,
+        id: u64,
+        outcome: RestartOutcome,
+    ) -> Result<(), ClientError> {
+        match self
+            .request(Op::RestartResult { group, id, outcome })
+            .await?
+        {
+            Reply::RestartResult { .. } => Ok(()),
+            other => Err(ClientError::UnexpectedReply {
+                request: "restart_result",
+                reply: reply_name(&other),
+            }),
+        }
+    }
+
     async fn change(&mut self, op: Op) -> Result<GroupStatus, ClientError> {
         let request = op_name(&op);
         match self.request(op).await? {
@@ -252,6 +314,8 @@ pub struct Registration {
     generation: u32,
     slot: u32,
     state: watch::Receiver<GenState>,
+    /// Restart ids the agent pushed (supervised registrations only).
+    restarts: Option<mpsc::UnboundedReceiver<u64>>,
     /// Follows the agent's pushes and reconnects; owns the connection. `None` once
     /// [`Registration::closed`] saw it finish.
     reader: Option<JoinHandle<Result<(), ClientError>>>,
@@ -302,6 +366,12 @@ impl Registration {
         *self.shared.source.lock().expect("not poisoned") = SocketSource::Child { pid, fd };
     }
 
+    /// The ids of the restarts the agent forwards to this registration (`reuseportctl
+    /// restart`); only a supervised registration gets any. `None` after the first call.
+    pub fn take_restart_requests(&mut self) -> Option<mpsc::UnboundedReceiver<u64>> {
+        self.restarts.take()
+    }
+
     /// Resolves when the registration ends for good: `Ok` when the socket was closed (or,
     /// without reconnect, when the agent closed the connection cleanly), `Err` when the
     /// agent refused to take the socket back or, without reconnect, the connection broke.
@@ -340,6 +410,7 @@ async fn read_pushed(
     conn: &mut Conn,
     generation: u32,
     state: &watch::Sender<GenState>,
+    restarts: &mpsc::UnboundedSender<u64>,
 ) -> Result<(), ClientError> {
     loop {
         match conn.recv_msg::<Reply>().await? {
@@ -354,6 +425,10 @@ async fn read_pushed(
             )) if g == generation => {
                 state.send_replace(s);
             }
+            Some((Reply::Restart { id, .. }, _)) => {
+                // Nobody listening (not a supervisor): the agent never sends one then.
+                let _ = restarts.send(id);
+            }
             Some((other, _)) => {
                 tracing::debug!(
                     reply = reply_name(&other),
@@ -364,17 +439,25 @@ async fn read_pushed(
     }
 }
 
+/// What a registration needs to register its socket again.
+struct Rejoin {
+    opts: RegisterOptions,
+    launcher: Launcher,
+    cookie: u64,
+    shared: Arc<Shared>,
+}
+
 /// The registration's task: follows pushes and, when the agent goes away, registers the
 /// socket again on a new connection.
 async fn follow(
     mut conn: Conn,
-    opts: RegisterOptions,
-    cookie: u64,
+    rejoin: Rejoin,
     state: watch::Sender<GenState>,
-    shared: Arc<Shared>,
+    restarts: mpsc::UnboundedSender<u64>,
 ) -> Result<(), ClientError> {
+    let opts = &rejoin.opts;
     loop {
-        let end = read_pushed(&mut conn, opts.generation, &state).await;
+        let end = read_pushed(&mut conn, opts.generation, &state, &restarts).await;
         if !opts.reconnect {
             return end;
         }
@@ -382,7 +465,7 @@ async fn follow(
             group = %opts.group, generation = opts.generation,
             "lost the agent's control connection; registering the socket again when it is back"
         );
-        match rejoin(&opts, cookie, &state, &shared).await? {
+        match register_again(&rejoin, &state).await? {
             Some(new) => conn = new,
             None => return Ok(()),
         }
@@ -390,17 +473,21 @@ async fn follow(
 }
 
 /// Reconnects with backoff and registers the socket again. `None` once the socket is gone.
-async fn rejoin(
-    opts: &RegisterOptions,
-    cookie: u64,
+async fn register_again(
+    rejoin: &Rejoin,
     state: &watch::Sender<GenState>,
-    shared: &Shared,
 ) -> Result<Option<Conn>, ClientError> {
+    let Rejoin {
+        opts,
+        launcher,
+        cookie,
+        shared,
+    } = rejoin;
     let mut backoff = Backoff::new();
     loop {
         tokio::time::sleep(backoff.next_delay()).await;
         let source = *shared.source.lock().expect("not poisoned");
-        let Some(socket) = source.fetch(cookie) else {
+        let Some(socket) = source.fetch(*cookie) else {
             return Ok(None);
         };
         let Ok(mut conn) = connect_conn(&opts.control).await else {
@@ -412,6 +499,8 @@ async fn rejoin(
             generation: opts.generation,
             name: opts.name.clone(),
             activate: false,
+            supervised: launcher.supervised,
+            server_pid: launcher.server_pid,
         };
         match round_trip(&mut conn, op, Some(socket.as_fd())).await {
             Ok(Reply::Registered { state: s, slot, .. }) => {
@@ -439,6 +528,24 @@ pub async fn register(
     socket: BorrowedFd<'_>,
     opts: &RegisterOptions,
 ) -> Result<Registration, ClientError> {
+    register_for(socket, opts, &Launcher::default()).await
+}
+
+/// What a launcher (`reuseportctl exec` / `supervise`) adds to a registration it makes on
+/// behalf of a server.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Launcher {
+    /// The launcher is a supervisor that takes `restart` requests.
+    pub supervised: bool,
+    /// The server's pid, for `status`.
+    pub server_pid: Option<i32>,
+}
+
+pub(crate) async fn register_for(
+    socket: BorrowedFd<'_>,
+    opts: &RegisterOptions,
+    launcher: &Launcher,
+) -> Result<Registration, ClientError> {
     let cookie = SockRef::from(&socket)
         .cookie()
         .map_err(|source| ClientError::Io {
@@ -451,6 +558,8 @@ pub async fn register(
         generation: opts.generation,
         name: opts.name.clone(),
         activate: opts.activate,
+        supervised: launcher.supervised,
+        server_pid: launcher.server_pid,
     };
     let (group, generation, slot, state) = match round_trip(&mut conn, op, Some(socket)).await? {
         Reply::Registered {
@@ -472,12 +581,24 @@ pub async fn register(
     });
     shared.set_connection(&conn);
     let (tx, rx) = watch::channel(state);
-    let reader = tokio::spawn(follow(conn, opts.clone(), cookie, tx, shared.clone()));
+    let (restarts_tx, restarts_rx) = mpsc::unbounded_channel();
+    let reader = tokio::spawn(follow(
+        conn,
+        Rejoin {
+            opts: opts.clone(),
+            launcher: launcher.clone(),
+            cookie,
+            shared: shared.clone(),
+        },
+        tx,
+        restarts_tx,
+    ));
     Ok(Registration {
         group,
         generation,
         slot,
         state: rx,
+        restarts: Some(restarts_rx),
         reader: Some(reader),
         shared,
     })
@@ -799,7 +920,9 @@ mod tests {
                     group: g,
                     generation: 7,
                     name: Some("v7".into()),
-                    activate: false
+                    activate: false,
+                    supervised: false,
+                    server_pid: None,
                 })
             );
             assert_eq!(fds.len(), 1, "register should carry exactly one descriptor");

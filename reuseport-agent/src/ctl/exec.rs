@@ -84,14 +84,13 @@ async fn launch(global: &GlobalOpts, args: ExecArgs) -> anyhow::Result<u8> {
     // Resolved first: a typo in COMMAND should not touch the agent.
     let program = spawn::resolve_program(&args.command[0], std::env::var_os("PATH").as_deref())?;
     let addr = args.listen.addr;
-    let registered = launch::bind_and_register(
+    let bound = launch::bind(
         &global.control,
         args.listen,
         args.generation,
         args.name.clone(),
         args.activate,
-    )
-    .await?;
+    )?;
 
     let fd_name = args.name.as_deref().unwrap_or(DEFAULT_FD_NAME);
     let env = spawn::child_env(std::env::vars_os(), addr, fd_name);
@@ -106,7 +105,7 @@ async fn launch(global: &GlobalOpts, args: ExecArgs) -> anyhow::Result<u8> {
         forwarded.push((sig, stream));
     }
     // The server owns the listener now; a copy kept here would outlive the server.
-    let (pid, registration) = registered.start(&mut plan)?;
+    let (pid, registration) = bound.register_and_start(&mut plan).await?;
     drop(plan);
 
     for (sig, mut stream) in forwarded {
@@ -241,6 +240,7 @@ mod tests {
                 generation: 5,
                 name,
                 activate: true,
+                ..
             } = req.op
             else {
                 panic!("expected a register of generation 5 with activate: {req:?}");

@@ -17,10 +17,10 @@ use nix::{
     unistd::Pid,
 };
 
-use super::spawn::{self, SpawnError};
+use super::spawn;
 use crate::{
     addr::GroupAddr,
-    client::{self, RegisterOptions, Registration},
+    client::{self, Launcher, RegisterOptions, Registration},
     protocol::{GenState, MAX_NAME_LEN},
 };
 
@@ -99,22 +99,48 @@ pub fn try_reap(pid: Pid) -> anyhow::Result<Option<WaitStatus>> {
     }
 }
 
-/// A registered listener whose server has not been started yet.
-pub struct Registered {
+/// A listener bound for a generation, neither registered nor served yet.
+pub struct Bound {
     listener: TcpListener,
-    pub registration: Registration,
+    opts: RegisterOptions,
+    launcher: Launcher,
 }
 
-/// Creates the SO_REUSEPORT listener on `group`'s address and registers it as `generation`.
-pub async fn bind_and_register(
+/// Creates the SO_REUSEPORT listener on `group`'s address, to be registered as
+/// `generation` by [`Bound::register_and_start`].
+pub fn bind(
     control: &Path,
     group: GroupAddr,
     generation: u32,
     name: Option<String>,
     activate: bool,
-) -> anyhow::Result<Registered> {
+) -> anyhow::Result<Bound> {
+    bind_for(
+        control,
+        group,
+        generation,
+        name,
+        activate,
+        Launcher::default(),
+    )
+}
+
+/// [`bind`], saying what the launcher is (e.g. a supervisor).
+pub fn bind_for(
+    control: &Path,
+    group: GroupAddr,
+    generation: u32,
+    name: Option<String>,
+    activate: bool,
+    launcher: Launcher,
+) -> anyhow::Result<Bound> {
     let addr = group.addr;
     let listener = client::reuseport_listener(addr).map_err(|e| client::listen_error(addr, e))?;
+    // NB: systemd hands over listeners in blocking mode (unless NonBlocking=true), and
+    // servers rely on it: Python's socket(fileno=3).accept() fails on a non-blocking one.
+    listener
+        .set_nonblocking(false)
+        .context("cannot make the listener blocking for the server")?;
     let opts = RegisterOptions {
         control: PathBuf::from(control),
         group,
@@ -123,31 +149,38 @@ pub async fn bind_and_register(
         activate,
         reconnect: true,
     };
-    let registration = client::register(listener.as_fd(), &opts).await?;
-    // NB: systemd hands over listeners in blocking mode (unless NonBlocking=true), and
-    // servers rely on it: Python's socket(fileno=3).accept() fails on a non-blocking one.
-    listener
-        .set_nonblocking(false)
-        .context("cannot make the listener blocking for the server")?;
-    Ok(Registered {
+    Ok(Bound {
         listener,
-        registration,
+        opts,
+        launcher,
     })
 }
 
-impl Registered {
-    /// Starts `plan` with the listener as fd 3 and closes the launcher's own copy, so the
-    /// listener lives exactly as long as the server keeps it. After an agent restart the
-    /// registration fetches the listener from the server (`pidfd_getfd`) to register it
-    /// again.
+impl Bound {
+    /// Forks the server held at a gate, registers the listener with the server's pid (so
+    /// `status` shows the server, not the launcher), then lets the server run `plan` with
+    /// the listener as fd 3, and closes the launcher's own copy: the listener lives exactly
+    /// as long as the server keeps it. If the agent refuses the registration, the program
+    /// never runs. After an agent restart the registration fetches the listener from the
+    /// server (`pidfd_getfd`) to register it again.
     ///
     /// NB: watch SIGCHLD before calling this, or an early exit of the server is missed.
-    pub fn start(self, plan: &mut spawn::Plan) -> Result<(Pid, Registration), SpawnError> {
-        let pid = spawn::spawn(plan, self.listener.as_fd())?;
+    pub async fn register_and_start(
+        self,
+        plan: &mut spawn::Plan,
+    ) -> anyhow::Result<(Pid, Registration)> {
+        let gated = spawn::spawn_gated(plan, self.listener.as_fd())?;
+        let launcher = Launcher {
+            server_pid: Some(gated.pid().as_raw()),
+            ..self.launcher
+        };
+        let registration = client::register_for(self.listener.as_fd(), &self.opts, &launcher)
+            .await
+            .with_context(|| format!("cannot register generation {}", self.opts.generation))?;
+        let pid = gated.release()?;
         drop(self.listener);
-        self.registration
-            .follow_child(pid.as_raw(), spawn::LISTEN_FD);
-        Ok((pid, self.registration))
+        registration.follow_child(pid.as_raw(), spawn::LISTEN_FD);
+        Ok((pid, registration))
     }
 }
 

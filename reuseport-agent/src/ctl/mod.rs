@@ -13,6 +13,7 @@ pub mod drain;
 pub mod exec;
 mod launch;
 mod output;
+pub mod restart;
 mod spawn;
 pub mod status;
 pub mod supervise;
@@ -55,6 +56,7 @@ pub enum Command {
     Status(status::StatusArgs),
     Activate(activate::ActivateArgs),
     Drain(drain::DrainArgs),
+    Restart(restart::RestartArgs),
     Exec(exec::ExecArgs),
     Supervise(supervise::SuperviseArgs),
 }
@@ -108,6 +110,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status::run(&cli.global, args).await,
         Command::Activate(args) => activate::run(&cli.global, args).await,
         Command::Drain(args) => drain::run(&cli.global, args).await,
+        Command::Restart(args) => restart::run(&cli.global, args).await,
         Command::Exec(args) => exec::run(&cli.global, args).await,
         Command::Supervise(args) => supervise::run(&cli.global, args).await,
     }

@@ -1,4 +1,5 @@
-//! Starting the server of `reuseportctl exec`: fork, then `execve` with the listener as
+//! Starting the server of `reuseportctl exec`: fork, wait at a gate until the launcher
+//! has registered the listener with the child's pid, then `execve` with the listener as
 //! fd 3 and the socket-activation variables of systemd and Server::Starter.
 //!
 //! NB: `std::process::Command` cannot do this. `LISTEN_PID` must be the child's pid, known
@@ -220,13 +221,21 @@ enum Step {
     Pdeathsig = 2,
     ListenFd = 3,
     Exec = 4,
+    /// The launcher closed the gate instead of releasing the child.
+    Gate = 5,
 }
 
 impl Step {
     fn from_u32(n: u32) -> Option<Self> {
-        [Self::Setsid, Self::Pdeathsig, Self::ListenFd, Self::Exec]
-            .into_iter()
-            .find(|s| *s as u32 == n)
+        [
+            Self::Setsid,
+            Self::Pdeathsig,
+            Self::ListenFd,
+            Self::Exec,
+            Self::Gate,
+        ]
+        .into_iter()
+        .find(|s| *s as u32 == n)
     }
 
     fn describe(self) -> &'static str {
@@ -235,12 +244,26 @@ impl Step {
             Self::Pdeathsig => "prctl(PR_SET_PDEATHSIG)",
             Self::ListenFd => "placing the listener on fd 3",
             Self::Exec => "execve",
+            Self::Gate => "waiting for the launcher",
         }
     }
 }
 
-/// Forks and executes `plan` with `listener` as fd 3. Returns once the child has executed
-/// the program (or failed to).
+/// A forked child that waits, before anything it does with the listener, until
+/// [`Gated::release`] lets it execute the program: its pid is known before the program
+/// runs (the launcher registers the listener with it). Dropped unreleased, the child exits
+/// without running anything and is reaped.
+pub struct Gated {
+    pid: Pid,
+    command: String,
+    /// Writing one byte lets the child go on; closing it makes the child exit.
+    gate: Option<OwnedFd>,
+    /// The child's exec status: EOF once it executed the program, else errno and step.
+    report: Option<OwnedFd>,
+}
+
+/// Forks the server's process, held at a gate: [`Gated::release`] executes `plan` with
+/// `listener` as fd 3 and returns once the child has executed the program (or failed to).
 ///
 /// The child:
 /// - runs in its own session, so a terminal's Ctrl-C reaches only the launcher, which
@@ -254,7 +277,7 @@ impl Step {
 ///
 /// NB: `PR_SET_PDEATHSIG` fires when the *thread* that forked exits: call this from the
 /// thread that lives as long as the launcher.
-pub fn spawn(plan: &mut Plan, listener: BorrowedFd<'_>) -> Result<Pid, SpawnError> {
+pub fn spawn_gated(plan: &mut Plan, listener: BorrowedFd<'_>) -> Result<Gated, SpawnError> {
     let command = plan.command.clone();
     let start_error = |step, source| SpawnError::Start {
         command: command.clone(),
@@ -263,15 +286,20 @@ pub fn spawn(plan: &mut Plan, listener: BorrowedFd<'_>) -> Result<Pid, SpawnErro
     };
     let (report_read, report_write) =
         pipe2(OFlag::O_CLOEXEC).map_err(|e| start_error("pipe", e.into()))?;
-    // The child overwrites fd 3 with the listener: keep the error pipe above it.
-    let report_write = if report_write.as_raw_fd() <= LISTEN_FD {
-        let fd = fcntl(&report_write, FcntlArg::F_DUPFD_CLOEXEC(LISTEN_FD + 1))
+    let (gate_read, gate_write) =
+        pipe2(OFlag::O_CLOEXEC).map_err(|e| start_error("pipe", e.into()))?;
+    // The child overwrites fd 3 with the listener: keep the pipes it uses above it.
+    let above_listen_fd = |fd: OwnedFd| {
+        if fd.as_raw_fd() > LISTEN_FD {
+            return Ok(fd);
+        }
+        let dup = fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(LISTEN_FD + 1))
             .map_err(|e| start_error("fcntl(F_DUPFD_CLOEXEC)", e.into()))?;
         // SAFETY: F_DUPFD_CLOEXEC just created this descriptor; nothing else owns it.
-        unsafe { OwnedFd::from_raw_fd(fd) }
-    } else {
-        report_write
+        Ok(unsafe { OwnedFd::from_raw_fd(dup) })
     };
+    let report_write = above_listen_fd(report_write)?;
+    let gate_read = above_listen_fd(gate_read)?;
     let parent = getpid().as_raw();
 
     // Blocked across fork so that no handler of the launcher runs in the child; the child
@@ -287,7 +315,15 @@ pub fn spawn(plan: &mut Plan, listener: BorrowedFd<'_>) -> Result<Pid, SpawnErro
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         // SAFETY: we are the freshly forked child; `plan` was fully built before fork.
-        unsafe { exec_child(plan, listener.as_raw_fd(), report_write.as_raw_fd(), parent) }
+        unsafe {
+            exec_child(
+                plan,
+                listener.as_raw_fd(),
+                report_write.as_raw_fd(),
+                [gate_read.as_raw_fd(), gate_write.as_raw_fd()],
+                parent,
+            )
+        }
     }
     let fork_error = io::Error::last_os_error();
     pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None)
@@ -297,7 +333,49 @@ pub fn spawn(plan: &mut Plan, listener: BorrowedFd<'_>) -> Result<Pid, SpawnErro
     }
     let pid = Pid::from_raw(pid);
     drop(report_write);
+    drop(gate_read);
+    Ok(Gated {
+        pid,
+        command,
+        gate: Some(gate_write),
+        report: Some(report_read),
+    })
+}
 
+impl Gated {
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Lets the child go on; returns once it has executed the program (or failed to).
+    pub fn release(mut self) -> Result<Pid, SpawnError> {
+        let gate = self.gate.take().expect("released once");
+        let report_read = self.report.take().expect("released once");
+        // If this fails, the child reads EOF once `gate` closes and reports Step::Gate.
+        let _ = nix::unistd::write(&gate, &[1]);
+        drop(gate);
+        exec_status(self.pid, &self.command, report_read)
+    }
+}
+
+impl Drop for Gated {
+    fn drop(&mut self) {
+        if let Some(gate) = self.gate.take() {
+            // Closed unreleased: the child exits without running anything.
+            drop(gate);
+            let _ = waitpid(self.pid, None);
+        }
+    }
+}
+
+/// Reads the exec status the child reports (EOF: it executed the program).
+fn exec_status(pid: Pid, command: &str, report_read: OwnedFd) -> Result<Pid, SpawnError> {
+    let command = command.to_owned();
+    let start_error = |step, source| SpawnError::Start {
+        command: command.clone(),
+        step,
+        source,
+    };
     // EOF: the exec succeeded (the pipe is close-on-exec). 8 bytes: errno and step.
     // NB: blocks the runtime until the child has called execve: a few milliseconds.
     let mut report = Vec::new();
@@ -343,7 +421,13 @@ pub fn spawn(plan: &mut Plan, listener: BorrowedFd<'_>) -> Result<Pid, SpawnErro
 }
 
 /// The forked child. Only async-signal-safe calls: no allocation, no locks, no panics.
-unsafe fn exec_child(plan: &mut Plan, listener: RawFd, report: RawFd, parent: libc::pid_t) -> ! {
+unsafe fn exec_child(
+    plan: &mut Plan,
+    listener: RawFd,
+    report: RawFd,
+    [gate, gate_write]: [RawFd; 2],
+    parent: libc::pid_t,
+) -> ! {
     unsafe fn fail(report: RawFd, step: Step) -> ! {
         // SAFETY: plain syscalls on an owned descriptor and a stack buffer.
         unsafe {
@@ -374,6 +458,21 @@ unsafe fn exec_child(plan: &mut Plan, listener: RawFd, report: RawFd, parent: li
         if libc::getppid() != parent {
             libc::_exit(128 + libc::SIGTERM);
         }
+        // Held until the launcher says go (see `Gated`). NB: our copy of the write end must
+        // go first, or the launcher closing its own would never read as EOF here.
+        libc::close(gate_write);
+        let mut go = 0u8;
+        loop {
+            let n = libc::read(gate, (&raw mut go).cast(), 1);
+            if n == 1 {
+                break;
+            }
+            if n < 0 && *libc::__errno_location() == libc::EINTR {
+                continue;
+            }
+            fail(report, Step::Gate);
+        }
+        libc::close(gate);
         // dup2 clears close-on-exec on the copy; a listener already on fd 3 needs it cleared.
         let placed = if listener == LISTEN_FD {
             libc::fcntl(LISTEN_FD, libc::F_SETFD, 0)
@@ -397,9 +496,48 @@ unsafe fn exec_child(plan: &mut Plan, listener: RawFd, report: RawFd, parent: li
 
 #[cfg(test)]
 mod tests {
-    use std::ffi::CStr;
+    use std::{ffi::CStr, os::fd::AsFd as _};
 
     use super::*;
+
+    /// A gated child runs nothing until released, and nothing at all if dropped.
+    #[test]
+    fn gated_child_runs_only_once_released() {
+        let dir = std::env::temp_dir().join(format!("reuseport-gate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let plan_for = |marker: &Path| {
+            let script = format!("echo $$ > {}", marker.display());
+            let args = ["sh", "-c", &script].map(OsString::from);
+            Plan::new(Path::new("/bin/sh"), &args, Vec::new()).unwrap()
+        };
+
+        let dropped = dir.join("dropped");
+        let mut plan = plan_for(&dropped);
+        let gated = spawn_gated(&mut plan, listener.as_fd()).expect("fork");
+        drop(gated);
+        assert!(
+            !dropped.exists(),
+            "a child whose gate was dropped must not run the program"
+        );
+
+        let released = dir.join("released");
+        let mut plan = plan_for(&released);
+        let gated = spawn_gated(&mut plan, listener.as_fd()).expect("fork");
+        let pid = gated.pid();
+        assert_eq!(gated.release().expect("exec"), pid);
+        let status = waitpid(pid, None).expect("wait");
+        assert!(
+            matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0)),
+            "{status:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&released).unwrap().trim(),
+            pid.to_string(),
+            "the released child should run the program as the pid known before release"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn listen_pid_is_formatted_in_place() {

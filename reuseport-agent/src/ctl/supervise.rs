@@ -43,8 +43,8 @@ use super::{
 };
 use crate::{
     addr::GroupAddr,
-    client::{ControlClient, Registration},
-    protocol::{ErrorKind, GenState},
+    client::{ControlClient, Launcher, Registration},
+    protocol::{ErrorKind, GenState, RestartOutcome},
 };
 
 /// Tells each server its generation number (the test servers answer with it).
@@ -60,7 +60,7 @@ pub const GENERATION_VAR: &str = "REUSEPORT_GENERATION";
         SO_REUSEPORT listener as fd 3, LISTEN_FDS=1, LISTEN_PID, LISTEN_FDNAMES, \
         SERVER_STARTER_PORT, plus REUSEPORT_GENERATION=<N>. The first generation is the \
         highest one the group has + 1 (1 for a new group).\n\n\
-        On SIGHUP:\
+        On SIGHUP, or `reuseportctl restart GROUP` (forwarded by the agent):\
         \n  1. COMMAND starts again as the next generation, registered as standby: it gets no \
         connection yet;\
         \n  2. the supervisor waits until it is ready (--ready);\
@@ -175,6 +175,8 @@ pub async fn run(global: &GlobalOpts, args: SuperviseArgs) -> anyhow::Result<Exi
         next_generation: first,
         current: None,
         restart_pending: false,
+        waiters: BTreeMap::new(),
+        unattached: Vec::new(),
         events: events_tx,
         shutdown: None,
     };
@@ -260,6 +262,8 @@ async fn sleep_until(deadline: Option<Instant>) {
 enum Event {
     State(u32, GenState),
     Closed(u32),
+    /// `reuseportctl restart`, forwarded by the agent with its id.
+    Restart(u64),
 }
 
 /// Where a generation is in its life.
@@ -313,6 +317,11 @@ struct Supervisor {
     current: Option<u32>,
     /// A SIGHUP came while a generation was starting.
     restart_pending: bool,
+    /// Restarts requested through the agent, by the generation started for them; they are
+    /// answered when it is active or has failed.
+    waiters: BTreeMap<u32, Vec<u64>>,
+    /// Requested restarts no generation was started for yet.
+    unattached: Vec<u64>,
     events: mpsc::UnboundedSender<Event>,
     shutdown: Option<Shutdown>,
     // NB: no Drop needed for the children: they get SIGTERM through PR_SET_PDEATHSIG if the
@@ -342,13 +351,45 @@ impl Supervisor {
             .unwrap_or_default()
     }
 
-    fn restart_failed(&self, what: std::fmt::Arguments<'_>) {
+    /// Logs why `generation` (or, with `None`, the next one) did not take over, and tells
+    /// the restart requests waiting for it.
+    fn restart_failed(&mut self, generation: Option<u32>, what: std::fmt::Arguments<'_>) {
         let verb = if self.current.is_some() {
             "restart"
         } else {
             "start"
         };
-        note(format_args!("{verb} failed: {what}{}", self.stays_active()));
+        let why = format!("{what}{}", self.stays_active());
+        note(format_args!("{verb} failed: {why}"));
+        let ids = match generation {
+            Some(n) => self.waiters.remove(&n).unwrap_or_default(),
+            None => std::mem::take(&mut self.unattached),
+        };
+        self.report(ids, RestartOutcome::Failed { error: why });
+    }
+
+    /// Reports the outcome of restarts requested through the agent, in the background: the
+    /// loop must not wait on the agent.
+    fn report(&self, ids: Vec<u64>, outcome: RestartOutcome) {
+        if ids.is_empty() {
+            return;
+        }
+        let (control, group) = (self.control.clone(), self.args.listen);
+        tokio::spawn(async move {
+            let res = async {
+                let mut client = ControlClient::connect(&control).await?;
+                for id in ids {
+                    client.report_restart(group, id, outcome.clone()).await?;
+                }
+                Ok::<_, crate::client::ClientError>(())
+            }
+            .await;
+            if let Err(e) = res {
+                note(format_args!(
+                    "warning: cannot report a restart's outcome to the agent: {e}"
+                ));
+            }
+        });
     }
 
     fn child_env(&self, generation: u32) -> Vec<CString> {
@@ -372,14 +413,17 @@ impl Supervisor {
         self.next_generation = generation
             .checked_add(1)
             .context("no generation number left")?;
-        let registered = launch::bind_and_register(
+        let bound = launch::bind_for(
             &self.control,
             self.args.listen,
             generation,
             self.args.name.clone(),
             false,
+            Launcher {
+                supervised: true,
+                server_pid: None,
+            },
         )
-        .await
         .with_context(|| format!("generation {generation}"))?;
         let mut plan = spawn::Plan::new(
             &self.program,
@@ -387,16 +431,23 @@ impl Supervisor {
             self.child_env(generation),
         )
         .context("the command line contains a NUL byte")?;
-        let (pid, registration) = registered.start(&mut plan)?;
+        let (pid, mut registration) = bound.register_and_start(&mut plan).await?;
         drop(plan);
 
         let mut state = registration.state();
+        let mut restarts = registration.take_restart_requests();
         let initial = *state.borrow_and_update();
         let events = self.events.clone();
         let forwarder = tokio::spawn(async move {
-            while state.changed().await.is_ok() {
-                let s = *state.borrow_and_update();
-                if events.send(Event::State(generation, s)).is_err() {
+            loop {
+                let event = tokio::select! {
+                    changed = state.changed() => match changed {
+                        Ok(()) => Event::State(generation, *state.borrow_and_update()),
+                        Err(_) => break,
+                    },
+                    Some(id) = recv_restart(restarts.as_mut()) => Event::Restart(id),
+                };
+                if events.send(event).is_err() {
                     return;
                 }
             }
@@ -466,6 +517,8 @@ impl Supervisor {
         .await;
         match changed {
             Ok(_) => {
+                let waiting = self.waiters.remove(&generation).unwrap_or_default();
+                self.report(waiting, RestartOutcome::Active { generation });
                 let previous = self.current.replace(generation);
                 if let Some(g) = self.gens.get_mut(&generation) {
                     g.phase = Phase::Active;
@@ -482,7 +535,10 @@ impl Supervisor {
                 }
             }
             Err(e) => {
-                self.restart_failed(format_args!("cannot activate generation {generation}: {e}"));
+                self.restart_failed(
+                    Some(generation),
+                    format_args!("cannot activate generation {generation}: {e}"),
+                );
                 self.give_up(generation);
             }
         }
@@ -507,11 +563,20 @@ impl Supervisor {
             return;
         }
         let generation = self.next_generation;
-        if let Err(e) = self.start_generation().await {
-            self.restart_failed(format_args!(
-                "cannot start generation {generation}: {}",
-                super::one_line(&e)
-            ));
+        match self.start_generation().await {
+            Ok(()) => {
+                let ids = std::mem::take(&mut self.unattached);
+                if !ids.is_empty() {
+                    self.waiters.insert(generation, ids);
+                }
+            }
+            Err(e) => self.restart_failed(
+                None,
+                format_args!(
+                    "cannot start generation {generation}: {}",
+                    super::one_line(&e)
+                ),
+            ),
         }
     }
 
@@ -552,6 +617,21 @@ impl Supervisor {
     async fn on_event(&mut self, event: Event) {
         match event {
             Event::State(generation, state) => self.on_state(generation, state),
+            Event::Restart(id) => {
+                if self.shutdown.is_some() {
+                    note(format_args!("restart request ignored: stopping"));
+                    self.report(
+                        vec![id],
+                        RestartOutcome::Failed {
+                            error: "the supervisor is stopping".into(),
+                        },
+                    );
+                    return;
+                }
+                note(format_args!("restart requested through the agent"));
+                self.unattached.push(id);
+                self.restart().await;
+            }
             Event::Closed(generation) => {
                 if let Some(g) = self.gens.get(&generation) {
                     note(format_args!(
@@ -608,9 +688,10 @@ impl Supervisor {
             return;
         }
         match g.phase {
-            Phase::Starting { .. } => self.restart_failed(format_args!(
-                "generation {generation} exited with {how} before it was ready"
-            )),
+            Phase::Starting { .. } => self.restart_failed(
+                Some(generation),
+                format_args!("generation {generation} exited with {how} before it was ready"),
+            ),
             Phase::Failed => {}
             Phase::Draining { since, .. } => note(format_args!(
                 "generation {generation} (pid {pid}) exited with {how} after draining for \
@@ -657,6 +738,14 @@ impl Supervisor {
                 killed: false,
             });
             self.restart_pending = false;
+            let mut ids = std::mem::take(&mut self.unattached);
+            ids.extend(std::mem::take(&mut self.waiters).into_values().flatten());
+            self.report(
+                ids,
+                RestartOutcome::Failed {
+                    error: "the supervisor is stopping".into(),
+                },
+            );
             if !self.gens.is_empty() {
                 let gens: Vec<String> = self.gens.keys().map(u32::to_string).collect();
                 note(format_args!(
@@ -748,10 +837,11 @@ impl Supervisor {
             }
         }
         for generation in late {
-            self.restart_failed(format_args!(
-                "generation {generation} was not ready within {:?}",
-                self.args.ready_timeout
-            ));
+            let limit = self.args.ready_timeout;
+            self.restart_failed(
+                Some(generation),
+                format_args!("generation {generation} was not ready within {limit:?}"),
+            );
             self.give_up(generation);
         }
         for generation in ready {
@@ -800,6 +890,13 @@ impl Notifier {
                 other => return other,
             }
         }
+    }
+}
+
+async fn recv_restart(restarts: Option<&mut mpsc::UnboundedReceiver<u64>>) -> Option<u64> {
+    match restarts {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -31,6 +31,8 @@ fn bad_protocol_input_gets_clear_errors_and_agent_keeps_serving() {
             generation,
             name: None,
             activate: false,
+            supervised: false,
+            server_pid: None,
         }))
         .expect("encode register")
     };

@@ -1,6 +1,6 @@
 //! `reuseportctl supervise` replaces generations of an unmodified LISTEN_FDS server on
-//! SIGHUP under load without losing a request, and keeps the old generation when a new one
-//! fails to start.
+//! SIGHUP (or `reuseportctl restart`) under load without losing a request, and keeps the old
+//! generation when a new one fails to start.
 //!
 //! NB: this holds in select-only mode too (`REUSEPORT_SELECT_ONLY=1`), so neither test
 //! skips there: after the flip a draining listener gets nothing new, and the test server
@@ -33,7 +33,7 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::harness::{Tally, TestEnv, local, request_once, wait_until};
+use crate::harness::{ServerKind, Tally, TestEnv, local, request_once, wait_until};
 
 /// Set (to anything) in the server processes the supervisor starts.
 const SERVER_ENV: &str = "REUSEPORT_TEST_LISTEN_FDS_SERVER";
@@ -159,6 +159,133 @@ fn supervise_keeps_the_old_generation_when_the_new_one_fails() {
     );
     let status = sup.stop(Signal::SIGTERM, RESTART_TIMEOUT);
     assert_eq!(status.code(), Some(0), "log:\n{}", sup.log());
+}
+
+#[test]
+fn restart_command_deploys_under_load_without_failed_requests() {
+    const NAME: &str = "restart_command_deploys_under_load_without_failed_requests";
+    const PORT: u16 = 7803;
+    const RESTARTS: u32 = 3;
+    let env = TestEnv::new(NAME);
+    let mut sup = Supervisor::spawn(&env, PORT, &["--ready", "delay=300ms"], None);
+    sup.wait_active(&env, PORT, 1);
+    let load = Load::start(PORT, 4);
+    load.wait_answered_by(1, &sup);
+
+    let group = local(PORT).to_string();
+    for generation in 2..=RESTARTS + 1 {
+        let out = env.ctl(&["restart", &group, "--timeout", "15s"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "reuseportctl restart should succeed: {}; log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            sup.log()
+        );
+        assert!(
+            stdout.contains(&format!("generation {generation} is active")),
+            "restart should name the generation it made active: {stdout}"
+        );
+        // NB: no wait: `restart` returns only once the new generation is active.
+        let status = env.status(PORT);
+        assert_eq!(
+            status.active,
+            Some(generation),
+            "generation {generation} should be active when restart returns: {status:?}"
+        );
+        let active = status
+            .generations
+            .iter()
+            .find(|g| g.generation == generation)
+            .expect("the active generation is listed");
+        for socket in &active.sockets {
+            assert_eq!(
+                parent_of(socket.pid),
+                Some(sup.pid().as_raw()),
+                "status should show the server's pid (a child of the supervisor), not the \
+                 supervisor's {}: {status:?}",
+                sup.pid()
+            );
+        }
+        load.wait_answered_by(generation, &sup);
+    }
+    let t = load.stop();
+    println!("{NAME}: {RESTARTS} restarts through the agent, {t}");
+    assert_eq!(
+        t.failed,
+        0,
+        "no request should fail while `restart` replaces generations: {t}; log:\n{}",
+        sup.log()
+    );
+    let status = sup.stop(Signal::SIGTERM, RESTART_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "log:\n{}", sup.log());
+}
+
+#[test]
+fn restart_command_reports_the_supervisors_failure() {
+    const NAME: &str = "restart_command_reports_the_supervisors_failure";
+    const PORT: u16 = 7804;
+    let env = TestEnv::new(NAME);
+    let mut sup = Supervisor::spawn(&env, PORT, &["--ready", "notify"], Some(2));
+    sup.wait_active(&env, PORT, 1);
+
+    let out = env.ctl(&["restart", &local(PORT).to_string(), "--timeout", "15s"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "restart should fail when the new generation fails: {stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "failed: generation 2 exited with status 1 before it was ready; generation 1 \
+             stays active"
+        ),
+        "restart should relay the supervisor's reason: {stderr}"
+    );
+    assert_eq!(
+        env.status(PORT).active,
+        Some(1),
+        "generation 1 should stay active after the failed restart"
+    );
+    sup.assert_running();
+}
+
+#[test]
+fn restart_command_without_a_supervisor_says_what_to_do() {
+    const NAME: &str = "restart_command_without_a_supervisor_says_what_to_do";
+    const PORT: u16 = 7805;
+    let env = TestEnv::new(NAME);
+    let _g1 = env.serve(PORT, 1, ServerKind::Tokio, false);
+
+    let out = env.ctl(&["restart", &local(PORT).to_string()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "restart of a group nobody supervises should fail: {stderr}"
+    );
+    assert!(
+        stderr.contains("no `reuseportctl supervise` manages tcp://127.0.0.1:7805")
+            && stderr.contains("restart its servers by hand or run them under supervise"),
+        "the error should say that no supervisor manages the group and what to do: {stderr}"
+    );
+    assert_eq!(
+        env.status(PORT).active,
+        Some(1),
+        "a refused restart should change nothing"
+    );
+}
+
+/// PPid of a running process, from /proc.
+fn parent_of(pid: i32) -> Option<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn exited_after_draining(log: &str, generation: u32) -> bool {

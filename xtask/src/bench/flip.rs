@@ -454,6 +454,25 @@ impl<'a> Deployer<'a> {
         Ok(())
     }
 
+    /// One deploy through `reuseportctl restart` (reuseport mode): the agent forwards it to
+    /// the supervisor, which restarts as on SIGHUP; returns what the command printed once
+    /// the next generation is active.
+    pub fn restart_command(&mut self) -> anyhow::Result<String> {
+        if self.mode != Mode::Reuseport {
+            bail!("reuseportctl restart needs a supervisor: the baseline has none");
+        }
+        let next = self.generation + 1;
+        let t0 = Instant::now();
+        let out = self
+            .stack
+            .ctl_ok(&["restart", &self.addr.to_string(), "--timeout", "40s"])?;
+        // The command returns once the agent has the new generation active; confirm.
+        self.wait_active(next)?;
+        self.deploy_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        self.generation = next;
+        Ok(out.trim().to_owned())
+    }
+
     /// Waits until the agent reports `generation` active; fails if supervise exits or the
     /// generation is not active within the ready delay plus 30 s.
     fn wait_active(&mut self, generation: u32) -> anyhow::Result<()> {

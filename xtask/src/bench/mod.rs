@@ -1,13 +1,14 @@
 //! `cargo xtask bench …`: figures, printed and written as JSON under `target/bench/`; never
 //! asserted by tests.
 //!
-//! - `overhead`: what steering costs against plain SO_REUSEPORT, what one program run costs,
-//!   and how fast a flip takes effect.
+//! - `overhead`: what steering costs against plain SO_REUSEPORT, what one program run costs
+//!   (next to an empty and a one-select reference program), and how fast a flip takes effect.
 //! - `flip`: hot deploys under load, plain SO_REUSEPORT (start the new server, kill the old
 //!   one after a delay) against `reuseportctl supervise`, with our client and with `wrk`.
 
 mod flip;
 mod overhead;
+mod reference_prog;
 
 use std::{
     io::{Read as _, Write as _},

@@ -1,5 +1,10 @@
 //! `cargo xtask bench overhead`: what steering costs against plain SO_REUSEPORT, what one
 //! program run costs, and how fast a flip takes effect.
+//!
+//! The program cost comes from the kernel's run statistics, which time every run with two
+//! clock reads: that floor is large next to a short program, so two reference programs
+//! (see [`super::reference_prog`]) run under the same statistics on groups of their own,
+//! and the report puts ours next to them.
 
 use std::{
     net::SocketAddr,
@@ -12,7 +17,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use super::{Machine, Percentiles, control_request};
+use super::{
+    Machine, Percentiles, control_request,
+    reference_prog::{Loaded, Reference},
+};
 use crate::{
     load::{Load, Record},
     stack::{Stack, wait_for},
@@ -45,6 +53,12 @@ struct OverheadReport {
     throughput_ratio: f64,
     program_runs: u64,
     program_ns_per_run: f64,
+    /// The same statistics for a program that returns SK_PASS and nothing else.
+    empty_program_ns_per_run: f64,
+    /// ... and for one that only calls bpf_sk_select_reuseport once.
+    one_select_program_ns_per_run: f64,
+    empty_program_conn_per_s: Vec<f64>,
+    one_select_program_conn_per_s: Vec<f64>,
     flips: usize,
     flip_latency_us: Percentiles,
     activate_rtt_us: Percentiles,
@@ -53,24 +67,41 @@ struct OverheadReport {
 
 const PLAIN: &str = "127.0.0.1:9001";
 const STEERED: &str = "127.0.0.1:9002";
+const EMPTY_PROG: &str = "127.0.0.1:9003";
+const ONE_SELECT_PROG: &str = "127.0.0.1:9004";
 
 pub fn overhead(stack: &Stack, o: &OverheadOpts) -> anyhow::Result<()> {
     let plain: SocketAddr = PLAIN.parse().expect("valid");
     let steered: SocketAddr = STEERED.parse().expect("valid");
+    let empty: SocketAddr = EMPTY_PROG.parse().expect("valid");
+    let one_select: SocketAddr = ONE_SELECT_PROG.parse().expect("valid");
     stack.start_plain(plain, 1)?;
     stack.start_generation(steered, 1, false)?;
-    wait_for(Duration::from_secs(10), "the plain server", || {
-        std::net::TcpStream::connect(plain).is_ok()
-    })?;
+    // Reference programs: what a run costs without anything of ours in it.
+    let empty_prog = Loaded::load(Reference::Empty)?;
+    let one_select_prog = Loaded::load(Reference::OneSelect)?;
+    stack.start_plain_with(empty, 1, |fd| empty_prog.attach(fd))?;
+    stack.start_plain_with(one_select, 1, |fd| one_select_prog.attach(fd))?;
+    for addr in [plain, empty, one_select] {
+        wait_for(
+            Duration::from_secs(10),
+            &format!("the server on {addr}"),
+            || std::net::TcpStream::connect(addr).is_ok(),
+        )?;
+    }
 
     let stats = BpfStats::enable()?;
     let prog = stack.pinned_program(steered)?;
     let before = prog_stats(&prog)?;
+    let (empty_before, one_select_before) = (empty_prog.stats()?, one_select_prog.stats()?);
     let (mut plain_rates, mut steered_rates, mut failures) = (Vec::new(), Vec::new(), 0);
+    let (mut empty_rates, mut one_select_rates) = (Vec::new(), Vec::new());
     for round in 1..=o.rounds {
         for (name, addr, rates) in [
             ("plain", plain, &mut plain_rates),
             ("steered", steered, &mut steered_rates),
+            ("empty-prog", empty, &mut empty_rates),
+            ("one-select", one_select, &mut one_select_rates),
         ] {
             let t = Instant::now();
             let load = Load::start(addr, o.clients, false);
@@ -80,20 +111,17 @@ pub fn overhead(stack: &Stack, o: &OverheadOpts) -> anyhow::Result<()> {
             let rate = tally.requests() as f64 / t.elapsed().as_secs_f64();
             failures += tally.failures();
             println!(
-                "bench: round {round} {name:<7} {rate:>8.0} conn/s  {}",
+                "bench: round {round} {name:<10} {rate:>8.0} conn/s  {}",
                 tally.failure_line()
             );
             rates.push(rate);
         }
     }
     let after = prog_stats(&prog)?;
+    let (empty_after, one_select_after) = (empty_prog.stats()?, one_select_prog.stats()?);
     drop(stats);
     let runs = after.1 - before.1;
-    let ns_per_run = if runs == 0 {
-        0.0
-    } else {
-        (after.0 - before.0) as f64 / runs as f64
-    };
+    let ours_ns = ns_per_run(before, after);
 
     let (latencies, rtts, flip_failures) = flip_latency(stack, steered, o)?;
     failures += flip_failures;
@@ -108,7 +136,11 @@ pub fn overhead(stack: &Stack, o: &OverheadOpts) -> anyhow::Result<()> {
         plain_conn_per_s: plain_rates,
         steered_conn_per_s: steered_rates,
         program_runs: runs,
-        program_ns_per_run: ns_per_run,
+        program_ns_per_run: ours_ns,
+        empty_program_ns_per_run: ns_per_run(empty_before, empty_after),
+        one_select_program_ns_per_run: ns_per_run(one_select_before, one_select_after),
+        empty_program_conn_per_s: empty_rates,
+        one_select_program_conn_per_s: one_select_rates,
         flips: latencies.len(),
         flip_latency_us: Percentiles::of(latencies),
         activate_rtt_us: Percentiles::of(rtts),
@@ -142,8 +174,18 @@ fn print_report(r: &OverheadReport) {
         r.throughput_ratio
     );
     println!(
-        "| program cost | {:.1} ns per run ({} runs) |",
-        r.program_ns_per_run, r.program_runs
+        "| program cost (bpf_stats run_time_ns / run_cnt) | ours {:.1} ns per run ({} runs); \
+         one-select program {:.1} ns; empty program {:.1} ns |",
+        r.program_ns_per_run,
+        r.program_runs,
+        r.one_select_program_ns_per_run,
+        r.empty_program_ns_per_run
+    );
+    println!(
+        "| reference groups (plain server + program) | empty program {:.0} conn/s, \
+         one-select program {:.0} conn/s |",
+        mean(&r.empty_program_conn_per_s),
+        mean(&r.one_select_program_conn_per_s)
     );
     println!(
         "| flip latency (activate sent → last new connection reaching the old generation) | p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs over {} flips |",
@@ -238,6 +280,16 @@ impl Drop for BpfStats {
     }
 }
 
+/// Mean ns per run between two (run_time_ns, run_cnt) readings.
+fn ns_per_run(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let runs = after.1 - before.1;
+    if runs == 0 {
+        0.0
+    } else {
+        (after.0 - before.0) as f64 / runs as f64
+    }
+}
+
 /// (run_time_ns, run_cnt) of a pinned program, from its fdinfo.
 fn prog_stats(pin: &Path) -> anyhow::Result<(u64, u64)> {
     let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())?;
@@ -269,10 +321,15 @@ fn prog_stats(pin: &Path) -> anyhow::Result<(u64, u64)> {
             std::io::Error::last_os_error()
         );
     }
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"));
+    let stats = fd_stats(fd as i32);
     // SAFETY: the descriptor was just returned to us.
     unsafe { libc::close(fd as i32) };
-    let info = info?;
+    stats
+}
+
+/// (run_time_ns, run_cnt) of the program behind `fd`, from its fdinfo.
+pub fn fd_stats(fd: std::os::fd::RawFd) -> anyhow::Result<(u64, u64)> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
     let field = |name: &str| {
         info.lines()
             .find_map(|l| {
