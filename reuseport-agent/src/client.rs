@@ -474,6 +474,7 @@ mod tests {
                 counters: Counters::default(),
             }],
             unsteered: 0,
+            limits: None,
         }
     }
 

@@ -136,6 +136,7 @@ impl Group {
             falling_back: !active_listening,
             generations,
             unsteered: self.kernel.group_counters().unsteered,
+            limits: None,
         }
     }
 }

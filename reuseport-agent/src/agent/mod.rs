@@ -7,9 +7,15 @@
 //! - [`grace`]: RCU grace periods that make rewriting a retired table safe.
 //! - [`sockcheck`]: validation of sockets passed for registration.
 //! - [`server`]: the control socket.
+//! - [`access`]: who may do what (SO_PEERCRED, the control group).
+//! - [`conns`]: bounds on control connections (count, time, size).
+//! - [`control_socket`]: the control socket's file (mode, group, stale and live sockets).
 //! - [`wake`]: wake-ups for connections migrated to a listener without a wake-up.
 
+mod access;
 mod bpffs;
+mod conns;
+mod control_socket;
 mod grace;
 mod group;
 mod registry;
@@ -32,17 +38,21 @@ use std::{
 use reuseport_common::MAX_SLOTS;
 use tokio::sync::mpsc::UnboundedSender;
 
+pub use self::{conns::DEFAULT_MAX_CONNECTIONS, server::run, steering::Mode};
 use self::{
     grace::Grace,
     group::{Group, SlotPool, kernel_refusal, spawn_logger},
     registry::{Member, Refusal, RegId, Registry, StateChange},
     steering::GroupKernel,
 };
-pub use self::{server::run, steering::Mode};
 use crate::{
     addr::{GroupAddr, GroupKey},
-    protocol::{ErrorKind, GenState, MAX_NAME_LEN, Reply},
+    protocol::{ErrorKind, GenState, GroupStatus, Limits, MAX_NAME_LEN, Reply},
 };
+
+/// Default of `reuseport-agent --max-groups`: each group costs a loaded program, its maps
+/// and about a dozen descriptors.
+pub const DEFAULT_MAX_GROUPS: u32 = 256;
 
 /// Command-line options of `reuseport-agent`.
 #[derive(Clone, Debug)]
@@ -53,19 +63,23 @@ pub struct Options {
     /// Make wake-up connections after a registered listener closes (see [`wake`]). Off
     /// only in tests that measure what the kernel does by itself.
     pub wake_ups: bool,
+    /// Group name or numeric gid whose members may activate and drain any group; the
+    /// control socket belongs to it.
+    pub control_group: Option<String>,
+    /// Groups this agent manages at most.
+    pub max_groups: u32,
+    /// Control connections open at once at most (lowered to what RLIMIT_NOFILE allows).
+    pub max_connections: u32,
 }
 
-/// Who is on the other end of a control connection (SO_PEERCRED).
+/// Who is on the other end of a control connection (SO_PEERCRED, SO_PEERGROUPS); see
+/// [`access`].
 #[derive(Clone, Copy, Debug)]
 pub struct Peer {
     pub pid: i32,
     pub uid: u32,
-}
-
-impl Peer {
-    fn may_change(&self, owner_uid: u32) -> bool {
-        self.uid == 0 || self.uid == owner_uid
-    }
+    /// The control group is the peer's primary or a supplementary group.
+    pub in_control_group: bool,
 }
 
 #[derive(Default)]
@@ -112,6 +126,21 @@ impl State {
         }
     }
 
+    /// Refuses a new group beyond `max` (`--max-groups`).
+    fn room_for_group(&self, max: u32) -> Result<(), Refusal> {
+        if self.groups.len() < max as usize {
+            return Ok(());
+        }
+        Err(Refusal::new(
+            ErrorKind::Limit,
+            format!(
+                "the agent already manages {} groups, its limit: close a group's registrations, \
+                 or restart the agent with a higher --max-groups",
+                self.groups.len()
+            ),
+        ))
+    }
+
     fn notify(&self, group: &Group, changes: &[StateChange], own_netns: u64) {
         for ch in changes {
             let Some(g) = group.registry.generations.get(&ch.generation) else {
@@ -148,6 +177,10 @@ pub struct Agent {
     /// Inode of the agent's own network namespace.
     own_netns: u64,
     wake_ups: bool,
+    access: access::Policy,
+    max_groups: u32,
+    /// Reported in `status`; enforced by the server's admission.
+    max_connections: u32,
 }
 
 impl Agent {
@@ -161,7 +194,26 @@ impl Agent {
             next_reg: AtomicU64::new(1),
             own_netns: std::fs::metadata("/proc/self/ns/net")?.ino(),
             wake_ups,
+            access: access::Policy::default(),
+            max_groups: DEFAULT_MAX_GROUPS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         })
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            groups: self.max_groups,
+            sockets_per_group: MAX_SLOTS,
+            generations_per_group: MAX_SLOTS,
+            control_connections: self.max_connections,
+        }
+    }
+
+    fn group_status(&self, group: &Group) -> GroupStatus {
+        GroupStatus {
+            limits: Some(self.limits()),
+            ..group.status(self.own_netns)
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -190,18 +242,13 @@ impl Agent {
             ));
         }
         let listener = sockcheck::check(socket.as_fd(), &req.group)?;
-        if !peer.may_change(listener.uid) {
-            return Err(Refusal::new(
-                ErrorKind::PermissionDenied,
-                format!(
-                    "permission denied: the socket belongs to uid {}, the caller is uid {}; \
-                     register it as its owner or as root",
-                    listener.uid, peer.uid
-                ),
-            ));
-        }
+        self.access.may_register(&peer, listener.uid)?;
         let mut state = self.lock();
         let key = listener.key;
+        match state.groups.get(&key) {
+            Some(g) => self.access.may_join(&key, g.owner_uid, listener.uid)?,
+            None => state.room_for_group(self.max_groups)?,
+        }
         let created = !state.groups.contains_key(&key);
         if created {
             let pin_dir = self.bpffs.join(key.pin_name());
@@ -405,21 +452,14 @@ impl Agent {
     ) -> Result<Reply, Refusal> {
         let mut state = self.lock();
         let group = state.find(wanted)?;
-        if !peer.may_change(group.owner_uid) {
-            return Err(Refusal::new(
-                ErrorKind::PermissionDenied,
-                format!(
-                    "permission denied: group {} belongs to uid {}; {what} it as that user or as root",
-                    group.key, group.owner_uid
-                ),
-            ));
-        }
+        self.access
+            .may_change(&peer, &group.key, group.owner_uid, what)?;
         let changes = op(&mut group.registry)?;
         if !changes.is_empty() {
             group.publish(&self.grace)?;
         }
         let key = group.key;
-        let status = group.status(self.own_netns);
+        let status = self.group_status(group);
         let group = &state.groups[&key];
         state.notify(group, &changes, self.own_netns);
         for ch in &changes {
@@ -431,11 +471,11 @@ impl Agent {
     pub fn status(&self, wanted: Option<&GroupAddr>) -> Result<Reply, Refusal> {
         let mut state = self.lock();
         let groups = match wanted {
-            Some(w) => vec![state.find(w)?.status(self.own_netns)],
+            Some(w) => vec![self.group_status(state.find(w)?)],
             None => state
                 .groups
                 .values()
-                .map(|g| g.status(self.own_netns))
+                .map(|g| self.group_status(g))
                 .collect(),
         };
         Ok(Reply::Status { groups })

@@ -1,23 +1,26 @@
 //! The control socket: one task per connection; a connection that registers a socket
 //! stays open and carries pushed state changes.
 
-use std::{
-    os::{fd::OwnedFd, unix::fs::PermissionsExt as _},
-    path::Path,
-    sync::Arc,
-    time::Duration,
-};
+use std::{os::fd::OwnedFd, sync::Arc, time::Duration};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use tokio::{
-    net::{UnixListener, UnixStream},
+    net::UnixStream,
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
 
-use super::{Agent, Options, Peer, Registration, bpffs, registry::Refusal, steering, wake};
+use super::{
+    Agent, Options, Peer, Registration,
+    access::{ControlGroup, Policy},
+    bpffs,
+    conns::{self, Admission, Slot},
+    control_socket::ControlSocket,
+    registry::Refusal,
+    steering, wake,
+};
 use crate::{
-    frame::{Conn, FrameError},
+    frame::Conn,
     protocol::{ErrorKind, Op, PROTOCOL_VERSION, Reply, Request},
 };
 
@@ -28,10 +31,22 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     bpffs::ensure(&opts.bpffs)?;
     let force = opts.select_only;
     let mode = tokio::task::spawn_blocking(move || steering::detect_mode(force)).await??;
-    let agent = Arc::new(Agent::new(mode, opts.bpffs.clone(), opts.wake_ups).context(
+    let control_group = opts
+        .control_group
+        .as_deref()
+        .map(ControlGroup::resolve)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let max_connections = conns::fit_connections(opts.max_connections, opts.max_groups);
+    let admission = Admission::new(max_connections);
+    let mut agent = Agent::new(mode, opts.bpffs.clone(), opts.wake_ups).context(
         "starting the RCU grace-period helper (membarrier MEMBARRIER_CMD_GLOBAL, Linux 4.3+)",
-    )?);
-    let listener = bind_control(&opts.control)?;
+    )?;
+    agent.access = Policy::new(control_group.clone());
+    agent.max_groups = opts.max_groups;
+    agent.max_connections = max_connections as u32;
+    let agent = Arc::new(agent);
+    let (control, listener) = ControlSocket::bind(&opts.control, control_group.as_ref())?;
     tracing::info!(
         control = %opts.control.display(),
         bpffs = %opts.bpffs.display(),
@@ -46,10 +61,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve(agent.clone(), stream));
-                }
-                Err(e) => tracing::warn!(error = %e, "accepting a control connection"),
+                Ok((stream, _)) => match admission.admit() {
+                    Some(slot) => {
+                        tokio::spawn(serve(agent.clone(), stream, slot));
+                    }
+                    None => {
+                        tokio::spawn(refuse(stream, admission.full_reply()));
+                    }
+                },
+                Err(e) => accept_failed(&admission, &e).await,
             },
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -58,42 +78,29 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     scanner.abort();
     // NB: pinned maps and attached programs stay: the data path does not depend on the
     // agent running.
-    let _ = std::fs::remove_file(&opts.control);
+    control.remove();
     tracing::info!("reuseport-agent stopped; steering stays in place");
     Ok(())
 }
 
-/// Binds the control socket, replacing a stale socket file but never a live agent's.
-fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the control socket directory {}", dir.display()))?;
+/// accept() failed: out of descriptors (or memory) is waited out, not retried in a spin;
+/// the longest-idle connection is closed to free one.
+async fn accept_failed(admission: &Admission, e: &std::io::Error) {
+    let exhausted = matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    );
+    tracing::warn!(error = %e, "accepting a control connection");
+    if exhausted {
+        admission.evict_one();
+        tokio::time::sleep(conns::ACCEPT_BACKOFF).await;
     }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => bail!(
-            "another reuseport-agent is already listening on {} (stop it, or pass --control PATH)",
-            path.display()
-        ),
-        Err(_) => {
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                use std::os::unix::fs::FileTypeExt as _;
-                if !meta.file_type().is_socket() {
-                    bail!(
-                        "{} exists and is not a socket: remove it or pass --control PATH",
-                        path.display()
-                    );
-                }
-                std::fs::remove_file(path).with_context(|| {
-                    format!("removing the stale control socket {}", path.display())
-                })?;
-            }
-        }
-    }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("binding the control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("setting the mode of {}", path.display()))?;
-    Ok(listener)
+}
+
+/// Tells a client there is no room for its connection, then closes it.
+async fn refuse(stream: UnixStream, reply: Reply) {
+    let conn = Conn::new(stream);
+    let _ = tokio::time::timeout(conns::SEND_TIMEOUT, conn.send(&reply, None)).await;
 }
 
 async fn scan_loop(agent: Arc<Agent>) {
@@ -123,12 +130,9 @@ fn bad_request(message: impl Into<String>) -> Reply {
     }
 }
 
-async fn serve(agent: Arc<Agent>, stream: UnixStream) {
-    let peer = match stream.peer_cred() {
-        Ok(c) => Peer {
-            pid: c.pid().unwrap_or(0),
-            uid: c.uid(),
-        },
+async fn serve(agent: Arc<Agent>, stream: UnixStream, mut slot: Slot) {
+    let peer = match agent.access.peer(&stream) {
+        Ok(peer) => peer,
         Err(e) => {
             tracing::warn!(error = %e, "control connection without peer credentials");
             return;
@@ -140,7 +144,7 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream) {
     let mut registered = false;
     loop {
         let frame = tokio::select! {
-            frame = conn.recv() => frame,
+            frame = slot.next_frame(&mut conn, registered) => frame,
             Some(event) = events.recv() => {
                 if conn.send(&event, None).await.is_err() {
                     break;
@@ -152,11 +156,10 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream) {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
             Err(e) => {
-                // The stream cannot be resynchronised after a bad length or a cut frame.
-                if !matches!(e, FrameError::Io(_)) {
-                    let _ = conn
-                        .send(&bad_request(format!("{e}; closing the connection")), None)
-                        .await;
+                // The stream cannot be resynchronised after a bad length, a cut frame or a
+                // time-out.
+                if let Some(reply) = e.reply() {
+                    let _ = slot.send(&conn, &reply, registered).await;
                 }
                 break;
             }
@@ -178,7 +181,7 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream) {
                 reply
             }
         };
-        if conn.send(&reply, None).await.is_err() {
+        if !slot.send(&conn, &reply, registered).await {
             break;
         }
     }
