@@ -32,8 +32,12 @@ pub const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default of `reuseport-agent --max-connections`.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 4096;
-/// Pause after accept() fails for lack of resources (EMFILE…), so the loop does not spin.
+/// Pause after accept() fails for lack of resources (EMFILE…) and no connection could be
+/// closed to make room, so the loop does not spin.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Pause after closing an idle connection for that reason: time for its task to let go of
+/// the descriptor.
+pub const EVICTION_PAUSE: Duration = Duration::from_millis(2);
 
 /// Descriptors the agent needs besides control connections: its own (runtime, grace
 /// helper, listener, logs) and, per group, the program, its maps, the netns and the logger.

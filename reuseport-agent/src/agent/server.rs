@@ -56,20 +56,20 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     );
 
     let scanner = tokio::spawn(scan_loop(agent.clone()));
+    let mut exhausted = false;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => match admission.admit() {
-                    Some(slot) => {
-                        tokio::spawn(serve(agent.clone(), stream, slot));
-                    }
-                    None => {
-                        tokio::spawn(refuse(stream, admission.full_reply()));
-                    }
-                },
-                Err(e) => accept_failed(&admission, &e).await,
+                Ok((stream, _)) => {
+                    exhausted = false;
+                    match admission.admit() {
+                        Some(slot) => tokio::spawn(serve(agent.clone(), stream, slot)),
+                        None => tokio::spawn(refuse(stream, admission.full_reply())),
+                    };
+                }
+                Err(e) => accept_failed(&admission, &e, &mut exhausted).await,
             },
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -83,18 +83,32 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// accept() failed: out of descriptors (or memory) is waited out, not retried in a spin;
-/// the longest-idle connection is closed to free one.
-async fn accept_failed(admission: &Admission, e: &std::io::Error) {
-    let exhausted = matches!(
+/// accept() failed: out of descriptors (or memory) is waited out, not retried in a spin. The
+/// longest-idle connection is closed to free a descriptor; only when none can be closed does
+/// the loop pause for long. Logged once per episode, not per attempt.
+async fn accept_failed(admission: &Admission, e: &std::io::Error, exhausted: &mut bool) {
+    let out_of_resources = matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     );
-    tracing::warn!(error = %e, "accepting a control connection");
-    if exhausted {
-        admission.evict_one();
-        tokio::time::sleep(conns::ACCEPT_BACKOFF).await;
+    if !out_of_resources {
+        tracing::warn!(error = %e, "accepting a control connection");
+        return;
     }
+    if !*exhausted {
+        tracing::warn!(
+            error = %e,
+            "accepting a control connection: out of resources; closing idle connections to \
+             make room"
+        );
+        *exhausted = true;
+    }
+    let pause = if admission.evict_one() {
+        conns::EVICTION_PAUSE
+    } else {
+        conns::ACCEPT_BACKOFF
+    };
+    tokio::time::sleep(pause).await;
 }
 
 /// Tells a client there is no room for its connection, then closes it.
