@@ -240,6 +240,18 @@ mod tests {
     }
 
     #[test]
+    fn status_from_an_agent_without_limits_still_parses() {
+        let old = r#"{"group":"tcp://127.0.0.1:80","mode":"select-only","active":1,
+            "falling_back":false,"generations":[],"unsteered":0}"#;
+        let g: GroupStatus = serde_json::from_str(old).unwrap();
+        assert_eq!(g.limits, None);
+        assert!(
+            !serde_json::to_string(&g).unwrap().contains("limits"),
+            "no limits, no field: older readers see the reply they know"
+        );
+    }
+
+    #[test]
     fn reply_wire_form_is_stable() {
         let r = Reply::Error {
             kind: ErrorKind::UnknownGroup,

@@ -134,9 +134,8 @@ impl State {
         Err(Refusal::new(
             ErrorKind::Limit,
             format!(
-                "the agent already manages {} groups, its limit: close a group's registrations, \
-                 or restart the agent with a higher --max-groups",
-                self.groups.len()
+                "the agent already manages {max} groups, its limit: close the registrations of \
+                 a group, or restart the agent with a higher --max-groups"
             ),
         ))
     }

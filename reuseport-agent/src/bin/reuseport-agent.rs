@@ -30,7 +30,8 @@ struct Cli {
     #[arg(long, value_name = "GROUP", env = "REUSEPORT_CONTROL_GROUP")]
     control_group: Option<String>,
     /// Most groups this agent manages; registering a socket for one more is refused.
-    #[arg(long, value_name = "N", default_value_t = agent::DEFAULT_MAX_GROUPS, env = "REUSEPORT_MAX_GROUPS")]
+    #[arg(long, value_name = "N", default_value_t = agent::DEFAULT_MAX_GROUPS,
+          value_parser = clap::value_parser!(u32).range(1..), env = "REUSEPORT_MAX_GROUPS")]
     max_groups: u32,
     /// Most control connections open at once, registrations included. At the limit the
     /// connection idle the longest is closed; registrations never are.
