@@ -5,6 +5,7 @@ use std::{
     io::{self, Read, Write},
     os::unix::{
         fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
+        io::{AsRawFd as _, RawFd},
         net::UnixStream,
         process::CommandExt as _,
     },
@@ -95,6 +96,23 @@ fn non_root_users_cannot_steer_or_join_groups_they_do_not_own() {
             "{what} of a root-owned group by another user should be denied, saying who may: {err}"
         );
     }
+
+    // Registering a socket that belongs to someone else (root's, inherited).
+    let roots = env.listen(PORT);
+    let verdict =
+        users
+            .outsider
+            .register_inherited(&env, roots.as_raw_fd(), &format!("127.0.0.1:{PORT}"));
+    println!(
+        "registering root's socket as uid {}: {verdict}",
+        users.outsider.uid
+    );
+    assert!(
+        verdict.starts_with("REFUSED permission denied:")
+            && verdict.contains("the socket belongs to uid 0"),
+        "registering another user's socket should be denied, saying whose it is: {verdict}"
+    );
+    drop(roots);
 
     // Joining the root-owned group with a socket of its own: refused by the agent, which
     // says why, before the kernel would silently split the group.
@@ -195,19 +213,7 @@ impl TestUser {
     fn ctl(&self, env: &TestEnv, args: &[&str]) -> Output {
         let mut cmd = env.ctl_command();
         cmd.args(args);
-        let (uid, gid, groups) = (self.uid, self.gid, self.groups.clone());
-        // SAFETY: only async-signal-safe system calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        self.run_as(&mut cmd, None);
         let out = cmd
             .output()
             .unwrap_or_else(|e| panic!("run reuseportctl as {}: {e}", self.name));
@@ -224,6 +230,94 @@ impl TestUser {
                 .unwrap_or_default()
         );
         out
+    }
+}
+
+impl TestUser {
+    /// Makes `cmd` run as this user, with `fd3` (if any) as its descriptor 3.
+    fn run_as(&self, cmd: &mut Command, fd3: Option<RawFd>) {
+        let (uid, gid, groups) = (self.uid, self.gid, self.groups.clone());
+        // SAFETY: only async-signal-safe system calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if fd3.is_some_and(|fd| libc::dup2(fd, 3) != 3)
+                    || libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// Passes `socket` (another user's) to a child process of this user, which tries to
+    /// register it in `group`; returns the child's verdict line.
+    fn register_inherited(&self, env: &TestEnv, socket: RawFd, group: &str) -> String {
+        let mut cmd = Command::new(std::env::current_exe().expect("current_exe"));
+        cmd.args([
+            "--exact",
+            REGISTER_CHILD_TEST,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(
+            REGISTER_CHILD_ENV,
+            format!("{group} {}", env.control_path().display()),
+        )
+        .stdin(Stdio::null());
+        self.run_as(&mut cmd, Some(socket));
+        let out = cmd.output().expect("run the registering child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        stdout
+            .lines()
+            // NB: libtest prints the test's name on the same line, before the output.
+            .find_map(|l| {
+                l.find("REGISTERED")
+                    .or_else(|| l.find("REFUSED"))
+                    .map(|i| &l[i..])
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "the registering child should print its verdict: {stdout}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+            .to_string()
+    }
+}
+
+/// `<group> <control path>` for [`register_inherited_socket`].
+const REGISTER_CHILD_ENV: &str = "REUSEPORT_TEST_REGISTER_FD3";
+const REGISTER_CHILD_TEST: &str = "tests::access::register_inherited_socket";
+
+/// Not a test: run as another user by `TestUser::register_inherited`, registers the socket
+/// it inherited as descriptor 3 and prints `REGISTERED` or `REFUSED <message>`.
+#[test]
+#[ignore = "entry point of a child process of non_root_users_cannot_steer_or_join_groups_they_do_not_own"]
+fn register_inherited_socket() {
+    let Ok(spec) = std::env::var(REGISTER_CHILD_ENV) else {
+        return;
+    };
+    let (group, control) = spec.split_once(' ').expect("<group> <control path>");
+    let opts = reuseport_agent::client::RegisterOptions {
+        control: control.into(),
+        group: group.parse().expect("group address"),
+        generation: 3,
+        name: None,
+        activate: false,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // SAFETY: descriptor 3 was set up by the parent for this process and stays open.
+    let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(3) };
+    match rt.block_on(reuseport_agent::client::register(socket, &opts)) {
+        Ok(_) => println!("REGISTERED"),
+        Err(e) => println!("REFUSED {e}"),
     }
 }
 
