@@ -149,6 +149,47 @@ fn non_root_users_cannot_steer_or_join_groups_they_do_not_own() {
         "generation 1 should still get every connection: {t}"
     );
 
+    // A user steers a group of its own (its sockets, so its group).
+    let own = format!("127.0.0.1:{}", PORT + 2);
+    let _own_gens: Vec<Launched> = [1, 2]
+        .into_iter()
+        .map(|generation| {
+            let generation = generation.to_string();
+            users.outsider.launch(
+                &env,
+                &[
+                    "exec",
+                    "--listen",
+                    own.as_str(),
+                    "--generation",
+                    generation.as_str(),
+                    "--",
+                    "sleep",
+                    "60",
+                ],
+            )
+        })
+        .collect();
+    wait_until(
+        "the user's two generations are registered",
+        ANSWER_TIMEOUT,
+        || {
+            env.try_status(PORT + 2)
+                .is_some_and(|s| s.generations.len() == 2)
+        },
+    );
+    let out = users.outsider.ctl(&env, &["activate", own.as_str(), "2"]);
+    assert!(
+        out.status.success(),
+        "a user should be allowed to activate a group of its own sockets: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        env.status(PORT + 2).active,
+        Some(2),
+        "the owner's activate should take effect"
+    );
+
     // A member of the control group (as a supplementary group) may steer any group.
     let out = users.member.ctl(&env, &["activate", port.as_str(), "2"]);
     assert!(
@@ -289,6 +330,43 @@ impl TestUser {
     }
 }
 
+/// A `reuseportctl exec` running as a test user; stopped on drop.
+struct Launched(Child);
+
+impl Drop for Launched {
+    fn drop(&mut self) {
+        // NB: SIGTERM, which exec forwards to its command and then waits for it: once this
+        // returns no process of the user is left, so the user can be deleted.
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        while matches!(self.0.try_wait(), Ok(None)) {
+            if Instant::now() >= deadline {
+                let _ = self.0.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.0.wait();
+    }
+}
+
+impl TestUser {
+    /// Starts `reuseportctl ARGS…` as this user in the background.
+    fn launch(&self, env: &TestEnv, args: &[&str]) -> Launched {
+        let mut cmd = env.ctl_command();
+        cmd.args(args).stdout(Stdio::null()).stderr(Stdio::null());
+        self.run_as(&mut cmd, None);
+        Launched(cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "start reuseportctl {} as {}: {e}",
+                args.join(" "),
+                self.name
+            )
+        }))
+    }
+}
+
 /// `<group> <control path>` for [`register_inherited_socket`].
 const REGISTER_CHILD_ENV: &str = "REUSEPORT_TEST_REGISTER_FD3";
 const REGISTER_CHILD_TEST: &str = "tests::access::register_inherited_socket";
@@ -370,12 +448,20 @@ impl TestUsers {
 
 impl Drop for TestUsers {
     fn drop(&mut self) {
+        let remove = |program: &str, name: &str| match Command::new(program).arg(name).output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "{program} {name} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => eprintln!("{program} {name}: {e}"),
+        };
         for user in [&self.outsider, &self.member] {
             if !user.name.is_empty() {
-                let _ = Command::new("userdel").arg(&user.name).status();
+                remove("userdel", &user.name);
             }
         }
-        let _ = Command::new("groupdel").arg(&self.ops_group).status();
+        remove("groupdel", &self.ops_group);
     }
 }
 
