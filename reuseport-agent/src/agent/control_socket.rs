@@ -36,6 +36,7 @@ impl ControlSocket {
             std::fs::create_dir_all(dir).with_context(|| {
                 format!("creating the control socket directory {}", dir.display())
             })?;
+            warn_if_shared(dir);
         }
         clear_stale(path)?;
         let listener = {
@@ -95,6 +96,22 @@ impl ControlSocket {
         {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+/// A directory other users may write to lets them replace the socket file between the
+/// agent's checks (and after): say so, once, at start.
+fn warn_if_shared(dir: &Path) {
+    if let Ok(meta) = std::fs::metadata(dir)
+        && (meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o022 != 0)
+    {
+        tracing::warn!(
+            dir = %dir.display(),
+            owner = meta.uid(),
+            mode = format!("{:o}", meta.mode() & 0o7777),
+            "the control socket's directory is writable by others than the agent's user: they \
+             could replace the socket; prefer a directory like /run/reuseport"
+        );
     }
 }
 
