@@ -203,6 +203,27 @@ pub struct GroupStatus {
     /// Connections the program could not place on any registered socket (handed back to the
     /// kernel's hash).
     pub unsteered: u64,
+    /// The limits in force for this group, agent-wide ones included. Absent from agents that
+    /// predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+}
+
+/// What the agent holds at most. Exceeding one is a [`ErrorKind::Limit`] error, never a
+/// silent drop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Groups per agent (`reuseport-agent --max-groups`).
+    pub groups: u32,
+    /// Listening sockets per group: the size of the group's socket array.
+    pub sockets_per_group: u32,
+    /// Generations per group, draining ones included: each holds at least one socket, so
+    /// this is the socket limit.
+    pub generations_per_group: u32,
+    /// Control connections open at once, registrations included
+    /// (`reuseport-agent --max-connections`). At the limit the agent closes the connection
+    /// that has been idle longest, never a registration.
+    pub control_connections: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -297,6 +318,18 @@ mod tests {
             r#"{"type":"restart_result","group":"tcp://127.0.0.1:8080","id":3,"outcome":"failed","error":"x"}"#
         );
         assert_eq!(serde_json::from_str::<Reply>(&s).unwrap(), r);
+    }
+
+    #[test]
+    fn status_from_an_agent_without_limits_still_parses() {
+        let old = r#"{"group":"tcp://127.0.0.1:80","mode":"select-only","active":1,
+            "falling_back":false,"generations":[],"unsteered":0}"#;
+        let g: GroupStatus = serde_json::from_str(old).unwrap();
+        assert_eq!(g.limits, None);
+        assert!(
+            !serde_json::to_string(&g).unwrap().contains("limits"),
+            "no limits, no field: older readers see the reply they know"
+        );
     }
 
     #[test]

@@ -176,6 +176,7 @@ impl Group {
             falling_back: !active_listening,
             generations,
             unsteered: self.kernel.group_counters().unsteered,
+            limits: None,
         }
     }
 }

@@ -9,9 +9,15 @@
 //! - [`sockcheck`]: validation of sockets passed for registration.
 //! - [`restart`]: `restart` requests relayed to a group's supervisor and back.
 //! - [`server`]: the control socket.
+//! - [`access`]: who may do what (SO_PEERCRED, the control group).
+//! - [`conns`]: bounds on control connections (count, time, size).
+//! - [`control_socket`]: the control socket's file (mode, group, stale and live sockets).
 //! - [`wake`]: wake-ups for connections migrated to a listener without a wake-up.
 
+mod access;
 mod bpffs;
+mod conns;
+mod control_socket;
 mod grace;
 mod group;
 mod pinned;
@@ -36,17 +42,21 @@ use std::{
 use reuseport_common::{ABI_VERSION, ADOPTABLE_ABI, MAX_SLOTS};
 use tokio::sync::mpsc::UnboundedSender;
 
+pub use self::{conns::DEFAULT_MAX_CONNECTIONS, server::run, steering::Mode};
 use self::{
     grace::Grace,
     group::{Group, SlotPool, kernel_refusal, spawn_logger},
     registry::{Member, Refusal, RegId, Registry, StateChange},
     steering::{GroupKernel, PinnedRecord},
 };
-pub use self::{server::run, steering::Mode};
 use crate::{
     addr::{GroupAddr, GroupKey},
-    protocol::{ErrorKind, GenState, MAX_NAME_LEN, Reply},
+    protocol::{ErrorKind, GenState, GroupStatus, Limits, MAX_NAME_LEN, Reply},
 };
+
+/// Default of `reuseport-agent --max-groups`: each group costs a loaded program, its maps
+/// and about a dozen descriptors.
+pub const DEFAULT_MAX_GROUPS: u32 = 256;
 
 /// Command-line options of `reuseport-agent`.
 #[derive(Clone, Debug)]
@@ -60,19 +70,23 @@ pub struct Options {
     /// ABI version written into pinned records: [`reuseport_common::ABI_VERSION`] except in
     /// tests that simulate an older agent.
     pub pin_abi: u32,
+    /// Group name or numeric gid whose members may activate and drain any group; the
+    /// control socket belongs to it.
+    pub control_group: Option<String>,
+    /// Groups this agent manages at most.
+    pub max_groups: u32,
+    /// Control connections open at once at most (lowered to what RLIMIT_NOFILE allows).
+    pub max_connections: u32,
 }
 
-/// Who is on the other end of a control connection (SO_PEERCRED).
+/// Who is on the other end of a control connection (SO_PEERCRED, SO_PEERGROUPS); see
+/// [`access`].
 #[derive(Clone, Copy, Debug)]
 pub struct Peer {
     pub pid: i32,
     pub uid: u32,
-}
-
-impl Peer {
-    fn may_change(&self, owner_uid: u32) -> bool {
-        self.uid == 0 || self.uid == owner_uid
-    }
+    /// The control group is the peer's primary or a supplementary group.
+    pub in_control_group: bool,
 }
 
 #[derive(Default)]
@@ -121,6 +135,20 @@ impl State {
         }
     }
 
+    /// Refuses a new group beyond `max` (`--max-groups`).
+    fn room_for_group(&self, max: u32) -> Result<(), Refusal> {
+        if self.groups.len() < max as usize {
+            return Ok(());
+        }
+        Err(Refusal::new(
+            ErrorKind::Limit,
+            format!(
+                "the agent already manages {max} groups, its limit: close the registrations of \
+                 a group, or restart the agent with a higher --max-groups"
+            ),
+        ))
+    }
+
     fn notify(&self, group: &Group, changes: &[StateChange], own_netns: u64) {
         for ch in changes {
             let Some(g) = group.registry.generations.get(&ch.generation) else {
@@ -150,20 +178,6 @@ struct Incoming<'a> {
     listener: &'a sockcheck::Listener,
 }
 
-/// Who may activate, drain or restart a group: root or the uid that owns its sockets.
-fn check_may_change(peer: Peer, group: &Group, what: &str) -> Result<(), Refusal> {
-    if peer.may_change(group.owner_uid) {
-        return Ok(());
-    }
-    Err(Refusal::new(
-        ErrorKind::PermissionDenied,
-        format!(
-            "permission denied: group {} belongs to uid {}; {what} it as that user or as root",
-            group.key, group.owner_uid
-        ),
-    ))
-}
-
 /// What one registration asks for.
 pub struct Registration {
     pub group: GroupAddr,
@@ -186,6 +200,10 @@ pub struct Agent {
     own_netns: u64,
     wake_ups: bool,
     pin_abi: u32,
+    access: access::Policy,
+    max_groups: u32,
+    /// Reported in `status`; enforced by the server's admission.
+    max_connections: u32,
 }
 
 impl Agent {
@@ -200,7 +218,27 @@ impl Agent {
             own_netns: std::fs::metadata("/proc/self/ns/net")?.ino(),
             wake_ups,
             pin_abi,
+            access: access::Policy::default(),
+            max_groups: DEFAULT_MAX_GROUPS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         })
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            groups: self.max_groups,
+            sockets_per_group: MAX_SLOTS,
+            generations_per_group: MAX_SLOTS,
+            control_connections: self.max_connections,
+        }
+    }
+
+    /// `live`: registrations with an open connection (see [`Group::status`]).
+    fn group_status(&self, group: &Group, live: &HashSet<RegId>) -> GroupStatus {
+        GroupStatus {
+            limits: Some(self.limits()),
+            ..group.status(self.own_netns, |r| live.contains(&r))
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -229,18 +267,13 @@ impl Agent {
             ));
         }
         let listener = sockcheck::check(socket.as_fd(), &req.group)?;
-        if !peer.may_change(listener.uid) {
-            return Err(Refusal::new(
-                ErrorKind::PermissionDenied,
-                format!(
-                    "permission denied: the socket belongs to uid {}, the caller is uid {}; \
-                     register it as its owner or as root",
-                    listener.uid, peer.uid
-                ),
-            ));
-        }
+        self.access.may_register(&peer, listener.uid)?;
         let mut state = self.lock();
         let key = listener.key;
+        match state.groups.get(&key) {
+            Some(g) => self.access.may_join(&key, g.owner_uid, listener.uid)?,
+            None => state.room_for_group(self.max_groups)?,
+        }
         let incoming = Incoming {
             peer,
             reg,
@@ -631,13 +664,14 @@ impl Agent {
         let mut state = self.lock();
         let live: HashSet<RegId> = state.subscribers.keys().copied().collect();
         let group = state.find(wanted)?;
-        check_may_change(peer, group, what)?;
+        self.access
+            .may_change(&peer, &group.key, group.owner_uid, what)?;
         let changes = op(&mut group.registry)?;
         if !changes.is_empty() {
             group.publish(&self.grace)?;
         }
         let key = group.key;
-        let status = group.status(self.own_netns, |r| live.contains(&r));
+        let status = self.group_status(group, &live);
         let group = &state.groups[&key];
         state.notify(group, &changes, self.own_netns);
         for ch in &changes {
@@ -649,13 +683,12 @@ impl Agent {
     pub fn status(&self, wanted: Option<&GroupAddr>) -> Result<Reply, Refusal> {
         let mut state = self.lock();
         let live: HashSet<RegId> = state.subscribers.keys().copied().collect();
-        let registered = |reg| live.contains(&reg);
         let groups = match wanted {
-            Some(w) => vec![state.find(w)?.status(self.own_netns, registered)],
+            Some(w) => vec![self.group_status(state.find(w)?, &live)],
             None => state
                 .groups
                 .values()
-                .map(|g| g.status(self.own_netns, registered))
+                .map(|g| self.group_status(g, &live))
                 .collect(),
         };
         Ok(Reply::Status { groups })

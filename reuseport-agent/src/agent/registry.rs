@@ -356,6 +356,36 @@ mod tests {
     }
 
     #[test]
+    fn thirty_two_and_more_generations_drain_at_once() {
+        // The generation limit is the socket limit: one socket each, every slot in use.
+        let gens = reuseport_common::MAX_SLOTS;
+        let mut r = Registry::default();
+        for g in 1..=gens {
+            r.register(g, None, true, g - 1, member(u64::from(g)));
+        }
+        let draining = r
+            .generations
+            .values()
+            .filter(|g| g.state == GenState::Draining)
+            .count();
+        assert_eq!(
+            draining,
+            gens as usize - 1,
+            "each activation drains the previous one"
+        );
+        assert!(draining >= 32);
+        let c = r.steering_config(1);
+        assert_eq!(c.n_active, 1);
+        assert_eq!(
+            c.n_fallback,
+            gens - 1,
+            "every draining generation stays a fallback"
+        );
+        let newest_first: Vec<u32> = (0..gens - 1).rev().collect();
+        assert_eq!(&c.fallback[..newest_first.len()], newest_first.as_slice());
+    }
+
+    #[test]
     fn losing_the_active_generation_falls_back_to_newest_draining() {
         let mut r = Registry::default();
         r.register(1, None, false, 0, member(1));

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Agent, Peer, check_may_change, registry::RegId};
+use super::{Agent, Peer, registry::RegId};
 use crate::{
     addr::GroupAddr,
     protocol::{ErrorKind, GenState, Reply, RestartOutcome},
@@ -81,7 +81,8 @@ impl Agent {
         let state = &mut *state;
         let (key, addr, regs) = {
             let group = state.find(wanted)?;
-            check_may_change(peer, group, "restart")?;
+            self.access
+                .may_change(&peer, &group.key, group.owner_uid, "restart")?;
             // The supervisor of the active generation first, then of the newest other one.
             let mut gens: Vec<_> = group.registry.generations.iter().collect();
             gens.sort_by_key(|(n, g)| (g.state == GenState::Active, **n));

@@ -1,23 +1,26 @@
 //! The control socket: one task per connection; a connection that registers a socket
 //! stays open and carries pushed state changes.
 
-use std::{
-    os::{fd::OwnedFd, unix::fs::PermissionsExt as _},
-    path::Path,
-    sync::Arc,
-    time::Duration,
-};
+use std::{os::fd::OwnedFd, sync::Arc, time::Duration};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use tokio::{
-    net::{UnixListener, UnixStream},
+    net::UnixStream,
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
 
-use super::{Agent, Options, Peer, Registration, bpffs, registry::Refusal, steering, wake};
+use super::{
+    Agent, Options, Peer, Registration,
+    access::{ControlGroup, Policy},
+    bpffs,
+    conns::{self, Admission, Slot},
+    control_socket::ControlSocket,
+    registry::Refusal,
+    steering, wake,
+};
 use crate::{
-    frame::{Conn, FrameError},
+    frame::Conn,
     protocol::{ErrorKind, Op, PROTOCOL_VERSION, Reply, Request},
 };
 
@@ -28,12 +31,22 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     bpffs::ensure(&opts.bpffs)?;
     let force = opts.select_only;
     let mode = tokio::task::spawn_blocking(move || steering::detect_mode(force)).await??;
-    let agent = Arc::new(
-        Agent::new(mode, opts.bpffs.clone(), opts.wake_ups, opts.pin_abi).context(
-            "starting the RCU grace-period helper (membarrier MEMBARRIER_CMD_GLOBAL, Linux 4.3+)",
-        )?,
-    );
-    let listener = bind_control(&opts.control)?;
+    let control_group = opts
+        .control_group
+        .as_deref()
+        .map(ControlGroup::resolve)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let max_connections = conns::fit_connections(opts.max_connections, opts.max_groups);
+    let admission = Admission::new(max_connections);
+    let mut agent = Agent::new(mode, opts.bpffs.clone(), opts.wake_ups, opts.pin_abi).context(
+        "starting the RCU grace-period helper (membarrier MEMBARRIER_CMD_GLOBAL, Linux 4.3+)",
+    )?;
+    agent.access = Policy::new(control_group.clone());
+    agent.max_groups = opts.max_groups;
+    agent.max_connections = max_connections as u32;
+    let agent = Arc::new(agent);
+    let (control, listener) = ControlSocket::bind(&opts.control, control_group.as_ref())?;
     let _bpffs_lock = bpffs::lock(&opts.bpffs)?;
     // NB: before the first accept: a client that reconnects must find its group adopted.
     let adopted = agent.adopt_pinned();
@@ -47,15 +60,20 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     );
 
     let scanner = tokio::spawn(scan_loop(agent.clone()));
+    let mut exhausted = false;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve(agent.clone(), stream));
+                    exhausted = false;
+                    match admission.admit() {
+                        Some(slot) => tokio::spawn(serve(agent.clone(), stream, slot)),
+                        None => tokio::spawn(refuse(stream, admission.full_reply())),
+                    };
                 }
-                Err(e) => tracing::warn!(error = %e, "accepting a control connection"),
+                Err(e) => accept_failed(&admission, &e, &mut exhausted).await,
             },
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -64,42 +82,43 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     scanner.abort();
     // NB: pinned maps and attached programs stay: the data path does not depend on the
     // agent running.
-    let _ = std::fs::remove_file(&opts.control);
+    control.remove();
     tracing::info!("reuseport-agent stopped; steering stays in place");
     Ok(())
 }
 
-/// Binds the control socket, replacing a stale socket file but never a live agent's.
-fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the control socket directory {}", dir.display()))?;
+/// accept() failed: out of descriptors (or memory) is waited out, not retried in a spin. The
+/// longest-idle connection is closed to free a descriptor; only when none can be closed does
+/// the loop pause for long. Logged once per episode, not per attempt.
+async fn accept_failed(admission: &Admission, e: &std::io::Error, exhausted: &mut bool) {
+    let out_of_resources = matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    );
+    if !out_of_resources {
+        tracing::warn!(error = %e, "accepting a control connection");
+        return;
     }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => bail!(
-            "another reuseport-agent is already listening on {} (stop it, or pass --control PATH)",
-            path.display()
-        ),
-        Err(_) => {
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                use std::os::unix::fs::FileTypeExt as _;
-                if !meta.file_type().is_socket() {
-                    bail!(
-                        "{} exists and is not a socket: remove it or pass --control PATH",
-                        path.display()
-                    );
-                }
-                std::fs::remove_file(path).with_context(|| {
-                    format!("removing the stale control socket {}", path.display())
-                })?;
-            }
-        }
+    if !*exhausted {
+        tracing::warn!(
+            error = %e,
+            "accepting a control connection: out of resources; closing idle connections to \
+             make room"
+        );
+        *exhausted = true;
     }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("binding the control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("setting the mode of {}", path.display()))?;
-    Ok(listener)
+    let pause = if admission.evict_one() {
+        conns::EVICTION_PAUSE
+    } else {
+        conns::ACCEPT_BACKOFF
+    };
+    tokio::time::sleep(pause).await;
+}
+
+/// Tells a client there is no room for its connection, then closes it.
+async fn refuse(stream: UnixStream, reply: Reply) {
+    let conn = Conn::new(stream);
+    let _ = tokio::time::timeout(conns::SEND_TIMEOUT, conn.send(&reply, None)).await;
 }
 
 async fn scan_loop(agent: Arc<Agent>) {
@@ -129,12 +148,9 @@ fn bad_request(message: impl Into<String>) -> Reply {
     }
 }
 
-async fn serve(agent: Arc<Agent>, stream: UnixStream) {
-    let peer = match stream.peer_cred() {
-        Ok(c) => Peer {
-            pid: c.pid().unwrap_or(0),
-            uid: c.uid(),
-        },
+async fn serve(agent: Arc<Agent>, stream: UnixStream, mut slot: Slot) {
+    let peer = match agent.access.peer(&stream) {
+        Ok(peer) => peer,
         Err(e) => {
             tracing::warn!(error = %e, "control connection without peer credentials");
             return;
@@ -146,7 +162,7 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream) {
     let mut registered = false;
     loop {
         let frame = tokio::select! {
-            frame = conn.recv() => frame,
+            frame = slot.next_frame(&mut conn, registered) => frame,
             Some(event) = events.recv() => {
                 if conn.send(&event, None).await.is_err() {
                     break;
@@ -158,11 +174,10 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream) {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
             Err(e) => {
-                // The stream cannot be resynchronised after a bad length or a cut frame.
-                if !matches!(e, FrameError::Io(_)) {
-                    let _ = conn
-                        .send(&bad_request(format!("{e}; closing the connection")), None)
-                        .await;
+                // The stream cannot be resynchronised after a bad length, a cut frame or a
+                // time-out.
+                if let Some(reply) = e.reply() {
+                    let _ = slot.send(&conn, &reply, registered).await;
                 }
                 break;
             }
@@ -184,7 +199,7 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream) {
                 reply
             }
         };
-        if conn.send(&reply, None).await.is_err() {
+        if !slot.send(&conn, &reply, registered).await {
             break;
         }
     }

@@ -28,6 +28,19 @@ struct Cli {
     /// ABI version written into pinned group records (tests simulate an older agent with it).
     #[arg(long, hide = true, env = "REUSEPORT_TEST_PIN_ABI", default_value_t = reuseport_common::ABI_VERSION)]
     pin_abi_version: u32,
+    /// Group (name or numeric gid) that owns the control socket; its members may activate and
+    /// drain every group. Without it, only root and each group's owner may.
+    #[arg(long, value_name = "GROUP", env = "REUSEPORT_CONTROL_GROUP")]
+    control_group: Option<String>,
+    /// Most groups this agent manages; registering a socket for one more is refused.
+    #[arg(long, value_name = "N", default_value_t = agent::DEFAULT_MAX_GROUPS,
+          value_parser = clap::value_parser!(u32).range(1..), env = "REUSEPORT_MAX_GROUPS")]
+    max_groups: u32,
+    /// Most control connections open at once, registrations included. At the limit the
+    /// connection idle the longest is closed; registrations never are.
+    #[arg(long, value_name = "N", default_value_t = agent::DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..), env = "REUSEPORT_MAX_CONNECTIONS")]
+    max_connections: u32,
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +59,9 @@ fn main() -> std::process::ExitCode {
         select_only: cli.select_only,
         wake_ups: !cli.no_wake_ups,
         pin_abi: cli.pin_abi_version,
+        control_group: cli.control_group,
+        max_groups: cli.max_groups,
+        max_connections: cli.max_connections,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

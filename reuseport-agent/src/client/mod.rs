@@ -707,6 +707,7 @@ mod tests {
                 counters: Counters::default(),
             }],
             unsteered: 0,
+            limits: None,
         }
     }
 

@@ -123,6 +123,17 @@ pub fn status_table(groups: &[GroupStatus]) -> String {
         }
         .render("  ", &mut out);
     }
+    if let Some(limits) = groups.iter().find_map(|g| g.limits) {
+        let _ = writeln!(
+            out,
+            "\nlimits: {} groups; {} sockets and {} generations per group; {} control \
+             connections",
+            limits.groups,
+            limits.sockets_per_group,
+            limits.generations_per_group,
+            limits.control_connections
+        );
+    }
     out
 }
 
@@ -167,7 +178,7 @@ pub fn change_summary(group: &GroupStatus, generation: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Counters, SocketStatus};
+    use crate::protocol::{Counters, Limits, SocketStatus};
 
     fn generation(n: u32, state: GenState, pids: &[i32]) -> GenerationStatus {
         GenerationStatus {
@@ -206,6 +217,7 @@ mod tests {
                 generation(3, GenState::Standby, &[]),
             ],
             unsteered: 0,
+            limits: None,
         }
     }
 
@@ -243,5 +255,29 @@ mod tests {
         assert!(lines[3].contains(" 200 "), "pids are deduplicated: {out}");
         assert!(lines[3].contains("20,21"), "slots are listed: {out}");
         assert_eq!(status_table(&[]), "no groups\n");
+        assert!(
+            !out.contains("limits"),
+            "an agent that reports no limits: {out}"
+        );
+    }
+
+    #[test]
+    fn table_ends_with_the_limits() {
+        let mut g = group();
+        g.limits = Some(Limits {
+            groups: 256,
+            sockets_per_group: 128,
+            generations_per_group: 128,
+            control_connections: 4096,
+        });
+        let out = status_table(&[g]);
+        assert_eq!(
+            out.lines().last(),
+            Some(
+                "limits: 256 groups; 128 sockets and 128 generations per group; 4096 \
+                 control connections"
+            ),
+            "{out}"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! The integration tests, one module per topic. Run with `--test-threads=1` (see the crate doc).
 
+mod access;
 mod agent_restart;
 mod bad_input;
 mod child_process;

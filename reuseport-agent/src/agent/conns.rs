@@ -1,0 +1,367 @@
+//! Bounds on control connections, so that no client can stall the others: how many may be
+//! open, how long a request may take to arrive, and who makes room at the limit.
+//!
+//! A registered connection stays open for as long as its registration (by design: closing
+//! it unregisters the socket), so it is never timed out or evicted. Every other connection
+//! must start a request within [`IDLE_TIMEOUT`] and finish it within [`FRAME_TIMEOUT`]; at the
+//! connection limit, the connection that has waited longest for a request is closed to admit
+//! the new one. An operator's `status` therefore always gets through, however many idle
+//! connections someone holds open.
+
+use std::{
+    collections::BTreeMap,
+    future::Future as _,
+    os::fd::AsRawFd as _,
+    sync::{Arc, Mutex},
+    task::Poll,
+    time::Duration,
+};
+
+use tokio::{io::Interest, sync::oneshot, time::Instant};
+
+use crate::{
+    frame::{Conn, Frame, FrameError},
+    protocol::{ErrorKind, Reply},
+};
+
+/// How long an unregistered connection may stay silent between requests.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a request may take to arrive once its first byte has.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a reply on an unregistered connection may wait for the client to read.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default of `reuseport-agent --max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 4096;
+/// Pause after accept() fails for lack of resources (EMFILE…) and no connection could be
+/// closed to make room, so the loop does not spin.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Pause after closing an idle connection for that reason: time for its task to let go of
+/// the descriptor.
+pub const EVICTION_PAUSE: Duration = Duration::from_millis(2);
+
+/// Descriptors the agent needs besides control connections: its own (runtime, grace
+/// helper, listener, logs) and, per group, the program, its maps, the netns and the logger.
+const RESERVED_FDS: u64 = 64;
+const FDS_PER_GROUP: u64 = 12;
+
+/// Why a connection is closed before its next request.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("no request within {} s; closing the connection", IDLE_TIMEOUT.as_secs())]
+    Idle,
+    #[error(
+        "incomplete request: the frame did not arrive within {} s of its first byte; closing \
+         the connection",
+        FRAME_TIMEOUT.as_secs()
+    )]
+    Incomplete,
+    #[error(
+        "closing the longest-idle connection to admit a new one: the agent holds its maximum \
+         of {limit} control connections (reuseport-agent --max-connections)"
+    )]
+    Evicted { limit: usize },
+}
+
+impl RecvError {
+    /// What to tell the client before closing, if it can still be told anything.
+    pub fn reply(&self) -> Option<Reply> {
+        let kind = match self {
+            Self::Frame(FrameError::Io(_)) => return None,
+            Self::Evicted { .. } => ErrorKind::Limit,
+            _ => ErrorKind::BadRequest,
+        };
+        let message = match self {
+            // NB: a frame error says what is wrong with the frame, not what happens next.
+            Self::Frame(e) => format!("{e}; closing the connection"),
+            other => other.to_string(),
+        };
+        Some(Reply::Error { kind, message })
+    }
+}
+
+/// Open control connections and the ones waiting for a request, oldest wait first.
+pub struct Admission {
+    limit: usize,
+    table: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    open: usize,
+    next_wait: u64,
+    waiting: BTreeMap<u64, oneshot::Sender<()>>,
+}
+
+impl Admission {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            table: Mutex::new(Table::default()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().expect("admission table poisoned")
+    }
+
+    /// A place for a new connection, closing the longest-waiting one if the limit is
+    /// reached; `None` when every open connection is registered or busy.
+    pub fn admit(self: &Arc<Self>) -> Option<Slot> {
+        let mut t = self.lock();
+        if t.open >= self.limit && !evict_oldest(&mut t) {
+            return None;
+        }
+        t.open += 1;
+        Some(Slot {
+            admission: self.clone(),
+            fresh: true,
+        })
+    }
+
+    /// Closes the longest-waiting connection (accept() ran out of descriptors).
+    pub fn evict_one(&self) -> bool {
+        evict_oldest(&mut self.lock())
+    }
+
+    /// The reply for a connection refused because every place is taken.
+    pub fn full_reply(&self) -> Reply {
+        Reply::Error {
+            kind: ErrorKind::Limit,
+            message: format!(
+                "the agent holds its maximum of {} control connections, all registered or busy: \
+                 retry, or raise reuseport-agent --max-connections",
+                self.limit
+            ),
+        }
+    }
+}
+
+fn evict_oldest(t: &mut Table) -> bool {
+    while let Some((_, tx)) = t.waiting.pop_first() {
+        if tx.send(()).is_ok() {
+            return true;
+        }
+    }
+    false
+}
+
+/// One admitted connection; gives its place back when dropped.
+pub struct Slot {
+    admission: Arc<Admission>,
+    /// Nothing was read yet: the frame buffer is empty.
+    fresh: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.admission.lock().open -= 1;
+    }
+}
+
+/// A connection's entry among the ones waiting for a request; removed when dropped.
+struct Waiting<'a> {
+    admission: &'a Admission,
+    seq: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.admission.lock().waiting.remove(&self.seq);
+    }
+}
+
+impl Slot {
+    /// The next request on `conn`, or `None` when the client closed it. Unregistered
+    /// connections are bounded in time and may be evicted while they wait.
+    pub async fn next_frame(
+        &mut self,
+        conn: &mut Conn,
+        registered: bool,
+    ) -> Result<Option<Frame>, RecvError> {
+        if registered {
+            return Ok(conn.recv().await?);
+        }
+        let (tx, evicted) = oneshot::channel();
+        let _waiting = {
+            let mut t = self.admission.lock();
+            let seq = t.next_wait;
+            t.next_wait += 1;
+            t.waiting.insert(seq, tx);
+            Waiting {
+                admission: &self.admission,
+                seq,
+            }
+        };
+        let fresh = std::mem::replace(&mut self.fresh, false);
+        tokio::select! {
+            frame = bounded_recv(conn, fresh) => frame,
+            Ok(()) = evicted => Err(RecvError::Evicted { limit: self.admission.limit }),
+        }
+    }
+
+    /// Sends `reply`; on an unregistered connection, gives up after [`SEND_TIMEOUT`] (a
+    /// client that does not read). False when the connection is no longer usable.
+    pub async fn send(&self, conn: &Conn, reply: &Reply, registered: bool) -> bool {
+        if registered {
+            return conn.send(reply, None).await.is_ok();
+        }
+        matches!(
+            tokio::time::timeout(SEND_TIMEOUT, conn.send(reply, None)).await,
+            Ok(Ok(()))
+        )
+    }
+}
+
+async fn bounded_recv(conn: &mut Conn, fresh: bool) -> Result<Option<Frame>, RecvError> {
+    if !fresh {
+        // A client that sent its next request with the previous one: it may already sit in
+        // the frame buffer, where no readiness event will announce it.
+        // NB: `Conn::recv` is cancel-safe (it buffers what it reads), so one poll is enough.
+        let mut recv = std::pin::pin!(conn.recv());
+        if let Poll::Ready(frame) =
+            std::future::poll_fn(|cx| Poll::Ready(recv.as_mut().poll(cx))).await
+        {
+            return Ok(frame?);
+        }
+    }
+    wait_for_data(conn).await?;
+    match tokio::time::timeout(FRAME_TIMEOUT, conn.recv()).await {
+        Ok(frame) => Ok(frame?),
+        Err(_) => Err(RecvError::Incomplete),
+    }
+}
+
+/// Waits until the client sends a byte or closes, at most [`IDLE_TIMEOUT`].
+async fn wait_for_data(conn: &Conn) -> Result<(), RecvError> {
+    let deadline = Instant::now() + IDLE_TIMEOUT;
+    let stream = conn.stream();
+    loop {
+        match tokio::time::timeout_at(deadline, stream.readable()).await {
+            Err(_) => return Err(RecvError::Idle),
+            Ok(Err(e)) => return Err(FrameError::Io(e).into()),
+            Ok(Ok(())) => {}
+        }
+        // NB: readiness can be left over from the last read; only a peek tells whether data
+        // (or the end of the stream) is really there.
+        let peeked = stream.try_io(Interest::READABLE, || {
+            let mut byte = 0u8;
+            // SAFETY: a one-byte buffer we own; MSG_PEEK leaves the byte in the socket.
+            let n = unsafe {
+                libc::recv(
+                    stream.as_raw_fd(),
+                    (&raw mut byte).cast(),
+                    1,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        });
+        match peeked {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(FrameError::Io(e).into()),
+        }
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (the default soft limit, 1024, would make
+/// a thousand idle clients exhaust the agent's descriptors) and returns how many control
+/// connections fit next to `max_groups` groups, at most `wanted`.
+pub fn fit_connections(wanted: u32, max_groups: u32) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    let soft = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "reading RLIMIT_NOFILE");
+            return wanted as usize;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                raised.rlim_cur
+            } else {
+                tracing::warn!(
+                    error = %std::io::Error::last_os_error(),
+                    soft = lim.rlim_cur, hard = lim.rlim_max,
+                    "cannot raise the soft RLIMIT_NOFILE to the hard limit"
+                );
+                lim.rlim_cur
+            }
+        } else {
+            lim.rlim_cur
+        }
+    };
+    let room = soft.saturating_sub(RESERVED_FDS + FDS_PER_GROUP * u64::from(max_groups));
+    let fit = u64::from(wanted).min(room).max(1) as usize;
+    if fit < wanted as usize {
+        tracing::warn!(
+            wanted,
+            fit,
+            nofile = soft,
+            "fewer control connections than asked fit in RLIMIT_NOFILE; raise the hard limit \
+             (LimitNOFILE= in a systemd unit) or lower --max-groups"
+        );
+    }
+    fit
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_the_limit_the_longest_waiting_connection_makes_room() {
+        let a = Admission::new(2);
+        let s1 = a.admit().expect("first place");
+        let _s2 = a.admit().expect("second place");
+        // Nobody waits for a request: both are busy, so a third is refused.
+        assert!(a.admit().is_none(), "busy connections must not be evicted");
+        let (tx1, mut rx1) = oneshot::channel();
+        let (tx2, mut rx2) = oneshot::channel();
+        a.lock().waiting.insert(7, tx1);
+        a.lock().waiting.insert(9, tx2);
+        let _s3 = a
+            .admit()
+            .expect("room is made by evicting a waiting connection");
+        assert_eq!(
+            rx1.try_recv(),
+            Ok(()),
+            "the longest-waiting one is told to close"
+        );
+        assert!(rx2.try_recv().is_err(), "only one connection is evicted");
+        drop(s1);
+        assert_eq!(a.lock().open, 2);
+    }
+
+    #[test]
+    fn only_frame_errors_of_the_transport_go_unanswered() {
+        let io = RecvError::Frame(FrameError::Io(std::io::ErrorKind::BrokenPipe.into()));
+        assert!(io.reply().is_none());
+        match (RecvError::Evicted { limit: 3 }).reply() {
+            Some(Reply::Error { kind, message }) => {
+                assert_eq!(kind, ErrorKind::Limit);
+                assert!(message.contains("maximum of 3"), "{message}");
+            }
+            other => panic!("eviction should be a limit error, got {other:?}"),
+        }
+        assert!(matches!(
+            RecvError::Idle.reply(),
+            Some(Reply::Error {
+                kind: ErrorKind::BadRequest,
+                ..
+            })
+        ));
+    }
+}
