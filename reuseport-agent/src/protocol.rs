@@ -83,6 +83,10 @@ pub enum Op {
     },
 }
 
+/// The `id` of a `restart_result` for a restart nobody requested through the agent
+/// (SIGHUP to the supervisor): reported only so that `status` shows it.
+pub const UNREQUESTED_RESTART: u64 = 0;
+
 /// How a requested restart ended: the generation that is now active, or why none is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
@@ -207,6 +211,10 @@ pub struct GroupStatus {
     /// predate it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Limits>,
+    /// How the last restart of the group's supervisor ended (SIGHUP or `restart`), as it
+    /// reported it. Absent until a supervisor reported one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart: Option<RestartOutcome>,
 }
 
 /// What the agent holds at most. Exceeding one is a [`ErrorKind::Limit`] error, never a

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     addr::{GroupAddr, GroupKey},
-    protocol::{ErrorKind, GenState, GenerationStatus, GroupStatus, SocketStatus},
+    protocol::{ErrorKind, GenState, GenerationStatus, GroupStatus, RestartOutcome, SocketStatus},
 };
 
 /// Sockarray slots of a group: free ones, and freed ones that a program may still select
@@ -82,6 +82,8 @@ pub(super) struct Group {
     /// Registered slots whose listener was seen closed (edge detection for wake-ups).
     pub(super) closed: HashSet<u32>,
     pub(super) logger: Option<tokio::task::JoinHandle<()>>,
+    /// What its supervisor last reported about a restart (see `restart`).
+    pub(super) last_restart: Option<RestartOutcome>,
 }
 
 impl Drop for Group {
@@ -177,6 +179,7 @@ impl Group {
             generations,
             unsteered: self.kernel.group_counters().unsteered,
             limits: None,
+            last_restart: self.last_restart.clone(),
         }
     }
 }

@@ -311,6 +311,7 @@ impl Agent {
                     record_abi: self.pin_abi,
                     closed: HashSet::new(),
                     logger,
+                    last_restart: None,
                 },
             );
             tracing::info!(group = %key, mode = self.mode.as_str(), "group created");
@@ -498,6 +499,7 @@ impl Agent {
             record_abi: self.pin_abi,
             closed: HashSet::new(),
             logger: None,
+            last_restart: None,
         };
         group.logger = group.kernel.take_logger().and_then(spawn_logger);
         // Republish from the record: the dead agent pinned it before its last flip, so this

@@ -12,7 +12,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::{Agent, Peer, registry::RegId};
 use crate::{
     addr::GroupAddr,
-    protocol::{ErrorKind, GenState, Reply, RestartOutcome},
+    protocol::{ErrorKind, GenState, Reply, RestartOutcome, UNREQUESTED_RESTART},
 };
 
 use super::registry::Refusal;
@@ -105,8 +105,9 @@ impl Agent {
                 ),
             ));
         };
-        let id = state.restarts.next_id;
+        // NB: ids start at 1: 0 is UNREQUESTED_RESTART.
         state.restarts.next_id += 1;
+        let id = state.restarts.next_id;
         let delivered = state
             .subscribers
             .get(&reg)
@@ -135,14 +136,38 @@ impl Agent {
         })
     }
 
-    /// A supervisor reports how restart `id` ended; the requester gets it pushed.
+    /// A supervisor reports how restart `id` ended; the requester gets it pushed. Id
+    /// [`UNREQUESTED_RESTART`] is a restart nobody asked the agent for (SIGHUP): it is only kept
+    /// for `status`, like every outcome.
     pub fn restart_result(
         &self,
         peer: Peer,
+        wanted: &GroupAddr,
         id: u64,
         outcome: RestartOutcome,
     ) -> Result<Reply, Refusal> {
         let mut state = self.lock();
+        if id == UNREQUESTED_RESTART {
+            let supervisor = state.restarts.supervisors.values().any(|p| *p == peer.pid);
+            let group = state.find(wanted)?;
+            if !supervisor {
+                return Err(Refusal::new(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "permission denied: pid {} is not a supervisor registered with the agent; \
+                         only `reuseportctl supervise` reports restarts",
+                        peer.pid
+                    ),
+                ));
+            }
+            tracing::info!(group = %group.key, ?outcome, "restart finished (SIGHUP)");
+            group.last_restart = Some(outcome.clone());
+            return Ok(Reply::RestartResult {
+                group: *wanted,
+                id,
+                outcome,
+            });
+        }
         let Some(p) = state.restarts.pending.get(&id) else {
             return Err(Refusal::new(
                 ErrorKind::BadRequest,
@@ -161,6 +186,9 @@ impl Agent {
         }
         let p = state.restarts.pending.remove(&id).expect("checked above");
         tracing::info!(group = %p.group, id, ?outcome, "restart finished");
+        if let Ok(group) = state.find(&p.group) {
+            group.last_restart = Some(outcome.clone());
+        }
         let reply = Reply::RestartResult {
             group: p.group,
             id,

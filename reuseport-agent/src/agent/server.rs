@@ -262,8 +262,8 @@ async fn handle(
             let requester = events.clone();
             tokio::task::spawn_blocking(move || a.restart(peer, &group, requester)).await
         }
-        Op::RestartResult { id, outcome, .. } => {
-            tokio::task::spawn_blocking(move || a.restart_result(peer, id, outcome)).await
+        Op::RestartResult { group, id, outcome } => {
+            tokio::task::spawn_blocking(move || a.restart_result(peer, &group, id, outcome)).await
         }
     };
     match result {

@@ -708,6 +708,7 @@ mod tests {
             }],
             unsteered: 0,
             limits: None,
+            last_restart: None,
         }
     }
 

@@ -2,7 +2,7 @@
 
 use std::{fmt::Write as _, io::Write as _};
 
-use crate::protocol::{GenState, GenerationStatus, GroupStatus};
+use crate::protocol::{GenState, GenerationStatus, GroupStatus, RestartOutcome};
 
 /// Writes `text` to stdout. A closed pipe (`reuseportctl status | head -1`) is not an
 /// error: the reader has what it wanted.
@@ -111,6 +111,15 @@ pub fn status_table(groups: &[GroupStatus]) -> String {
         if group.falling_back {
             out.push_str("  FALLING BACK (no active socket left)");
         }
+        match &group.last_restart {
+            Some(RestartOutcome::Failed { error }) => {
+                let _ = write!(out, "\n  LAST RESTART FAILED: {error}");
+            }
+            Some(RestartOutcome::Active { generation }) => {
+                let _ = write!(out, "  last restart: generation {generation} active");
+            }
+            None => {}
+        }
         out.push('\n');
         let mut generations: Vec<&GenerationStatus> = group.generations.iter().collect();
         generations.sort_by_key(|g| g.generation);
@@ -218,6 +227,7 @@ mod tests {
             ],
             unsteered: 0,
             limits: None,
+            last_restart: None,
         }
     }
 

@@ -44,7 +44,7 @@ use super::{
 use crate::{
     addr::GroupAddr,
     client::{ControlClient, Launcher, Registration},
-    protocol::{ErrorKind, GenState, RestartOutcome},
+    protocol::{ErrorKind, GenState, RestartOutcome, UNREQUESTED_RESTART},
 };
 
 /// Tells each server its generation number (the test servers answer with it).
@@ -368,12 +368,15 @@ impl Supervisor {
         self.report(ids, RestartOutcome::Failed { error: why });
     }
 
-    /// Reports the outcome of restarts requested through the agent, in the background: the
-    /// loop must not wait on the agent.
+    /// Reports the outcome of a restart to the agent, in the background (the loop must not
+    /// wait on the agent): to the requests waiting for it, or, for a SIGHUP, just for
+    /// `status`.
     fn report(&self, ids: Vec<u64>, outcome: RestartOutcome) {
-        if ids.is_empty() {
-            return;
-        }
+        let ids = if ids.is_empty() {
+            vec![UNREQUESTED_RESTART]
+        } else {
+            ids
+        };
         let (control, group) = (self.control.clone(), self.args.listen);
         tokio::spawn(async move {
             let res = async {

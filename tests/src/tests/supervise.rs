@@ -33,6 +33,8 @@ use nix::{
     unistd::Pid,
 };
 
+use reuseport_agent::protocol::RestartOutcome;
+
 use crate::harness::{ServerKind, Tally, TestEnv, local, request_once, wait_until};
 
 /// Set (to anything) in the server processes the supervisor starts.
@@ -125,6 +127,18 @@ fn supervise_keeps_the_old_generation_when_the_new_one_fails() {
             sup.assert_running();
             sup.log().contains(line)
         },
+    );
+    wait_until("status shows the failed restart", RESTART_TIMEOUT, || {
+        matches!(
+            &env.status(PORT).last_restart,
+            Some(RestartOutcome::Failed { error }) if error.contains("generation 2 exited")
+        )
+    });
+    let shown = env.ctl(&["status"]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("LAST RESTART FAILED: generation 2 exited with status 1"),
+        "`reuseportctl status` should show the failure:\n{shown}"
     );
     let status = env.status(PORT);
     assert_eq!(
