@@ -191,7 +191,8 @@ mod tests {
         assert!(!k.pin_name().contains(['/', '.']));
     }
 
-    /// Found by the `group_addr` fuzz target: two groups must never share a directory.
+    /// Two groups must never share a directory (the scope case was found by the
+    /// `group_addr` fuzz target).
     #[test]
     fn pin_names_differ_between_groups() {
         let pin = |addr: &str| {
