@@ -41,14 +41,17 @@ fn check(input: &str) -> Option<GroupKey> {
     };
     assert_ne!(addr.addr.port(), 0, "port 0 should be refused");
     let shown = addr.to_string();
-    assert!(shown.starts_with("tcp://"), "{shown:?} should name its scheme");
+    assert!(
+        shown.starts_with("tcp://"),
+        "{shown:?} should name its scheme"
+    );
     let again: GroupAddr = shown
         .parse()
         .unwrap_or_else(|e| panic!("{shown:?} (from {input:?}) should parse back: {e}"));
     assert_eq!(again, addr, "{input:?} should survive Display -> parse");
     let json = serde_json::to_string(&addr).expect("an address serializes");
-    let from_json: GroupAddr = serde_json::from_str(&json)
-        .unwrap_or_else(|e| panic!("{json} should deserialize: {e}"));
+    let from_json: GroupAddr =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json} should deserialize: {e}"));
     assert_eq!(from_json, addr, "{input:?} should survive JSON");
 
     let key = GroupKey {
