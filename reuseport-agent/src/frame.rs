@@ -192,7 +192,11 @@ impl Conn {
             });
             match res {
                 Ok((n, fds)) => {
-                    self.fds.extend(fds);
+                    // NB: a peer can attach descriptors to every piece of a frame, sent a byte
+                    // at a time, and they would all be held until the frame completes. No
+                    // request uses more than MAX_FDS: the rest are closed here.
+                    let room = MAX_FDS.saturating_sub(self.fds.len());
+                    self.fds.extend(fds.into_iter().take(room));
                     self.buf.extend_from_slice(&chunk[..n]);
                     return Ok(n);
                 }
@@ -200,5 +204,35 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_frame_holds_at_most_max_fds_descriptors() {
+        let (a, b) = UnixStream::pair().expect("socket pair");
+        let (sender, mut receiver) = (Conn::new(a), Conn::new(b));
+        let frame = encode(&"a request cut into one-byte pieces").expect("encode");
+        let null = std::fs::File::open("/dev/null").expect("/dev/null");
+        // Each piece carries a descriptor, so each arrives as its own recvmsg.
+        for byte in &frame {
+            sender
+                .send_raw(std::slice::from_ref(byte), Some(null.as_fd()))
+                .await
+                .expect("send");
+        }
+        let got = receiver.recv().await.expect("recv").expect("a frame");
+        assert_eq!(got.body, frame[4..], "the body should arrive whole");
+        assert_eq!(
+            got.fds.len(),
+            MAX_FDS,
+            "descriptors beyond MAX_FDS should be closed on arrival, not held ({} pieces sent one each)",
+            frame.len()
+        );
     }
 }
