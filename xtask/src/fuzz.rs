@@ -68,6 +68,22 @@ pub fn run(targets: &[&str], seconds: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Clippy for the fuzz crate, which `clippy --workspace` does not see (its own workspace).
+pub fn clippy() -> anyhow::Result<()> {
+    let root = crate::workspace();
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(&root)
+        .arg("clippy")
+        .arg("--manifest-path")
+        .arg(root.join("fuzz/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(root.join("target/fuzz/clippy"))
+        .args(["--", "-D", "warnings"])
+        // As cargo-fuzz builds it, so the agent's build script skips the eBPF build.
+        .env("RUSTFLAGS", "--cfg fuzzing");
+    setup::run(&mut cmd)
+}
+
 fn cargo_fuzz_present() -> bool {
     setup::output(Command::new("rustup").args(["run", "nightly", "cargo", "fuzz", "--version"]))
         .is_some()

@@ -68,6 +68,7 @@ pub fn test(opts: &TestOpts) -> anyhow::Result<()> {
                 ],
             ))
         })?;
+        timed("clippy (fuzz targets)", fuzz::clippy)?;
         timed("clippy (eBPF)", || {
             // NB: separately and for the BPF target: in one run, feature unification would
             // pull std into the eBPF crate.
