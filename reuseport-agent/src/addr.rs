@@ -109,12 +109,32 @@ impl GroupKey {
         self.addr == wanted.addr && wanted.netns.is_none_or(|ns| ns == self.netns)
     }
 
-    /// A name usable as a bpffs directory: `tcp4_127_0_0_1_8080_4026531840`.
+    /// A name usable as a bpffs directory, one per group: `tcp4_127_0_0_1_8080_4026531840`,
+    /// `tcp6_fe80__1%2_443_4026531840` (a link-local address's scope is its interface, and
+    /// each interface has its own group).
     /// NB: bpffs refuses names containing '.' (EPERM).
     pub fn pin_name(&self) -> String {
-        let family = if self.addr.is_ipv4() { "tcp4" } else { "tcp6" };
-        let ip = self.addr.ip().to_string().replace(['.', ':'], "_");
-        format!("{family}_{ip}_{}_{}", self.addr.port(), self.netns)
+        let (family, ip, scope) = match self.addr {
+            SocketAddr::V4(a) => ("tcp4", a.ip().to_string(), 0),
+            // NB: an IPv4-mapped address displays as `::ffff:1.2.3.4`, which with '.'
+            // replaced would be the name of `::ffff:1:2:3:4`: spell it in hex instead.
+            SocketAddr::V6(a) => {
+                let ip = if a.ip().to_ipv4_mapped().is_some() {
+                    let s = a.ip().segments();
+                    format!("::ffff:{:x}:{:x}", s[6], s[7])
+                } else {
+                    a.ip().to_string()
+                };
+                ("tcp6", ip, a.scope_id())
+            }
+        };
+        let ip = ip.replace(['.', ':'], "_");
+        let scope = if scope == 0 {
+            String::new()
+        } else {
+            format!("%{scope}")
+        };
+        format!("{family}_{ip}{scope}_{}_{}", self.addr.port(), self.netns)
     }
 }
 
@@ -169,5 +189,27 @@ mod tests {
         };
         assert_eq!(k.pin_name(), "tcp4_127_0_0_1_80_7");
         assert!(!k.pin_name().contains(['/', '.']));
+    }
+
+    /// Two groups must never share a directory (the scope case was found by the
+    /// `group_addr` fuzz target).
+    #[test]
+    fn pin_names_differ_between_groups() {
+        let pin = |addr: &str| {
+            GroupKey {
+                addr: addr.parse().unwrap(),
+                netns: 7,
+            }
+            .pin_name()
+        };
+        for (a, b) in [
+            ("[fe80::1%2]:80", "[fe80::1%3]:80"),
+            ("[fe80::1%2]:80", "[fe80::1]:80"),
+            ("[::ffff:1.2.3.4]:80", "[::ffff:1:2:3:4]:80"),
+        ] {
+            assert_ne!(pin(a), pin(b), "{a} and {b} are different groups");
+        }
+        assert_eq!(pin("[fe80::1%2]:80"), "tcp6_fe80__1%2_80_7");
+        assert_eq!(pin("[::ffff:1.2.3.4]:80"), "tcp6___ffff_102_304_80_7");
     }
 }

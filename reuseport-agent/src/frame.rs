@@ -41,6 +41,40 @@ impl Frame {
     }
 }
 
+/// `msg` as one frame: its length (4 bytes, big-endian), then its JSON.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let body = serde_json::to_vec(msg)?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge { len: body.len() });
+    }
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Takes the first frame's body off the front of `buf` once all of it has arrived; `None`
+/// while more bytes are needed. A length over [`MAX_FRAME`] is refused as soon as its
+/// 4 bytes are in, so a peer cannot make us buffer more than one frame's worth.
+///
+/// NB: this is the whole parser of bytes from untrusted peers; it has no I/O so that the
+/// fuzz target `control_frame` runs exactly this code.
+pub fn take_frame(buf: &mut Vec<u8>) -> Result<Option<Vec<u8>>, FrameError> {
+    let Some(header) = buf.first_chunk::<4>() else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(*header) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge { len });
+    }
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    let body = buf[4..4 + len].to_vec();
+    buf.drain(..4 + len);
+    Ok(Some(body))
+}
+
 /// A control connection, either side.
 #[derive(Debug)]
 pub struct Conn {
@@ -68,13 +102,7 @@ impl Conn {
         msg: &T,
         fd: Option<BorrowedFd<'_>>,
     ) -> Result<(), FrameError> {
-        let body = serde_json::to_vec(msg)?;
-        if body.len() > MAX_FRAME {
-            return Err(FrameError::TooLarge { len: body.len() });
-        }
-        let mut out = Vec::with_capacity(4 + body.len());
-        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        out.extend_from_slice(&body);
+        let out = encode(msg)?;
         Ok(self.send_raw(&out, fd).await?)
     }
 
@@ -114,17 +142,9 @@ impl Conn {
     /// Next frame, or `None` when the peer closed the connection between frames.
     pub async fn recv(&mut self) -> Result<Option<Frame>, FrameError> {
         loop {
-            if self.buf.len() >= 4 {
-                let len = u32::from_be_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
-                if len > MAX_FRAME {
-                    return Err(FrameError::TooLarge { len });
-                }
-                if self.buf.len() >= 4 + len {
-                    let body = self.buf[4..4 + len].to_vec();
-                    self.buf.drain(..4 + len);
-                    let fds = self.fds.drain(..).collect();
-                    return Ok(Some(Frame { body, fds }));
-                }
+            if let Some(body) = take_frame(&mut self.buf)? {
+                let fds = self.fds.drain(..).collect();
+                return Ok(Some(Frame { body, fds }));
             }
             if self.read_more().await? == 0 {
                 return if self.buf.is_empty() {
@@ -172,7 +192,11 @@ impl Conn {
             });
             match res {
                 Ok((n, fds)) => {
-                    self.fds.extend(fds);
+                    // NB: a peer can attach descriptors to every piece of a frame, sent a byte
+                    // at a time, and they would all be held until the frame completes. No
+                    // request uses more than MAX_FDS: the rest are closed here.
+                    let room = MAX_FDS.saturating_sub(self.fds.len());
+                    self.fds.extend(fds.into_iter().take(room));
                     self.buf.extend_from_slice(&chunk[..n]);
                     return Ok(n);
                 }
@@ -180,5 +204,35 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_frame_holds_at_most_max_fds_descriptors() {
+        let (a, b) = UnixStream::pair().expect("socket pair");
+        let (sender, mut receiver) = (Conn::new(a), Conn::new(b));
+        let frame = encode(&"a request cut into one-byte pieces").expect("encode");
+        let null = std::fs::File::open("/dev/null").expect("/dev/null");
+        // Each piece carries a descriptor, so each arrives as its own recvmsg.
+        for byte in &frame {
+            sender
+                .send_raw(std::slice::from_ref(byte), Some(null.as_fd()))
+                .await
+                .expect("send");
+        }
+        let got = receiver.recv().await.expect("recv").expect("a frame");
+        assert_eq!(got.body, frame[4..], "the body should arrive whole");
+        assert_eq!(
+            got.fds.len(),
+            MAX_FDS,
+            "descriptors beyond MAX_FDS should be closed on arrival, not held ({} pieces sent one each)",
+            frame.len()
+        );
     }
 }

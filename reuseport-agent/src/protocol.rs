@@ -35,6 +35,36 @@ impl Request {
             op,
         }
     }
+
+    /// Decodes a frame's body as the agent does, refusing other protocol versions.
+    pub fn decode(body: &[u8]) -> Result<Self, RequestError> {
+        let req: Self = serde_json::from_slice(body)?;
+        if req.v != PROTOCOL_VERSION {
+            return Err(RequestError::UnsupportedVersion(req.v));
+        }
+        Ok(req)
+    }
+}
+
+/// Why a frame's body is not a request this agent serves.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("malformed request: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error(
+        "protocol version {0} is not supported: this agent speaks version {PROTOCOL_VERSION} \
+         (use a matching reuseportctl / client library)"
+    )]
+    UnsupportedVersion(u32),
+}
+
+impl RequestError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Malformed(_) => ErrorKind::BadRequest,
+            Self::UnsupportedVersion(_) => ErrorKind::UnsupportedVersion,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,8 @@
-//! Project tasks: `cargo xtask setup | test | vm-test | demo`.
+//! Project tasks: `cargo xtask setup | test | fuzz | vm-test | demo`.
 mod bench;
 mod demo;
 mod demo_server;
+mod fuzz;
 mod load;
 mod netns;
 mod setup;
@@ -21,6 +22,8 @@ enum Cli {
     /// Everything CI checks: setup, clippy, unit tests, integration tests on this kernel,
     /// then the integration tests inside QEMU guests (the kernel matrix).
     Test(test::TestOpts),
+    /// Run the libFuzzer targets (fuzz/) for a bounded time each; fails on a crash.
+    Fuzz(fuzz::FuzzOpts),
     /// Only the integration tests inside QEMU guests, one per kernel.
     VmTest(vm::VmOpts),
     /// Benchmarks that print figures (needs root).
@@ -37,6 +40,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse() {
         Cli::Setup => setup::setup(),
         Cli::Test(opts) => test::test(&opts),
+        Cli::Fuzz(opts) => fuzz::fuzz(&opts),
         Cli::VmTest(opts) => vm::vm_test(&opts),
         Cli::Bench(b) => bench::bench(&b),
         Cli::Demo(opts) => demo::demo(&opts),

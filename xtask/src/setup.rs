@@ -11,15 +11,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn setup() -> anyhow::Result<()> {
     let t = Instant::now();
-    step("nightly toolchain", nightly_present, || {
-        run(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))
-    })?;
+    nightly()?;
     step("nightly rust-src", rust_src_present, || {
         run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
     })?;
@@ -28,7 +20,20 @@ pub fn setup() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn step(
+/// The nightly toolchain alone (what `cargo xtask fuzz` needs).
+pub fn nightly() -> anyhow::Result<()> {
+    step("nightly toolchain", nightly_present, || {
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))
+    })
+}
+
+pub fn step(
     name: &str,
     present: impl Fn() -> bool,
     install: impl FnOnce() -> anyhow::Result<()>,
@@ -58,7 +63,7 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn output(cmd: &mut Command) -> Option<String> {
+pub fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
     out.status
         .success()

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{setup, vm};
+use crate::{fuzz, setup, vm};
 
 #[derive(clap::Args, Debug)]
 pub struct TestOpts {
@@ -18,6 +18,9 @@ pub struct TestOpts {
     /// Skip clippy (for quick local iterations; CI runs it).
     #[arg(long)]
     pub no_lint: bool,
+    /// Seconds each fuzz target runs (0 skips fuzzing).
+    #[arg(long, value_name = "N", default_value_t = 60)]
+    pub fuzz_seconds: u64,
     #[command(flatten)]
     pub vm: vm::VmOpts,
 }
@@ -65,6 +68,7 @@ pub fn test(opts: &TestOpts) -> anyhow::Result<()> {
                 ],
             ))
         })?;
+        timed("clippy (fuzz targets)", fuzz::clippy)?;
         timed("clippy (eBPF)", || {
             // NB: separately and for the BPF target: in one run, feature unification would
             // pull std into the eBPF crate.
@@ -99,6 +103,9 @@ pub fn test(opts: &TestOpts) -> anyhow::Result<()> {
             ],
         ))
     })?;
+    if opts.fuzz_seconds > 0 {
+        timed("fuzz", || fuzz::run(fuzz::TARGETS, opts.fuzz_seconds))?;
+    }
     let mut host = None;
     timed("integration tests (host kernel)", || {
         setup::run(&mut cargo(

@@ -106,6 +106,12 @@ impl Group {
             .map_err(kernel_refusal)
     }
 
+    /// Pins the record alone (for what the kernel program does not read).
+    pub(super) fn save_record(&mut self) -> Result<(), Refusal> {
+        let record = pinned::encode(&self.record(), self.record_abi)?;
+        self.kernel.write_record(&record).map_err(kernel_refusal)
+    }
+
     fn record(&self) -> GroupRecord {
         GroupRecord {
             addr: self.key.addr,
@@ -118,6 +124,7 @@ impl Group {
             registry: Registry {
                 generations: self.registry.generations.clone(),
             },
+            last_restart: self.last_restart.clone(),
         }
     }
 

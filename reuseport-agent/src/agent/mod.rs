@@ -499,7 +499,7 @@ impl Agent {
             record_abi: self.pin_abi,
             closed: HashSet::new(),
             logger: None,
-            last_restart: None,
+            last_restart: record.last_restart,
         };
         group.logger = group.kernel.take_logger().and_then(spawn_logger);
         // Republish from the record: the dead agent pinned it before its last flip, so this

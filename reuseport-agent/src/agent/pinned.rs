@@ -12,7 +12,10 @@ use reuseport_common::{PinnedState, STATE_CAPACITY, STATE_MAGIC, StateHeader};
 use serde::{Deserialize, Serialize};
 
 use super::registry::{Refusal, Registry};
-use crate::{addr::GroupKey, protocol::ErrorKind};
+use crate::{
+    addr::GroupKey,
+    protocol::{ErrorKind, RestartOutcome},
+};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct GroupRecord {
@@ -25,6 +28,9 @@ pub struct GroupRecord {
     #[serde(default)]
     pub program: String,
     pub registry: Registry,
+    /// What the group's supervisor last reported about a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart: Option<RestartOutcome>,
 }
 
 impl GroupRecord {
@@ -95,6 +101,7 @@ mod tests {
             serial: 9,
             program: "select-or-migrate-00".into(),
             registry,
+            last_restart: Some(RestartOutcome::Active { generation: 2 }),
         };
         let state = encode(&rec, 2).unwrap();
         assert_eq!(state.header.magic, STATE_MAGIC);
@@ -103,6 +110,7 @@ mod tests {
         assert_eq!(back.key(), rec.key());
         assert_eq!(back.owner_uid, 7);
         assert_eq!(back.serial, 9);
+        assert_eq!(back.last_restart, rec.last_restart);
         assert_eq!(
             format!("{:?}", back.registry),
             format!("{:?}", rec.registry),
@@ -120,6 +128,7 @@ mod tests {
                 serial: 0,
                 program: String::new(),
                 registry: Registry::default(),
+                last_restart: None,
             },
             2,
         )

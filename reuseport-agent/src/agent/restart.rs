@@ -162,6 +162,7 @@ impl Agent {
             }
             tracing::info!(group = %group.key, ?outcome, "restart finished (SIGHUP)");
             group.last_restart = Some(outcome.clone());
+            group.save_record()?;
             return Ok(Reply::RestartResult {
                 group: *wanted,
                 id,
@@ -188,6 +189,9 @@ impl Agent {
         tracing::info!(group = %p.group, id, ?outcome, "restart finished");
         if let Ok(group) = state.find(&p.group) {
             group.last_restart = Some(outcome.clone());
+            if let Err(e) = group.save_record() {
+                tracing::warn!(group = %group.key, error = %e, "pinning the restart outcome failed");
+            }
         }
         let reply = Reply::RestartResult {
             group: p.group,

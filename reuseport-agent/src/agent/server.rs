@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     frame::Conn,
-    protocol::{ErrorKind, Op, PROTOCOL_VERSION, Reply, Request},
+    protocol::{ErrorKind, Op, Reply, Request},
 };
 
 /// How often registered slots are checked for listeners that closed.
@@ -182,15 +182,10 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream, mut slot: Slot) {
                 break;
             }
         };
-        let reply = match frame.decode::<Request>() {
-            Err(e) => bad_request(format!("malformed request: {e}")),
-            Ok(req) if req.v != PROTOCOL_VERSION => Reply::Error {
-                kind: ErrorKind::UnsupportedVersion,
-                message: format!(
-                    "protocol version {} is not supported: this agent speaks version \
-                     {PROTOCOL_VERSION} (use a matching reuseportctl / client library)",
-                    req.v
-                ),
+        let reply = match Request::decode(&frame.body) {
+            Err(e) => Reply::Error {
+                kind: e.kind(),
+                message: e.to_string(),
             },
             Ok(req) => {
                 let is_register = matches!(req.op, Op::Register { .. });

@@ -24,7 +24,11 @@ use super::{
 };
 
 /// The object built from `reuseport-ebpf` by this crate's build script.
+#[cfg(not(fuzzing))]
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reuseport"));
+/// Fuzz builds skip the eBPF build (see build.rs): loading fails, which they never do.
+#[cfg(fuzzing)]
+static PROGRAM: &[u8] = &[];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -420,12 +424,7 @@ impl GroupKernel {
         record: &PinnedState,
         grace: &Grace,
     ) -> Result<(), SteeringError> {
-        self.state
-            .set(0, record, 0)
-            .map_err(|e| SteeringError::Kernel {
-                what: "writing the pinned group record".into(),
-                source: io::Error::other(e),
-            })?;
+        self.write_record(record)?;
         let next = (self.live + 1) % CONFIG_BUFFERS;
         if let Some(t) = self.retired[next as usize] {
             grace.wait(t);
@@ -447,6 +446,16 @@ impl GroupKernel {
         self.retired[self.live as usize] = Some(grace.retire());
         self.live = next;
         Ok(())
+    }
+
+    /// Pins `record` (see [`GroupKernel::publish`]).
+    pub fn write_record(&mut self, record: &PinnedState) -> Result<(), SteeringError> {
+        self.state
+            .set(0, record, 0)
+            .map_err(|e| SteeringError::Kernel {
+                what: "writing the pinned group record".into(),
+                source: io::Error::other(e),
+            })
     }
 
     /// Counters of `slot` summed over CPUs.

@@ -7,14 +7,16 @@ use std::{
     time::Duration,
 };
 
+use std::os::fd::AsFd as _;
+
 use reuseport_agent::{
-    client::ControlClient,
+    client::{self, ControlClient},
     protocol::{GenState, GroupStatus},
 };
 use reuseport_common::{ABI_VERSION, ADOPTABLE_ABI};
 
 use super::supervise::{Load, Supervisor};
-use crate::harness::{ServerKind, TestEnv, group, load_size, local, tally, wait_until};
+use crate::harness::{Server, ServerKind, TestEnv, group, load_size, local, tally, wait_until};
 
 /// How long clients may take to register again after the agent is back (their backoff is
 /// at most one second).
@@ -334,12 +336,33 @@ fn upgrade_refuses_an_unadoptable_abi_and_loses_no_connection() {
 
     // What the message says works: once the old servers are gone, the port is usable.
     drop(gens);
-    let fresh = env.serve(PORT, 7, ServerKind::Tokio, false);
+    // NB: a tokio server's listener closes when its aborted task is dropped, a moment later.
+    let listener = env.listen(PORT);
+    let opts = env.register_options(PORT, 7, false);
+    let mut registration = None;
+    wait_until(
+        "the old servers' sockets closed and generation 7 could register",
+        Duration::from_secs(10),
+        || match env.block_on(client::register(listener.as_fd(), &opts)) {
+            Ok(r) => {
+                registration = Some(r);
+                true
+            }
+            Err(e) => {
+                assert!(
+                    e.to_string().contains(&format!("ABI version {old}")),
+                    "only the old pins may refuse it: {e}"
+                );
+                false
+            }
+        },
+    );
+    let server = Server::start(ServerKind::Tokio, listener, 7, env.rt().handle());
     let t = tally(local(PORT), 50);
     assert_eq!(
         t.of(7),
         50,
         "a new group should replace the stale pins: {t}"
     );
-    drop(fresh);
+    drop((server, registration));
 }
