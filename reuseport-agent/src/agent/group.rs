@@ -79,6 +79,8 @@ pub(super) struct Group {
     /// ABI version written into the pinned record (the current one, except in tests that
     /// simulate an older agent).
     pub(super) record_abi: u32,
+    /// Where the pinned record is encoded (see [`pinned::buffer`]).
+    pub(super) record_buf: Box<reuseport_common::PinnedState>,
     /// Registered slots whose listener was seen closed (edge detection for wake-ups).
     pub(super) closed: HashSet<u32>,
     pub(super) logger: Option<tokio::task::JoinHandle<()>>,
@@ -100,16 +102,18 @@ impl Group {
     pub(super) fn publish(&mut self, grace: &Grace) -> Result<(), Refusal> {
         self.serial = self.serial.wrapping_add(1);
         let cfg = self.registry.steering_config(self.serial);
-        let record = pinned::encode(&self.record(), self.record_abi)?;
+        pinned::encode(&self.record(), self.record_abi, &mut self.record_buf)?;
         self.kernel
-            .publish(&cfg, &record, grace)
+            .publish(&cfg, &self.record_buf, grace)
             .map_err(kernel_refusal)
     }
 
     /// Pins the record alone (for what the kernel program does not read).
     pub(super) fn save_record(&mut self) -> Result<(), Refusal> {
-        let record = pinned::encode(&self.record(), self.record_abi)?;
-        self.kernel.write_record(&record).map_err(kernel_refusal)
+        pinned::encode(&self.record(), self.record_abi, &mut self.record_buf)?;
+        self.kernel
+            .write_record(&self.record_buf)
+            .map_err(kernel_refusal)
     }
 
     fn record(&self) -> GroupRecord {

@@ -123,10 +123,15 @@ fn load(mode: Mode, pin_dir: Option<&Path>) -> Result<Ebpf, SteeringError> {
 /// program has the same id is reused as it is (no new load: verification takes seconds on
 /// some kernels), any other is replaced.
 pub fn program_id(mode: Mode) -> String {
-    use std::hash::{DefaultHasher, Hash as _, Hasher as _};
-    let mut h = DefaultHasher::new();
-    PROGRAM.hash(&mut h);
-    format!("{}-{:016x}", mode.as_str(), h.finish())
+    // NB: computed once: hashing the whole object took ~50 µs, on every flip.
+    static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let hash = HASH.get_or_init(|| {
+        use std::hash::{DefaultHasher, Hash as _, Hasher as _};
+        let mut h = DefaultHasher::new();
+        PROGRAM.hash(&mut h);
+        h.finish()
+    });
+    format!("{}-{hash:016x}", mode.as_str())
 }
 
 /// What a group directory in bpffs holds.
