@@ -27,6 +27,24 @@ use reuseport_agent::{
     protocol::{GenerationStatus, GroupStatus},
 };
 
+/// Checks a failed CLI run: non-zero exit, exactly one line on stderr; returns that line.
+pub fn one_line_error(what: &str, out: &std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "{what} should fail, got {} (stderr {stderr:?})",
+        out.status
+    );
+    let lines: Vec<&str> = stderr.trim_end().lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{what} should print exactly one line on stderr: {stderr:?}"
+    );
+    println!("{what}: {}", lines[0]);
+    lines[0].to_string()
+}
+
 /// Prints the line the VM runner looks for and lets the caller return.
 pub fn skip(test: &str, reason: &str) {
     println!("SKIP: {test}: {reason}");

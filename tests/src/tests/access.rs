@@ -20,7 +20,8 @@ use reuseport_agent::{
 };
 
 use crate::harness::{
-    ServerKind, TestEnv, bin_path, generation_status, group, local, skip, tally, wait_until,
+    ServerKind, TestEnv, bin_path, generation_status, group, local, one_line_error, skip, tally,
+    wait_until,
 };
 
 /// How long the agent may take to answer anything in these tests (they measure, not assert,
@@ -1109,24 +1110,6 @@ impl Drop for AgentProcess {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.bpffs);
     }
-}
-
-/// Checks a failed run: non-zero exit, exactly one line on stderr; returns that line.
-fn one_line_error(what: &str, out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "{what} should fail, got {} (stderr {stderr:?})",
-        out.status
-    );
-    let lines: Vec<&str> = stderr.trim_end().lines().collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "{what} should print exactly one line on stderr: {stderr:?}"
-    );
-    println!("{what}: {}", lines[0]);
-    lines[0].to_string()
 }
 
 #[test]

@@ -4,7 +4,7 @@ use std::{
     net::SocketAddr,
     os::fd::{AsFd, BorrowedFd},
     path::Path,
-    process::{Command, Output},
+    process::Command,
     time::Duration,
 };
 
@@ -14,7 +14,7 @@ use reuseport_agent::{
 };
 use socket2::{Domain, Socket, Type};
 
-use crate::harness::{ServerKind, TestEnv, bin_path, group, local, tally};
+use crate::harness::{ServerKind, TestEnv, bin_path, group, local, one_line_error, tally};
 
 const PORT: u16 = 7801;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -313,22 +313,4 @@ fn tcp_socket(addr: SocketAddr, reuseport: bool, listen: bool) -> Socket {
         s.listen(128).expect("listen");
     }
     s
-}
-
-/// Checks a failed CLI run: non-zero exit, exactly one line on stderr; returns that line.
-fn one_line_error(what: &str, out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "{what} should fail, got {} (stderr {stderr:?})",
-        out.status
-    );
-    let lines: Vec<&str> = stderr.trim_end().lines().collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "{what} should print exactly one line on stderr: {stderr:?}"
-    );
-    println!("{what}: {}", lines[0]);
-    lines[0].to_string()
 }
