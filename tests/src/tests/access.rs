@@ -240,6 +240,34 @@ fn states(groups: &[GroupStatus]) -> Vec<GroupState> {
     out
 }
 
+/// A copy of the binary `path` that any user can run: in the test's temp dir (0755 under
+/// /tmp), not where it was built (a checkout may sit in a 0700 directory, e.g. one made by
+/// `mktemp -d`).
+fn copy_for_users(env: &TestEnv, path: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = env.dir().join("bin");
+    std::fs::create_dir_all(&dir).expect("create the test's bin dir");
+    std::fs::set_permissions(env.dir(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod the test's temp dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod bin");
+    let copy = dir.join(path.file_name().expect("a file name"));
+    if !copy.exists() {
+        std::fs::copy(path, &copy).expect("copy the binary for the test users");
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod the copy");
+    }
+    copy
+}
+
+/// `reuseportctl --control <env's agent>` from a copy the test users can run.
+fn ctl_command_for_users(env: &TestEnv) -> Command {
+    let mut cmd = Command::new(copy_for_users(env, &bin_path("reuseportctl")));
+    cmd.arg("--control")
+        .arg(env.control_path())
+        .stdin(Stdio::null());
+    cmd
+}
+
 /// A user (and its own group) created for one test.
 struct TestUser {
     name: String,
@@ -253,7 +281,7 @@ impl TestUser {
     /// Runs `reuseportctl --control <env's agent> ARGS…` as this user (setgroups, setgid,
     /// setuid in the child), so the agent sees its real credentials.
     fn ctl(&self, env: &TestEnv, args: &[&str]) -> Output {
-        let mut cmd = env.ctl_command();
+        let mut cmd = ctl_command_for_users(env);
         cmd.args(args);
         self.run_as(&mut cmd, None);
         let out = cmd
@@ -297,7 +325,8 @@ impl TestUser {
     /// Passes `socket` (another user's) to a child process of this user, which tries to
     /// register it in `group`; returns the child's verdict line.
     fn register_inherited(&self, env: &TestEnv, socket: RawFd, group: &str) -> String {
-        let mut cmd = Command::new(std::env::current_exe().expect("current_exe"));
+        let exe = std::env::current_exe().expect("current_exe");
+        let mut cmd = Command::new(copy_for_users(env, &exe));
         cmd.args([
             "--exact",
             REGISTER_CHILD_TEST,
@@ -355,7 +384,7 @@ impl Drop for Launched {
 impl TestUser {
     /// Starts `reuseportctl ARGS…` as this user in the background.
     fn launch(&self, env: &TestEnv, args: &[&str]) -> Launched {
-        let mut cmd = env.ctl_command();
+        let mut cmd = ctl_command_for_users(env);
         cmd.args(args).stdout(Stdio::null()).stderr(Stdio::null());
         self.run_as(&mut cmd, None);
         Launched(cmd.spawn().unwrap_or_else(|e| {
