@@ -28,6 +28,11 @@ use crate::{
 const SCAN_INTERVAL: Duration = Duration::from_millis(50);
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
+    // NB: first thing: a SIGTERM that arrives once the control socket exists must remove it
+    // on the way out, not kill the process with the socket file left behind (seen in the
+    // VM guests, where adoption and start-up are slow enough for that to happen).
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     bpffs::ensure(&opts.bpffs)?;
     let force = opts.select_only;
     let mode = tokio::task::spawn_blocking(move || steering::detect_mode(force)).await??;
@@ -61,8 +66,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     let scanner = tokio::spawn(scan_loop(agent.clone()));
     let mut exhausted = false;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
