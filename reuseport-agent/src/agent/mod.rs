@@ -34,7 +34,7 @@ use std::{
     os::fd::{AsFd, OwnedFd},
     path::PathBuf,
     sync::{
-        Mutex,
+        Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -192,6 +192,11 @@ pub struct Registration {
 
 pub struct Agent {
     state: Mutex<State>,
+    /// Held while a new group's program loads, instead of `state`: a load takes 50 ms here
+    /// and seconds on some kernels (the verifier), and `status`, flips and other groups'
+    /// registrations must not wait for it. One creation at a time, so two registrations
+    /// for the same new group never both load and pin it.
+    creating: Mutex<()>,
     grace: Grace,
     mode: Mode,
     bpffs: PathBuf,
@@ -211,6 +216,7 @@ impl Agent {
         use std::os::unix::fs::MetadataExt as _;
         Ok(Self {
             state: Mutex::new(State::default()),
+            creating: Mutex::new(()),
             grace: Grace::start()?,
             mode,
             bpffs,
@@ -241,7 +247,7 @@ impl Agent {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("agent state poisoned")
     }
 
@@ -268,12 +274,10 @@ impl Agent {
         }
         let listener = sockcheck::check(socket.as_fd(), &req.group)?;
         self.access.may_register(&peer, listener.uid)?;
-        let mut state = self.lock();
         let key = listener.key;
-        match state.groups.get(&key) {
-            Some(g) => self.access.may_join(&key, g.owner_uid, listener.uid)?,
-            None => state.room_for_group(self.max_groups)?,
-        }
+        let (mut state, created) = self.lock_with_group(&listener)?;
+        self.access
+            .may_join(&key, state.groups[&key].owner_uid, listener.uid)?;
         let incoming = Incoming {
             peer,
             reg,
@@ -281,9 +285,7 @@ impl Agent {
             req: &req,
             listener: &listener,
         };
-        if state.groups.contains_key(&key)
-            && let Some(reclaimed) = self.reclaim(&mut state, key, &incoming)
-        {
+        if !created && let Some(reclaimed) = self.reclaim(&mut state, key, &incoming) {
             if reclaimed.is_ok() {
                 state.subscribers.insert(reg, events);
                 if req.supervised {
@@ -291,31 +293,6 @@ impl Agent {
                 }
             }
             return reclaimed;
-        }
-        let created = !state.groups.contains_key(&key);
-        if created {
-            let pin_dir = self.bpffs.join(key.pin_name());
-            refuse_unadoptable(&key, &pin_dir)?;
-            let mut kernel = GroupKernel::create(self.mode, &pin_dir).map_err(kernel_refusal)?;
-            let logger = kernel.take_logger().and_then(spawn_logger);
-            state.groups.insert(
-                key,
-                Group {
-                    key,
-                    owner_uid: listener.uid,
-                    registry: Registry::default(),
-                    kernel,
-                    slots: SlotPool::new(),
-                    serial: 0,
-                    netns: listener.netns.try_clone().ok(),
-                    record_abi: self.pin_abi,
-                    record_buf: pinned::buffer(),
-                    closed: HashSet::new(),
-                    logger,
-                    last_restart: None,
-                },
-            );
-            tracing::info!(group = %key, mode = self.mode.as_str(), "group created");
         }
         let result = self.add_socket(&mut state, key, &incoming);
         match result {
@@ -346,6 +323,53 @@ impl Agent {
                 Err(e)
             }
         }
+    }
+
+    /// The state, locked, with the listener's group in it; true if the group was created
+    /// now (program loaded, maps pinned). Only `creating` is held during the load.
+    fn lock_with_group(
+        &self,
+        listener: &sockcheck::Listener,
+    ) -> Result<(MutexGuard<'_, State>, bool), Refusal> {
+        let key = listener.key;
+        let state = self.lock();
+        if state.groups.contains_key(&key) {
+            return Ok((state, false));
+        }
+        drop(state);
+        let _creating = self.creating.lock().expect("group creation lock poisoned");
+        {
+            let state = self.lock();
+            if state.groups.contains_key(&key) {
+                return Ok((state, false));
+            }
+            // NB: exact, because creations are serialised and adoption ran before any.
+            state.room_for_group(self.max_groups)?;
+        }
+        let pin_dir = self.bpffs.join(key.pin_name());
+        refuse_unadoptable(&key, &pin_dir)?;
+        let mut kernel = GroupKernel::create(self.mode, &pin_dir).map_err(kernel_refusal)?;
+        let logger = kernel.take_logger().and_then(spawn_logger);
+        let mut state = self.lock();
+        state.groups.insert(
+            key,
+            Group {
+                key,
+                owner_uid: listener.uid,
+                registry: Registry::default(),
+                kernel,
+                slots: SlotPool::new(),
+                serial: 0,
+                netns: listener.netns.try_clone().ok(),
+                record_abi: self.pin_abi,
+                record_buf: pinned::buffer(),
+                closed: HashSet::new(),
+                logger,
+                last_restart: None,
+            },
+        );
+        tracing::info!(group = %key, mode = self.mode.as_str(), "group created");
+        Ok((state, true))
     }
 
     /// A socket that is already in the group comes back on a new connection (its client
