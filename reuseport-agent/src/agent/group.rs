@@ -102,10 +102,34 @@ impl Group {
     pub(super) fn publish(&mut self, grace: &Grace) -> Result<(), Refusal> {
         self.serial = self.serial.wrapping_add(1);
         let cfg = self.registry.steering_config(self.serial);
-        pinned::encode(&self.record(), self.record_abi, &mut self.record_buf)?;
-        self.kernel
-            .publish(&cfg, &self.record_buf, grace)
-            .map_err(kernel_refusal)
+        // NB: the record first: an agent killed anywhere in here leaves a record that is
+        // either the old state or the new one, and the agent that adopts the group
+        // republishes the table from the record.
+        self.save_record()?;
+        self.kernel.publish(&cfg, grace).map_err(kernel_refusal)
+    }
+
+    /// Takes the sockets in `slots` out of the group: what they counted stays with their
+    /// generation (if it lives on), the table is republished, and the slots return to the
+    /// pool once no program invocation can still pick them.
+    pub(super) fn remove_slots(&mut self, slots: &[u32], grace: &Grace) -> Result<(), Refusal> {
+        for g in self.registry.generations.values_mut() {
+            for slot in slots.iter().filter(|s| g.sockets.contains_key(s)) {
+                let c = self.kernel.counters(*slot);
+                g.retired_counters.selected += c.selected;
+                g.retired_counters.fallback += c.fallback;
+                g.retired_counters.migrated += c.migrated;
+            }
+        }
+        let freed = self.registry.remove_slots(slots);
+        let published = self.publish(grace);
+        let ticket = grace.retire();
+        for slot in freed {
+            let _ = self.kernel.clear_slot(slot);
+            self.slots.release(slot, ticket);
+            self.closed.remove(&slot);
+        }
+        published
     }
 
     /// Pins the record alone (for what the kernel program does not read).

@@ -149,6 +149,24 @@ impl State {
         ))
     }
 
+    /// Drops groups left without a socket, and their pins.
+    fn remove_groups(&mut self, keys: &[GroupKey]) {
+        for key in keys {
+            if let Some(g) = self.groups.remove(key) {
+                g.kernel.unpin();
+                tracing::info!(group = %key, "group removed: no registered socket left");
+            }
+        }
+    }
+
+    /// Pushes state changes to `reg` from now on; a supervisor also gets restart requests.
+    fn subscribe(&mut self, reg: RegId, events: UnboundedSender<Reply>, supervisor: Option<i32>) {
+        self.subscribers.insert(reg, events);
+        if let Some(pid) = supervisor {
+            self.restarts.add_supervisor(reg, pid);
+        }
+    }
+
     fn notify(&self, group: &Group, changes: &[StateChange], own_netns: u64) {
         for ch in changes {
             let Some(g) = group.registry.generations.get(&ch.generation) else {
@@ -287,20 +305,14 @@ impl Agent {
         };
         if !created && let Some(reclaimed) = self.reclaim(&mut state, key, &incoming) {
             if reclaimed.is_ok() {
-                state.subscribers.insert(reg, events);
-                if req.supervised {
-                    state.restarts.add_supervisor(reg, peer.pid);
-                }
+                state.subscribe(reg, events, req.supervised.then_some(peer.pid));
             }
             return reclaimed;
         }
         let result = self.add_socket(&mut state, key, &incoming);
         match result {
             Ok((slot, changes)) => {
-                state.subscribers.insert(reg, events);
-                if req.supervised {
-                    state.restarts.add_supervisor(reg, peer.pid);
-                }
+                state.subscribe(reg, events, req.supervised.then_some(peer.pid));
                 let group = &state.groups[&key];
                 state.notify(group, &changes, self.own_netns);
                 let gen_state = group.registry.generations[&req.generation].state;
@@ -613,38 +625,18 @@ impl Agent {
         let mut emptied = Vec::new();
         for (key, group) in &mut state.groups {
             let had_active = group.registry.active();
-            let mine: Vec<(u32, u32)> = group
+            let mine: Vec<u32> = group
                 .registry
                 .generations
-                .iter()
-                .flat_map(|(n, g)| {
-                    g.sockets
-                        .iter()
-                        .filter(|(_, m)| m.reg == reg)
-                        .map(move |(slot, _)| (*slot, *n))
-                })
+                .values()
+                .flat_map(|g| g.sockets.iter().filter(|(_, m)| m.reg == reg))
+                .map(|(slot, _)| *slot)
                 .collect();
             if mine.is_empty() {
                 continue;
             }
-            // Keep what the freed slots counted with their generation, if it lives on.
-            for (slot, generation) in &mine {
-                let c = group.kernel.counters(*slot);
-                if let Some(g) = group.registry.generations.get_mut(generation) {
-                    g.retired_counters.selected += c.selected;
-                    g.retired_counters.fallback += c.fallback;
-                    g.retired_counters.migrated += c.migrated;
-                }
-            }
-            let freed = group.registry.unregister(reg);
-            if let Err(e) = group.publish(&self.grace) {
+            if let Err(e) = group.remove_slots(&mine, &self.grace) {
                 tracing::error!(group = %key, error = %e, "republishing after unregister failed");
-            }
-            let ticket = self.grace.retire();
-            for slot in freed {
-                let _ = group.kernel.clear_slot(slot);
-                group.slots.release(slot, ticket);
-                group.closed.remove(&slot);
             }
             tracing::info!(group = %key, reg, "registration closed; its sockets left the group");
             if had_active.is_some()
@@ -661,12 +653,7 @@ impl Agent {
                 emptied.push(*key);
             }
         }
-        for key in emptied {
-            if let Some(g) = state.groups.remove(&key) {
-                g.kernel.unpin();
-                tracing::info!(group = %key, "group removed: no registered socket left");
-            }
-        }
+        state.remove_groups(&emptied);
     }
 
     pub fn activate(
@@ -772,12 +759,7 @@ impl Agent {
                 }
             }
         }
-        for key in emptied {
-            if let Some(g) = groups.remove(&key) {
-                g.kernel.unpin();
-                tracing::info!(group = %key, "group removed: no registered socket left");
-            }
-        }
+        state.remove_groups(&emptied);
         out
     }
 
@@ -799,14 +781,8 @@ impl Agent {
         if gone.is_empty() {
             return;
         }
-        let freed = group.registry.remove_slots(&gone);
-        if let Err(e) = group.publish(&self.grace) {
+        if let Err(e) = group.remove_slots(&gone, &self.grace) {
             tracing::error!(group = %group.key, error = %e, "republishing after a closed socket failed");
-        }
-        let ticket = self.grace.retire();
-        for slot in freed {
-            let _ = group.kernel.clear_slot(slot);
-            group.slots.release(slot, ticket);
         }
         tracing::info!(group = %group.key, slots = ?gone, "closed sockets that were not registered again left the group");
     }

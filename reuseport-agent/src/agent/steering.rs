@@ -419,17 +419,7 @@ impl GroupKernel {
     /// Makes `cfg` the table the program follows, atomically: it is written into a buffer no
     /// program invocation can be reading (waiting for an RCU grace period only if every
     /// buffer retired too recently), then the 4-byte `CURRENT` word switches to it.
-    ///
-    /// `record` (the agent's description of the same state) is pinned first: an agent
-    /// killed anywhere in here leaves a record that is either the old state or the new one,
-    /// and the agent that adopts the group republishes the table from the record.
-    pub fn publish(
-        &mut self,
-        cfg: &SteeringConfig,
-        record: &PinnedState,
-        grace: &Grace,
-    ) -> Result<(), SteeringError> {
-        self.write_record(record)?;
+    pub fn publish(&mut self, cfg: &SteeringConfig, grace: &Grace) -> Result<(), SteeringError> {
         let next = (self.live + 1) % CONFIG_BUFFERS;
         if let Some(t) = self.retired[next as usize] {
             grace.wait(t);
@@ -453,7 +443,7 @@ impl GroupKernel {
         Ok(())
     }
 
-    /// Pins `record` (see [`GroupKernel::publish`]).
+    /// Pins `record`, the agent's description of the group (see the `pinned` module).
     pub fn write_record(&mut self, record: &PinnedState) -> Result<(), SteeringError> {
         self.state
             .set(0, record, 0)
