@@ -275,6 +275,18 @@ impl TestEnv {
         self.start_agent();
     }
 
+    /// Waits until every socket the agent knows has its registration back (after a
+    /// [`restart_agent`](Self::restart_agent), clients reconnect on their own).
+    pub fn wait_all_registered(&self, timeout: Duration) {
+        super::wait_until("every socket is registered again", timeout, || {
+            self.statuses()
+                .iter()
+                .flat_map(|g| &g.generations)
+                .flat_map(|g| &g.sockets)
+                .all(|s| s.registered)
+        });
+    }
+
     /// PID of the agent process.
     pub fn agent_pid(&self) -> Pid {
         Pid::from_raw(self.agent.as_ref().expect("agent running").id() as i32)

@@ -48,22 +48,6 @@ fn comparable(mut groups: Vec<GroupStatus>) -> Vec<GroupStatus> {
     groups
 }
 
-fn all_registered(env: &TestEnv) -> bool {
-    env.statuses()
-        .iter()
-        .flat_map(|g| &g.generations)
-        .flat_map(|g| &g.sockets)
-        .all(|s| s.registered)
-}
-
-fn wait_all_registered(env: &TestEnv) {
-    wait_until(
-        "every socket is registered again",
-        REREGISTER_TIMEOUT,
-        || all_registered(env),
-    );
-}
-
 #[test]
 fn agent_killed_under_load_is_adopted_and_clients_register_again() {
     const NAME: &str = "agent_killed_under_load_is_adopted_and_clients_register_again";
@@ -127,7 +111,7 @@ fn agent_killed_under_load_is_adopted_and_clients_register_again() {
     );
 
     env.restart_agent(&[]);
-    wait_all_registered(&env);
+    env.wait_all_registered(REREGISTER_TIMEOUT);
     assert_eq!(
         steered_to_draining(&env),
         draining_before,
@@ -219,7 +203,7 @@ fn agent_killed_during_activations_leaves_a_state_some_request_produced() {
         env.block_on(flipper).expect("flipper task");
         let f = *flips.lock().unwrap();
         env.restart_agent(&[]);
-        wait_all_registered(&env);
+        env.wait_all_registered(REREGISTER_TIMEOUT);
 
         let status = env.status(PORT);
         let allowed = [f.acknowledged, f.in_flight];
@@ -293,7 +277,7 @@ fn upgrade_adopts_pinned_state_of_an_adoptable_abi() {
         "{NAME}: pinned by ABI {oldest}, adopted by ABI {ABI_VERSION} (adoptable: {ADOPTABLE_ABI:?})"
     );
     let (env, gens, load, before) = upgrade_from(NAME, PORT, oldest);
-    wait_all_registered(&env);
+    env.wait_all_registered(REREGISTER_TIMEOUT);
     assert_eq!(
         comparable(vec![env.status(PORT)]),
         comparable(vec![before]),

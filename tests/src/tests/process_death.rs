@@ -122,17 +122,7 @@ fn server_that_dies_while_the_agent_is_down_is_dropped_at_adoption() {
         "with the agent down, the program alone should fall back to generation 1: {t}"
     );
     env.restart_agent(&[]);
-    wait_until(
-        "generation 1 is registered again",
-        Duration::from_secs(15),
-        || {
-            env.status(PORT)
-                .generations
-                .iter()
-                .flat_map(|g| &g.sockets)
-                .all(|s| s.registered)
-        },
-    );
+    env.wait_all_registered(Duration::from_secs(15));
     let status = env.status(PORT);
     assert!(
         status
