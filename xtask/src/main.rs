@@ -4,7 +4,7 @@ mod demo;
 mod demo_server;
 mod fuzz;
 mod load;
-mod netns;
+mod namespaces;
 mod setup;
 mod stack;
 mod test;

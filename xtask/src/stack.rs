@@ -1,5 +1,5 @@
-//! An agent plus demo servers, run from xtask in a private network namespace: what the demo
-//! and the benchmarks stand on.
+//! An agent plus demo servers, run from xtask in private network and mount namespaces (see
+//! [`namespaces`](crate::namespaces)): what the demo and the benchmarks stand on.
 
 use std::{
     net::SocketAddr,
@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{netns, setup};
+use crate::{namespaces, setup};
 
 pub struct Stack {
     bin: PathBuf,
@@ -26,34 +26,36 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// Builds the release binaries, enters a new network namespace and starts the agent.
+    /// Builds the release binaries, moves the calling thread into private namespaces and
+    /// starts the agent.
     pub fn start(tag: &str) -> anyhow::Result<Self> {
         Self::start_in(tag, &build_release(tag)?)
     }
 
     /// Like [`Stack::start`], with binaries already built in `bin`.
     pub fn start_in(tag: &str, bin: &std::path::Path) -> anyhow::Result<Self> {
-        netns::enter_new().context("creating a private network namespace")?;
+        namespaces::enter_private().context("entering private network and mount namespaces")?;
         let pid = std::process::id();
         let tmp = std::env::temp_dir().join(format!("reuseport-{tag}-{pid}"));
         std::fs::create_dir_all(&tmp)?;
         let stack = Self {
             bin: bin.to_owned(),
             control: tmp.join("agent.sock"),
-            bpffs: PathBuf::from(format!("/sys/fs/bpf/reuseport-{tag}-{pid}")),
+            bpffs: PathBuf::from("/sys/fs/bpf/reuseport"),
             tmp,
             agent: Mutex::new(None),
             servers: Mutex::new(Vec::new()),
         };
         let log = std::fs::File::create(stack.tmp.join("agent.log"))?;
-        let agent = Command::new(stack.bin.join("reuseport-agent"))
-            .arg("--control")
-            .arg(&stack.control)
-            .arg("--bpffs")
-            .arg(&stack.bpffs)
-            .stderr(log)
-            .spawn()
-            .context("starting reuseport-agent")?;
+        let agent =
+            namespaces::die_with_parent(&mut Command::new(stack.bin.join("reuseport-agent")))
+                .arg("--control")
+                .arg(&stack.control)
+                .arg("--bpffs")
+                .arg(&stack.bpffs)
+                .stderr(log)
+                .spawn()
+                .context("starting reuseport-agent")?;
         *stack.agent.lock().expect("lock") = Some(agent);
         wait_for(
             Duration::from_secs(30),
@@ -188,7 +190,7 @@ impl Stack {
         if let Some(mut a) = self.agent.lock().expect("lock").take() {
             terminate(&mut a);
         }
-        let _ = std::fs::remove_dir_all(&self.bpffs);
+        // NB: the bpffs goes with the mount namespace.
         let _ = std::fs::remove_dir_all(&self.tmp);
     }
 }

@@ -1,10 +1,12 @@
-//! [`TestEnv`]: one network namespace, one temp dir, one bpffs dir and one agent per test.
+//! [`TestEnv`]: one network namespace, one mount namespace with its own bpffs, one temp dir
+//! and one agent per test.
 
 use std::{
     future::Future,
     io,
     net::TcpListener,
     os::fd::AsFd,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
@@ -15,7 +17,6 @@ use std::{
 };
 
 use nix::{
-    sched::{CloneFlags, unshare},
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
@@ -25,7 +26,7 @@ use reuseport_agent::{
     protocol::{ErrorKind, GroupStatus},
 };
 
-use super::{Server, ServerKind, group, local};
+use super::{Server, ServerKind, group, local, namespaces::enter_private_namespaces};
 
 /// How long the agent may take to accept connections on its control socket: on the host,
 /// and in a VM guest, where loading one program took 9 s on 6.1 under TCG (an agent that
@@ -80,12 +81,14 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
-/// An isolated world for one test: a fresh network namespace (entered by the calling thread;
-/// threads, runtimes and processes created afterwards inherit it) with `lo` up, a temp dir
-/// holding the control socket and the agent's log, a fresh bpffs dir, and a running agent.
+/// An isolated world for one test: fresh network and mount namespaces (entered by the calling
+/// thread; threads, runtimes and processes created afterwards inherit them, see
+/// [`enter_private_namespaces`]) with `lo` up and a bpffs of their own at `/sys/fs/bpf`, a temp
+/// dir holding the control socket and the agent's log, and a running agent.
 ///
 /// Create it first in every test, so that it is dropped last. On drop the agent is stopped,
-/// its log is printed if the test is failing, and both directories are removed.
+/// its log is printed if the test is failing, and the temp dir is removed; the bpffs goes
+/// with the mount namespace when its last process exits.
 pub struct TestEnv {
     name: &'static str,
     dir: PathBuf,
@@ -114,18 +117,15 @@ impl TestEnv {
         );
         // A test that panicked poisons the lock; its Drop has cleaned up all the same.
         let one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-        bring_lo_up().expect("bring lo up in the new network namespace");
+        enter_private_namespaces()
+            .unwrap_or_else(|e| panic!("{name}: entering private namespaces: {e}"));
 
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let dir = std::env::temp_dir().join(format!("reuseport-test-{pid}-{n}-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the test's temp dir");
-        let bpffs = PathBuf::from(format!("/sys/fs/bpf/reuseport-test-{pid}-{n}"));
-        check_bpffs(Path::new("/sys/fs/bpf"));
-        let _ = std::fs::remove_dir_all(&bpffs);
-        std::fs::create_dir(&bpffs).expect("create the test's bpffs dir");
+        let bpffs = PathBuf::from(reuseport_agent::DEFAULT_BPFFS_PATH);
         let control = dir.join("agent.sock");
         let log = dir.join("agent.log");
 
@@ -161,7 +161,16 @@ impl TestEnv {
             .append(true)
             .open(&self.log)
             .expect("open the agent log");
-        let agent = Command::new(bin_path("reuseport-agent"))
+        let mut agent = Command::new(bin_path("reuseport-agent"));
+        // NB: a test process that is killed must not leave its agent running: SIGKILL when
+        // the test's thread (the one that spawns it) exits.
+        // SAFETY: prctl is async-signal-safe; runs in the child between fork and exec.
+        unsafe {
+            agent.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)
+            });
+        }
+        let agent = agent
             .arg("--control")
             .arg(&self.control)
             .arg("--bpffs")
@@ -513,9 +522,6 @@ impl Drop for TestEnv {
                 tail(&self.agent_log(), LOG_TAIL_LINES)
             );
         }
-        if let Err(e) = std::fs::remove_dir_all(&self.bpffs) {
-            eprintln!("{}: removing {}: {e}", self.name, self.bpffs.display());
-        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -539,41 +545,4 @@ fn tail(text: &str, n: usize) -> String {
         lines.len() - n,
         lines[lines.len() - n..].join("\n")
     )
-}
-
-/// `ip link set lo up`, with the ioctl `ip` would use, in the calling thread's namespace.
-pub(super) fn bring_lo_up() -> io::Result<()> {
-    // SAFETY: plain socket/ioctl calls on a zeroed ifreq we own; the fd is closed below.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut ifr: libc::ifreq = std::mem::zeroed();
-        for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
-            *dst = *src as libc::c_char;
-        }
-        let mut res = libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut ifr);
-        if res == 0 {
-            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            res = libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &ifr);
-        }
-        let err = io::Error::last_os_error();
-        libc::close(fd);
-        if res < 0 { Err(err) } else { Ok(()) }
-    }
-}
-
-fn check_bpffs(path: &Path) {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
-    // SAFETY: statfs fills the zeroed struct we own.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    let res = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    assert!(
-        res == 0 && st.f_type as i64 == BPF_FS_MAGIC,
-        "{} is not a bpffs mount: mount -t bpf bpf {}",
-        path.display(),
-        path.display()
-    );
 }

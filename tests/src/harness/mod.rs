@@ -7,6 +7,7 @@
 
 mod child;
 mod env;
+mod namespaces;
 mod netns;
 mod server;
 mod traffic;

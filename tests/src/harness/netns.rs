@@ -5,7 +5,7 @@ use std::{fs::File, os::unix::fs::MetadataExt};
 
 use nix::sched::{CloneFlags, setns, unshare};
 
-use super::env::bring_lo_up;
+use super::namespaces::bring_lo_up;
 
 /// Inode of the calling thread's network namespace (what the agent shows after `@`).
 /// NB: `/proc/thread-self`, not `/proc/self`: [`TestEnv`](super::TestEnv) moves only the
