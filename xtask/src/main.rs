@@ -5,6 +5,7 @@ mod demo_server;
 mod fuzz;
 mod load;
 mod namespaces;
+mod packages;
 mod setup;
 mod stack;
 mod test;

@@ -52,6 +52,9 @@ pub fn test(opts: &TestOpts) -> anyhow::Result<()> {
         );
     }
     timed("setup", setup::setup)?;
+    timed("test tools (Debian packages)", || {
+        crate::packages::ensure("test", crate::packages::TEST_TOOLS)
+    })?;
     if !opts.no_lint {
         timed("clippy (userspace)", || {
             setup::run(&mut cargo(

@@ -21,7 +21,7 @@
 //! QEMU exits 0 on power-off whatever happened inside.
 
 mod binaries;
-mod cmd;
+pub mod cmd;
 mod initramfs;
 mod kernel;
 mod qemu;

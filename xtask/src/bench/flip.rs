@@ -638,22 +638,8 @@ end
 impl Wrk {
     /// Finds wrk, installing the Debian package if it is missing.
     fn ensure(tmp: &Path) -> anyhow::Result<Self> {
-        if wrk_version().is_none() {
-            println!("bench: wrk not found: apt-get install wrk…");
-            let install = || {
-                Command::new("apt-get")
-                    .args(["install", "-y", "-q", "wrk"])
-                    .env("DEBIAN_FRONTEND", "noninteractive")
-                    .status()
-                    .is_ok_and(|s| s.success())
-            };
-            if !install() {
-                crate::setup::run(Command::new("apt-get").args(["update", "-q"]))?;
-                if !install() {
-                    bail!("apt-get install wrk failed (or skip it: --no-wrk)");
-                }
-            }
-        }
+        crate::packages::ensure("bench", &[("wrk", "wrk")])
+            .context("wrk is needed for the wrk rounds (or skip them: --no-wrk)")?;
         let version = wrk_version().context("wrk installed but does not run")?;
         let script = tmp.join("flip.lua");
         std::fs::write(&script, WRK_SCRIPT)?;

@@ -7,10 +7,11 @@ use std::process::Command;
 use anyhow::Context as _;
 
 use super::cmd::{output_of, run_quiet};
+use crate::packages::{self, on_path};
 
 /// (program looked for, Debian package that provides it).
 /// NB: `lz4`/`zstd` only speed boots up (decompressed kernel); without them the bzImage boots.
-const HOST_TOOLS: &[(&str, &str)] = &[
+const HOST_TOOLS: &[packages::Tool] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("busybox", "busybox-static"),
     ("lz4", "lz4"),
@@ -24,35 +25,13 @@ pub const BUSYBOX: &str = "/bin/busybox";
 pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 
 pub fn ensure_host_tools() -> anyhow::Result<()> {
-    let missing: Vec<&str> = HOST_TOOLS
+    let mut missing: Vec<&str> = HOST_TOOLS
         .iter()
         .filter(|(program, _)| !on_path(program) || (*program == "busybox" && !is_static_busybox()))
         .map(|&(_, package)| package)
         .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("vm: installing {}", missing.join(" "));
-    let install = || {
-        run_quiet(
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-    };
-    // NB: a machine that never ran `apt-get update` has no package lists: retry after one.
-    install()
-        .or_else(|_| {
-            run_quiet(Command::new("apt-get").args(["update", "-q"]))?;
-            install()
-        })
-        .with_context(|| format!("installing {}", missing.join(" ")))
-}
-
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+    missing.dedup();
+    packages::install("vm", &missing)
 }
 
 /// busybox-static is the package that ships a static `/bin/busybox`; the dynamic `busybox`

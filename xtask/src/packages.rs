@@ -1,0 +1,61 @@
+//! Debian packages the tasks need at run time, installed on first use: a fresh CI machine has
+//! none of them, and nothing installed on a machine by hand survives to the next one.
+
+use std::process::Command;
+
+use anyhow::Context as _;
+
+use crate::vm::cmd::run_quiet;
+
+/// A program looked for on PATH and the Debian package that provides it.
+pub type Tool = (&'static str, &'static str);
+
+/// Real clients and servers the integration tests drive (each test that needs one fails, not
+/// skips, on the host when it is missing: `cargo xtask test` installs them first).
+pub const TEST_TOOLS: &[Tool] = &[
+    ("ab", "apache2-utils"),
+    ("wrk", "wrk"),
+    ("python3", "python3"),
+    ("ss", "iproute2"),
+];
+
+/// Installs the packages of every tool in `tools` that is not on PATH (`who` names the task in
+/// the message); a no-op when all are present.
+pub fn ensure(who: &str, tools: &[Tool]) -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = tools
+        .iter()
+        .filter(|(program, _)| !on_path(program))
+        .map(|&(_, package)| package)
+        .collect();
+    missing.dedup();
+    install(who, &missing)
+}
+
+/// `apt-get install` of `packages` (nothing when empty), with one `apt-get update` first if the
+/// package lists do not know them yet.
+pub fn install(who: &str, packages: &[&str]) -> anyhow::Result<()> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    eprintln!("{who}: installing {}", packages.join(" "));
+    let install = || {
+        run_quiet(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    // NB: a machine that never ran `apt-get update` has no package lists: retry after one.
+    install()
+        .or_else(|_| {
+            run_quiet(Command::new("apt-get").args(["update", "-q"]))?;
+            install()
+        })
+        .with_context(|| format!("installing {}", packages.join(" ")))
+}
+
+pub fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
