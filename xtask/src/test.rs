@@ -113,7 +113,15 @@ pub fn test(opts: &TestOpts) -> anyhow::Result<()> {
     timed("integration tests (host kernel)", || {
         setup::run(&mut cargo(
             &root,
-            &["build", "-p", "reuseport-agent", "--bins"],
+            // NB: with the fault-injection points the crash tests use (test builds only).
+            &[
+                "build",
+                "-p",
+                "reuseport-agent",
+                "--bins",
+                "--features",
+                "fault-injection",
+            ],
         ))?;
         let mut cmd = cargo(
             &root,

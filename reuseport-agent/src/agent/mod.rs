@@ -13,11 +13,13 @@
 //! - [`conns`]: bounds on control connections (count, time, size).
 //! - [`control_socket`]: the control socket's file (mode, group, stale and live sockets).
 //! - [`wake`]: wake-ups for connections migrated to a listener without a wake-up.
+//! - [`fault`]: fault-injection points for the tests (a feature of test builds).
 
 mod access;
 mod bpffs;
 mod conns;
 mod control_socket;
+pub mod fault;
 mod grace;
 mod group;
 mod pinned;

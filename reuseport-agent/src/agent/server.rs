@@ -33,6 +33,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // VM guests, where adoption and start-up are slow enough for that to happen).
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    super::fault::check_env()?;
     bpffs::ensure(&opts.bpffs)?;
     let force = opts.select_only;
     let mode = tokio::task::spawn_blocking(move || steering::detect_mode(force)).await??;
