@@ -19,11 +19,14 @@ fn fallback_goes_to_the_newest_draining_generation_then_older_ones_then_standby(
     let env = TestEnv::new(
         "fallback_goes_to_the_newest_draining_generation_then_older_ones_then_standby",
     );
-    let g1 = env.serve(PORT, 1, ServerKind::Tokio, false);
-    let g2 = env.serve(PORT, 2, ServerKind::Tokio, false);
+    // NB: blocking servers: their listener is closed when dropping them returns (a tokio
+    // server's closes a moment later, and in select-only mode a connection queued on it in
+    // that moment is reset).
+    let g1 = env.serve(PORT, 1, ServerKind::Blocking, false);
+    let g2 = env.serve(PORT, 2, ServerKind::Blocking, false);
     env.activate(PORT, 2);
     let mut g3 = ChildServer::spawn(&env, PORT, 3, true);
-    let g4 = env.serve(PORT, 4, ServerKind::Tokio, false);
+    let g4 = env.serve(PORT, 4, ServerKind::Blocking, false);
     let status = env.status(PORT);
     assert_eq!(
         status
@@ -146,7 +149,8 @@ fn connections_are_unsteered_when_no_registered_socket_listens() {
     const PORT: u16 = 8603;
     const UNREGISTERED: u32 = 99;
     let env = TestEnv::new("connections_are_unsteered_when_no_registered_socket_listens");
-    let g1 = env.serve(PORT, 1, ServerKind::Tokio, false);
+    // NB: blocking: its listener is closed once stopping it returns (see the fallback test).
+    let g1 = env.serve(PORT, 1, ServerKind::Blocking, false);
     // Same address and owner: the kernel puts it in the same group, the agent never saw it.
     let other = Server::start(
         ServerKind::Blocking,
