@@ -39,16 +39,15 @@ fn non_root_users_cannot_steer_or_join_groups_they_do_not_own() {
     let users = TestUsers::new();
     let env = TestEnv::with_agent(TEST, &["--control-group", &users.ops_group], &[]);
 
-    let meta = std::fs::symlink_metadata(env.control_path()).expect("stat the control socket");
-    assert_eq!(
-        meta.permissions().mode() & 0o7777,
-        0o660,
-        "the control socket should be mode 0660"
-    );
-    assert_eq!(
-        meta.gid(),
-        users.ops_gid,
-        "the control socket should belong to the --control-group"
+    // NB: the socket accepts as soon as it is bound, with mode 0600; group and 0660 follow.
+    wait_until(
+        "the control socket is mode 0660 and belongs to the --control-group",
+        ANSWER_TIMEOUT,
+        || {
+            std::fs::symlink_metadata(env.control_path()).is_ok_and(|meta| {
+                meta.permissions().mode() & 0o7777 == 0o660 && meta.gid() == users.ops_gid
+            })
+        },
     );
 
     // A root-owned group: generation 1 active, 2 standby.
