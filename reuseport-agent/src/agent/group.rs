@@ -9,13 +9,17 @@ use reuseport_common::MAX_SLOTS;
 
 use super::{
     grace::{Grace, Ticket},
+    live,
     pinned::{self, GroupRecord},
     registry::{Member, Refusal, RegId, Registry},
     steering::{self, GroupKernel},
 };
 use crate::{
     addr::{GroupAddr, GroupKey},
-    protocol::{ErrorKind, GenState, GenerationStatus, GroupStatus, RestartOutcome, SocketStatus},
+    protocol::{
+        DrainPhase, ErrorKind, GenState, GenerationStatus, GroupStatus, RestartOutcome,
+        SocketStatus,
+    },
 };
 
 /// Sockarray slots of a group: free ones, and freed ones that a program may still select
@@ -194,6 +198,7 @@ impl Group {
                             cookie: m.cookie,
                             listening,
                             registered: registered(m.reg),
+                            live: None,
                         }
                     })
                     .collect();
@@ -203,6 +208,12 @@ impl Group {
                     state: g.state,
                     sockets,
                     counters,
+                    live: None,
+                    drain: g
+                        .drain_step
+                        .clone()
+                        .filter(|_| g.state == GenState::Draining)
+                        .map(DrainPhase::from),
                 }
             })
             .collect();
@@ -215,6 +226,23 @@ impl Group {
             unsteered: self.kernel.group_counters().unsteered,
             limits: None,
             last_restart: self.last_restart.clone(),
+            live: None,
+        }
+    }
+
+    /// What [`live`](super::live) needs to read this group's figures from the kernel.
+    pub(super) fn probe(&self) -> live::Probe {
+        live::Probe {
+            netns: self.key.netns,
+            netns_fd: self.netns.as_ref().and_then(|fd| fd.try_clone().ok()),
+            addr: self.key.addr,
+            drops_base: self
+                .registry
+                .generations
+                .values()
+                .flat_map(|g| g.sockets.values())
+                .map(|m| (m.cookie, m.drops_base))
+                .collect(),
         }
     }
 }
