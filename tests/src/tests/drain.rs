@@ -10,7 +10,7 @@
 use std::{
     io::{BufRead, BufReader, Write},
     net::{TcpListener, TcpStream},
-    os::fd::FromRawFd,
+    os::{fd::FromRawFd, unix::process::ExitStatusExt as _},
     time::Duration,
 };
 
@@ -244,6 +244,88 @@ fn status_shows_each_drain_from_serving_to_killed() {
     assert_eq!(env.status(PORT).active, Some(3));
     let status = sup.stop(Signal::SIGTERM, DEPLOY_TIMEOUT);
     assert_eq!(status.code(), Some(0), "log:\n{}", sup.log());
+}
+
+/// `exec --on-drain TERM` holds the signal while its draining generation still serves a
+/// connection, and sends it once that connection is answered.
+#[test]
+fn exec_signals_its_server_once_the_generation_is_idle() {
+    const NAME: &str = "exec_signals_its_server_once_the_generation_is_idle";
+    const PORT: u16 = 7814;
+    let env = TestEnv::new(NAME);
+    let log_path = env.dir().join("exec.log");
+    let log = std::fs::File::create(&log_path).expect("exec log");
+    let mut exec = env
+        .ctl_command()
+        .args([
+            "exec",
+            "--listen",
+            &local(PORT).to_string(),
+            "--generation",
+            "1",
+        ])
+        .args(["--on-drain", "TERM", "--drain-timeout", "30s", "--"])
+        .arg(std::env::current_exe().expect("current_exe"))
+        .args([
+            "--exact",
+            SERVER_TEST,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(SERVER_ENV, "1")
+        .env("REUSEPORT_GENERATION", "1")
+        .env_remove(IGNORE_TERM_ENV)
+        .stdout(log.try_clone().expect("dup log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn reuseportctl exec");
+    let exec_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    wait_until("generation 1 is active", DEPLOY_TIMEOUT, || {
+        env.try_status(PORT).is_some_and(|s| s.active == Some(1))
+    });
+    let mut held = ClientConn::connect(local(PORT)).expect("connect to generation 1");
+    wait_until("generation 1 holds the connection", DEPLOY_TIMEOUT, || {
+        generation_status(&env.status(PORT), 1)
+            .live
+            .is_some_and(|l| l.connections == 1)
+    });
+    let _gen2 = env.serve(PORT, 2, crate::harness::ServerKind::Tokio, true);
+    // Not a readiness wait: the launcher polls every 50 ms, and must keep waiting over
+    // several of its polls.
+    for _ in 0..10 {
+        let status = env.status(PORT);
+        assert_eq!(
+            status
+                .generations
+                .iter()
+                .find(|g| g.generation == 1)
+                .and_then(|g| g.drain.clone()),
+            Some(DrainPhase::Serving { connections: 1 }),
+            "generation 1 drains and serves its connection, unsignalled: {status:?}; log:\n{}",
+            exec_log()
+        );
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    assert!(
+        exec.try_wait().expect("try_wait").is_none() && !exec_log().contains("sending SIGTERM"),
+        "the launcher must not signal while its generation serves a connection:\n{}",
+        exec_log()
+    );
+    assert_eq!(held.request().expect("answered"), 1);
+    drop(held);
+    let status = exec.wait().expect("wait for exec");
+    assert_eq!(
+        status.signal().or(status.code().map(|c| c - 128)),
+        Some(libc::SIGTERM),
+        "exec exits as its server did, by SIGTERM (128+15); log:\n{}",
+        exec_log()
+    );
+    assert!(
+        exec_log().contains("generation 1 of tcp://127.0.0.1:7814 is idle after"),
+        "log:\n{}",
+        exec_log()
+    );
 }
 
 /// Not a test: the server the drain tests start (see the module doc). Without a SIGTERM
