@@ -24,7 +24,10 @@ pub fn held_by(roots: &Roots, inodes: &HashSet<u32>) -> BTreeMap<u32, u64> {
     let mut held: BTreeMap<u32, HashSet<u32>> = BTreeMap::new();
     if !inodes.is_empty() {
         for (pid, gens) in processes(roots) {
-            for inode in socket_inodes(pid).filter(|i| inodes.contains(i)) {
+            for inode in socket_inodes(pid)
+                .into_iter()
+                .filter(|i| inodes.contains(i))
+            {
                 for g in &gens {
                     held.entry(*g).or_default().insert(inode);
                 }
@@ -139,13 +142,31 @@ fn parent_in_stat(stat: &str) -> Option<i32> {
 }
 
 /// Inodes of the sockets process `pid` has descriptors of.
-fn socket_inodes(pid: i32) -> impl Iterator<Item = u32> {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .into_iter()
+///
+/// NB: one open of the `fd` directory, links read relative to it: a full `/proc/PID/fd/N`
+/// path looks the process up again for every descriptor.
+fn socket_inodes(pid: i32) -> Vec<u32> {
+    use nix::{dir::Dir, fcntl::OFlag, sys::stat::Mode};
+    let Ok(mut dir) = Dir::open(
+        format!("/proc/{pid}/fd").as_str(),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return Vec::new();
+    };
+    let names: Vec<std::ffi::CString> = dir
+        .iter()
         .flatten()
-        .flatten()
-        .filter_map(|e| fs::read_link(e.path()).ok())
-        .filter_map(|target| socket_inode(target.to_str()?))
+        .map(|e| e.file_name().to_owned())
+        .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
+        .collect();
+    names
+        .iter()
+        .filter_map(|name| {
+            let target = nix::fcntl::readlinkat(&dir, name.as_c_str()).ok()?;
+            socket_inode(target.to_str()?)
+        })
+        .collect()
 }
 
 /// `socket:[12345]` → 12345.
