@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use reuseport_agent::protocol::GroupStatus;
+use reuseport_agent::{addr::GroupAddr, client, protocol::GroupStatus};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::harness::{
@@ -133,6 +133,43 @@ fn status_live_counts_match_ss() {
             );
         }
     }
+}
+
+/// The same address in two network namespaces: each group's figures come from its own
+/// namespace (the agent queries the other one from a thread that entered it).
+#[test]
+fn live_figures_come_from_the_groups_own_namespace() {
+    const NAME: &str = "live_figures_come_from_the_groups_own_namespace";
+    const PORT: u16 = 7824;
+    let env = TestEnv::new(NAME);
+    let ns_b = NetNs::new();
+    let typed = GroupAddr {
+        addr: local(PORT),
+        netns: None,
+    };
+    let _a = env.serve_listener(env.listen(PORT), typed, 1, ServerKind::Blocking, false);
+    let lb = ns_b.run(|| client::reuseport_listener(local(PORT)).expect("listen in B"));
+    let _b = env.serve_listener(lb, typed, 1, ServerKind::Blocking, false);
+    let _in_a = held(PORT, 1, 1);
+    let _in_b = ns_b.run(|| held(PORT, 2, 1));
+    let in_b = GroupAddr {
+        netns: Some(ns_b.inode()),
+        ..typed
+    };
+    wait_until("both groups count their connections", TIMEOUT, || {
+        let live = |g: &GroupStatus| generation_status(g, 1).live.map(|l| l.connections);
+        live(&env.status_of(GroupAddr {
+            netns: Some(current_netns_inode()),
+            ..typed
+        })) == Some(1)
+            && live(&env.status_of(in_b)) == Some(2)
+    });
+    let b = env.status_of(in_b);
+    assert_eq!(
+        b.live.map(|l| l.connections),
+        Some(2),
+        "the group in the other namespace counts only its own connections: {b:?}"
+    );
 }
 
 /// A listener of `port` with a backlog of `backlog`, SO_REUSEPORT, never accepting.
