@@ -14,8 +14,8 @@ use reuseport_agent::{addr::GroupAddr, client, protocol::GroupStatus};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::harness::{
-    ChildServer, ClientConn, ServerKind, TestEnv, generation_status, local, skip, ss, tool_missing,
-    wait_until,
+    ChildServer, ClientConn, NetNs, ServerKind, TestEnv, current_netns_inode, generation_status,
+    local, skip, ss, tool_missing, wait_until,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(15);
