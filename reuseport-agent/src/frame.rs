@@ -4,16 +4,16 @@
 use std::{
     collections::VecDeque,
     io::{self, IoSlice, IoSliceMut},
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd},
 };
 
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::{io::Interest, net::UnixStream};
 
 use crate::protocol::MAX_FRAME;
 
-/// Most descriptors accepted with one frame; more are closed by the kernel (MSG_CTRUNC).
+/// Most descriptors accepted with one frame; more are closed on arrival.
 const MAX_FDS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -167,29 +167,12 @@ impl Conn {
     }
 
     async fn read_more(&mut self) -> io::Result<usize> {
-        let raw = self.stream.as_raw_fd();
         let mut chunk = [0u8; 8192];
         loop {
             self.stream.readable().await?;
-            let res = self.stream.try_io(Interest::READABLE, || {
-                let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
-                let mut iov = [IoSliceMut::new(&mut chunk)];
-                let msg = recvmsg::<()>(raw, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-                    .map_err(io::Error::from)?;
-                let mut fds = Vec::new();
-                for c in msg.cmsgs().map_err(io::Error::from)? {
-                    if let ControlMessageOwned::ScmRights(received) = c {
-                        // SAFETY: SCM_RIGHTS just installed these descriptors in our table;
-                        // nothing else owns them.
-                        fds.extend(
-                            received
-                                .into_iter()
-                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                        );
-                    }
-                }
-                Ok((msg.bytes, fds))
-            });
+            let res = self
+                .stream
+                .try_io(Interest::READABLE, || recv_with_fds(&self.stream, &mut chunk));
             match res {
                 Ok((n, fds)) => {
                     // NB: a peer can attach descriptors to every piece of a frame, sent a byte
@@ -205,6 +188,27 @@ impl Conn {
             }
         }
     }
+}
+
+/// One `recvmsg` into `chunk`: the bytes read and every descriptor that came with them.
+///
+/// NB: room for [`MAX_FDS`] descriptors only: the kernel installs as many as fit and sets
+/// `MSG_CTRUNC` for the rest (which it closes itself). The ones it did install are ours
+/// whether or not the message was truncated, so they are all taken (and closed when
+/// dropped); a parser that gives up on `MSG_CTRUNC` would leak them into the agent.
+fn recv_with_fds(stream: &UnixStream, chunk: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [IoSliceMut::new(chunk)];
+    let msg = recvmsg(stream, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    Ok((msg.bytes, fds))
 }
 
 #[cfg(test)]

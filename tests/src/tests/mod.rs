@@ -7,6 +7,7 @@ mod child_process;
 mod exec;
 mod flips;
 mod groups;
+mod hostile;
 mod migration;
 mod process_death;
 mod steering;
