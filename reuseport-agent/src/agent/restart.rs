@@ -161,8 +161,7 @@ impl Agent {
                 ));
             }
             tracing::info!(group = %group.key, ?outcome, "restart finished (SIGHUP)");
-            group.last_restart = Some(outcome.clone());
-            group.save_record()?;
+            group.set_last_restart(outcome.clone())?;
             return Ok(Reply::RestartResult {
                 group: *wanted,
                 id,
@@ -188,8 +187,7 @@ impl Agent {
         let p = state.restarts.pending.remove(&id).expect("checked above");
         tracing::info!(group = %p.group, id, ?outcome, "restart finished");
         if let Ok(group) = state.find(&p.group) {
-            group.last_restart = Some(outcome.clone());
-            if let Err(e) = group.save_record() {
+            if let Err(e) = group.set_last_restart(outcome.clone()) {
                 tracing::warn!(group = %group.key, error = %e, "pinning the restart outcome failed");
             }
         }

@@ -83,6 +83,14 @@ fn kernel(what: impl Into<String>) -> impl FnOnce(io::Error) -> SteeringError {
     move |source| SteeringError::Kernel { what, source }
 }
 
+/// A failure [`super::fault::fail`] injected at `what`, as the kernel's own would read.
+pub fn injected(what: &str, source: io::Error) -> SteeringError {
+    SteeringError::Kernel {
+        what: what.into(),
+        source,
+    }
+}
+
 fn load_err(mode: Mode) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> SteeringError {
     move |source| SteeringError::Load {
         mode: mode.as_str(),

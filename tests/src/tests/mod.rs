@@ -5,6 +5,7 @@ mod agent_restart;
 mod bad_input;
 mod child_process;
 mod exec;
+mod failed_changes;
 mod flips;
 mod groups;
 mod hostile;
