@@ -479,6 +479,14 @@ impl Agent {
                     UNADOPTABLE_ADVICE
                 ),
                 PinnedRecord::Missing => {}
+                PinnedRecord::Unwritten => {
+                    steering::remove_pins(&dir);
+                    tracing::info!(
+                        dir = %dir.display(),
+                        "an agent died creating this group, before its first record: nothing \
+                         to adopt, its pins were removed (its sockets register afresh)"
+                    );
+                }
             }
         }
         adopted
@@ -673,6 +681,8 @@ fn refuse_unadoptable(key: &GroupKey, pin_dir: &std::path::Path) -> Result<(), R
         PinnedRecord::Incompatible { abi_version } => abi_version.to_string(),
         PinnedRecord::Missing => "1".into(),
         PinnedRecord::Adoptable(_) => "an adoptable version that failed to load".into(),
+        // NB: never attached, so nothing steers by it: replaced like stale pins.
+        PinnedRecord::Unwritten => return Ok(()),
     };
     Err(Refusal::new(
         ErrorKind::Conflict,

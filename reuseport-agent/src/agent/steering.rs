@@ -15,7 +15,7 @@ use aya::{
 };
 use reuseport_common::{
     ADOPTABLE_ABI, CONFIG_BUFFERS, COUNTER_ENTRIES, GROUP_COUNTER_INDEX, MAX_SLOTS, MapNames,
-    PinnedState, ProgramNames, STATE_MAGIC, SlotCounters, SteeringConfig,
+    PinnedState, ProgramNames, STATE_MAGIC, SlotCounters, StateHeader, SteeringConfig,
 };
 
 use super::{
@@ -150,6 +150,9 @@ pub enum PinnedRecord {
     Incompatible { abi_version: u32 },
     /// No record at all (pinned by a version 1 agent) or not one of ours.
     Missing,
+    /// Our `STATE` map, never written: an agent died while creating the group, before its
+    /// first publish. Nothing was attached yet, so there is nothing to adopt.
+    Unwritten,
 }
 
 /// Reads the `STATE` record pinned in `pin_dir` without touching anything else.
@@ -163,7 +166,9 @@ pub fn read_pinned(pin_dir: &Path) -> PinnedRecord {
     let Ok(record) = state.get(&0, 0) else {
         return PinnedRecord::Missing;
     };
-    if record.header.magic != STATE_MAGIC {
+    if record.header == StateHeader::default() {
+        PinnedRecord::Unwritten
+    } else if record.header.magic != STATE_MAGIC {
         PinnedRecord::Missing
     } else if ADOPTABLE_ABI.contains(&record.header.abi_version) {
         PinnedRecord::Adoptable(Box::new(record))
@@ -503,7 +508,8 @@ impl GroupKernel {
     }
 }
 
-fn remove_pins(dir: &Path) {
+/// Removes the pins in `dir` and the directory.
+pub fn remove_pins(dir: &Path) {
     if let Ok(entries) = fs::read_dir(dir) {
         for e in entries.flatten() {
             let _ = fs::remove_file(e.path());

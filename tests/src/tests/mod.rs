@@ -7,6 +7,7 @@ mod child_process;
 mod exec;
 mod failed_changes;
 mod flips;
+mod group_creation;
 mod groups;
 mod hostile;
 mod migration;
