@@ -29,12 +29,20 @@ pub enum AddrError {
     PortZero { input: String },
     #[error("bad address {input:?}: network namespace must be an inode number after '@'")]
     Netns { input: String },
+    #[error(
+        "bad address: {len} bytes long, more than any group address ({} at most)",
+        crate::text::MAX_ADDR_LEN
+    )]
+    TooLong { len: usize },
 }
 
 impl FromStr for GroupAddr {
     type Err = AddrError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
+        if input.len() > crate::text::MAX_ADDR_LEN {
+            return Err(AddrError::TooLong { len: input.len() });
+        }
         let s = input.trim();
         let rest = match s.split_once("://") {
             Some((scheme, rest)) if scheme.eq_ignore_ascii_case("tcp") => rest,

@@ -17,8 +17,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// of the body is read.
 pub const MAX_FRAME: usize = 64 * 1024;
 
-/// Longest generation name accepted at registration.
-pub const MAX_NAME_LEN: usize = 64;
+pub use crate::text::{MAX_ADDR_LEN, MAX_ERROR_LEN, MAX_NAME_LEN};
 
 /// A request from a client to the agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +41,7 @@ impl Request {
         if req.v != PROTOCOL_VERSION {
             return Err(RequestError::UnsupportedVersion(req.v));
         }
+        crate::text::check(&req.op)?;
         Ok(req)
     }
 }
@@ -56,12 +56,14 @@ pub enum RequestError {
          (use a matching reuseportctl / client library)"
     )]
     UnsupportedVersion(u32),
+    #[error("bad request: {0}")]
+    Field(#[from] crate::text::FieldError),
 }
 
 impl RequestError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::Malformed(_) => ErrorKind::BadRequest,
+            Self::Malformed(_) | Self::Field(_) => ErrorKind::BadRequest,
             Self::UnsupportedVersion(_) => ErrorKind::UnsupportedVersion,
         }
     }

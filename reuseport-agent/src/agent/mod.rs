@@ -53,7 +53,7 @@ use self::{
 };
 use crate::{
     addr::{GroupAddr, GroupKey},
-    protocol::{ErrorKind, GroupStatus, Limits, MAX_NAME_LEN, Reply},
+    protocol::{ErrorKind, GroupStatus, Limits, Reply},
 };
 
 /// Default of `reuseport-agent --max-groups`: each group costs a loaded program, its maps
@@ -284,14 +284,6 @@ impl Agent {
         req: Registration,
         events: UnboundedSender<Reply>,
     ) -> Result<Reply, Refusal> {
-        if let Some(name) = &req.name
-            && (name.len() > MAX_NAME_LEN || name.chars().any(char::is_control))
-        {
-            return Err(Refusal::new(
-                ErrorKind::BadRequest,
-                format!("generation name must be at most {MAX_NAME_LEN} printable characters"),
-            ));
-        }
         let listener = sockcheck::check(socket.as_fd(), &req.group)?;
         self.access.may_register(&peer, listener.uid)?;
         let key = listener.key;
