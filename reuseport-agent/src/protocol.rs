@@ -226,6 +226,16 @@ pub enum ErrorKind {
     Kernel,
 }
 
+impl ErrorKind {
+    /// A refusal that may not hold at the next try, without anything changing in the
+    /// request: a [`ErrorKind::Limit`] (someone else may close what fills it) or a
+    /// [`ErrorKind::Kernel`] failure. Clients retry these with backoff; every other kind
+    /// says what is wrong with the request itself.
+    pub fn is_temporary(self) -> bool {
+        matches!(self, Self::Limit | Self::Kernel)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupStatus {
     pub group: GroupAddr,

@@ -12,5 +12,6 @@ mod groups;
 mod hostile;
 mod migration;
 mod process_death;
+mod reregistration;
 mod steering;
 mod supervise;
