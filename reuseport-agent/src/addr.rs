@@ -74,6 +74,23 @@ impl FromStr for GroupAddr {
     }
 }
 
+impl GroupAddr {
+    /// The address with the calling thread's network namespace filled in (unless it names
+    /// one already): the group a socket bound here joins. Launchers name their group this
+    /// way, so that the same ip:port in another namespace never makes it ambiguous.
+    pub fn in_caller_netns(self) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        if self.netns.is_some() {
+            return Ok(self);
+        }
+        let ino = std::fs::metadata("/proc/thread-self/ns/net")?.ino();
+        Ok(Self {
+            netns: Some(ino),
+            ..self
+        })
+    }
+}
+
 impl fmt::Display for GroupAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "tcp://{}", self.addr)?;

@@ -170,9 +170,9 @@ impl Conn {
         let mut chunk = [0u8; 8192];
         loop {
             self.stream.readable().await?;
-            let res = self
-                .stream
-                .try_io(Interest::READABLE, || recv_with_fds(&self.stream, &mut chunk));
+            let res = self.stream.try_io(Interest::READABLE, || {
+                recv_with_fds(&self.stream, &mut chunk)
+            });
             match res {
                 Ok((n, fds)) => {
                     // NB: a peer can attach descriptors to every piece of a frame, sent a byte

@@ -106,7 +106,10 @@ mod tests {
         assert!(check_name(&"é".repeat(MAX_NAME_LEN / 2)).is_ok());
         assert!(matches!(
             check_name(&"x".repeat(MAX_NAME_LEN + 1)),
-            Err(FieldError::TooLong { max: MAX_NAME_LEN, .. })
+            Err(FieldError::TooLong {
+                max: MAX_NAME_LEN,
+                ..
+            })
         ));
         for bad in ["a\u{1b}[2J", "tab\there", "abc\u{202E}fed", "x\u{2066}y"] {
             assert!(

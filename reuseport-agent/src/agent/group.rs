@@ -264,7 +264,9 @@ impl Group {
         let snap = self.snapshot();
         // NB: publish before attaching: a group that still runs an older program (or none)
         // must switch straight to a table that knows this socket.
-        let changes = self.registry.register(generation, name, activate, slot, member);
+        let changes = self
+            .registry
+            .register(generation, name, activate, slot, member);
         if let Err(e) = self.publish(grace).and_then(|()| self.attach(socket)) {
             self.undo(snap, grace);
             release(self);
@@ -311,7 +313,8 @@ impl Group {
     }
 
     fn attach(&self, socket: BorrowedFd<'_>) -> Result<(), Refusal> {
-        super::fault::fail("attach").map_err(|e| kernel_refusal(steering::injected("attach", e)))?;
+        super::fault::fail("attach")
+            .map_err(|e| kernel_refusal(steering::injected("attach", e)))?;
         self.kernel.attach(socket).map_err(kernel_refusal)
     }
 
@@ -421,8 +424,9 @@ impl Group {
     /// Pins the record alone (for what the kernel program does not read).
     fn save_record(&mut self) -> Result<(), Refusal> {
         pinned::encode(&self.record(), self.record_abi, &mut self.record_buf)?;
-        super::fault::fail("publish.record")
-            .map_err(|e| kernel_refusal(steering::injected("writing the pinned group record", e)))?;
+        super::fault::fail("publish.record").map_err(|e| {
+            kernel_refusal(steering::injected("writing the pinned group record", e))
+        })?;
         self.kernel
             .write_record(&self.record_buf)
             .map_err(kernel_refusal)

@@ -328,8 +328,10 @@ impl Agent {
                     group = %key, generation = req.generation, slot, pid = peer.pid,
                     state = %gen_state, "socket registered"
                 );
+                // NB: the full key, @NETNS included: a launcher that names the group by its
+                // bare address breaks as soon as another namespace has the same one.
                 Ok(Reply::Registered {
-                    group: group.addr(self.own_netns),
+                    group: key.to_addr(),
                     generation: req.generation,
                     slot,
                     state: gen_state,
@@ -432,7 +434,7 @@ impl Agent {
         let gen_state = group.registry.generations[&generation].state;
         tracing::info!(group = %key, generation, slot, pid = peer.pid, "socket registered again");
         Some(Ok(Reply::Registered {
-            group: group.addr(self.own_netns),
+            group: key.to_addr(),
             generation,
             slot,
             state: gen_state,
@@ -516,7 +518,11 @@ impl Agent {
             tracing::info!(group = %key, "pinned group has no socket left; its pins were removed");
             return Ok(false);
         }
-        let sockets = registry.generations.values().map(|g| g.sockets.len()).sum::<usize>();
+        let sockets = registry
+            .generations
+            .values()
+            .map(|g| g.sockets.len())
+            .sum::<usize>();
         let netns = registry
             .generations
             .values()

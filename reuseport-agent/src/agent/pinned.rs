@@ -155,7 +155,13 @@ mod tests {
                 cookie: 1 << 40,
             };
             let generation = 1_000_000 + slot;
-            registry.register(generation, Some("n".repeat(MAX_NAME_LEN)), true, slot, member);
+            registry.register(
+                generation,
+                Some("n".repeat(MAX_NAME_LEN)),
+                true,
+                slot,
+                member,
+            );
             let g = registry.generations.get_mut(&generation).unwrap();
             g.retired_counters = crate::protocol::Counters {
                 selected: 1 << 40,
@@ -163,7 +169,9 @@ mod tests {
                 migrated: 1 << 30,
             };
             let rec = GroupRecord {
-                addr: "[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:65535".parse().unwrap(),
+                addr: "[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+                    .parse()
+                    .unwrap(),
                 netns: 4_026_531_840,
                 owner_uid: 1_000_000,
                 serial: u32::MAX,

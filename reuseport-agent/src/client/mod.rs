@@ -502,7 +502,11 @@ pub(crate) async fn register_for(
     let reader = tokio::spawn(follow(
         conn,
         Rejoin {
-            opts: opts.clone(),
+            // NB: the agent's name for the group, @NETNS included (see in_caller_netns).
+            opts: RegisterOptions {
+                group,
+                ..opts.clone()
+            },
             launcher: launcher.clone(),
             cookie,
             shared: shared.clone(),

@@ -43,7 +43,11 @@ fn activate_whose_table_write_fails_changes_nothing() {
     );
     assert_eq!(generation_status(&s, 2).state, GenState::Standby);
     let t = tally(local(PORT), 50);
-    assert_eq!(t.of(1), 50, "the kernel should still steer to generation 1: {t}");
+    assert_eq!(
+        t.of(1),
+        50,
+        "the kernel should still steer to generation 1: {t}"
+    );
 
     // The pinned record says the same: an agent adopting the group keeps generation 1.
     env.kill_agent();
@@ -55,7 +59,11 @@ fn activate_whose_table_write_fails_changes_nothing() {
         "the adopted record should not hold the failed activation"
     );
     let t = tally(local(PORT), 50);
-    assert_eq!(t.of(1), 50, "after adoption generation 1 should still get everything: {t}");
+    assert_eq!(
+        t.of(1),
+        50,
+        "after adoption generation 1 should still get everything: {t}"
+    );
 
     // And the change still works once nothing fails.
     env.activate(PORT, 2);

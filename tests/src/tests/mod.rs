@@ -11,6 +11,7 @@ mod group_creation;
 mod groups;
 mod hostile;
 mod migration;
+mod netns_launchers;
 mod process_death;
 mod reregistration;
 mod steering;

@@ -23,5 +23,9 @@ fn reregistration_retries_a_temporary_refusal() {
     let s = env.status(PORT);
     assert_eq!(s.active, Some(1), "{s:?}");
     let t = tally(local(PORT), 20);
-    assert_eq!(t.of(1), 20, "generation 1 should still get every connection: {t}");
+    assert_eq!(
+        t.of(1),
+        20,
+        "generation 1 should still get every connection: {t}"
+    );
 }
