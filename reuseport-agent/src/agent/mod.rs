@@ -650,6 +650,7 @@ impl Agent {
             {
                 match group.netns.as_ref().map(OwnedFd::try_clone) {
                     Some(Ok(netns)) => out.push(wake::WakeUp {
+                        group: (group.key.netns, group.key.addr),
                         target: wake::target_for(group.key.addr),
                         netns,
                         connections: scan.active_sockets + 1,

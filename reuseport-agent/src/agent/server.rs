@@ -65,7 +65,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         "reuseport-agent ready"
     );
 
-    let scanner = tokio::spawn(scan_loop(agent.clone()));
+    let waker = wake::Waker::start().context("starting the wake-up worker thread")?;
+    let scanner = tokio::spawn(scan_loop(agent.clone(), waker));
     let mut exhausted = false;
     loop {
         tokio::select! {
@@ -125,14 +126,14 @@ async fn refuse(stream: UnixStream, reply: Reply) {
     let _ = tokio::time::timeout(conns::SEND_TIMEOUT, conn.send(&reply, None)).await;
 }
 
-async fn scan_loop(agent: Arc<Agent>) {
+async fn scan_loop(agent: Arc<Agent>, waker: wake::Waker) {
     let mut tick = tokio::time::interval(SCAN_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let a = agent.clone();
         match tokio::task::spawn_blocking(move || a.scan_closed()).await {
-            Ok(wakeups) => wakeups.into_iter().for_each(wake::spawn),
+            Ok(wakeups) => wakeups.into_iter().for_each(|w| waker.push(w)),
             Err(e) => tracing::error!(error = %e, "slot scan failed"),
         }
     }

@@ -211,3 +211,60 @@ fn only_a_groups_supervisor_reports_its_restarts_in_bounded_escaped_text() {
         assert_eq!(err.agent_kind(), Some(ErrorKind::BadRequest), "{err}");
     }
 }
+
+/// Threads of the agent's process now: all of them, and those running wake-ups.
+fn agent_threads(env: &TestEnv) -> (usize, usize) {
+    let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", env.agent_pid()))
+        .expect("list the agent's threads")
+        .flatten()
+        .map(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default())
+        .collect();
+    let waking = tasks.iter().filter(|c| c.trim() == "wake-up").count();
+    (tasks.len(), waking)
+}
+
+#[test]
+fn closing_listeners_in_a_loop_costs_the_agent_no_threads() {
+    const PORT: u16 = 9121;
+    let env = TestEnv::new("closing_listeners_in_a_loop_costs_no_threads");
+    let groups = load_size("groups whose listeners close in a loop", 20, 5) as u16;
+    let cycles = load_size("close cycles", 10, 3);
+    let _active: Vec<_> = (0..groups)
+        .map(|i| env.serve(PORT + i, 1, ServerKind::Tokio, false))
+        .collect();
+    let mut most = 0;
+    for cycle in 0..cycles {
+        // A standby listener per group, closed while its registration stays open: each
+        // close is one the agent answers with wake-up connections.
+        let registrations: Vec<_> = (0..groups)
+            .map(|i| {
+                let listener = env.listen(PORT + i);
+                let registration = env.register(&listener, PORT + i, 2, false);
+                drop(listener);
+                registration
+            })
+            .collect();
+        wait_until(
+            "the agent saw every standby listener close",
+            SETTLE_TIMEOUT,
+            || {
+                env.statuses()
+                    .iter()
+                    .flat_map(|g| &g.generations)
+                    .flat_map(|g| &g.sockets)
+                    .filter(|s| !s.listening)
+                    .count()
+                    == usize::from(groups)
+            },
+        );
+        let (threads, waking) = agent_threads(&env);
+        most = most.max(waking);
+        println!("cycle {cycle}: {threads} agent threads, {waking} of them for wake-ups");
+        drop(registrations);
+    }
+    assert!(
+        most <= 1,
+        "closing {groups} listeners per cycle should cost no thread beyond the one wake-up \
+         worker: {most} wake-up threads at once"
+    );
+}
