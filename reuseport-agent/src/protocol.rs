@@ -14,8 +14,14 @@ use crate::addr::GroupAddr;
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Largest frame either side accepts. Larger length prefixes are rejected before any byte
-/// of the body is read.
+/// of the body is read. A request is one frame's worth at most; a reply may span several
+/// frames (see [`crate::frame::MORE`]).
 pub const MAX_FRAME: usize = 64 * 1024;
+
+/// Largest reply a client reads: far above what the agent produces at its limits (`status`
+/// of 256 groups of 128 sockets and 128 generations with the longest names is ~10 MiB), so
+/// that only a peer that is not an agent reaches it.
+pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 pub use crate::text::{MAX_ADDR_LEN, MAX_ERROR_LEN, MAX_NAME_LEN};
 

@@ -161,7 +161,7 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream, mut slot: Slot) {
             return;
         }
     };
-    let mut conn = Conn::new(stream);
+    let mut conn = Conn::for_requests(stream);
     let reg = agent.next_reg_id();
     let (tx, mut events) = mpsc::unbounded_channel();
     let mut registered = false;

@@ -10,6 +10,7 @@ mod flips;
 mod group_creation;
 mod groups;
 mod hostile;
+mod limits;
 mod migration;
 mod netns_launchers;
 mod process_death;
