@@ -449,7 +449,13 @@ impl Agent {
             return 0;
         };
         let mut adopted = 0;
-        for dir in entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
+        // NB: a link here is never followed (see bpffs): adoption would take another
+        // group's pins for this name's.
+        for dir in entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| bpffs::is_real_dir(p))
+        {
             match steering::read_pinned(&dir) {
                 PinnedRecord::Adoptable(record) => match self.adopt_one(&dir, &record) {
                     Ok(true) => adopted += 1,
@@ -673,7 +679,8 @@ const UNADOPTABLE_ADVICE: &str = "finish the deploy with the agent version that 
 /// Refuses to create a group over pins that another agent version left with sockets still
 /// listening: a fresh program would not know those sockets.
 fn refuse_unadoptable(key: &GroupKey, pin_dir: &std::path::Path) -> Result<(), Refusal> {
-    if !steering::pinned_sockets_live(pin_dir) {
+    // NB: a link is not a group's pins, whatever it points at: creation removes it.
+    if !bpffs::is_real_dir(pin_dir) || !steering::pinned_sockets_live(pin_dir) {
         return Ok(());
     }
     let version = match steering::read_pinned(pin_dir) {

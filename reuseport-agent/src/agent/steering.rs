@@ -508,12 +508,4 @@ impl GroupKernel {
     }
 }
 
-/// Removes the pins in `dir` and the directory.
-pub fn remove_pins(dir: &Path) {
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let _ = fs::remove_file(e.path());
-        }
-    }
-    let _ = fs::remove_dir(dir);
-}
+pub use super::bpffs::remove_pins;
