@@ -267,6 +267,9 @@ impl Agent {
         }
     }
 
+    /// NB: a panic aborts the agent (see the binary's panic hook), so the lock is never
+    /// found poisoned: a restarted agent adopts the pinned state instead of a process that
+    /// would answer "internal error" forever.
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("agent state poisoned")
     }
@@ -620,6 +623,7 @@ impl Agent {
 
     pub fn status(&self, wanted: Option<&GroupAddr>) -> Result<Reply, Refusal> {
         let mut state = self.lock();
+        fault::panic_point("status.locked");
         let live: HashSet<RegId> = state.subscribers.keys().copied().collect();
         let groups = match wanted {
             Some(w) => vec![self.group_status(state.find(w)?, &live)],

@@ -52,8 +52,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     agent.max_groups = opts.max_groups;
     agent.max_connections = max_connections as u32;
     let agent = Arc::new(agent);
-    let (control, listener) = ControlSocket::bind(&opts.control, control_group.as_ref())?;
+    // NB: the lock first: a second agent on the same directory must fail before it touches
+    // the control socket path (it would replace what it takes for a stale socket).
     let _bpffs_lock = bpffs::lock(&opts.bpffs)?;
+    let (control, listener) = ControlSocket::bind(&opts.control, control_group.as_ref())?;
     // NB: before the first accept: a client that reconnects must find its group adopted.
     let adopted = agent.adopt_pinned();
     tracing::info!(

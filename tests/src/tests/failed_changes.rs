@@ -106,3 +106,36 @@ fn registration_whose_attach_fails_leaves_the_group_as_it_was() {
     assert_eq!(t.of(1), 50, "generation 1 should get every connection: {t}");
     drop(listener);
 }
+
+#[test]
+fn a_panic_in_the_agent_ends_it_and_a_restart_adopts_its_groups() {
+    const PORT: u16 = 9221;
+    // Status requests: the one below is the first to take the state lock.
+    let mut env = TestEnv::with_agent(
+        "a_panic_in_the_agent_ends_it",
+        &[],
+        &[("REUSEPORT_FAULT_PANIC", "status.locked")],
+    );
+    let _g1 = env.serve(PORT, 1, ServerKind::Tokio, false);
+    let answer = env.block_on(async {
+        let mut c = reuseport_agent::client::ControlClient::connect(env.control_path()).await?;
+        c.status(None).await
+    });
+    println!("status while the agent panics: {answer:?}");
+    assert!(answer.is_err(), "the panicking request gets no answer");
+    let pid = env.agent_pid();
+    crate::harness::wait_until(
+        "the agent process has ended (not lingering with a poisoned lock)",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |s| s.contains(") Z "))
+        },
+    );
+    env.kill_agent();
+    env.restart_agent(&[]);
+    env.wait_all_registered(Duration::from_secs(15));
+    assert_eq!(env.status(PORT).active, Some(1));
+    let t = tally(local(PORT), 20);
+    assert_eq!(t.of(1), 20, "{t}");
+}
