@@ -31,7 +31,7 @@ pub const ADOPTABLE_ABI: core::ops::RangeInclusive<u32> = 2..=ABI_VERSION;
 
 /// Slots in a group's `REUSEPORT_SOCKARRAY`: the most listening sockets one group can hold.
 /// NB: must stay a power of two; the program masks indices with `MAX_SLOTS - 1` so the
-/// verifier can bound them (a `%` alone is not enough, see `../shared/notes/toolchain.md`).
+/// verifier can bound them (a `%` alone is not enough, see `docs/toolchain.md`).
 pub const MAX_SLOTS: u32 = 128;
 
 /// Number of [`SteeringConfig`] buffers per group. A flip writes a buffer no reader can be

@@ -26,7 +26,7 @@
 //! - No sleep is ever used as readiness: wait for a socket, a status change or a marker, with a
 //!   bounded deadline.
 //! - Servers count only connections that carry a request: the agent may make one short
-//!   "wake-up" connection to a group that sends nothing (see `../shared/notes/kernel.md`).
+//!   "wake-up" connection to a group that sends nothing (see `docs/kernel.md`).
 //! - A test that cannot run on this kernel or in this mode prints `SKIP: <test>: <reason>` on
 //!   stdout and returns; the VM runner collects these lines.
 

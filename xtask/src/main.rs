@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask setup | test | fuzz | vm-test | demo`.
+//! Project tasks: `cargo xtask setup | test | ci-fresh | fuzz | vm-test | bench | demo`.
 mod bench;
+mod ci_fresh;
 mod demo;
 mod demo_server;
 mod fuzz;
@@ -23,6 +24,9 @@ enum Cli {
     /// Everything CI checks: setup, clippy, unit tests, integration tests on this kernel,
     /// then the integration tests inside QEMU guests (the kernel matrix).
     Test(test::TestOpts),
+    /// The fresh-machine check: `.ci/run` on a fresh clone of HEAD, in a private mount
+    /// namespace without bpffs, then a check that the host kept nothing of the run.
+    CiFresh(ci_fresh::CiFreshOpts),
     /// Run the libFuzzer targets (fuzz/) for a bounded time each; fails on a crash.
     Fuzz(fuzz::FuzzOpts),
     /// Only the integration tests inside QEMU guests, one per kernel.
@@ -41,6 +45,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse() {
         Cli::Setup => setup::setup(),
         Cli::Test(opts) => test::test(&opts),
+        Cli::CiFresh(opts) => ci_fresh::ci_fresh(&opts),
         Cli::Fuzz(opts) => fuzz::fuzz(&opts),
         Cli::VmTest(opts) => vm::vm_test(&opts),
         Cli::Bench(b) => bench::bench(&b),

@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::Command, time::Instant};
 use anyhow::{Context as _, bail};
 
 /// bpf-linker release known to build against rustc nightly's own LLVM 22
-/// (`../shared/notes/toolchain.md`).
+/// (`docs/toolchain.md`).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn setup() -> anyhow::Result<()> {

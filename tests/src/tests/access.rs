@@ -29,7 +29,7 @@ use crate::harness::{
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------
-// Test 3 of issue 5: a non-root user cannot steer or join groups it does not own.
+// A non-root user cannot steer or join groups it does not own.
 // ---------------------------------------------------------------------------------------
 
 #[test]
@@ -542,7 +542,7 @@ fn getent_id(db: &str, name: &str) -> u32 {
 }
 
 // ---------------------------------------------------------------------------------------
-// Test 4 of issue 5: idle and garbage control connections do not stop anyone else.
+// Idle and garbage control connections do not stop anyone else.
 // ---------------------------------------------------------------------------------------
 
 #[test]

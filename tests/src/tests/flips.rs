@@ -12,7 +12,7 @@ use reuseport_agent::client::ControlClient;
 
 use crate::harness::{ServerKind, Tally, TestEnv, group, load_size, local, request_once};
 
-/// Flips on the host (what the issue asks for) and in a VM guest, where 10,000 took 82-130 s
+/// Flips on the host and in a VM guest, where 10,000 took 82-130 s
 /// under emulation.
 const FLIPS: u64 = 10_000;
 const FLIPS_IN_VM: u64 = 1_000;

@@ -37,7 +37,7 @@ pub struct OverheadOpts {
     /// Concurrent clients (a new connection per request).
     #[arg(long, default_value_t = 4)]
     pub clients: usize,
-    /// Flips for the latency measurement (the target is stated over 1,000).
+    /// Flips for the latency measurement (the README's target is stated over 1,000).
     #[arg(long, default_value_t = 1000)]
     pub flips: u32,
 }

@@ -2,7 +2,7 @@
 //! a kernel failure, or the deadline.
 //!
 //! NB: TCG, never KVM: /dev/kvm opens here but the host has no hardware virtualisation, and
-//! KVM's instruction emulator crashes on ordinary guest code (shared/notes/vm.md).
+//! KVM's instruction emulator crashes on ordinary guest code (docs/vm.md).
 
 use std::fs::File;
 use std::io::{BufRead as _, BufReader, Write as _};
