@@ -14,11 +14,16 @@ use crate::addr::GroupAddr;
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Largest frame either side accepts. Larger length prefixes are rejected before any byte
-/// of the body is read.
+/// of the body is read. A request is one frame's worth at most; a reply may span several
+/// frames (see [`crate::frame::MORE`]).
 pub const MAX_FRAME: usize = 64 * 1024;
 
-/// Longest generation name accepted at registration.
-pub const MAX_NAME_LEN: usize = 64;
+/// Largest reply a client reads: far above what the agent produces at its limits (`status`
+/// of 256 groups of 128 sockets and 128 generations with the longest names is ~10 MiB), so
+/// that only a peer that is not an agent reaches it.
+pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+pub use crate::text::{MAX_ADDR_LEN, MAX_ERROR_LEN, MAX_NAME_LEN};
 
 /// A request from a client to the agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +47,7 @@ impl Request {
         if req.v != PROTOCOL_VERSION {
             return Err(RequestError::UnsupportedVersion(req.v));
         }
+        crate::text::check(&req.op)?;
         Ok(req)
     }
 }
@@ -56,12 +62,14 @@ pub enum RequestError {
          (use a matching reuseportctl / client library)"
     )]
     UnsupportedVersion(u32),
+    #[error("bad request: {0}")]
+    Field(#[from] crate::text::FieldError),
 }
 
 impl RequestError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::Malformed(_) => ErrorKind::BadRequest,
+            Self::Malformed(_) | Self::Field(_) => ErrorKind::BadRequest,
             Self::UnsupportedVersion(_) => ErrorKind::UnsupportedVersion,
         }
     }
@@ -248,6 +256,16 @@ pub enum ErrorKind {
     Conflict,
     /// The kernel refused something it should not have; the message says what.
     Kernel,
+}
+
+impl ErrorKind {
+    /// A refusal that may not hold at the next try, without anything changing in the
+    /// request: a [`ErrorKind::Limit`] (someone else may close what fills it) or a
+    /// [`ErrorKind::Kernel`] failure. Clients retry these with backoff; every other kind
+    /// says what is wrong with the request itself.
+    pub fn is_temporary(self) -> bool {
+        matches!(self, Self::Limit | Self::Kernel)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -26,9 +26,8 @@ impl Agent {
         let group = state.find(wanted)?;
         self.access
             .may_change(&peer, &group.key, group.owner_uid, "reporting a drain step")?;
-        group.registry.drain_step(generation, step.clone())?;
         // Pinned with the rest, so that `status` still shows it after an agent restart.
-        group.save_record()?;
+        group.set_drain_step(generation, step.clone())?;
         tracing::info!(group = %group.key, generation, ?step, "drain step reported");
         Ok(Reply::Changed {
             group: self.group_status(group, &live),

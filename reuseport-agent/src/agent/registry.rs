@@ -191,6 +191,7 @@ impl Registry {
     /// Removes every socket of registration `reg`. Returns the freed slots; generations left
     /// without sockets disappear (an active one leaves the group without an active
     /// generation: the program then falls back, see [`Registry::steering_config`]).
+    #[cfg(test)]
     pub fn unregister(&mut self, reg: RegId) -> Vec<u32> {
         self.remove_where(|_, m| m.reg == reg)
     }

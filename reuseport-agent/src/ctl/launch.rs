@@ -135,6 +135,9 @@ pub fn bind_for(
     launcher: Launcher,
 ) -> anyhow::Result<Bound> {
     let addr = group.addr;
+    let group = group
+        .in_caller_netns()
+        .context("reading the network namespace (/proc/thread-self/ns/net)")?;
     let listener = client::reuseport_listener(addr).map_err(|e| client::listen_error(addr, e))?;
     // NB: systemd hands over listeners in blocking mode (unless NonBlocking=true), and
     // servers rely on it: Python's socket(fileno=3).accept() fails on a non-blocking one.

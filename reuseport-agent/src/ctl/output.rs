@@ -1,8 +1,14 @@
 //! Human-readable output: the `status` table and the one-line summary of a change.
+//!
+//! NB: names and error texts come from other users' requests: they are printed through
+//! [`escape`], so that no escape sequence or bidirectional override reaches the terminal.
 
 use std::{fmt::Write as _, io::Write as _};
 
-use crate::protocol::{GenState, GenerationStatus, GroupStatus, RestartOutcome};
+use crate::{
+    protocol::{GenState, GenerationStatus, GroupStatus, RestartOutcome},
+    text::escape,
+};
 
 /// Writes `text` to stdout. A closed pipe (`reuseportctl status | head -1`) is not an
 /// error: the reader has what it wanted.
@@ -83,7 +89,10 @@ fn generation_row(generation: &GenerationStatus) -> Vec<String> {
     };
     vec![
         generation.generation.to_string(),
-        generation.name.clone().unwrap_or_else(|| "-".into()),
+        generation
+            .name
+            .as_deref()
+            .map_or_else(|| "-".into(), |n| escape(n).into_owned()),
         state,
         sockets,
         join(pids),
@@ -141,7 +150,7 @@ pub fn status_table(groups: &[GroupStatus]) -> String {
         }
         match &group.last_restart {
             Some(RestartOutcome::Failed { error }) => {
-                let _ = write!(out, "\n  LAST RESTART FAILED: {error}");
+                let _ = write!(out, "\n  LAST RESTART FAILED: {}", escape(error));
             }
             Some(RestartOutcome::Active { generation }) => {
                 let _ = write!(out, "  last restart: generation {generation} active");

@@ -156,7 +156,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     .ok_or_else(usage)
 }
 
-pub async fn run(global: &GlobalOpts, args: SuperviseArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(global: &GlobalOpts, mut args: SuperviseArgs) -> anyhow::Result<ExitCode> {
+    args.listen = args
+        .listen
+        .in_caller_netns()
+        .context("reading the network namespace")?;
     // Resolved first: a typo in COMMAND should not touch the agent.
     let program = spawn::resolve_program(&args.command[0], std::env::var_os("PATH").as_deref())?;
     let first = first_generation(global, args.listen).await?;
