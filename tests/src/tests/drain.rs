@@ -35,6 +35,14 @@ const ANSWERS_PER_GENERATION: u64 = 20;
 /// A deploy: readiness, activation, the old generation's drain and exit.
 const DEPLOY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The launcher logged that it signalled `generation` because it was idle (`generation 3 of
+/// tcp://127.0.0.1:PORT[@NETNS] is idle after 0.2s of draining: sending SIGTERM …`).
+fn signalled_when_idle(log: &str, generation: u32, port: u16) -> bool {
+    let group = format!("generation {generation} of tcp://127.0.0.1:{port}");
+    log.lines()
+        .any(|l| l.contains(&group) && l.contains(" is idle after "))
+}
+
 fn supervise(env: &TestEnv, port: u16, extra: &[&str], ignore_term: Option<u32>) -> Supervisor {
     let mut args = vec!["--ready", "notify"];
     args.extend_from_slice(extra);
@@ -109,9 +117,7 @@ fn deploys_of_a_server_dying_on_sigterm_lose_nothing() {
     );
     for generation in 1..=deploys {
         assert!(
-            log.contains(&format!(
-                "generation {generation} of tcp://127.0.0.1:{PORT} is idle after"
-            )),
+            signalled_when_idle(&log, generation, PORT),
             "generation {generation} should have been signalled because it was idle, not \
              because the drain timed out; log:\n{log}"
         );
@@ -192,9 +198,7 @@ fn status_shows_each_drain_from_serving_to_killed() {
             .all(|g| g.generation != 1)
     });
     assert!(
-        sup.log().contains(&format!(
-            "generation 1 of tcp://127.0.0.1:{PORT} is idle after"
-        )),
+        signalled_when_idle(&sup.log(), 1, PORT),
         "generation 1 should be signalled once idle; log:\n{}",
         sup.log()
     );
@@ -322,7 +326,7 @@ fn exec_signals_its_server_once_the_generation_is_idle() {
         exec_log()
     );
     assert!(
-        exec_log().contains("generation 1 of tcp://127.0.0.1:7814 is idle after"),
+        signalled_when_idle(&exec_log(), 1, PORT),
         "log:\n{}",
         exec_log()
     );
