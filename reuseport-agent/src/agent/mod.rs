@@ -13,15 +13,21 @@
 //! - [`conns`]: bounds on control connections (count, time, size).
 //! - [`control_socket`]: the control socket's file (mode, group, stale and live sockets).
 //! - [`wake`]: wake-ups for connections migrated to a listener without a wake-up.
+//! - [`live`]: live figures for `status` from the kernel ([`diag`]: sock_diag, [`owners`]:
+//!   which process holds which connection); [`drain`]: what launchers report of a drain.
 //! - [`fault`]: fault-injection points for the tests (a feature of test builds).
 
 mod access;
 mod bpffs;
 mod conns;
 mod control_socket;
+mod diag;
+mod drain;
 pub mod fault;
 mod grace;
 mod group;
+mod live;
+mod owners;
 mod pinned;
 mod registry;
 mod restart;
@@ -229,11 +235,13 @@ pub struct Agent {
     max_groups: u32,
     /// Reported in `status`; enforced by the server's admission.
     max_connections: u32,
+    live: live::Live,
 }
 
 impl Agent {
     fn new(mode: Mode, bpffs: PathBuf, wake_ups: bool, pin_abi: u32) -> std::io::Result<Self> {
         use std::os::unix::fs::MetadataExt as _;
+        let own_netns = std::fs::metadata("/proc/self/ns/net")?.ino();
         Ok(Self {
             state: Mutex::new(State::default()),
             creating: Mutex::new(()),
@@ -241,12 +249,13 @@ impl Agent {
             mode,
             bpffs,
             next_reg: AtomicU64::new(1),
-            own_netns: std::fs::metadata("/proc/self/ns/net")?.ino(),
+            own_netns,
             wake_ups,
             pin_abi,
             access: access::Policy::default(),
             max_groups: DEFAULT_MAX_GROUPS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            live: live::Live::new(own_netns),
         })
     }
 
@@ -312,6 +321,7 @@ impl Agent {
             pid: req.server_pid.unwrap_or(peer.pid),
             uid: listener.uid,
             cookie: listener.cookie,
+            drops_base: listener.drops,
         };
         let result = group.add_socket(
             &self.grace,
@@ -621,18 +631,33 @@ impl Agent {
         Ok(Reply::Changed { group: status })
     }
 
-    pub fn status(&self, wanted: Option<&GroupAddr>) -> Result<Reply, Refusal> {
-        let mut state = self.lock();
-        fault::panic_point("status.locked");
-        let live: HashSet<RegId> = state.subscribers.keys().copied().collect();
-        let groups = match wanted {
-            Some(w) => vec![self.group_status(state.find(w)?, &live)],
-            None => state
-                .groups
-                .values()
-                .map(|g| self.group_status(g, &live))
-                .collect(),
+    /// `with_live`: add the figures read from the kernel (see [`live`]), after the state
+    /// lock is released.
+    pub fn status(&self, wanted: Option<&GroupAddr>, with_live: bool) -> Result<Reply, Refusal> {
+        let (mut groups, probes, namespaces) = {
+            let mut state = self.lock();
+            fault::panic_point("status.locked");
+            let live: HashSet<RegId> = state.subscribers.keys().copied().collect();
+            let chosen: Vec<&Group> = match wanted {
+                Some(w) => vec![&*state.find(w)?],
+                None => state.groups.values().collect(),
+            };
+            let groups: Vec<GroupStatus> =
+                chosen.iter().map(|g| self.group_status(g, &live)).collect();
+            let probes: Vec<live::Probe> = if with_live {
+                chosen.iter().map(|g| g.probe()).collect()
+            } else {
+                Vec::new()
+            };
+            let namespaces: HashSet<u64> = state.groups.keys().map(|k| k.netns).collect();
+            (groups, probes, namespaces)
         };
+        for (status, probe) in groups.iter_mut().zip(&probes) {
+            if let Err(e) = self.live.annotate(status, probe) {
+                tracing::warn!(group = %status.group, error = %e, "no live figures for status");
+            }
+        }
+        self.live.retain(&namespaces);
         Ok(Reply::Status { groups })
     }
 
