@@ -29,12 +29,20 @@ pub enum AddrError {
     PortZero { input: String },
     #[error("bad address {input:?}: network namespace must be an inode number after '@'")]
     Netns { input: String },
+    #[error(
+        "bad address: {len} bytes long, more than any group address ({} at most)",
+        crate::text::MAX_ADDR_LEN
+    )]
+    TooLong { len: usize },
 }
 
 impl FromStr for GroupAddr {
     type Err = AddrError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
+        if input.len() > crate::text::MAX_ADDR_LEN {
+            return Err(AddrError::TooLong { len: input.len() });
+        }
         let s = input.trim();
         let rest = match s.split_once("://") {
             Some((scheme, rest)) if scheme.eq_ignore_ascii_case("tcp") => rest,
@@ -63,6 +71,23 @@ impl FromStr for GroupAddr {
             });
         }
         Ok(Self { addr, netns })
+    }
+}
+
+impl GroupAddr {
+    /// The address with the calling thread's network namespace filled in (unless it names
+    /// one already): the group a socket bound here joins. Launchers name their group this
+    /// way, so that the same ip:port in another namespace never makes it ambiguous.
+    pub fn in_caller_netns(self) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        if self.netns.is_some() {
+            return Ok(self);
+        }
+        let ino = std::fs::metadata("/proc/thread-self/ns/net")?.ino();
+        Ok(Self {
+            netns: Some(ino),
+            ..self
+        })
     }
 }
 

@@ -4,23 +4,26 @@
 use std::{
     collections::VecDeque,
     io::{self, IoSlice, IoSliceMut},
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd},
 };
 
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::{io::Interest, net::UnixStream};
 
-use crate::protocol::MAX_FRAME;
+use crate::protocol::{MAX_FRAME, MAX_MESSAGE};
 
-/// Most descriptors accepted with one frame; more are closed by the kernel (MSG_CTRUNC).
+/// Most descriptors accepted with one frame; more are closed on arrival.
 const MAX_FDS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("control connection: {0}")]
     Io(#[from] io::Error),
-    #[error("frame of {len} bytes is larger than the limit of {MAX_FRAME} bytes")]
+    #[error(
+        "message of {len} bytes is larger than the limit ({MAX_FRAME} bytes a frame; \
+         {MAX_FRAME} bytes a request, {MAX_MESSAGE} a reply)"
+    )]
     TooLarge { len: usize },
     #[error("connection closed in the middle of a frame")]
     Truncated,
@@ -41,38 +44,76 @@ impl Frame {
     }
 }
 
-/// `msg` as one frame: its length (4 bytes, big-endian), then its JSON.
+/// Bit 31 of a frame's length word: more frames of the same message follow. The other 31
+/// bits are the frame's length, at most [`MAX_FRAME`].
+pub const MORE: u32 = 1 << 31;
+
+/// `msg` as one message: its JSON in frames of at most [`MAX_FRAME`] bytes, each a length
+/// (4 bytes, big-endian, [`MORE`] set on every frame but the last) and its part of the JSON.
+/// A message larger than [`MAX_MESSAGE`] is refused.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let body = serde_json::to_vec(msg)?;
-    if body.len() > MAX_FRAME {
+    if body.len() > MAX_MESSAGE {
         return Err(FrameError::TooLarge { len: body.len() });
     }
-    let mut out = Vec::with_capacity(4 + body.len());
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
+    let mut out = Vec::with_capacity(body.len() + 4 * (1 + body.len() / MAX_FRAME));
+    let mut parts = body.chunks(MAX_FRAME).peekable();
+    if parts.peek().is_none() {
+        out.extend_from_slice(&0u32.to_be_bytes());
+    }
+    while let Some(part) = parts.next() {
+        let more = if parts.peek().is_some() { MORE } else { 0 };
+        out.extend_from_slice(&(part.len() as u32 | more).to_be_bytes());
+        out.extend_from_slice(part);
+    }
     Ok(out)
 }
 
-/// Takes the first frame's body off the front of `buf` once all of it has arrived; `None`
-/// while more bytes are needed. A length over [`MAX_FRAME`] is refused as soon as its
-/// 4 bytes are in, so a peer cannot make us buffer more than one frame's worth.
+/// Takes the first message's body off the front of `buf` once all of its frames have
+/// arrived; `None` while more bytes are needed. A frame length over [`MAX_FRAME`], or a
+/// message growing past `max_message`, is refused as soon as the length word that says so
+/// is in, so a peer cannot make us buffer more than that.
 ///
 /// NB: this is the whole parser of bytes from untrusted peers; it has no I/O so that the
 /// fuzz target `control_frame` runs exactly this code.
-pub fn take_frame(buf: &mut Vec<u8>) -> Result<Option<Vec<u8>>, FrameError> {
-    let Some(header) = buf.first_chunk::<4>() else {
-        return Ok(None);
-    };
-    let len = u32::from_be_bytes(*header) as usize;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge { len });
+pub fn take_message(buf: &mut Vec<u8>, max_message: usize) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut at = 0;
+    let mut total = 0;
+    loop {
+        let Some(header) = buf.get(at..).and_then(<[u8]>::first_chunk::<4>) else {
+            return Ok(None);
+        };
+        let word = u32::from_be_bytes(*header);
+        let len = (word & !MORE) as usize;
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge { len });
+        }
+        total += len;
+        if total > max_message {
+            return Err(FrameError::TooLarge { len: total });
+        }
+        if buf.len() < at + 4 + len {
+            return Ok(None);
+        }
+        at += 4 + len;
+        if word & MORE == 0 {
+            break;
+        }
     }
-    if buf.len() < 4 + len {
-        return Ok(None);
+    let mut body = Vec::with_capacity(total);
+    let mut rest = &buf[..at];
+    while let Some((header, tail)) = rest.split_first_chunk::<4>() {
+        let len = (u32::from_be_bytes(*header) & !MORE) as usize;
+        body.extend_from_slice(&tail[..len]);
+        rest = &tail[len..];
     }
-    let body = buf[4..4 + len].to_vec();
-    buf.drain(..4 + len);
+    buf.drain(..at);
     Ok(Some(body))
+}
+
+/// [`take_message`] for a single frame's worth: what the agent accepts as a request.
+pub fn take_frame(buf: &mut Vec<u8>) -> Result<Option<Vec<u8>>, FrameError> {
+    take_message(buf, MAX_FRAME)
 }
 
 /// A control connection, either side.
@@ -81,14 +122,27 @@ pub struct Conn {
     stream: UnixStream,
     buf: Vec<u8>,
     fds: VecDeque<OwnedFd>,
+    /// Largest message accepted: [`MAX_MESSAGE`] from the agent, [`MAX_FRAME`] from a
+    /// client (see [`Conn::for_requests`]).
+    max_message: usize,
 }
 
 impl Conn {
+    /// A client's connection: it reads replies of up to [`MAX_MESSAGE`] bytes.
     pub fn new(stream: UnixStream) -> Self {
         Self {
             stream,
             buf: Vec::new(),
             fds: VecDeque::new(),
+            max_message: MAX_MESSAGE,
+        }
+    }
+
+    /// The agent's side of a connection: a request is at most [`MAX_FRAME`] bytes.
+    pub fn for_requests(stream: UnixStream) -> Self {
+        Self {
+            max_message: MAX_FRAME,
+            ..Self::new(stream)
         }
     }
 
@@ -142,7 +196,7 @@ impl Conn {
     /// Next frame, or `None` when the peer closed the connection between frames.
     pub async fn recv(&mut self) -> Result<Option<Frame>, FrameError> {
         loop {
-            if let Some(body) = take_frame(&mut self.buf)? {
+            if let Some(body) = take_message(&mut self.buf, self.max_message)? {
                 let fds = self.fds.drain(..).collect();
                 return Ok(Some(Frame { body, fds }));
             }
@@ -167,28 +221,11 @@ impl Conn {
     }
 
     async fn read_more(&mut self) -> io::Result<usize> {
-        let raw = self.stream.as_raw_fd();
         let mut chunk = [0u8; 8192];
         loop {
             self.stream.readable().await?;
             let res = self.stream.try_io(Interest::READABLE, || {
-                let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
-                let mut iov = [IoSliceMut::new(&mut chunk)];
-                let msg = recvmsg::<()>(raw, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-                    .map_err(io::Error::from)?;
-                let mut fds = Vec::new();
-                for c in msg.cmsgs().map_err(io::Error::from)? {
-                    if let ControlMessageOwned::ScmRights(received) = c {
-                        // SAFETY: SCM_RIGHTS just installed these descriptors in our table;
-                        // nothing else owns them.
-                        fds.extend(
-                            received
-                                .into_iter()
-                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                        );
-                    }
-                }
-                Ok((msg.bytes, fds))
+                recv_with_fds(&self.stream, &mut chunk)
             });
             match res {
                 Ok((n, fds)) => {
@@ -207,11 +244,62 @@ impl Conn {
     }
 }
 
+/// One `recvmsg` into `chunk`: the bytes read and every descriptor that came with them.
+///
+/// NB: room for [`MAX_FDS`] descriptors only: the kernel installs as many as fit and sets
+/// `MSG_CTRUNC` for the rest (which it closes itself). The ones it did install are ours
+/// whether or not the message was truncated, so they are all taken (and closed when
+/// dropped); a parser that gives up on `MSG_CTRUNC` would leak them into the agent.
+fn recv_with_fds(stream: &UnixStream, chunk: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [IoSliceMut::new(chunk)];
+    let msg = recvmsg(stream, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    Ok((msg.bytes, fds))
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsFd as _;
 
     use super::*;
+
+    #[test]
+    fn a_message_larger_than_a_frame_spans_frames() {
+        let big = "x".repeat(3 * MAX_FRAME);
+        let mut wire = encode(&big).expect("encode");
+        let frames = wire.len().div_ceil(MAX_FRAME + 4);
+        assert_eq!(
+            frames, 4,
+            "3 frames' worth of JSON plus its quotes: 4 frames"
+        );
+        let mut copy = wire.clone();
+        // A request may not be that large.
+        assert!(matches!(
+            take_frame(&mut copy),
+            Err(FrameError::TooLarge { .. })
+        ));
+        // Cut anywhere, it stays incomplete until its last byte.
+        let mut partial = wire[..wire.len() - 1].to_vec();
+        assert!(take_message(&mut partial, MAX_MESSAGE).unwrap().is_none());
+        wire.extend_from_slice(&encode(&"next").unwrap());
+        let body = take_message(&mut wire, MAX_MESSAGE)
+            .unwrap()
+            .expect("whole message");
+        assert_eq!(serde_json::from_slice::<String>(&body).unwrap(), big);
+        let next = take_message(&mut wire, MAX_MESSAGE)
+            .unwrap()
+            .expect("next message");
+        assert_eq!(next, br#""next""#);
+        assert!(wire.is_empty());
+    }
 
     #[tokio::test]
     async fn a_frame_holds_at_most_max_fds_descriptors() {

@@ -3,11 +3,13 @@
 //! - [`agent`]: the daemon (`reuseport-agent`) that owns the kernel program of each group.
 //! - [`client`]: the client library servers use to bind and register a listener.
 //! - [`ctl`]: the operator CLI (`reuseportctl`).
-//! - [`protocol`] and [`frame`]: the control protocol both sides speak.
+//! - [`protocol`] and [`frame`]: the control protocol both sides speak; [`text`]: the rules
+//!   for the text it carries.
 
 pub mod addr;
 pub mod frame;
 pub mod protocol;
+pub mod text;
 
 /// Default path of the agent's control socket.
 pub const DEFAULT_CONTROL_PATH: &str = "/run/reuseport/agent.sock";

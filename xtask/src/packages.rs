@@ -12,7 +12,12 @@ pub type Tool = (&'static str, &'static str);
 
 /// Real clients and servers the integration tests drive (each test that needs one fails, not
 /// skips, on the host when it is missing: `cargo xtask test` installs them first).
-pub const TEST_TOOLS: &[Tool] = &[("ab", "apache2-utils"), ("wrk", "wrk"), ("ss", "iproute2")];
+pub const TEST_TOOLS: &[Tool] = &[
+    ("ab", "apache2-utils"),
+    ("wrk", "wrk"),
+    ("python3", "python3"),
+    ("ss", "iproute2"),
+];
 
 /// Installs the packages of every tool in `tools` that is not on PATH (`who` names the task in
 /// the message); a no-op when all are present.

@@ -142,6 +142,7 @@ pub fn test(opts: &TestOpts) -> anyhow::Result<()> {
         host = Some(vm::Column::from_output(
             format!("host {release}"),
             mode,
+            false,
             &out.text,
         ));
         if !out.success {
@@ -192,7 +193,7 @@ pub fn test(opts: &TestOpts) -> anyhow::Result<()> {
         "xtask: {} passed, {} failed, {} skipped",
         count(|o| *o == vm::TestOutcome::Pass),
         count(|o| *o == vm::TestOutcome::Fail),
-        count(|o| matches!(o, vm::TestOutcome::Skip(_)))
+        count(|o| matches!(o, vm::TestOutcome::Skip(_) | vm::TestOutcome::Ignored(_)))
     );
     if let Some(failure) = vm_failure {
         bail!(failure);

@@ -1,14 +1,20 @@
 //! Fault-injection points: places where a test makes the agent die exactly as `kill -9` would,
 //! to prove that what it pins survives a crash at that very moment (a kill from outside lands
-//! at random).
+//! at random); places where a kernel write fails on demand ([`fail`]), to prove that a
+//! failed change leaves nothing half done; and a panic ([`panic_point`]).
 //!
 //! Compiled in only with the `fault-injection` feature, which the test builds enable. Without
-//! it [`point`] is empty, and an agent started with [`ENV`] set refuses to start: a test that
-//! asks for a fault must never pass because nothing was injected.
+//! it the points are empty, and an agent started with one of the variables set refuses to
+//! start: a test that asks for a fault must never pass because nothing was injected.
 
 /// `REUSEPORT_FAULT_AT=NAME` kills the agent the first time it passes point `NAME`;
 /// `NAME:N` the N-th time.
 pub const ENV: &str = "REUSEPORT_FAULT_AT";
+/// `REUSEPORT_FAULT_FAIL=NAME[:N]` makes [`fail`] point `NAME` return an error on its N-th
+/// pass (the first by default), as if the kernel had refused the write there.
+pub const FAIL_ENV: &str = "REUSEPORT_FAULT_FAIL";
+/// `REUSEPORT_FAULT_PANIC=NAME[:N]` panics at [`panic_point`] `NAME` on its N-th pass.
+pub const PANIC_ENV: &str = "REUSEPORT_FAULT_PANIC";
 
 /// `REUSEPORT_TEST_FOREIGN_PROGRAM=1` makes the agent record a program id that is not its
 /// own in every pinned record: the next agent then treats the pinned program as another
@@ -21,11 +27,8 @@ pub const BETWEEN_RECORD_AND_TABLE: &str = "between-record-and-table";
 
 /// Refuses an injection request this build cannot honour.
 pub fn check_env() -> anyhow::Result<()> {
-    if cfg!(feature = "fault-injection") {
-        return Ok(());
-    }
-    for var in [ENV, FOREIGN_PROGRAM_ENV] {
-        if std::env::var_os(var).is_some() {
+    for var in [ENV, FAIL_ENV, PANIC_ENV, FOREIGN_PROGRAM_ENV] {
+        if !cfg!(feature = "fault-injection") && std::env::var_os(var).is_some() {
             anyhow::bail!(
                 "{var} is set, but this reuseport-agent was built without the fault-injection \
                  feature: build it with `--features fault-injection`, or unset {var}"
@@ -81,3 +84,65 @@ pub fn point(name: &str) {
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
 pub fn point(_name: &str) {}
+
+/// The N-th pass of point `name`, as the variable `var` asks (`NAME[:N]`).
+#[cfg(feature = "fault-injection")]
+fn nth_pass(var: &'static str, name: &str) -> bool {
+    use std::{
+        collections::HashMap,
+        sync::{Mutex, OnceLock},
+    };
+    type Wanted = Option<(String, u64)>;
+    static SPECS: OnceLock<Mutex<HashMap<&'static str, (Wanted, u64)>>> = OnceLock::new();
+    let mut specs = SPECS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (wanted, passes) = specs.entry(var).or_insert_with(|| {
+        let wanted = std::env::var(var).ok().and_then(|spec| {
+            Some(match spec.rsplit_once(':') {
+                Some((name, n)) => (name.to_owned(), n.parse().ok()?),
+                None => (spec, 1),
+            })
+        });
+        (wanted, 0)
+    });
+    let Some((at, nth)) = wanted else {
+        return false;
+    };
+    if at != name {
+        return false;
+    }
+    *passes += 1;
+    *passes == *nth
+}
+
+/// Point `name` of a fallible step: an injected error when [`FAIL_ENV`] names it.
+#[cfg(feature = "fault-injection")]
+pub fn fail(name: &str) -> std::io::Result<()> {
+    if !nth_pass(FAIL_ENV, name) {
+        return Ok(());
+    }
+    tracing::warn!(point = name, "fault injection: this step fails");
+    Err(std::io::Error::other(format!("injected failure at {name}")))
+}
+
+/// Point `name` of a fallible step: never fails in builds without the feature.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn fail(_name: &str) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// Point `name`: a panic when [`PANIC_ENV`] names it.
+#[cfg(feature = "fault-injection")]
+pub fn panic_point(name: &str) {
+    if nth_pass(PANIC_ENV, name) {
+        panic!("fault injection: panic at {name}");
+    }
+}
+
+/// Point `name`: nothing in builds without the feature.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn panic_point(_name: &str) {}

@@ -1,32 +1,36 @@
 //! One managed group: its model, its kernel objects, its slot allocation.
 
 use std::{
-    collections::{BTreeSet, HashSet},
-    os::fd::OwnedFd,
+    collections::{BTreeMap, BTreeSet, HashSet},
+    os::fd::{BorrowedFd, OwnedFd},
 };
 
 use reuseport_common::MAX_SLOTS;
 
 use super::{
     grace::{Grace, Ticket},
+    live,
     pinned::{self, GroupRecord},
-    registry::{Member, Refusal, RegId, Registry},
+    registry::{Generation, Member, Refusal, RegId, Registry, StateChange},
     steering::{self, GroupKernel},
 };
 use crate::{
     addr::{GroupAddr, GroupKey},
-    protocol::{ErrorKind, GenState, GenerationStatus, GroupStatus, RestartOutcome, SocketStatus},
+    protocol::{
+        DrainPhase, DrainStep, ErrorKind, GenState, GenerationStatus, GroupStatus, RestartOutcome,
+        SocketStatus,
+    },
 };
 
 /// Sockarray slots of a group: free ones, and freed ones that a program may still select
 /// until an RCU grace period has passed.
-pub(super) struct SlotPool {
-    pub(super) free: BTreeSet<u32>,
+struct SlotPool {
+    free: BTreeSet<u32>,
     quarantine: Vec<(u32, Ticket)>,
 }
 
 impl SlotPool {
-    pub(super) fn new() -> Self {
+    fn new() -> Self {
         Self {
             free: (0..MAX_SLOTS).collect(),
             quarantine: Vec::new(),
@@ -36,7 +40,7 @@ impl SlotPool {
     /// The pool of an adopted group: `used` slots are taken; every other one may have been
     /// freed by the dead agent less than a grace period ago, so it is quarantined until
     /// `ticket` has passed.
-    pub(super) fn adopted(used: &[u32], ticket: Ticket) -> Self {
+    fn adopted(used: &[u32], ticket: Ticket) -> Self {
         Self {
             free: BTreeSet::new(),
             quarantine: (0..MAX_SLOTS)
@@ -46,7 +50,7 @@ impl SlotPool {
         }
     }
 
-    pub(super) fn alloc(&mut self, grace: &Grace) -> Option<u32> {
+    fn alloc(&mut self, grace: &Grace) -> Option<u32> {
         if self.free.is_empty() {
             let oldest = self.quarantine.iter().map(|(_, t)| *t).min()?;
             grace.wait(oldest);
@@ -61,7 +65,7 @@ impl SlotPool {
         self.free.pop_first()
     }
 
-    pub(super) fn release(&mut self, slot: u32, ticket: Ticket) {
+    fn release(&mut self, slot: u32, ticket: Ticket) {
         self.quarantine.push((slot, ticket));
     }
 }
@@ -71,21 +75,24 @@ pub(super) struct Group {
     pub(super) owner_uid: u32,
     pub(super) registry: Registry,
     pub(super) kernel: GroupKernel,
-    pub(super) slots: SlotPool,
-    pub(super) serial: u32,
+    slots: SlotPool,
+    serial: u32,
     /// The group's network namespace, for wake-ups. `None` for an adopted group until one
     /// of its sockets registers again.
     pub(super) netns: Option<OwnedFd>,
     /// ABI version written into the pinned record (the current one, except in tests that
     /// simulate an older agent).
-    pub(super) record_abi: u32,
+    record_abi: u32,
     /// Where the pinned record is encoded (see [`pinned::buffer`]).
-    pub(super) record_buf: Box<reuseport_common::PinnedState>,
+    record_buf: Box<reuseport_common::PinnedState>,
     /// Registered slots whose listener was seen closed (edge detection for wake-ups).
-    pub(super) closed: HashSet<u32>,
-    pub(super) logger: Option<tokio::task::JoinHandle<()>>,
+    closed: HashSet<u32>,
+    logger: Option<tokio::task::JoinHandle<()>>,
     /// What its supervisor last reported about a restart (see `restart`).
-    pub(super) last_restart: Option<RestartOutcome>,
+    last_restart: Option<RestartOutcome>,
+    /// The record and the kernel's table lag behind the registry: a removal (which cannot be
+    /// refused) failed to publish. Retried by [`Group::scan`] until it succeeds.
+    stale: bool,
 }
 
 impl Drop for Group {
@@ -96,10 +103,250 @@ impl Drop for Group {
     }
 }
 
+/// What a change may alter, kept to put it back if publishing the change fails.
+struct Snapshot {
+    generations: BTreeMap<u32, Generation>,
+    last_restart: Option<RestartOutcome>,
+}
+
+/// What [`Group::scan`] found.
+pub(super) struct Scan {
+    /// A registered listener closed since the last scan.
+    pub(super) newly_closed: bool,
+    /// Listening sockets of the active generation.
+    pub(super) active_sockets: usize,
+}
+
 impl Group {
+    /// A new group on freshly loaded kernel objects. Its (empty) record is pinned at once,
+    /// before any socket is in its socket array: an agent that dies later always leaves a
+    /// record to adopt, never a group whose record is missing.
+    pub(super) fn create(
+        key: GroupKey,
+        owner_uid: u32,
+        mut kernel: GroupKernel,
+        netns: Option<OwnedFd>,
+        record_abi: u32,
+    ) -> Result<Self, Refusal> {
+        let logger = kernel.take_logger().and_then(spawn_logger);
+        let mut group = Self {
+            key,
+            owner_uid,
+            registry: Registry::default(),
+            kernel,
+            slots: SlotPool::new(),
+            serial: 0,
+            netns,
+            record_abi,
+            record_buf: pinned::buffer(),
+            closed: HashSet::new(),
+            logger,
+            last_restart: None,
+            stale: false,
+        };
+        if let Err(e) = group.save_record() {
+            group.kernel.unpin();
+            return Err(e);
+        }
+        Ok(group)
+    }
+
+    /// A group adopted from `record`, whose sockets hold the `used` slots (see
+    /// [`SlotPool::adopted`]). The table is published again from the record, which completes
+    /// a flip the dead agent may have been killed in the middle of.
+    pub(super) fn adopt(
+        record: GroupRecord,
+        mut kernel: GroupKernel,
+        netns: Option<OwnedFd>,
+        record_abi: u32,
+        grace: &Grace,
+    ) -> Result<Self, Refusal> {
+        let used: Vec<u32> = record
+            .registry
+            .generations
+            .values()
+            .flat_map(|g| g.sockets.keys().copied())
+            .collect();
+        let logger = kernel.take_logger().and_then(spawn_logger);
+        let mut group = Self {
+            key: record.key(),
+            owner_uid: record.owner_uid,
+            registry: record.registry,
+            kernel,
+            slots: SlotPool::adopted(&used, grace.retire()),
+            serial: record.serial,
+            netns,
+            record_abi,
+            record_buf: pinned::buffer(),
+            closed: HashSet::new(),
+            logger,
+            last_restart: record.last_restart,
+            stale: false,
+        };
+        group.publish(grace)?;
+        Ok(group)
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            generations: self.registry.generations.clone(),
+            last_restart: self.last_restart.clone(),
+        }
+    }
+
+    /// Puts the group back as `snap` describes it and republishes that, so that the record
+    /// and the kernel show the old state again whatever step of the failed change had
+    /// already been written. If even that fails, the group is left [`Group::stale`].
+    fn undo(&mut self, snap: Snapshot, grace: &Grace) {
+        self.registry.generations = snap.generations;
+        self.last_restart = snap.last_restart;
+        if let Err(e) = self.publish(grace) {
+            self.stale = true;
+            tracing::error!(
+                group = %self.key, error = %e,
+                "restoring the group after a failed change failed too; retrying"
+            );
+        }
+    }
+
+    /// Applies `op` to the registry and publishes the result, all or nothing: on any
+    /// failure the registry, the record and the kernel's table are as before and the error
+    /// is returned.
+    pub(super) fn change(
+        &mut self,
+        grace: &Grace,
+        op: impl FnOnce(&mut Registry) -> Result<Vec<StateChange>, Refusal>,
+    ) -> Result<Vec<StateChange>, Refusal> {
+        let snap = self.snapshot();
+        let changes = op(&mut self.registry)?;
+        if changes.is_empty() && !self.stale {
+            return Ok(changes);
+        }
+        if let Err(e) = self.publish(grace) {
+            self.undo(snap, grace);
+            return Err(e);
+        }
+        Ok(changes)
+    }
+
+    /// Adds `socket` to `generation` (see [`Registry::register`]) in a free slot, publishes
+    /// the table and attaches the program through the socket. All or nothing: on failure
+    /// the slot is free again (after a grace period) and nothing else changed.
+    pub(super) fn add_socket(
+        &mut self,
+        grace: &Grace,
+        socket: BorrowedFd<'_>,
+        generation: u32,
+        name: Option<String>,
+        activate: bool,
+        member: Member,
+    ) -> Result<(u32, Vec<StateChange>), Refusal> {
+        let slot = self.slots.alloc(grace).ok_or_else(|| {
+            Refusal::new(
+                ErrorKind::Limit,
+                format!(
+                    "group {} is full: it already holds {MAX_SLOTS} sockets",
+                    self.key
+                ),
+            )
+        })?;
+        // NB: back through the quarantine, not straight to the free list: a failed attach
+        // happens after a table naming this slot was published.
+        let release = |group: &mut Self| {
+            let _ = group.kernel.clear_slot(slot);
+            group.slots.release(slot, grace.retire());
+        };
+        if let Err(e) = self
+            .kernel
+            .reset_counters(slot)
+            .and_then(|()| self.kernel.set_slot(slot, socket))
+        {
+            release(self);
+            return Err(kernel_refusal(e));
+        }
+        super::fault::point("register.slot-set");
+        let snap = self.snapshot();
+        // NB: publish before attaching: a group that still runs an older program (or none)
+        // must switch straight to a table that knows this socket.
+        let changes = self
+            .registry
+            .register(generation, name, activate, slot, member);
+        if let Err(e) = self.publish(grace).and_then(|()| self.attach(socket)) {
+            self.undo(snap, grace);
+            release(self);
+            return Err(e);
+        }
+        Ok((slot, changes))
+    }
+
+    /// A socket the group already holds comes back on registration `reg` of process `pid`
+    /// (its client reconnected after an agent restart). All or nothing, like
+    /// [`Group::add_socket`]. Returns its generation and slot.
+    pub(super) fn reclaim(
+        &mut self,
+        grace: &Grace,
+        socket: BorrowedFd<'_>,
+        cookie: u64,
+        reg: RegId,
+        pid: i32,
+    ) -> Result<(u32, u32), Refusal> {
+        let snap = self.snapshot();
+        let (generation, slot, member) = self
+            .registry
+            .find_cookie(cookie)
+            .expect("the caller checked the cookie");
+        member.reg = reg;
+        member.pid = pid;
+        // NB: attaching replaces an adopted group's program (possibly an older build) with
+        // this agent's, atomically for the kernel; the maps stay the same.
+        if let Err(e) = self.publish(grace).and_then(|()| self.attach(socket)) {
+            self.undo(snap, grace);
+            return Err(e);
+        }
+        Ok((generation, slot))
+    }
+
+    /// Records how the supervisor's last restart ended; all or nothing.
+    pub(super) fn set_last_restart(&mut self, outcome: RestartOutcome) -> Result<(), Refusal> {
+        let previous = self.last_restart.replace(outcome);
+        if let Err(e) = self.save_record() {
+            self.last_restart = previous;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Records what a launcher did to a draining generation (see `drain_progress`); all or
+    /// nothing.
+    pub(super) fn set_drain_step(
+        &mut self,
+        generation: u32,
+        step: DrainStep,
+    ) -> Result<(), Refusal> {
+        let previous = self
+            .registry
+            .generations
+            .get(&generation)
+            .and_then(|g| g.drain_step.clone());
+        self.registry.drain_step(generation, step)?;
+        if let Err(e) = self.save_record() {
+            if let Some(g) = self.registry.generations.get_mut(&generation) {
+                g.drain_step = previous;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn attach(&self, socket: BorrowedFd<'_>) -> Result<(), Refusal> {
+        super::fault::fail("attach")
+            .map_err(|e| kernel_refusal(steering::injected("attach", e)))?;
+        self.kernel.attach(socket).map_err(kernel_refusal)
+    }
+
     /// Pins the group's record and makes the kernel follow the table for the registry as it
     /// is now (see [`GroupKernel::publish`]).
-    pub(super) fn publish(&mut self, grace: &Grace) -> Result<(), Refusal> {
+    fn publish(&mut self, grace: &Grace) -> Result<(), Refusal> {
         self.serial = self.serial.wrapping_add(1);
         let cfg = self.registry.steering_config(self.serial);
         // NB: the record first: an agent killed anywhere in here leaves a record that is
@@ -107,13 +354,39 @@ impl Group {
         // republishes the table from the record.
         self.save_record()?;
         super::fault::point(super::fault::BETWEEN_RECORD_AND_TABLE);
-        self.kernel.publish(&cfg, grace).map_err(kernel_refusal)
+        super::fault::fail("publish.table")
+            .map_err(|e| kernel_refusal(steering::injected("writing the steering table", e)))?;
+        self.kernel.publish(&cfg, grace).map_err(kernel_refusal)?;
+        self.stale = false;
+        Ok(())
+    }
+
+    /// Takes the sockets of registration `reg` out of the group (see
+    /// [`Group::remove_slots`]); false if it had none here.
+    pub(super) fn remove_registration(&mut self, reg: RegId, grace: &Grace) -> bool {
+        let mine: Vec<u32> = self
+            .registry
+            .generations
+            .values()
+            .flat_map(|g| g.sockets.iter().filter(|(_, m)| m.reg == reg))
+            .map(|(slot, _)| *slot)
+            .collect();
+        if mine.is_empty() {
+            return false;
+        }
+        self.remove_slots(&mine, grace);
+        true
     }
 
     /// Takes the sockets in `slots` out of the group: what they counted stays with their
     /// generation (if it lives on), the table is republished, and the slots return to the
     /// pool once no program invocation can still pick them.
-    pub(super) fn remove_slots(&mut self, slots: &[u32], grace: &Grace) -> Result<(), Refusal> {
+    ///
+    /// NB: a removal cannot be refused (the socket's registration or listener is gone): if
+    /// publishing fails, the group is left [`Group::stale`] and [`Group::scan`] publishes it
+    /// again until that succeeds. Until then the old table may still name the slots, whose
+    /// sockets the kernel stops selecting once they close.
+    fn remove_slots(&mut self, slots: &[u32], grace: &Grace) {
         for g in self.registry.generations.values_mut() {
             for slot in slots.iter().filter(|s| g.sockets.contains_key(s)) {
                 let c = self.kernel.counters(*slot);
@@ -123,24 +396,69 @@ impl Group {
             }
         }
         let freed = self.registry.remove_slots(slots);
-        let published = self.publish(grace);
+        if let Err(e) = self.publish(grace) {
+            self.stale = true;
+            tracing::error!(group = %self.key, error = %e, "republishing after sockets left failed; retrying");
+        }
         let ticket = grace.retire();
         for slot in freed {
             let _ = self.kernel.clear_slot(slot);
             self.slots.release(slot, ticket);
             self.closed.remove(&slot);
         }
-        published
+    }
+
+    /// The periodic check of the group: publishes a [`Group::stale`] group again, drops
+    /// adopted sockets whose client never came back once their listener closed (no
+    /// connection close will ever unregister them), and reports listeners that closed.
+    pub(super) fn scan(&mut self, registered: impl Fn(RegId) -> bool, grace: &Grace) -> Scan {
+        if self.stale
+            && let Err(e) = self.publish(grace)
+        {
+            tracing::debug!(group = %self.key, error = %e, "republishing a stale group failed again");
+        }
+        let orphans: Vec<u32> = self
+            .registry
+            .generations
+            .values()
+            .flat_map(|g| g.sockets.iter())
+            .filter(|(slot, m)| !registered(m.reg) && !self.listening(**slot, m))
+            .map(|(slot, _)| *slot)
+            .collect();
+        if !orphans.is_empty() {
+            self.remove_slots(&orphans, grace);
+            tracing::info!(group = %self.key, slots = ?orphans, "closed sockets that were not registered again left the group");
+        }
+        let mut scan = Scan {
+            newly_closed: false,
+            active_sockets: 0,
+        };
+        let mut closed = std::mem::take(&mut self.closed);
+        for g in self.registry.generations.values() {
+            for (slot, m) in &g.sockets {
+                if self.listening(*slot, m) {
+                    closed.remove(slot);
+                    scan.active_sockets += usize::from(g.state == GenState::Active);
+                } else {
+                    scan.newly_closed |= closed.insert(*slot);
+                }
+            }
+        }
+        self.closed = closed;
+        scan
     }
 
     /// Pins the record alone (for what the kernel program does not read).
-    pub(super) fn save_record(&mut self) -> Result<(), Refusal> {
+    fn save_record(&mut self) -> Result<(), Refusal> {
         if self.record_abi < reuseport_common::FIRST_ABI_WITH_RECORD {
             // An agent asked to write as ABI 1 (tests) pins no record at all, as ABI 1 did.
             self.kernel.remove_record_pin();
             return Ok(());
         }
         pinned::encode(&self.record(), self.record_abi, &mut self.record_buf)?;
+        super::fault::fail("publish.record").map_err(|e| {
+            kernel_refusal(steering::injected("writing the pinned group record", e))
+        })?;
         self.kernel
             .write_record(&self.record_buf)
             .map_err(kernel_refusal)
@@ -200,6 +518,7 @@ impl Group {
                             cookie: m.cookie,
                             listening,
                             registered: registered(m.reg),
+                            live: None,
                         }
                     })
                     .collect();
@@ -209,6 +528,12 @@ impl Group {
                     state: g.state,
                     sockets,
                     counters,
+                    live: None,
+                    drain: g
+                        .drain_step
+                        .clone()
+                        .filter(|_| g.state == GenState::Draining)
+                        .map(DrainPhase::from),
                 }
             })
             .collect();
@@ -221,6 +546,23 @@ impl Group {
             unsteered: self.kernel.group_counters().unsteered,
             limits: None,
             last_restart: self.last_restart.clone(),
+            live: None,
+        }
+    }
+
+    /// What [`live`](super::live) needs to read this group's figures from the kernel.
+    pub(super) fn probe(&self) -> live::Probe {
+        live::Probe {
+            netns: self.key.netns,
+            netns_fd: self.netns.as_ref().and_then(|fd| fd.try_clone().ok()),
+            addr: self.key.addr,
+            drops_base: self
+                .registry
+                .generations
+                .values()
+                .flat_map(|g| g.sockets.values())
+                .map(|m| (m.cookie, m.drops_base))
+                .collect(),
         }
     }
 }
@@ -231,7 +573,7 @@ pub(super) fn kernel_refusal(e: steering::SteeringError) -> Refusal {
 }
 
 /// Forwards the program's rare-event log lines (aya-log) while the group lives.
-pub(super) fn spawn_logger(
+fn spawn_logger(
     logger: aya_log::EbpfLogger<&'static dyn log::Log>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let handle = tokio::runtime::Handle::try_current().ok()?;

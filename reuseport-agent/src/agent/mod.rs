@@ -13,15 +13,21 @@
 //! - [`conns`]: bounds on control connections (count, time, size).
 //! - [`control_socket`]: the control socket's file (mode, group, stale and live sockets).
 //! - [`wake`]: wake-ups for connections migrated to a listener without a wake-up.
+//! - [`live`]: live figures for `status` from the kernel ([`diag`]: sock_diag, [`owners`]:
+//!   which process holds which connection); [`drain`]: what launchers report of a drain.
 //! - [`fault`]: fault-injection points for the tests (a feature of test builds).
 
 mod access;
 mod bpffs;
 mod conns;
 mod control_socket;
+mod diag;
+mod drain;
 pub mod fault;
 mod grace;
 mod group;
+mod live;
+mod owners;
 mod pinned;
 mod registry;
 mod restart;
@@ -47,13 +53,13 @@ use tokio::sync::mpsc::UnboundedSender;
 pub use self::{conns::DEFAULT_MAX_CONNECTIONS, server::run, steering::Mode};
 use self::{
     grace::Grace,
-    group::{Group, SlotPool, kernel_refusal, spawn_logger},
+    group::{Group, kernel_refusal},
     registry::{Member, Refusal, RegId, Registry, StateChange},
     steering::{GroupKernel, PinnedRecord},
 };
 use crate::{
     addr::{GroupAddr, GroupKey},
-    protocol::{ErrorKind, GenState, GroupStatus, Limits, MAX_NAME_LEN, Reply},
+    protocol::{ErrorKind, GroupStatus, Limits, Reply},
 };
 
 /// Default of `reuseport-agent --max-groups`: each group costs a loaded program, its maps
@@ -229,11 +235,13 @@ pub struct Agent {
     max_groups: u32,
     /// Reported in `status`; enforced by the server's admission.
     max_connections: u32,
+    live: live::Live,
 }
 
 impl Agent {
     fn new(mode: Mode, bpffs: PathBuf, wake_ups: bool, pin_abi: u32) -> std::io::Result<Self> {
         use std::os::unix::fs::MetadataExt as _;
+        let own_netns = std::fs::metadata("/proc/self/ns/net")?.ino();
         Ok(Self {
             state: Mutex::new(State::default()),
             creating: Mutex::new(()),
@@ -241,12 +249,13 @@ impl Agent {
             mode,
             bpffs,
             next_reg: AtomicU64::new(1),
-            own_netns: std::fs::metadata("/proc/self/ns/net")?.ino(),
+            own_netns,
             wake_ups,
             pin_abi,
             access: access::Policy::default(),
             max_groups: DEFAULT_MAX_GROUPS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            live: live::Live::new(own_netns),
         })
     }
 
@@ -267,6 +276,9 @@ impl Agent {
         }
     }
 
+    /// NB: a panic aborts the agent (see the binary's panic hook), so the lock is never
+    /// found poisoned: a restarted agent adopts the pinned state instead of a process that
+    /// would answer "internal error" forever.
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("agent state poisoned")
     }
@@ -284,14 +296,6 @@ impl Agent {
         req: Registration,
         events: UnboundedSender<Reply>,
     ) -> Result<Reply, Refusal> {
-        if let Some(name) = &req.name
-            && (name.len() > MAX_NAME_LEN || name.chars().any(char::is_control))
-        {
-            return Err(Refusal::new(
-                ErrorKind::BadRequest,
-                format!("generation name must be at most {MAX_NAME_LEN} printable characters"),
-            ));
-        }
         let listener = sockcheck::check(socket.as_fd(), &req.group)?;
         self.access.may_register(&peer, listener.uid)?;
         let key = listener.key;
@@ -311,7 +315,22 @@ impl Agent {
             }
             return reclaimed;
         }
-        let result = self.add_socket(&mut state, key, &incoming);
+        let group = state.groups.get_mut(&key).expect("group exists");
+        let member = Member {
+            reg,
+            pid: req.server_pid.unwrap_or(peer.pid),
+            uid: listener.uid,
+            cookie: listener.cookie,
+            drops_base: listener.drops,
+        };
+        let result = group.add_socket(
+            &self.grace,
+            socket.as_fd(),
+            req.generation,
+            req.name.clone(),
+            req.activate,
+            member,
+        );
         match result {
             Ok((slot, changes)) => {
                 state.subscribe(reg, events, req.supervised.then_some(peer.pid));
@@ -322,8 +341,10 @@ impl Agent {
                     group = %key, generation = req.generation, slot, pid = peer.pid,
                     state = %gen_state, "socket registered"
                 );
+                // NB: the full key, @NETNS included: a launcher that names the group by its
+                // bare address breaks as soon as another namespace has the same one.
                 Ok(Reply::Registered {
-                    group: group.addr(self.own_netns),
+                    group: key.to_addr(),
                     generation: req.generation,
                     slot,
                     state: gen_state,
@@ -331,8 +352,7 @@ impl Agent {
             }
             Err(e) => {
                 if created && state.groups[&key].registry.is_empty() {
-                    let g = state.groups.remove(&key).expect("just created");
-                    g.kernel.unpin();
+                    state.remove_groups(&[key]);
                 }
                 Err(e)
             }
@@ -362,26 +382,16 @@ impl Agent {
         }
         let pin_dir = self.bpffs.join(key.pin_name());
         refuse_unadoptable(&key, &pin_dir)?;
-        let mut kernel = GroupKernel::create(self.mode, &pin_dir).map_err(kernel_refusal)?;
-        let logger = kernel.take_logger().and_then(spawn_logger);
-        let mut state = self.lock();
-        state.groups.insert(
+        let kernel = GroupKernel::create(self.mode, &pin_dir).map_err(kernel_refusal)?;
+        let group = Group::create(
             key,
-            Group {
-                key,
-                owner_uid: listener.uid,
-                registry: Registry::default(),
-                kernel,
-                slots: SlotPool::new(),
-                serial: 0,
-                netns: listener.netns.try_clone().ok(),
-                record_abi: self.pin_abi,
-                record_buf: pinned::buffer(),
-                closed: HashSet::new(),
-                logger,
-                last_restart: None,
-            },
-        );
+            listener.uid,
+            kernel,
+            listener.netns.try_clone().ok(),
+            self.pin_abi,
+        )?;
+        let mut state = self.lock();
+        state.groups.insert(key, group);
         tracing::info!(group = %key, mode = self.mode.as_str(), "group created");
         Ok((state, true))
     }
@@ -425,23 +435,19 @@ impl Agent {
                 ),
             )));
         }
-        member.reg = reg;
-        member.pid = req.server_pid.unwrap_or(peer.pid);
         if group.netns.is_none() {
             group.netns = listener.netns.try_clone().ok();
         }
-        // NB: attaching replaces an adopted group's program (possibly an older build) with
-        // this agent's, atomically for the kernel; the maps stay the same.
-        let result = group
-            .publish(&self.grace)
-            .and_then(|()| group.kernel.attach(socket.as_fd()).map_err(kernel_refusal));
-        if let Err(e) = result {
-            return Some(Err(e));
-        }
+        let pid = req.server_pid.unwrap_or(peer.pid);
+        let (generation, slot) =
+            match group.reclaim(&self.grace, socket.as_fd(), listener.cookie, reg, pid) {
+                Ok(found) => found,
+                Err(e) => return Some(Err(e)),
+            };
         let gen_state = group.registry.generations[&generation].state;
         tracing::info!(group = %key, generation, slot, pid = peer.pid, "socket registered again");
         Some(Ok(Reply::Registered {
-            group: group.addr(self.own_netns),
+            group: key.to_addr(),
             generation,
             slot,
             state: gen_state,
@@ -456,7 +462,13 @@ impl Agent {
             return 0;
         };
         let mut adopted = 0;
-        for dir in entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
+        // NB: a link here is never followed (see bpffs): adoption would take another
+        // group's pins for this name's.
+        for dir in entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| bpffs::is_real_dir(p))
+        {
             match steering::read_pinned(&dir) {
                 PinnedRecord::Adoptable(record) => match self.adopt_one(&dir, &record) {
                     Ok(true) => adopted += 1,
@@ -480,6 +492,14 @@ impl Agent {
                     UNADOPTABLE_ADVICE
                 ),
                 PinnedRecord::Missing => {}
+                PinnedRecord::Unwritten => {
+                    steering::remove_pins(&dir);
+                    tracing::info!(
+                        dir = %dir.display(),
+                        "an agent died creating this group, before its first record: nothing \
+                         to adopt, its pins were removed (its sockets register afresh)"
+                    );
+                }
             }
         }
         adopted
@@ -517,34 +537,19 @@ impl Agent {
             tracing::info!(group = %key, "pinned group has no socket left; its pins were removed");
             return Ok(false);
         }
-        let used: Vec<u32> = registry
+        let sockets = registry
             .generations
             .values()
-            .flat_map(|g| g.sockets.keys().copied())
-            .collect();
+            .map(|g| g.sockets.len())
+            .sum::<usize>();
         let netns = registry
             .generations
             .values()
             .flat_map(|g| g.sockets.values())
             .find_map(|m| netns_of(m.pid, key.netns));
-        let mut group = Group {
-            key,
-            owner_uid: record.owner_uid,
-            registry,
-            kernel,
-            slots: SlotPool::adopted(&used, self.grace.retire()),
-            serial: record.serial,
-            netns,
-            record_abi: self.pin_abi,
-            record_buf: pinned::buffer(),
-            closed: HashSet::new(),
-            logger: None,
-            last_restart: record.last_restart,
-        };
-        group.logger = group.kernel.take_logger().and_then(spawn_logger);
-        // Republish from the record: the dead agent pinned it before its last flip, so this
-        // completes a flip it may have been killed in the middle of.
-        group.publish(&self.grace).map_err(|r| r.message)?;
+        let record = pinned::GroupRecord { registry, ..record };
+        let group = Group::adopt(record, kernel, netns, self.pin_abi, &self.grace)
+            .map_err(|r| r.message)?;
         let generations: Vec<String> = group
             .registry
             .generations
@@ -552,71 +557,13 @@ impl Agent {
             .map(|(n, g)| format!("{n}:{}", g.state))
             .collect();
         tracing::info!(
-            group = %key, generations = %generations.join(","), sockets = used.len(),
+            group = %key, generations = %generations.join(","), sockets,
             dropped = dropped.len(), abi = state.header.abi_version,
             program = if group.kernel.program_reused() { "reused" } else { "reloaded" },
             "adopted pinned group; its clients re-register their sockets"
         );
         self.lock().groups.insert(key, group);
         Ok(true)
-    }
-
-    fn add_socket(
-        &self,
-        state: &mut State,
-        key: GroupKey,
-        incoming: &Incoming<'_>,
-    ) -> Result<(u32, Vec<StateChange>), Refusal> {
-        let Incoming {
-            peer,
-            reg,
-            socket,
-            req,
-            listener,
-        } = *incoming;
-        let group = state.groups.get_mut(&key).expect("group exists");
-        let slot = group.slots.alloc(&self.grace).ok_or_else(|| {
-            Refusal::new(
-                ErrorKind::Limit,
-                format!("group {key} is full: it already holds {MAX_SLOTS} sockets"),
-            )
-        })?;
-        // NB: back through the quarantine, not straight to the free list: a failed attach
-        // happens after a table naming this slot was published.
-        let undo_slot = |group: &mut Group| {
-            let _ = group.kernel.clear_slot(slot);
-            group.slots.release(slot, self.grace.retire());
-        };
-        if let Err(e) = group
-            .kernel
-            .reset_counters(slot)
-            .and_then(|()| group.kernel.set_slot(slot, socket.as_fd()))
-        {
-            undo_slot(group);
-            return Err(kernel_refusal(e));
-        }
-        let member = Member {
-            reg,
-            pid: req.server_pid.unwrap_or(peer.pid),
-            uid: listener.uid,
-            cookie: listener.cookie,
-        };
-        let changes =
-            group
-                .registry
-                .register(req.generation, req.name.clone(), req.activate, slot, member);
-        // NB: publish before attaching: a group that still runs an older program (or none)
-        // must switch straight to a table that knows this socket.
-        if let Err(e) = group
-            .publish(&self.grace)
-            .and_then(|()| group.kernel.attach(socket.as_fd()).map_err(kernel_refusal))
-        {
-            group.registry.unregister(reg);
-            let _ = group.publish(&self.grace);
-            undo_slot(group);
-            return Err(e);
-        }
-        Ok((slot, changes))
     }
 
     /// Removes the sockets of a closed registration and republishes the table.
@@ -627,18 +574,8 @@ impl Agent {
         let mut emptied = Vec::new();
         for (key, group) in &mut state.groups {
             let had_active = group.registry.active();
-            let mine: Vec<u32> = group
-                .registry
-                .generations
-                .values()
-                .flat_map(|g| g.sockets.iter().filter(|(_, m)| m.reg == reg))
-                .map(|(slot, _)| *slot)
-                .collect();
-            if mine.is_empty() {
+            if !group.remove_registration(reg, &self.grace) {
                 continue;
-            }
-            if let Err(e) = group.remove_slots(&mine, &self.grace) {
-                tracing::error!(group = %key, error = %e, "republishing after unregister failed");
             }
             tracing::info!(group = %key, reg, "registration closed; its sockets left the group");
             if had_active.is_some()
@@ -683,10 +620,7 @@ impl Agent {
         let group = state.find(wanted)?;
         self.access
             .may_change(&peer, &group.key, group.owner_uid, what)?;
-        let changes = op(&mut group.registry)?;
-        if !changes.is_empty() {
-            group.publish(&self.grace)?;
-        }
+        let changes = group.change(&self.grace, op)?;
         let key = group.key;
         let status = self.group_status(group, &live);
         let group = &state.groups[&key];
@@ -697,17 +631,33 @@ impl Agent {
         Ok(Reply::Changed { group: status })
     }
 
-    pub fn status(&self, wanted: Option<&GroupAddr>) -> Result<Reply, Refusal> {
-        let mut state = self.lock();
-        let live: HashSet<RegId> = state.subscribers.keys().copied().collect();
-        let groups = match wanted {
-            Some(w) => vec![self.group_status(state.find(w)?, &live)],
-            None => state
-                .groups
-                .values()
-                .map(|g| self.group_status(g, &live))
-                .collect(),
+    /// `with_live`: add the figures read from the kernel (see [`live`]), after the state
+    /// lock is released.
+    pub fn status(&self, wanted: Option<&GroupAddr>, with_live: bool) -> Result<Reply, Refusal> {
+        let (mut groups, probes, namespaces) = {
+            let mut state = self.lock();
+            fault::panic_point("status.locked");
+            let live: HashSet<RegId> = state.subscribers.keys().copied().collect();
+            let chosen: Vec<&Group> = match wanted {
+                Some(w) => vec![&*state.find(w)?],
+                None => state.groups.values().collect(),
+            };
+            let groups: Vec<GroupStatus> =
+                chosen.iter().map(|g| self.group_status(g, &live)).collect();
+            let probes: Vec<live::Probe> = if with_live {
+                chosen.iter().map(|g| g.probe()).collect()
+            } else {
+                Vec::new()
+            };
+            let namespaces: HashSet<u64> = state.groups.keys().map(|k| k.netns).collect();
+            (groups, probes, namespaces)
         };
+        for (status, probe) in groups.iter_mut().zip(&probes) {
+            if let Err(e) = self.live.annotate(status, probe) {
+                tracing::warn!(group = %status.group, error = %e, "no live figures for status");
+            }
+        }
+        self.live.retain(&namespaces);
         Ok(Reply::Status { groups })
     }
 
@@ -723,36 +673,22 @@ impl Agent {
         } = &mut *state;
         let mut emptied = Vec::new();
         for group in groups.values_mut() {
-            self.drop_closed_orphans(group, subscribers);
+            let scan = group.scan(|reg| subscribers.contains_key(&reg), &self.grace);
             if group.registry.is_empty() {
                 emptied.push(group.key);
                 continue;
             }
-            let mut newly_closed = false;
-            let mut active_sockets = 0;
-            let mut closed = std::mem::take(&mut group.closed);
-            for g in group.registry.generations.values() {
-                for (slot, m) in &g.sockets {
-                    let listening = group.listening(*slot, m);
-                    if listening {
-                        closed.remove(slot);
-                        active_sockets += usize::from(g.state == GenState::Active);
-                    } else {
-                        newly_closed |= closed.insert(*slot);
-                    }
-                }
-            }
-            group.closed = closed;
-            if newly_closed
-                && active_sockets > 0
+            if scan.newly_closed
+                && scan.active_sockets > 0
                 && self.mode == Mode::SelectOrMigrate
                 && self.wake_ups
             {
                 match group.netns.as_ref().map(OwnedFd::try_clone) {
                     Some(Ok(netns)) => out.push(wake::WakeUp {
+                        group: (group.key.netns, group.key.addr),
                         target: wake::target_for(group.key.addr),
                         netns,
-                        connections: active_sockets + 1,
+                        connections: scan.active_sockets + 1,
                     }),
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "wake-up: cannot duplicate the netns descriptor")
@@ -764,30 +700,6 @@ impl Agent {
         state.remove_groups(&emptied);
         out
     }
-
-    /// An adopted socket whose client never came back has no connection whose close would
-    /// unregister it: it leaves the group when its listener closes.
-    fn drop_closed_orphans(
-        &self,
-        group: &mut Group,
-        subscribers: &HashMap<RegId, UnboundedSender<Reply>>,
-    ) {
-        let gone: Vec<u32> = group
-            .registry
-            .generations
-            .values()
-            .flat_map(|g| g.sockets.iter())
-            .filter(|(slot, m)| !subscribers.contains_key(&m.reg) && !group.listening(**slot, m))
-            .map(|(slot, _)| *slot)
-            .collect();
-        if gone.is_empty() {
-            return;
-        }
-        if let Err(e) = group.remove_slots(&gone, &self.grace) {
-            tracing::error!(group = %group.key, error = %e, "republishing after a closed socket failed");
-        }
-        tracing::info!(group = %group.key, slots = ?gone, "closed sockets that were not registered again left the group");
-    }
 }
 
 const UNADOPTABLE_ADVICE: &str = "finish the deploy with the agent version that pinned it, or \
@@ -796,13 +708,16 @@ const UNADOPTABLE_ADVICE: &str = "finish the deploy with the agent version that 
 /// Refuses to create a group over pins that another agent version left with sockets still
 /// listening: a fresh program would not know those sockets.
 fn refuse_unadoptable(key: &GroupKey, pin_dir: &std::path::Path) -> Result<(), Refusal> {
-    if !steering::pinned_sockets_live(pin_dir) {
+    // NB: a link is not a group's pins, whatever it points at: creation removes it.
+    if !bpffs::is_real_dir(pin_dir) || !steering::pinned_sockets_live(pin_dir) {
         return Ok(());
     }
     let version = match steering::read_pinned(pin_dir) {
         PinnedRecord::Incompatible { abi_version } => abi_version.to_string(),
         PinnedRecord::Missing => "1".into(),
         PinnedRecord::Adoptable(_) => "an adoptable version that failed to load".into(),
+        // NB: never attached, so nothing steers by it: replaced like stale pins.
+        PinnedRecord::Unwritten => return Ok(()),
     };
     Err(Refusal::new(
         ErrorKind::Conflict,

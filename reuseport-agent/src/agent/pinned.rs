@@ -106,6 +106,7 @@ mod tests {
             pid: 10,
             uid: 0,
             cookie,
+            drops_base: 3,
         };
         registry.register(1, Some("v1".into()), false, 0, m(1, 100));
         registry.register(2, None, true, 5, m(2, 200));
@@ -131,6 +132,71 @@ mod tests {
             format!("{:?}", back.registry),
             format!("{:?}", rec.registry),
             "the registry should come back exactly"
+        );
+    }
+
+    /// Generations with the longest names a group's record holds for sure (README, "Limits").
+    const GENERATIONS_WITH_LONGEST_NAMES: u32 = 100;
+
+    /// Names and error texts are capped (see `crate::text`), so a group holds at least
+    /// [`GENERATIONS_WITH_LONGEST_NAMES`] generations with the longest names, a restart error
+    /// of the longest length and generous figures. Beyond what the record holds, a change is
+    /// refused as a limit (and undone, see `Group::change`), never half made.
+    #[test]
+    fn the_record_holds_the_documented_generations_with_longest_names() {
+        use crate::text::{MAX_ERROR_LEN, MAX_NAME_LEN};
+        let mut registry = Registry::default();
+        let mut fitted = 0;
+        let mut state = buffer();
+        for slot in 0..reuseport_common::MAX_SLOTS {
+            let member = Member {
+                reg: 1_000_000 + u64::from(slot),
+                pid: 4_194_304,
+                uid: 1_000_000,
+                cookie: 1 << 40,
+                drops_base: u32::MAX,
+            };
+            let generation = 1_000_000 + slot;
+            registry.register(
+                generation,
+                Some("n".repeat(MAX_NAME_LEN)),
+                true,
+                slot,
+                member,
+            );
+            let g = registry.generations.get_mut(&generation).unwrap();
+            g.retired_counters = crate::protocol::Counters {
+                selected: 1 << 40,
+                fallback: 1 << 30,
+                migrated: 1 << 30,
+            };
+            let rec = GroupRecord {
+                addr: "[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+                    .parse()
+                    .unwrap(),
+                netns: 4_026_531_840,
+                owner_uid: 1_000_000,
+                serial: u32::MAX,
+                program: crate::agent::steering::program_id(crate::agent::Mode::SelectOrMigrate),
+                registry: Registry {
+                    generations: registry.generations.clone(),
+                },
+                last_restart: Some(RestartOutcome::Failed {
+                    error: "e".repeat(MAX_ERROR_LEN),
+                }),
+            };
+            match encode(&rec, 2, &mut state) {
+                Ok(()) => fitted = slot + 1,
+                Err(e) => {
+                    assert_eq!(e.kind, ErrorKind::Limit, "{e}");
+                    break;
+                }
+            }
+        }
+        println!("generations with the longest names in one record: {fitted}");
+        assert!(
+            fitted >= GENERATIONS_WITH_LONGEST_NAMES,
+            "only {fitted} generations with {MAX_NAME_LEN}-byte names fit the record"
         );
     }
 

@@ -11,7 +11,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Agent, Peer, registry::RegId};
 use crate::{
-    addr::GroupAddr,
+    addr::{GroupAddr, GroupKey},
     protocol::{ErrorKind, GenState, Reply, RestartOutcome, UNREQUESTED_RESTART},
 };
 
@@ -19,6 +19,8 @@ use super::registry::Refusal;
 
 /// A restart forwarded to a supervisor, waiting for its `restart_result`.
 struct Pending {
+    key: GroupKey,
+    /// The group as the requester named it.
     group: GroupAddr,
     supervisor_pid: i32,
     /// The requester's connection (its pushed frames).
@@ -124,6 +126,7 @@ impl Agent {
         state.restarts.pending.insert(
             id,
             Pending {
+                key,
                 group: addr,
                 supervisor_pid,
                 requester,
@@ -147,22 +150,35 @@ impl Agent {
         outcome: RestartOutcome,
     ) -> Result<Reply, Refusal> {
         let mut state = self.lock();
-        if id == UNREQUESTED_RESTART {
-            let supervisor = state.restarts.supervisors.values().any(|p| *p == peer.pid);
+        let state = &mut *state;
+        let (key, regs) = {
             let group = state.find(wanted)?;
-            if !supervisor {
+            let regs: Vec<RegId> = group
+                .registry
+                .generations
+                .values()
+                .flat_map(|g| g.sockets.values().map(|m| m.reg))
+                .collect();
+            (group.key, regs)
+        };
+        if id == UNREQUESTED_RESTART {
+            let supervises = regs
+                .iter()
+                .any(|reg| state.restarts.supervisors.get(reg) == Some(&peer.pid));
+            if !supervises {
                 return Err(Refusal::new(
                     ErrorKind::PermissionDenied,
                     format!(
-                        "permission denied: pid {} is not a supervisor registered with the agent; \
-                         only `reuseportctl supervise` reports restarts",
+                        "permission denied: pid {} does not supervise {key} (no supervised \
+                         registration of it in that group); only the group's own `reuseportctl \
+                         supervise` reports its restarts",
                         peer.pid
                     ),
                 ));
             }
-            tracing::info!(group = %group.key, ?outcome, "restart finished (SIGHUP)");
-            group.last_restart = Some(outcome.clone());
-            group.save_record()?;
+            let group = state.groups.get_mut(&key).expect("found above");
+            group.set_last_restart(outcome.clone())?;
+            tracing::info!(group = %key, ?outcome, "restart finished (SIGHUP)");
             return Ok(Reply::RestartResult {
                 group: *wanted,
                 id,
@@ -175,23 +191,22 @@ impl Agent {
                 format!("no restart {id} is waiting for a result"),
             ));
         };
-        if p.supervisor_pid != peer.pid {
+        if p.supervisor_pid != peer.pid || p.key != key {
             return Err(Refusal::new(
                 ErrorKind::PermissionDenied,
                 format!(
-                    "permission denied: restart {id} was sent to the supervisor pid {}, not to \
-                     pid {}",
-                    p.supervisor_pid, peer.pid
+                    "permission denied: restart {id} of {} was sent to the supervisor pid {}; \
+                     pid {} may not report it for {key}",
+                    p.key, p.supervisor_pid, peer.pid
                 ),
             ));
         }
         let p = state.restarts.pending.remove(&id).expect("checked above");
-        tracing::info!(group = %p.group, id, ?outcome, "restart finished");
-        if let Ok(group) = state.find(&p.group) {
-            group.last_restart = Some(outcome.clone());
-            if let Err(e) = group.save_record() {
-                tracing::warn!(group = %group.key, error = %e, "pinning the restart outcome failed");
-            }
+        tracing::info!(group = %p.key, id, ?outcome, "restart finished");
+        if let Some(group) = state.groups.get_mut(&p.key)
+            && let Err(e) = group.set_last_restart(outcome.clone())
+        {
+            tracing::warn!(group = %p.key, error = %e, "pinning the restart outcome failed");
         }
         let reply = Reply::RestartResult {
             group: p.group,

@@ -52,8 +52,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     agent.max_groups = opts.max_groups;
     agent.max_connections = max_connections as u32;
     let agent = Arc::new(agent);
-    let (control, listener) = ControlSocket::bind(&opts.control, control_group.as_ref())?;
+    // NB: the lock first: a second agent on the same directory must fail before it touches
+    // the control socket path (it would replace what it takes for a stale socket).
     let _bpffs_lock = bpffs::lock(&opts.bpffs)?;
+    let (control, listener) = ControlSocket::bind(&opts.control, control_group.as_ref())?;
     // NB: before the first accept: a client that reconnects must find its group adopted.
     let adopted = agent.adopt_pinned();
     tracing::info!(
@@ -65,7 +67,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         "reuseport-agent ready"
     );
 
-    let scanner = tokio::spawn(scan_loop(agent.clone()));
+    let waker = wake::Waker::start().context("starting the wake-up worker thread")?;
+    let scanner = tokio::spawn(scan_loop(agent.clone(), waker));
     let mut exhausted = false;
     loop {
         tokio::select! {
@@ -125,14 +128,14 @@ async fn refuse(stream: UnixStream, reply: Reply) {
     let _ = tokio::time::timeout(conns::SEND_TIMEOUT, conn.send(&reply, None)).await;
 }
 
-async fn scan_loop(agent: Arc<Agent>) {
+async fn scan_loop(agent: Arc<Agent>, waker: wake::Waker) {
     let mut tick = tokio::time::interval(SCAN_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let a = agent.clone();
         match tokio::task::spawn_blocking(move || a.scan_closed()).await {
-            Ok(wakeups) => wakeups.into_iter().for_each(wake::spawn),
+            Ok(wakeups) => wakeups.into_iter().for_each(|w| waker.push(w)),
             Err(e) => tracing::error!(error = %e, "slot scan failed"),
         }
     }
@@ -160,7 +163,7 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream, mut slot: Slot) {
             return;
         }
     };
-    let mut conn = Conn::new(stream);
+    let mut conn = Conn::for_requests(stream);
     let reg = agent.next_reg_id();
     let (tx, mut events) = mpsc::unbounded_channel();
     let mut registered = false;
@@ -250,7 +253,9 @@ async fn handle(
             };
             tokio::task::spawn_blocking(move || a.register(peer, reg, socket, req, tx)).await
         }
-        Op::Status { group } => tokio::task::spawn_blocking(move || a.status(group.as_ref())).await,
+        Op::Status { group, live } => {
+            tokio::task::spawn_blocking(move || a.status(group.as_ref(), live)).await
+        }
         Op::Activate { group, generation } => {
             tokio::task::spawn_blocking(move || a.activate(peer, &group, generation)).await
         }
@@ -263,6 +268,14 @@ async fn handle(
         }
         Op::RestartResult { group, id, outcome } => {
             tokio::task::spawn_blocking(move || a.restart_result(peer, &group, id, outcome)).await
+        }
+        Op::DrainProgress {
+            group,
+            generation,
+            step,
+        } => {
+            tokio::task::spawn_blocking(move || a.drain_progress(peer, &group, generation, step))
+                .await
         }
     };
     match result {

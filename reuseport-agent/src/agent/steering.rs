@@ -15,7 +15,7 @@ use aya::{
 };
 use reuseport_common::{
     ADOPTABLE_ABI, CONFIG_BUFFERS, COUNTER_ENTRIES, GROUP_COUNTER_INDEX, MAX_SLOTS, MapNames,
-    PinnedState, ProgramNames, STATE_MAGIC, SlotCounters, SteeringConfig,
+    PinnedState, ProgramNames, STATE_MAGIC, SlotCounters, StateHeader, SteeringConfig,
 };
 
 use super::{
@@ -83,6 +83,14 @@ fn kernel(what: impl Into<String>) -> impl FnOnce(io::Error) -> SteeringError {
     move |source| SteeringError::Kernel { what, source }
 }
 
+/// A failure [`super::fault::fail`] injected at `what`, as the kernel's own would read.
+pub fn injected(what: &str, source: io::Error) -> SteeringError {
+    SteeringError::Kernel {
+        what: what.into(),
+        source,
+    }
+}
+
 fn load_err(mode: Mode) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> SteeringError {
     move |source| SteeringError::Load {
         mode: mode.as_str(),
@@ -142,6 +150,9 @@ pub enum PinnedRecord {
     Incompatible { abi_version: u32 },
     /// No record at all (pinned by a version 1 agent) or not one of ours.
     Missing,
+    /// Our `STATE` map, never written: an agent died while creating the group, before its
+    /// first publish. Nothing was attached yet, so there is nothing to adopt.
+    Unwritten,
 }
 
 /// Reads the `STATE` record pinned in `pin_dir` without touching anything else.
@@ -155,7 +166,9 @@ pub fn read_pinned(pin_dir: &Path) -> PinnedRecord {
     let Ok(record) = state.get(&0, 0) else {
         return PinnedRecord::Missing;
     };
-    if record.header.magic != STATE_MAGIC {
+    if record.header == StateHeader::default() {
+        PinnedRecord::Unwritten
+    } else if record.header.magic != STATE_MAGIC {
         PinnedRecord::Missing
     } else if ADOPTABLE_ABI.contains(&record.header.abi_version) {
         PinnedRecord::Adoptable(Box::new(record))
@@ -500,11 +513,4 @@ impl GroupKernel {
     }
 }
 
-fn remove_pins(dir: &Path) {
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let _ = fs::remove_file(e.path());
-        }
-    }
-    let _ = fs::remove_dir(dir);
-}
+pub use super::bpffs::remove_pins;

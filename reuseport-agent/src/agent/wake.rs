@@ -12,16 +12,21 @@
 //! connections too. Servers see these as connections that close without sending anything.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     os::fd::OwnedFd,
+    sync::{Arc, Condvar, Mutex, PoisonError},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use nix::sched::{CloneFlags, setns};
 
 /// One group to poke: where, from which namespace, how many connections.
 pub struct WakeUp {
+    /// The group's network namespace inode with its address: one wake-up per group at a
+    /// time, however many closes it saw.
+    pub group: (u64, SocketAddr),
     pub target: SocketAddr,
     pub netns: OwnedFd,
     pub connections: usize,
@@ -40,24 +45,115 @@ pub fn target_for(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, addr.port())
 }
 
-/// Runs the wake-up on its own thread (it has to enter the group's network namespace).
-pub fn spawn(w: WakeUp) {
-    let res = thread::Builder::new().name("wake-up".into()).spawn(move || {
-        if let Err(e) = setns(&w.netns, CloneFlags::CLONE_NEWNET) {
-            tracing::warn!(error = %e, "wake-up: cannot enter the group's network namespace");
-            return;
-        }
-        for delay in ROUNDS {
-            // Not a readiness wait: spacing the rounds is the point (see ROUNDS).
-            thread::sleep(delay);
-            for _ in 0..w.connections {
-                if let Err(e) = TcpStream::connect_timeout(&w.target, Duration::from_secs(1)) {
-                    tracing::debug!(error = %e, target = %w.target, "wake-up connection failed");
+/// A wake-up waiting for its next round.
+struct Pending {
+    wake: WakeUp,
+    /// Index into [`ROUNDS`] of the next round.
+    round: usize,
+    /// When the close was seen.
+    seen: Instant,
+}
+
+#[derive(Default)]
+struct Queue {
+    pending: HashMap<(u64, SocketAddr), Pending>,
+}
+
+/// The wake-up worker: ONE thread for every group, whatever happens. Closes seen while a
+/// group's wake-up is pending are folded into it (the rounds start again, with the larger
+/// number of connections), so a client that registers and closes listeners in a loop costs
+/// at most one queued entry per group, never a thread.
+#[derive(Clone)]
+pub struct Waker {
+    queue: Arc<(Mutex<Queue>, Condvar)>,
+}
+
+impl Waker {
+    pub fn start() -> std::io::Result<Self> {
+        let waker = Self {
+            queue: Arc::default(),
+        };
+        let worker = waker.clone();
+        thread::Builder::new()
+            .name("wake-up".into())
+            .spawn(move || worker.run())?;
+        Ok(waker)
+    }
+
+    pub fn push(&self, wake: WakeUp) {
+        let (lock, ready) = &*self.queue;
+        let mut q = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let connections = q
+            .pending
+            .get(&wake.group)
+            .map_or(0, |p| p.wake.connections)
+            .max(wake.connections);
+        q.pending.insert(
+            wake.group,
+            Pending {
+                wake: WakeUp {
+                    connections,
+                    ..wake
+                },
+                round: 0,
+                seen: Instant::now(),
+            },
+        );
+        ready.notify_one();
+    }
+
+    fn run(&self) {
+        let (lock, ready) = &*self.queue;
+        let mut q = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let now = Instant::now();
+            let next = q
+                .pending
+                .iter()
+                .map(|(key, p)| (p.seen + ROUNDS[p.round], *key))
+                .min();
+            let Some((due, key)) = next else {
+                q = ready.wait(q).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            };
+            if due > now {
+                q = ready
+                    .wait_timeout(q, due - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+                continue;
+            }
+            let p = q.pending.get_mut(&key).expect("key from the map");
+            let round = p.round;
+            let (target, connections) = (p.wake.target, p.wake.connections);
+            let netns = p.wake.netns.try_clone();
+            p.round += 1;
+            if p.round == ROUNDS.len() {
+                q.pending.remove(&key);
+            }
+            drop(q);
+            match netns {
+                Ok(netns) => poke(&netns, target, connections, round),
+                Err(e) => {
+                    tracing::warn!(error = %e, "wake-up: cannot duplicate the netns descriptor")
                 }
             }
+            q = lock.lock().unwrap_or_else(PoisonError::into_inner);
         }
-    });
-    if let Err(e) = res {
-        tracing::warn!(error = %e, "cannot start a wake-up thread");
+    }
+}
+
+/// One round of wake-up connections to `target`, from the namespace `netns`.
+fn poke(netns: &OwnedFd, target: SocketAddr, connections: usize, round: usize) {
+    if let Err(e) = setns(netns, CloneFlags::CLONE_NEWNET) {
+        tracing::warn!(error = %e, "wake-up: cannot enter the group's network namespace");
+        return;
+    }
+    for _ in 0..connections {
+        // NB: short: one worker serves every group, and a listener whose backlog is full
+        // would hold it for the whole time-out.
+        if let Err(e) = TcpStream::connect_timeout(&target, Duration::from_millis(100)) {
+            tracing::debug!(error = %e, %target, round, "wake-up connection failed");
+        }
     }
 }

@@ -53,6 +53,14 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // NB: a panic with the state lock held would leave a process that answers "internal
+    // error" forever; aborting lets it be restarted, and the new agent adopts the pinned
+    // groups (steering never stops meanwhile).
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
     let cli = Cli::parse();
     let opts = agent::Options {
         control: cli.control,

@@ -16,7 +16,7 @@
 
 mod rejoin;
 
-use self::rejoin::{Backoff, SocketSource};
+use self::rejoin::{Rejoin, SocketSource, follow};
 
 use std::{
     io,
@@ -36,7 +36,7 @@ use tokio::{
 use crate::{
     addr::GroupAddr,
     frame::{Conn, FrameError},
-    protocol::{ErrorKind, GenState, GroupStatus, Op, Reply, Request, RestartOutcome},
+    protocol::{DrainStep, ErrorKind, GenState, GroupStatus, Op, Reply, Request, RestartOutcome},
 };
 
 /// Backlog of listeners created by [`reuseport_listener`]. The kernel caps it at
@@ -139,6 +139,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::Drain { .. } => "drain",
         Op::Restart { .. } => "restart",
         Op::RestartResult { .. } => "restart_result",
+        Op::DrainProgress { .. } => "drain_progress",
     }
 }
 
@@ -183,7 +184,18 @@ impl ControlClient {
         &mut self,
         group: Option<GroupAddr>,
     ) -> Result<Vec<GroupStatus>, ClientError> {
-        match self.request(Op::Status { group }).await? {
+        self.status_with(group, true).await
+    }
+
+    /// [`ControlClient::status`]; `live: false` leaves out the figures the agent reads
+    /// from the kernel (connections per generation, accept queues), which cost it a
+    /// sock_diag query per group.
+    pub async fn status_with(
+        &mut self,
+        group: Option<GroupAddr>,
+        live: bool,
+    ) -> Result<Vec<GroupStatus>, ClientError> {
+        match self.request(Op::Status { group, live }).await? {
             Reply::Status { groups } => Ok(groups),
             other => Err(ClientError::UnexpectedReply {
                 request: "status",
@@ -199,6 +211,22 @@ impl ControlClient {
         generation: u32,
     ) -> Result<GroupStatus, ClientError> {
         self.change(Op::Activate { group, generation }).await
+    }
+
+    /// From a launcher: what it did to the server of the draining `generation` (shown by
+    /// `status`); returns the group after the change.
+    pub async fn report_drain(
+        &mut self,
+        group: GroupAddr,
+        generation: u32,
+        step: DrainStep,
+    ) -> Result<GroupStatus, ClientError> {
+        self.change(Op::DrainProgress {
+            group,
+            generation,
+            step,
+        })
+        .await
     }
 
     /// Stops sending new connections to `generation`; returns the group after the change.
@@ -439,89 +467,6 @@ async fn read_pushed(
     }
 }
 
-/// What a registration needs to register its socket again.
-struct Rejoin {
-    opts: RegisterOptions,
-    launcher: Launcher,
-    cookie: u64,
-    shared: Arc<Shared>,
-}
-
-/// The registration's task: follows pushes and, when the agent goes away, registers the
-/// socket again on a new connection.
-async fn follow(
-    mut conn: Conn,
-    rejoin: Rejoin,
-    state: watch::Sender<GenState>,
-    restarts: mpsc::UnboundedSender<u64>,
-) -> Result<(), ClientError> {
-    let opts = &rejoin.opts;
-    loop {
-        let end = read_pushed(&mut conn, opts.generation, &state, &restarts).await;
-        if !opts.reconnect {
-            return end;
-        }
-        tracing::warn!(
-            group = %opts.group, generation = opts.generation,
-            "lost the agent's control connection; registering the socket again when it is back"
-        );
-        match register_again(&rejoin, &state).await? {
-            Some(new) => conn = new,
-            None => return Ok(()),
-        }
-    }
-}
-
-/// Reconnects with backoff and registers the socket again. `None` once the socket is gone.
-async fn register_again(
-    rejoin: &Rejoin,
-    state: &watch::Sender<GenState>,
-) -> Result<Option<Conn>, ClientError> {
-    let Rejoin {
-        opts,
-        launcher,
-        cookie,
-        shared,
-    } = rejoin;
-    let mut backoff = Backoff::new();
-    loop {
-        tokio::time::sleep(backoff.next_delay()).await;
-        let source = *shared.source.lock().expect("not poisoned");
-        let Some(socket) = source.fetch(*cookie) else {
-            return Ok(None);
-        };
-        let Ok(mut conn) = connect_conn(&opts.control).await else {
-            continue;
-        };
-        // The agent keeps the generation's state; `activate` was for the first time only.
-        let op = Op::Register {
-            group: opts.group,
-            generation: opts.generation,
-            name: opts.name.clone(),
-            activate: false,
-            supervised: launcher.supervised,
-            server_pid: launcher.server_pid,
-        };
-        match round_trip(&mut conn, op, Some(socket.as_fd())).await {
-            Ok(Reply::Registered { state: s, slot, .. }) => {
-                state.send_replace(s);
-                shared.set_connection(&conn);
-                tracing::info!(group = %opts.group, generation = opts.generation, slot, "socket registered again");
-                return Ok(Some(conn));
-            }
-            Ok(other) => {
-                return Err(ClientError::UnexpectedReply {
-                    request: "register",
-                    reply: reply_name(&other),
-                });
-            }
-            Err(e @ ClientError::Agent { .. }) => return Err(e),
-            // The agent went away again, or is not accepting yet.
-            Err(_) => {}
-        }
-    }
-}
-
 /// Registers the listening `socket` with the agent. The agent checks that it is a
 /// listening TCP socket with `SO_REUSEPORT` bound to the group's address.
 pub async fn register(
@@ -585,7 +530,11 @@ pub(crate) async fn register_for(
     let reader = tokio::spawn(follow(
         conn,
         Rejoin {
-            opts: opts.clone(),
+            // NB: the agent's name for the group, @NETNS included (see in_caller_netns).
+            opts: RegisterOptions {
+                group,
+                ..opts.clone()
+            },
             launcher: launcher.clone(),
             cookie,
             shared: shared.clone(),
@@ -705,10 +654,13 @@ mod tests {
                 state: GenState::Active,
                 sockets: vec![],
                 counters: Counters::default(),
+                live: None,
+                drain: None,
             }],
             unsteered: 0,
             limits: None,
             last_restart: None,
+            live: None,
         }
     }
 
@@ -797,7 +749,13 @@ mod tests {
         let agent = tokio::spawn(async move {
             let mut conn = accept(&listener).await;
             let (req, _) = recv_request(&mut conn).await;
-            assert_eq!(req, Request::new(Op::Status { group: None }));
+            assert_eq!(
+                req,
+                Request::new(Op::Status {
+                    group: None,
+                    live: true
+                })
+            );
             conn.send(
                 &Reply::Status {
                     groups: vec![status_of(g, 1)],

@@ -1,5 +1,6 @@
 //! Registering a socket again after the agent restarted: where the socket is found again,
-//! and the reconnect loop.
+//! and the reconnect loop, which retries until the socket is back or gone: a refusal the
+//! agent calls temporary (`ErrorKind::is_temporary`) is retried like a closed connection.
 //!
 //! A registration does not keep a descriptor of its own: a second descriptor would keep
 //! the listener open after the server closed it, and the connections queued on it would
@@ -9,10 +10,21 @@
 use std::{
     io,
     os::fd::{AsFd, FromRawFd as _, OwnedFd, RawFd},
+    sync::Arc,
     time::Duration,
 };
 
 use socket2::SockRef;
+use tokio::sync::{mpsc, watch};
+
+use super::{
+    ClientError, Launcher, RegisterOptions, Shared, connect_conn, read_pushed, reply_name,
+    round_trip,
+};
+use crate::{
+    frame::Conn,
+    protocol::{GenState, Op, Reply},
+};
 
 /// Where a registered socket can be found again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +77,98 @@ fn fd_of_process(pid: i32, fd: RawFd) -> io::Result<OwnedFd> {
     let got = raw(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) })?;
     // SAFETY: pidfd_getfd returned a descriptor we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(got) })
+}
+
+/// What a registration needs to register its socket again.
+pub(super) struct Rejoin {
+    pub(super) opts: RegisterOptions,
+    pub(super) launcher: Launcher,
+    pub(super) cookie: u64,
+    pub(super) shared: Arc<Shared>,
+}
+
+/// The registration's task: follows pushes and, when the agent goes away, registers the
+/// socket again on a new connection.
+pub(super) async fn follow(
+    mut conn: Conn,
+    rejoin: Rejoin,
+    state: watch::Sender<GenState>,
+    restarts: mpsc::UnboundedSender<u64>,
+) -> Result<(), ClientError> {
+    let opts = &rejoin.opts;
+    loop {
+        let end = read_pushed(&mut conn, opts.generation, &state, &restarts).await;
+        if !opts.reconnect {
+            return end;
+        }
+        tracing::warn!(
+            group = %opts.group, generation = opts.generation,
+            "lost the agent's control connection; registering the socket again when it is back"
+        );
+        match register_again(&rejoin, &state).await? {
+            Some(new) => conn = new,
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Reconnects with backoff and registers the socket again. `None` once the socket is gone.
+async fn register_again(
+    rejoin: &Rejoin,
+    state: &watch::Sender<GenState>,
+) -> Result<Option<Conn>, ClientError> {
+    let Rejoin {
+        opts,
+        launcher,
+        cookie,
+        shared,
+    } = rejoin;
+    let mut backoff = Backoff::new();
+    loop {
+        tokio::time::sleep(backoff.next_delay()).await;
+        let source = *shared.source.lock().expect("not poisoned");
+        let Some(socket) = source.fetch(*cookie) else {
+            return Ok(None);
+        };
+        let Ok(mut conn) = connect_conn(&opts.control).await else {
+            continue;
+        };
+        // The agent keeps the generation's state; `activate` was for the first time only.
+        let op = Op::Register {
+            group: opts.group,
+            generation: opts.generation,
+            name: opts.name.clone(),
+            activate: false,
+            supervised: launcher.supervised,
+            server_pid: launcher.server_pid,
+        };
+        match round_trip(&mut conn, op, Some(socket.as_fd())).await {
+            Ok(Reply::Registered { state: s, slot, .. }) => {
+                state.send_replace(s);
+                shared.set_connection(&conn);
+                tracing::info!(group = %opts.group, generation = opts.generation, slot, "socket registered again");
+                return Ok(Some(conn));
+            }
+            Ok(other) => {
+                return Err(ClientError::UnexpectedReply {
+                    request: "register",
+                    reply: reply_name(&other),
+                });
+            }
+            // NB: a limit or a kernel failure may be gone at the next try (another group
+            // closed, the agent is still adopting): the server must not stay unregistered
+            // for good because of it.
+            Err(ClientError::Agent { kind, message }) if kind.is_temporary() => {
+                tracing::warn!(
+                    group = %opts.group, generation = opts.generation, ?kind, %message,
+                    "the agent refused the socket for now; trying again"
+                );
+            }
+            Err(e @ ClientError::Agent { .. }) => return Err(e),
+            // The agent went away again, or is not accepting yet.
+            Err(_) => {}
+        }
+    }
 }
 
 /// Delays between reconnect attempts: short at first (an agent restart takes tens of

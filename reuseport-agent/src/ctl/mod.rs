@@ -9,7 +9,9 @@ use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 
 pub mod activate;
+mod check;
 pub mod drain;
+mod draining;
 pub mod exec;
 mod launch;
 mod output;
@@ -119,7 +121,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// Prints an error line; a closed stderr is not worth a panic on the way out.
 fn report(message: &str) {
     use std::io::Write as _;
-    let _ = writeln!(std::io::stderr(), "reuseportctl: {message}");
+    // NB: errors quote the agent, whose messages may carry another user's text.
+    let _ = writeln!(
+        std::io::stderr(),
+        "reuseportctl: {}",
+        crate::text::escape(message)
+    );
 }
 
 /// The error and its causes on one line, joined by ": ". A cause whose text the previous

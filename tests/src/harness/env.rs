@@ -623,7 +623,14 @@ impl TestEnv {
                 }
             }
         }
-        if self.agent_log().contains(" panicked at ") {
+        // NB: only the last agent's part of the log: a test may make an agent panic on
+        // purpose (fault injection), and then restart it.
+        let log = self.agent_log();
+        let restart = format!("--- {}: agent restarted ---", self.name);
+        let last_run = log
+            .rsplit_once(&restart)
+            .map_or(log.as_str(), |(_, last)| last);
+        if last_run.contains(" panicked at ") {
             problems.push("the agent panicked (see its log)".into());
         }
         (!problems.is_empty()).then(|| problems.join("; "))

@@ -1,6 +1,7 @@
 //! What every test needs: an isolated environment with a running agent ([`TestEnv`]),
 //! servers that answer with their generation ([`Server`]), clients that tally who answered
-//! ([`tally`], [`ClientConn`]) and server processes ([`ChildServer`]).
+//! ([`tally`], [`ClientConn`]), server processes ([`ChildServer`]) and the real tools tests
+//! compare against ([`ApacheBench`], [`ss`]).
 //!
 //! The wire protocol between test clients and test servers is one line each way:
 //! the client sends `req <n>\n`, the server answers `gen <G> <n+1>\n`.
@@ -12,6 +13,7 @@ mod env;
 mod namespaces;
 mod netns;
 mod server;
+mod tools;
 mod traffic;
 
 use std::{
@@ -27,6 +29,7 @@ pub use env::{
 };
 pub use netns::{NetNs, current_netns_inode};
 pub use server::{Server, ServerKind, accept_queue_len};
+pub use tools::{AbResult, ApacheBench, SsSocket, ss, tool_missing};
 pub use traffic::{ClientConn, Slow, Tally, parse_reply, request_once, slow_bound, tally};
 
 use reuseport_agent::{

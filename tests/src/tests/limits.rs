@@ -1,13 +1,18 @@
-//! The documented limits of a group: 128 sockets (the sockarray) and as many generations;
-//! one more is a clear `limit` error that changes nothing, and room made by a leaving socket
-//! can be used again.
+//! The documented limits: a group holds 128 sockets (the sockarray) and as many
+//! generations, one more is a clear `limit` error that changes nothing, and room made by a
+//! leaving socket can be used again; every reply the agent can produce is delivered at its
+//! configured limits (`status` of the most groups, one of them with the most generations and
+//! the longest names).
 
 use std::{os::fd::AsFd as _, time::Duration};
 
-use reuseport_agent::{client, protocol::ErrorKind};
+use reuseport_agent::{
+    client,
+    protocol::{ErrorKind, MAX_NAME_LEN},
+};
 use reuseport_common::MAX_SLOTS;
 
-use crate::harness::{ServerKind, TestEnv, local, patience, tally, wait_until};
+use crate::harness::{ServerKind, TestEnv, group, load_size, local, patience, tally, wait_until};
 
 #[test]
 fn a_group_holds_128_sockets_in_128_generations_and_refuses_one_more() {
@@ -98,4 +103,59 @@ fn a_group_holds_128_sockets_in_128_generations_and_refuses_one_more() {
         "one generation left, one came"
     );
     drop((registration, listener, held, g1, g_last));
+}
+
+#[test]
+fn status_is_delivered_at_the_limits() {
+    const PORT: u16 = 10001;
+    const BIG: u16 = 10900;
+    // NB: every group loads a program: 50 ms on the host, seconds in an emulated guest.
+    let groups = load_size("groups (the agent's --max-groups)", 256, 8) as u16;
+    let env = TestEnv::with_agent(
+        "status_is_delivered_at_the_limits",
+        &["--max-groups", &groups.to_string()],
+        &[],
+    );
+    let sockets = reuseport_common::MAX_SLOTS;
+    // One group with every generation, each one socket and the longest name.
+    let mut kept = Vec::new();
+    for generation in 1..=sockets {
+        let listener = env.listen(BIG);
+        let mut opts = env.register_options(BIG, generation, false);
+        opts.name = Some(format!("{generation:0>width$}", width = MAX_NAME_LEN));
+        let registration = env
+            .block_on(reuseport_agent::client::register(
+                std::os::fd::AsFd::as_fd(&listener),
+                &opts,
+            ))
+            .unwrap_or_else(|e| panic!("generation {generation} of the big group: {e}"));
+        kept.push((listener, registration));
+    }
+    // Every other group the agent may hold, one socket each.
+    for i in 0..groups - 1 {
+        let listener = env.listen(PORT + i);
+        let registration = env.register(&listener, PORT + i, 1, false);
+        kept.push((listener, registration));
+    }
+    let all = env.statuses();
+    assert_eq!(
+        all.len(),
+        usize::from(groups),
+        "status should list every group"
+    );
+    let big = all
+        .iter()
+        .find(|g| g.group.addr == group(BIG).addr)
+        .expect("the big group");
+    assert_eq!(big.generations.len(), sockets as usize);
+    let bytes = serde_json::to_vec(&all).expect("encode").len();
+    println!("status of {groups} groups ({sockets} generations in one): {bytes} bytes of JSON");
+    let out = env.ctl(&["status"]);
+    assert!(
+        out.status.success(),
+        "reuseportctl status should print every group: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let changed = env.activate(BIG, sockets);
+    assert_eq!(changed.active, Some(sockets));
 }

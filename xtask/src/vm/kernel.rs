@@ -53,7 +53,20 @@ pub struct Kernel {
     pub version: String,
     /// What QEMU's `-kernel` gets: the decompressed ELF when extraction worked, else the bzImage.
     pub image: PathBuf,
+    pub modules: GuestModules,
 }
+
+/// A kernel's `uname -r` and the modules its guest loads at boot ([`GUEST_MODULES`]), in load
+/// order, uncompressed: (file name, bytes).
+#[derive(Debug, Clone, Default)]
+pub struct GuestModules {
+    pub release: String,
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+/// Modules the tests need that the cloud kernels build as modules: TCP sock_diag, which the
+/// agent's live figures (and `ss`) query. The guest has no modprobe and no module index.
+const GUEST_MODULES: [&str; 2] = ["net/ipv4/inet_diag", "net/ipv4/tcp_diag"];
 
 impl Kernel {
     /// `(major, minor)` of the kernel, from its package name (`linux-image-5.10.0-32-…`,
@@ -116,7 +129,7 @@ impl Kernels {
         };
         let root = self.root.clone();
         let apt = self.apt(release)?;
-        let (package, version) = match resolve(apt, spec, find)? {
+        let packages = match resolve(apt, spec, find)? {
             Some(found) => found,
             None if apt.update_again()? => resolve(apt, spec, find)?.ok_or_else(|| {
                 anyhow!(
@@ -130,7 +143,8 @@ impl Kernels {
                 release.name
             ),
         };
-        fetch(apt, &package, &version, &root.join("kernels"))
+        let (package, version) = packages.image.clone();
+        fetch(apt, &packages, &root.join("kernels"))
             .with_context(|| format!("fetching {package} {version}"))
     }
 
@@ -151,13 +165,15 @@ impl Kernels {
     }
 }
 
-/// The package holding the image for `spec`, and its version; `None` when the lists do not
-/// know it.
-fn resolve(
-    apt: &PrivateApt,
-    spec: &str,
-    find: Option<Find>,
-) -> anyhow::Result<Option<(String, String)>> {
+/// What to download for a kernel: the package holding its image and the one holding its
+/// modules (the same one up to 6.x), each with its version.
+struct Packages {
+    image: (String, String),
+    modules: Option<(String, String)>,
+}
+
+/// The packages for `spec`; `None` when the lists do not know them.
+fn resolve(apt: &PrivateApt, spec: &str, find: Option<Find>) -> anyhow::Result<Option<Packages>> {
     let image = match find {
         Some(Find::Meta) => apt
             .depends(&format!("linux-image-{FLAVOUR}"))?
@@ -168,13 +184,23 @@ fn resolve(
     };
     let Some(image) = image else { return Ok(None) };
     // NB: from 7.x on, linux-image-VERSION-FLAVOUR is itself a meta package: the kernel is in
-    // linux-binary-VERSION-FLAVOUR, at usr/lib/modules/VERSION/vmlinuz.
-    let package = apt
-        .depends(&image)?
-        .into_iter()
+    // linux-binary-VERSION-FLAVOUR (at usr/lib/modules/VERSION/vmlinuz), the modules in
+    // linux-modules-VERSION-FLAVOUR.
+    let depends = apt.depends(&image)?;
+    let with_version = |p: String| apt.candidate(&p).map(|v| (p, v));
+    let binary = depends
+        .iter()
         .find(|d| d.starts_with("linux-binary-"))
-        .unwrap_or(image);
-    Ok(apt.candidate(&package).map(|version| (package, version)))
+        .cloned();
+    let modules = depends
+        .iter()
+        .find(|d| d.starts_with("linux-modules-"))
+        .cloned()
+        .and_then(with_version);
+    let Some(image) = with_version(binary.unwrap_or(image)) else {
+        return Ok(None);
+    };
+    Ok(Some(Packages { image, modules }))
 }
 
 /// The newest `linux-image-<series>.<patch><suffix>-<flavour>`. Compared by the numeric patch
@@ -203,21 +229,18 @@ fn newest_in_series(
         .map(|(_, name)| name.to_owned()))
 }
 
-/// The bootable image of `package` at `version`, downloaded and unpacked unless an earlier
-/// run left it in `kernels/<package>_<version>/`.
-fn fetch(
-    apt: &mut PrivateApt,
-    package: &str,
-    version: &str,
-    kernels: &Path,
-) -> anyhow::Result<Kernel> {
+/// The bootable image and the guest's modules of a kernel, downloaded and unpacked unless an
+/// earlier run left them in `kernels/<package>_<version>/` (`vmlinuz`, `vmlinux`,
+/// `modules/<release>/<n>-<name>.ko`).
+fn fetch(apt: &mut PrivateApt, packages: &Packages, kernels: &Path) -> anyhow::Result<Kernel> {
+    let (package, version) = &packages.image;
     let dir = kernels.join(format!("{package}_{}", version.replace(':', "%3a")));
     let done = dir.join(".complete");
     if !done.exists() {
         let work = kernels.join(format!(".unpacking-{}-{package}", std::process::id()));
         let _ = fs::remove_dir_all(&work);
         fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-        let res = unpack_image(apt, package, version, &work, &dir);
+        let res = unpack(apt, packages, &work, &dir);
         let _ = fs::remove_dir_all(&work);
         res?;
         fs::write(&done, "").with_context(|| format!("writing {}", done.display()))?;
@@ -227,47 +250,137 @@ fn fetch(
         eprintln!("vm: booting the bzImage of {package} (slower under TCG): {e:#}");
         bz_image
     });
+    let modules = cached_modules(&dir.join("modules")).unwrap_or_else(|e| {
+        eprintln!("vm: {package}: no sock_diag modules for the guest (live figures fail): {e:#}");
+        GuestModules::default()
+    });
     Ok(Kernel {
-        package: package.to_owned(),
-        version: version.to_owned(),
+        package: package.clone(),
+        version: version.clone(),
         image,
+        modules,
     })
 }
 
-/// Downloads the package into `work`, unpacks it there and keeps only its kernel, as
-/// `dir/vmlinuz` (the modules are not needed: the guest loads none).
-fn unpack_image(
+/// Downloads the packages into `work`, unpacks them there and keeps only what the guest
+/// needs in `dir`: the kernel (`vmlinuz`) and [`GUEST_MODULES`] (`modules/`).
+fn unpack(
     apt: &mut PrivateApt,
-    package: &str,
-    version: &str,
+    packages: &Packages,
     work: &Path,
     dir: &Path,
 ) -> anyhow::Result<()> {
-    eprintln!(
-        "vm: downloading {package} {version} ({})",
-        apt.release().name
-    );
-    if let Err(e) = apt.download(package, version, work) {
-        // NB: a version the mirror dropped since the lists were fetched.
-        if !apt.update_again()? {
-            return Err(e);
-        }
-        apt.download(package, version, work)?;
-    }
-    let deb = fs::read_dir(work)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .ok_or_else(|| anyhow!("apt-get download left no .deb in {}", work.display()))?;
     let root = work.join("root");
-    run_quiet(Command::new("dpkg").arg("-x").arg(&deb).arg(&root))
-        .with_context(|| format!("unpacking {}", deb.display()))?;
+    for (package, version) in std::iter::once(&packages.image).chain(&packages.modules) {
+        eprintln!(
+            "vm: downloading {package} {version} ({})",
+            apt.release().name
+        );
+        let debs = work.join(package);
+        fs::create_dir_all(&debs)?;
+        if let Err(e) = apt.download(package, version, &debs) {
+            // NB: a version the mirror dropped since the lists were fetched.
+            if !apt.update_again()? {
+                return Err(e);
+            }
+            apt.download(package, version, &debs)?;
+        }
+        let deb = fs::read_dir(&debs)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .ok_or_else(|| anyhow!("apt-get download left no .deb in {}", debs.display()))?;
+        run_quiet(Command::new("dpkg").arg("-x").arg(&deb).arg(&root))
+            .with_context(|| format!("unpacking {}", deb.display()))?;
+    }
     let vmlinuz = find_vmlinuz(&root)?;
     // NB: a half-written directory from an interrupted run has no `.complete`: replace it.
     let _ = fs::remove_dir_all(dir);
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     fs::copy(&vmlinuz, dir.join("vmlinuz"))
         .with_context(|| format!("copying {}", vmlinuz.display()))?;
+    match guest_modules(&root) {
+        Ok(GuestModules { release, files }) => {
+            let out = dir.join("modules").join(&release);
+            fs::create_dir_all(&out)?;
+            for (i, (name, bytes)) in files.iter().enumerate() {
+                fs::write(out.join(format!("{i}-{name}")), bytes)?;
+            }
+        }
+        Err(e) => eprintln!("vm: no guest modules in the package: {e:#}"),
+    }
     Ok(())
+}
+
+/// The modules [`unpack`] kept: `modules/<release>/<n>-<name>`, in load order.
+fn cached_modules(modules: &Path) -> anyhow::Result<GuestModules> {
+    let release_dir = fs::read_dir(modules)
+        .with_context(|| format!("reading {}", modules.display()))?
+        .flatten()
+        .find(|e| e.path().is_dir())
+        .ok_or_else(|| anyhow!("no release directory in {}", modules.display()))?;
+    let release = release_dir
+        .file_name()
+        .into_string()
+        .map_err(|_| anyhow!("a release that is not UTF-8"))?;
+    let mut files: Vec<(String, Vec<u8>)> = fs::read_dir(release_dir.path())?
+        .flatten()
+        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+        .map(|(name, path)| Ok((name, fs::read(path)?)))
+        .collect::<anyhow::Result<_>>()?;
+    files.sort_by_key(|(name, _)| {
+        name.split('-')
+            .next()
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(u32::MAX)
+    });
+    let files = files
+        .into_iter()
+        .map(|(name, bytes)| {
+            let plain = name
+                .split_once('-')
+                .map_or(name.clone(), |(_, n)| n.to_owned());
+            (plain, bytes)
+        })
+        .collect();
+    Ok(GuestModules { release, files })
+}
+
+/// [`GUEST_MODULES`] from the unpacked package: `[usr/]lib/modules/<release>/kernel/<name>.ko`,
+/// possibly `.xz` or `.zst` compressed (busybox `insmod` loads only plain ones).
+fn guest_modules(root: &Path) -> anyhow::Result<GuestModules> {
+    // NB: the 7.x packages install under usr/lib/modules.
+    let base = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|b| root.join(b))
+        .find(|b| b.is_dir())
+        .unwrap_or_else(|| root.join("lib/modules"));
+    let release = fs::read_dir(&base)
+        .with_context(|| format!("reading {}", base.display()))?
+        .flatten()
+        .find(|e| e.path().is_dir())
+        .and_then(|e| e.file_name().into_string().ok())
+        .ok_or_else(|| anyhow!("no release directory in {}", base.display()))?;
+    let mut out = Vec::new();
+    for module in GUEST_MODULES {
+        let stem = base.join(&release).join("kernel").join(module);
+        let name = format!("{}.ko", module.rsplit('/').next().unwrap_or(module));
+        let plain = stem.with_extension("ko");
+        let bytes = if plain.exists() {
+            fs::read(&plain)?
+        } else if let Ok(xz) = fs::read(stem.with_extension("ko.xz")) {
+            pipe_through(&["xz", "-dc"], &xz)?
+        } else if let Ok(zst) = fs::read(stem.with_extension("ko.zst")) {
+            pipe_through(&["zstd", "-dc"], &zst)?
+        } else {
+            // Built in, or absent: either way nothing to load.
+            continue;
+        };
+        out.push((name, bytes));
+    }
+    Ok(GuestModules {
+        release,
+        files: out,
+    })
 }
 
 /// `boot/vmlinuz-*` (up to 6.x) or `usr/lib/modules/*/vmlinuz` (7.x) in an unpacked package.

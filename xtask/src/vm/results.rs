@@ -10,9 +10,11 @@ use super::expect::Mode;
 pub enum TestOutcome {
     Pass,
     Fail,
-    /// The test returned early because the kernel lacks something (its `SKIP:` line), or was
-    /// `#[ignore]`d. Carries the reason.
+    /// The test returned early because the kernel or the guest lacks something (its `SKIP:`
+    /// line). Carries the reason.
     Skip(String),
+    /// `#[ignore]`d in the source (a demonstration run by hand): never run by the suite.
+    Ignored(String),
 }
 
 /// One column of the matrix: a guest kernel run, or the caller's host run.
@@ -21,6 +23,8 @@ pub struct Column {
     pub label: String,
     /// The mode the column's groups must run in (the tests check it).
     pub mode: Mode,
+    /// A QEMU guest (which has none of the host's tools), not the host.
+    pub guest: bool,
     pub tests: Vec<(String, TestOutcome)>,
     /// What the tests measured about the kernel (`FACT: question: answer (details)` lines).
     pub facts: Vec<(String, String)>,
@@ -28,10 +32,11 @@ pub struct Column {
 
 impl Column {
     /// A column from the output of its test run.
-    pub fn from_output(label: String, mode: Mode, text: &str) -> Self {
+    pub fn from_output(label: String, mode: Mode, guest: bool, text: &str) -> Self {
         Self {
             label,
             mode,
+            guest,
             tests: parse_test_output(text),
             facts: parse_facts(text),
         }
@@ -52,7 +57,7 @@ pub fn parse_test_output(text: &str) -> Vec<(String, TestOutcome)> {
     let mut tests: Vec<(String, TestOutcome)> = text
         .lines()
         .filter_map(result_line)
-        .filter(|(_, o)| !matches!(o, TestOutcome::Skip(r) if r.starts_with(HELPER_PREFIX)))
+        .filter(|(_, o)| !matches!(o, TestOutcome::Ignored(r) if r.starts_with(HELPER_PREFIX)))
         .collect();
     for (name, reason) in text.lines().filter_map(skip_line) {
         for (test, outcome) in tests.iter_mut() {
@@ -69,8 +74,8 @@ pub(super) fn result_line(line: &str) -> Option<(String, TestOutcome)> {
     let outcome = match verdict.trim() {
         "ok" => TestOutcome::Pass,
         "FAILED" => TestOutcome::Fail,
-        "ignored" => TestOutcome::Skip("ignored".to_owned()),
-        other => TestOutcome::Skip(other.strip_prefix("ignored, ")?.to_owned()),
+        "ignored" => TestOutcome::Ignored("ignored".to_owned()),
+        other => TestOutcome::Ignored(other.strip_prefix("ignored, ")?.to_owned()),
     };
     Some((name.trim().to_owned(), outcome))
 }
@@ -174,7 +179,7 @@ fn cell(outcome: &TestOutcome, reasons: &mut Vec<String>) -> String {
     match outcome {
         TestOutcome::Pass => "pass".to_owned(),
         TestOutcome::Fail => "FAIL".to_owned(),
-        TestOutcome::Skip(reason) => {
+        TestOutcome::Skip(reason) | TestOutcome::Ignored(reason) => {
             let index = reasons.iter().position(|r| r == reason).unwrap_or_else(|| {
                 reasons.push(reason.clone());
                 reasons.len() - 1
@@ -199,6 +204,7 @@ impl fmt::Display for TestOutcome {
             Self::Pass => f.write_str("pass"),
             Self::Fail => f.write_str("FAIL"),
             Self::Skip(reason) => write!(f, "skip ({reason})"),
+            Self::Ignored(reason) => write!(f, "ignored ({reason})"),
         }
     }
 }
@@ -239,7 +245,7 @@ test result: FAILED. 2 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out
                 ("agent::restart".to_owned(), TestOutcome::Fail),
                 (
                     "legacy".to_owned(),
-                    TestOutcome::Skip("needs 5.x".to_owned())
+                    TestOutcome::Ignored("needs 5.x".to_owned())
                 ),
             ],
             "every libtest line should be read, and a SKIP line should turn its pass into a skip"
@@ -249,7 +255,7 @@ test result: FAILED. 2 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out
     #[test]
     fn matrix_numbers_skip_reasons() {
         let column =
-            |label: &str| Column::from_output(label.to_owned(), Mode::SelectOrMigrate, LOG);
+            |label: &str| Column::from_output(label.to_owned(), Mode::SelectOrMigrate, true, LOG);
         let text = render_matrix(&[column("6.1"), column("6.12")]);
         let row = text
             .lines()
