@@ -173,14 +173,15 @@ impl Drop for Waiting<'_> {
 }
 
 impl Slot {
-    /// The next request on `conn`, or `None` when the client closed it. Unregistered
-    /// connections are bounded in time and may be evicted while they wait.
+    /// The next request on `conn`, or `None` when the client closed it. Connections that
+    /// are not `busy` (a registration, or one waiting for a restart's outcome) are bounded
+    /// in time and may be evicted while they wait.
     pub async fn next_frame(
         &mut self,
         conn: &mut Conn,
-        registered: bool,
+        busy: bool,
     ) -> Result<Option<Frame>, RecvError> {
-        if registered {
+        if busy {
             return Ok(conn.recv().await?);
         }
         let (tx, evicted) = oneshot::channel();

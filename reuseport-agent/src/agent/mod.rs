@@ -8,6 +8,7 @@
 //! - [`grace`]: RCU grace periods that make rewriting a retired table safe.
 //! - [`sockcheck`]: validation of sockets passed for registration.
 //! - [`restart`]: `restart` requests relayed to a group's supervisor and back.
+//! - [`mailbox`]: what is pushed to a connection, bounded however slowly it reads.
 //! - [`server`]: the control socket.
 //! - [`access`]: who may do what (SO_PEERCRED, the control group).
 //! - [`conns`]: bounds on control connections (count, time, size).
@@ -22,6 +23,7 @@ mod control_socket;
 pub mod fault;
 mod grace;
 mod group;
+mod mailbox;
 mod pinned;
 mod registry;
 mod restart;
@@ -36,18 +38,21 @@ use std::{
     os::fd::{AsFd, OwnedFd},
     path::PathBuf,
     sync::{
-        Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use reuseport_common::{ABI_VERSION, ADOPTABLE_ABI, MAX_SLOTS};
-use tokio::sync::mpsc::UnboundedSender;
 
-pub use self::{conns::DEFAULT_MAX_CONNECTIONS, server::run, steering::Mode};
+pub use self::{
+    conns::DEFAULT_MAX_CONNECTIONS, restart::DEFAULT_RESTART_TIMEOUT, server::run, steering::Mode,
+};
 use self::{
     grace::Grace,
     group::{Group, kernel_refusal},
+    mailbox::Mailbox,
     registry::{Member, Refusal, RegId, Registry, StateChange},
     steering::{GroupKernel, PinnedRecord},
 };
@@ -79,6 +84,8 @@ pub struct Options {
     pub max_groups: u32,
     /// Control connections open at once at most (lowered to what RLIMIT_NOFILE allows).
     pub max_connections: u32,
+    /// How long a restart may wait for its supervisor's outcome.
+    pub restart_timeout: Duration,
 }
 
 /// Who is on the other end of a control connection (SO_PEERCRED, SO_PEERGROUPS); see
@@ -95,7 +102,7 @@ pub struct Peer {
 struct State {
     groups: BTreeMap<GroupKey, Group>,
     /// Where to push state changes for each live registration.
-    subscribers: HashMap<RegId, UnboundedSender<Reply>>,
+    subscribers: HashMap<RegId, Arc<Mailbox>>,
     /// Supervised registrations and restarts waiting for their supervisor.
     restarts: restart::Restarts,
 }
@@ -162,7 +169,7 @@ impl State {
     }
 
     /// Pushes state changes to `reg` from now on; a supervisor also gets restart requests.
-    fn subscribe(&mut self, reg: RegId, events: UnboundedSender<Reply>, supervisor: Option<i32>) {
+    fn subscribe(&mut self, reg: RegId, events: Arc<Mailbox>, supervisor: Option<i32>) {
         self.subscribers.insert(reg, events);
         if let Some(pid) = supervisor {
             self.restarts.add_supervisor(reg, pid);
@@ -176,8 +183,8 @@ impl State {
             };
             let regs: BTreeSet<RegId> = g.sockets.values().map(|m| m.reg).collect();
             for reg in regs {
-                if let Some(tx) = self.subscribers.get(&reg) {
-                    let _ = tx.send(Reply::State {
+                if let Some(mailbox) = self.subscribers.get(&reg) {
+                    mailbox.push_state(Reply::State {
                         group: group.addr(own_netns),
                         generation: ch.generation,
                         state: ch.state,
@@ -285,7 +292,7 @@ impl Agent {
         reg: RegId,
         socket: OwnedFd,
         req: Registration,
-        events: UnboundedSender<Reply>,
+        events: Arc<Mailbox>,
     ) -> Result<Reply, Refusal> {
         let listener = sockcheck::check(socket.as_fd(), &req.group)?;
         self.access.may_register(&peer, listener.uid)?;
@@ -560,7 +567,8 @@ impl Agent {
     pub fn unregister(&self, reg: RegId) {
         let mut state = self.lock();
         state.subscribers.remove(&reg);
-        state.restarts.remove_supervisor(reg);
+        let failed = state.restarts.remove_supervisor(reg);
+        state.record_restarts(failed);
         let mut emptied = Vec::new();
         for (key, group) in &mut state.groups {
             let had_active = group.registry.active();

@@ -7,7 +7,6 @@ use anyhow::Context as _;
 use tokio::{
     net::UnixStream,
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
 };
 
 use super::{
@@ -16,6 +15,7 @@ use super::{
     bpffs,
     conns::{self, Admission, Slot},
     control_socket::ControlSocket,
+    mailbox::Mailbox,
     registry::Refusal,
     steering, wake,
 };
@@ -51,6 +51,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     agent.access = Policy::new(control_group.clone());
     agent.max_groups = opts.max_groups;
     agent.max_connections = max_connections as u32;
+    agent.lock().restarts.set_timeout(opts.restart_timeout);
     let agent = Arc::new(agent);
     // NB: the lock first: a second agent on the same directory must fail before it touches
     // the control socket path (it would replace what it takes for a stale socket).
@@ -134,7 +135,11 @@ async fn scan_loop(agent: Arc<Agent>, waker: wake::Waker) {
     loop {
         tick.tick().await;
         let a = agent.clone();
-        match tokio::task::spawn_blocking(move || a.scan_closed()).await {
+        let scanned = tokio::task::spawn_blocking(move || {
+            a.expire_restarts();
+            a.scan_closed()
+        });
+        match scanned.await {
             Ok(wakeups) => wakeups.into_iter().for_each(|w| waker.push(w)),
             Err(e) => tracing::error!(error = %e, "slot scan failed"),
         }
@@ -165,13 +170,16 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream, mut slot: Slot) {
     };
     let mut conn = Conn::for_requests(stream);
     let reg = agent.next_reg_id();
-    let (tx, mut events) = mpsc::unbounded_channel();
+    let mailbox = Mailbox::new();
     let mut registered = false;
     loop {
+        // NB: a connection waiting for a restart's outcome is busy, not idle: the idle
+        // time-out and eviction would take the outcome from it.
+        let busy = registered || mailbox.awaits_outcome();
         let frame = tokio::select! {
-            frame = slot.next_frame(&mut conn, registered) => frame,
-            Some(event) = events.recv() => {
-                if conn.send(&event, None).await.is_err() {
+            frame = slot.next_frame(&mut conn, busy) => frame,
+            event = mailbox.next() => {
+                if !slot.send(&conn, &event, registered).await {
                     break;
                 }
                 continue;
@@ -196,7 +204,8 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream, mut slot: Slot) {
             },
             Ok(req) => {
                 let is_register = matches!(req.op, Op::Register { .. });
-                let reply = handle(&agent, peer, reg, req.op, frame.fds, registered, &tx).await;
+                let reply =
+                    handle(&agent, peer, reg, req.op, frame.fds, registered, &mailbox).await;
                 registered |= is_register && matches!(reply, Reply::Registered { .. });
                 reply
             }
@@ -218,7 +227,7 @@ async fn handle(
     op: Op,
     mut fds: Vec<OwnedFd>,
     registered: bool,
-    events: &mpsc::UnboundedSender<Reply>,
+    mailbox: &Arc<Mailbox>,
 ) -> Reply {
     let a = agent.clone();
     let result = match op {
@@ -242,7 +251,7 @@ async fn handle(
                 ));
             }
             let socket = fds.pop().expect("one descriptor");
-            let tx = events.clone();
+            let tx = mailbox.clone();
             let req = Registration {
                 group,
                 generation,
@@ -261,8 +270,8 @@ async fn handle(
             tokio::task::spawn_blocking(move || a.drain(peer, &group, generation)).await
         }
         Op::Restart { group } => {
-            let requester = events.clone();
-            tokio::task::spawn_blocking(move || a.restart(peer, &group, requester)).await
+            let mailbox = mailbox.clone();
+            tokio::task::spawn_blocking(move || a.restart(peer, &group, reg, mailbox)).await
         }
         Op::RestartResult { group, id, outcome } => {
             tokio::task::spawn_blocking(move || a.restart_result(peer, &group, id, outcome)).await

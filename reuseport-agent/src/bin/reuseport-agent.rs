@@ -41,6 +41,11 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = agent::DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..), env = "REUSEPORT_MAX_CONNECTIONS")]
     max_connections: u32,
+    /// A `reuseportctl restart` whose supervisor reports no outcome this long after the
+    /// agent forwarded it fails (for its requester and in `status`).
+    #[arg(long, value_name = "DUR", default_value = "10m", env = "REUSEPORT_RESTART_TIMEOUT",
+          value_parser = reuseport_agent::ctl::supervise::parse_duration)]
+    restart_timeout: std::time::Duration,
 }
 
 fn main() -> std::process::ExitCode {
@@ -70,6 +75,7 @@ fn main() -> std::process::ExitCode {
         control_group: cli.control_group,
         max_groups: cli.max_groups,
         max_connections: cli.max_connections,
+        restart_timeout: cli.restart_timeout,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

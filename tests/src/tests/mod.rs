@@ -16,5 +16,6 @@ mod migration;
 mod netns_launchers;
 mod process_death;
 mod reregistration;
+mod slow_clients;
 mod steering;
 mod supervise;
