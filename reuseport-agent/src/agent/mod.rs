@@ -377,6 +377,7 @@ impl Agent {
             // NB: exact, because creations are serialised and adoption ran before any.
             state.room_for_group(self.max_groups)?;
         }
+        fault::hold("group.load");
         let pin_dir = self.bpffs.join(key.pin_name());
         refuse_unadoptable(&key, &pin_dir)?;
         let kernel = GroupKernel::create(self.mode, &pin_dir).map_err(kernel_refusal)?;
