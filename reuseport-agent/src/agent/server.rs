@@ -16,6 +16,7 @@ use super::{
     conns::{self, Admission, Slot},
     control_socket::ControlSocket,
     mailbox::Mailbox,
+    quota::Quotas,
     registry::Refusal,
     steering, wake,
 };
@@ -44,13 +45,18 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .transpose()
         .map_err(anyhow::Error::msg)?;
     let max_connections = conns::fit_connections(opts.max_connections, opts.max_groups);
-    let admission = Admission::new(max_connections);
+    let quotas = Quotas::new(
+        opts.max_groups,
+        opts.groups_per_uid,
+        max_connections as u32,
+        opts.connections_per_uid,
+    );
+    let admission = Admission::new(quotas);
     let mut agent = Agent::new(mode, opts.bpffs.clone(), opts.wake_ups, opts.pin_abi).context(
         "starting the RCU grace-period helper (membarrier MEMBARRIER_CMD_GLOBAL, Linux 4.3+)",
     )?;
     agent.access = Policy::new(control_group.clone());
-    agent.max_groups = opts.max_groups;
-    agent.max_connections = max_connections as u32;
+    agent.quotas = quotas;
     agent.lock().restarts.set_timeout(opts.restart_timeout);
     let agent = Arc::new(agent);
     // NB: the lock first: a second agent on the same directory must fail before it touches
@@ -76,9 +82,19 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     exhausted = false;
-                    match admission.admit() {
-                        Some(slot) => tokio::spawn(serve(agent.clone(), stream, slot)),
-                        None => tokio::spawn(refuse(stream, admission.full_reply())),
+                    let peer = match agent.access.peer(&stream) {
+                        Ok(peer) => peer,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "control connection without peer credentials");
+                            continue;
+                        }
+                    };
+                    match admission.admit(peer.uid) {
+                        Ok(slot) => tokio::spawn(serve(agent.clone(), stream, slot, peer)),
+                        Err(message) => tokio::spawn(refuse(
+                            stream,
+                            Reply::Error { kind: ErrorKind::Limit, message },
+                        )),
                     };
                 }
                 Err(e) => accept_failed(&admission, &e, &mut exhausted).await,
@@ -160,14 +176,7 @@ fn bad_request(message: impl Into<String>) -> Reply {
     }
 }
 
-async fn serve(agent: Arc<Agent>, stream: UnixStream, mut slot: Slot) {
-    let peer = match agent.access.peer(&stream) {
-        Ok(peer) => peer,
-        Err(e) => {
-            tracing::warn!(error = %e, "control connection without peer credentials");
-            return;
-        }
-    };
+async fn serve(agent: Arc<Agent>, stream: UnixStream, mut slot: Slot, peer: Peer) {
     let mut conn = Conn::for_requests(stream);
     let reg = agent.next_reg_id();
     let mailbox = Mailbox::new();
@@ -260,7 +269,7 @@ async fn handle(
                 supervised,
                 server_pid,
             };
-            tokio::task::spawn_blocking(move || a.register(peer, reg, socket, req, tx)).await
+            Ok(a.register(peer, reg, socket, req, tx).await)
         }
         Op::Status { group } => tokio::task::spawn_blocking(move || a.status(group.as_ref())).await,
         Op::Activate { group, generation } => {

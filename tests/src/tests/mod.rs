@@ -15,6 +15,7 @@ mod limits;
 mod migration;
 mod netns_launchers;
 mod process_death;
+mod quotas;
 mod reregistration;
 mod slow_clients;
 mod steering;
