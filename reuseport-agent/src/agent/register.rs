@@ -173,13 +173,7 @@ impl Agent {
         let pin_dir = self.bpffs.join(key.pin_name());
         let created = refuse_unadoptable(&key, &pin_dir).and_then(|()| {
             let kernel = GroupKernel::create(self.mode, &pin_dir).map_err(kernel_refusal)?;
-            Group::create(
-                key,
-                incoming.listener.uid,
-                kernel,
-                incoming.listener.netns.try_clone().ok(),
-                self.pin_abi,
-            )
+            Group::create(&incoming.listener, kernel, self.pin_abi)
         });
         drop(permit);
         let group = match created {
@@ -209,9 +203,10 @@ impl Agent {
         created: bool,
     ) -> Result<Reply, Refusal> {
         let key = incoming.listener.key;
-        let owner_uid = state.groups[&key].owner_uid;
+        let group = state.groups.get_mut(&key).expect("group exists");
         self.access
-            .may_join(&key, owner_uid, incoming.listener.uid)?;
+            .may_join(&key, group.owner_uid, incoming.listener.uid)?;
+        group.admit_device(&incoming.listener)?;
         let Incoming {
             peer,
             reg,

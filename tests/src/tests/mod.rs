@@ -4,6 +4,7 @@ mod access;
 mod agent_restart;
 mod bad_input;
 mod bpffs_trust;
+mod devices;
 mod child_process;
 mod exec;
 mod failed_changes;
