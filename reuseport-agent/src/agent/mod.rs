@@ -6,7 +6,8 @@
 //! - [`steering`]: the kernel objects of a group and the atomic table flip.
 //! - [`pinned`]: the record pinned with a group's maps, and its adoption after a restart.
 //! - [`grace`]: RCU grace periods that make rewriting a retired table safe.
-//! - [`register`]: a socket joins its group; [`creation`]: a new group's turn to load.
+//! - [`register`]: a socket joins its group; [`creation`]: a new group's turn to load;
+//!   [`lineage`]: which pid a launcher may name as its server.
 //! - [`quota`]: how much of the agent one user may take, and root's reserve.
 //! - [`sockcheck`]: validation of sockets passed for registration.
 //! - [`restart`]: `restart` requests relayed to a group's supervisor and back.
@@ -26,6 +27,7 @@ mod creation;
 pub mod fault;
 mod grace;
 mod group;
+mod lineage;
 mod mailbox;
 mod pinned;
 mod quota;

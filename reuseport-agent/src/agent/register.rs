@@ -15,6 +15,7 @@ use super::{
     creation::{Creating, Permit},
     fault,
     group::{Group, kernel_refusal},
+    lineage,
     mailbox::Mailbox,
     registry::{Member, Refusal, RegId},
     sockcheck,
@@ -99,7 +100,15 @@ impl Agent {
     ) -> Result<Reply, Refusal> {
         let listener = sockcheck::check(socket.as_fd(), &req.group)?;
         self.access.may_register(&peer, listener.uid)?;
-        let pid = req.server_pid.unwrap_or(peer.pid);
+        // NB: the agent's view of the server's pid; the launcher's may be a container's.
+        let pid = match req.server_pid {
+            None => peer.pid,
+            Some(claimed) => tokio::task::spawn_blocking(move || {
+                lineage::server_pid(peer.pid, claimed, &lineage::ProcFs)
+            })
+            .await
+            .map_err(|e| Refusal::new(ErrorKind::Kernel, format!("internal error: {e}")))??,
+        };
         let mut incoming = Box::new(Incoming {
             peer,
             reg,

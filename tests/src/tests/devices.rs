@@ -57,7 +57,11 @@ fn a_socket_bound_to_another_device_than_its_group_is_refused() {
     );
     drop(on_lo);
     let t = tally(local(PORT), 20);
-    assert_eq!(t.of(1), 20, "generation 1 should keep every connection: {t}");
+    assert_eq!(
+        t.of(1),
+        20,
+        "generation 1 should keep every connection: {t}"
+    );
 
     // The other way round: a group bound to lo takes sockets bound to lo only.
     let port = PORT + 1;
