@@ -13,6 +13,7 @@ pub mod drain;
 pub mod exec;
 mod launch;
 mod output;
+mod reaper;
 pub mod restart;
 mod spawn;
 pub mod status;

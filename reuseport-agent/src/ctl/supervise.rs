@@ -39,6 +39,7 @@ use tokio::{
 use super::{
     GlobalOpts,
     launch::{self, DEFAULT_FD_NAME, DrainSignal, describe_exit, note, parse_name, parse_signal},
+    reaper::Reaper,
     spawn,
 };
 use crate::{
@@ -183,6 +184,7 @@ pub async fn run(global: &GlobalOpts, mut args: SuperviseArgs) -> anyhow::Result
         unattached: Vec::new(),
         events: events_tx,
         shutdown: None,
+        reaper: Reaper::new(),
     };
     sup.start_generation().await?;
     loop {
@@ -328,6 +330,8 @@ struct Supervisor {
     unattached: Vec<u64>,
     events: mpsc::UnboundedSender<Event>,
     shutdown: Option<Shutdown>,
+    /// Waits for the generations, and for the orphans it inherits as PID 1 or a subreaper.
+    reaper: Reaper,
     // NB: no Drop needed for the children: they get SIGTERM through PR_SET_PDEATHSIG if the
     // supervisor dies.
 }
@@ -440,6 +444,7 @@ impl Supervisor {
         .context("the command line contains a NUL byte")?;
         let (pid, mut registration) = bound.register_and_start(&mut plan).await?;
         drop(plan);
+        self.reaper.track(pid);
 
         let mut state = registration.state();
         let mut restarts = registration.take_restart_requests();
@@ -512,7 +517,7 @@ impl Supervisor {
         let (group, pid) = (gen_.drain.group, gen_.pid);
         // NB: its SIGCHLD may still be queued: activating a generation that just died would
         // drain the one that serves and leave the group falling back.
-        match launch::try_reap(pid) {
+        match self.reaper.try_reap(pid) {
             Ok(Some(status)) => return self.on_exit(generation, status),
             Ok(None) => {}
             Err(e) => note(format_args!("warning: {}", super::one_line(&e))),
@@ -668,7 +673,7 @@ impl Supervisor {
     async fn reap(&mut self) -> anyhow::Result<()> {
         let mut exited = Vec::new();
         for (&generation, g) in &self.gens {
-            if let Some(status) = launch::try_reap(g.pid)? {
+            if let Some(status) = self.reaper.try_reap(g.pid)? {
                 exited.push((generation, status));
             }
         }

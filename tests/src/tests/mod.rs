@@ -17,6 +17,7 @@ mod migration;
 mod netns_launchers;
 mod process_death;
 mod quotas;
+mod reaping;
 mod reregistration;
 mod server_pid;
 mod slow_clients;
