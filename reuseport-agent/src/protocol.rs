@@ -102,6 +102,10 @@ pub enum Op {
     Status {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         group: Option<GroupAddr>,
+        /// Read the live figures from the kernel (sock_diag): connections per generation,
+        /// accept queues. `false` answers from the agent's own state only.
+        #[serde(default = "yes", skip_serializing_if = "is_true")]
+        live: bool,
     },
     /// Make `generation` the only active generation; the previously active one drains.
     Activate { group: GroupAddr, generation: u32 },
@@ -119,6 +123,24 @@ pub enum Op {
         #[serde(flatten)]
         outcome: RestartOutcome,
     },
+    /// From a launcher: what it did to the server of a draining generation, for `status`.
+    /// Answered with [`Reply::Changed`].
+    DrainProgress {
+        group: GroupAddr,
+        generation: u32,
+        #[serde(flatten)]
+        step: DrainStep,
+    },
+}
+
+/// What a launcher did to a draining generation's server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum DrainStep {
+    /// It sent the drain signal (`--on-drain`), e.g. `SIGTERM`.
+    Signalled { signal: String },
+    /// It sent SIGKILL: the server outlived `--kill-timeout` after the signal.
+    Killed,
 }
 
 /// The `id` of a `restart_result` for a restart nobody requested through the agent
@@ -135,6 +157,10 @@ pub enum RestartOutcome {
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// State of a generation, as the kernel program treats it.
@@ -263,6 +289,84 @@ pub struct GroupStatus {
     /// reported it. Absent until a supervisor reported one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restart: Option<RestartOutcome>,
+    /// Read from the kernel for this answer (see [`GroupLive`]). Absent when not asked for,
+    /// from older agents, or when the kernel could not be asked (the agent logs why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<GroupLive>,
+}
+
+/// Live figures of a group, read from the kernel (sock_diag) when `status` was answered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupLive {
+    /// Connected TCP sockets on the group's address and port in its network namespace, in
+    /// the states `ss -tn` lists (established, closing ones, but not SYN-RECV or
+    /// TIME-WAIT): those the generations hold, those queued in accept queues, and those
+    /// already closed by their process that the kernel is still finishing.
+    pub connections: u64,
+}
+
+/// Live figures of a generation (see [`GenerationLive::in_flight`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationLive {
+    /// Connections the generation's processes hold open: sockets on the group's address
+    /// whose descriptor a process of the generation has (its registered pids and their
+    /// descendants).
+    pub connections: u64,
+    /// Connections waiting in the accept queues of its listeners.
+    pub queued: u64,
+}
+
+impl GenerationLive {
+    /// Connections the generation still has to serve: held or queued.
+    pub fn in_flight(&self) -> u64 {
+        self.connections + self.queued
+    }
+}
+
+/// Live figures of a registered listening socket, matched to its slot by socket cookie.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerLive {
+    /// Connections in its accept queue (`idiag_rqueue` of a listener).
+    pub queued: u32,
+    /// Its backlog: how many the accept queue holds (`idiag_wqueue` of a listener).
+    pub backlog: u32,
+    /// Connection attempts it dropped since it registered (the socket's `sk_drops`, which
+    /// for a listener counts a full accept queue above all).
+    pub drops: u32,
+}
+
+/// Where a draining generation is on its way out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum DrainPhase {
+    /// It still has connections in flight (held or queued).
+    Serving { connections: u64 },
+    /// Nothing in flight: it can exit without losing a connection.
+    Idle,
+    /// Its launcher sent it the drain signal.
+    Signalled { signal: String },
+    /// Its launcher sent SIGKILL.
+    Killed,
+}
+
+impl From<DrainStep> for DrainPhase {
+    fn from(step: DrainStep) -> Self {
+        match step {
+            DrainStep::Signalled { signal } => Self::Signalled { signal },
+            DrainStep::Killed => Self::Killed,
+        }
+    }
+}
+
+impl std::fmt::Display for DrainPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Serving { connections } => write!(f, "serving {connections}"),
+            Self::Idle => f.write_str("idle"),
+            Self::Signalled { signal } => write!(f, "signalled {signal}"),
+            Self::Killed => f.write_str("killed"),
+        }
+    }
 }
 
 /// What the agent holds at most. Exceeding one is a [`ErrorKind::Limit`] error, never a
@@ -303,6 +407,14 @@ pub struct GenerationStatus {
     pub state: GenState,
     pub sockets: Vec<SocketStatus>,
     pub counters: Counters,
+    /// Read from the kernel for this answer; absent when the group's [`GroupStatus::live`]
+    /// is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<GenerationLive>,
+    /// Only for a draining generation: what its launcher did, else whether it is idle (from
+    /// the live figures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainPhase>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -322,6 +434,10 @@ pub struct SocketStatus {
     /// README).
     #[serde(default = "yes")]
     pub registered: bool,
+    /// Read from the kernel for this answer; absent when the group's [`GroupStatus::live`]
+    /// is, or when the socket was not found listening.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<ListenerLive>,
 }
 
 fn yes() -> bool {

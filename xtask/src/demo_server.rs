@@ -3,7 +3,8 @@
 //! `gen G` and `Connection: close` (for HTTP load generators such as wrk), and `GET /?n=N`
 //! with the body `gen G N+1` (the counter check of our own load generator). On SIGTERM it
 //! closes its listener (queued connections then migrate to the active generation), finishes
-//! the requests in flight and exits.
+//! the requests in flight and exits; with `--abrupt` it has no SIGTERM handler and dies on
+//! the signal with whatever it holds, as a plain Python server does.
 
 use std::os::fd::{FromRawFd as _, OwnedFd};
 
@@ -25,6 +26,12 @@ pub struct ServerOpts {
     /// close the connection.
     #[arg(long)]
     pub http: bool,
+    /// Take this long over each request before answering.
+    #[arg(long, default_value_t = 0)]
+    pub delay_ms: u64,
+    /// No SIGTERM handler: the signal's default action ends the process at once.
+    #[arg(long)]
+    pub abrupt: bool,
 }
 
 pub fn serve(opts: &ServerOpts) -> anyhow::Result<()> {
@@ -47,24 +54,30 @@ pub fn serve(opts: &ServerOpts) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run(listener, opts.generation, opts.http))
+    rt.block_on(run(listener, opts))
 }
 
-async fn run(listener: std::net::TcpListener, generation: u32, http: bool) -> anyhow::Result<()> {
+async fn run(listener: std::net::TcpListener, opts: &ServerOpts) -> anyhow::Result<()> {
+    let (generation, http) = (opts.generation, opts.http);
+    let delay = std::time::Duration::from_millis(opts.delay_ms);
     let listener = TcpListener::from_std(listener).context("registering the listener")?;
-    let mut term = signal(SignalKind::terminate())?;
+    let mut term = if opts.abrupt {
+        None
+    } else {
+        Some(signal(SignalKind::terminate())?)
+    };
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _) = accepted?;
                 if http {
-                    conns.spawn(answer_http(stream, generation));
+                    conns.spawn(answer_http(stream, generation, delay));
                 } else {
-                    conns.spawn(answer(stream, generation));
+                    conns.spawn(answer(stream, generation, delay));
                 }
             }
-            _ = term.recv() => break,
+            _ = recv_term(term.as_mut()) => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
     }
@@ -73,7 +86,16 @@ async fn run(listener: std::net::TcpListener, generation: u32, http: bool) -> an
     Ok(())
 }
 
-async fn answer(stream: tokio::net::TcpStream, generation: u32) {
+async fn recv_term(term: Option<&mut tokio::signal::unix::Signal>) {
+    match term {
+        Some(t) => {
+            t.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn answer(stream: tokio::net::TcpStream, generation: u32, delay: std::time::Duration) {
     let (rd, mut wr) = stream.into_split();
     let mut line = String::new();
     if BufReader::new(rd).read_line(&mut line).await.is_err() {
@@ -85,6 +107,9 @@ async fn answer(stream: tokio::net::TcpStream, generation: u32) {
     else {
         return; // e.g. the agent's wake-up connections, which send nothing
     };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let _ = wr
         .write_all(format!("gen {generation} {}\n", n + 1).as_bytes())
         .await;
@@ -92,7 +117,7 @@ async fn answer(stream: tokio::net::TcpStream, generation: u32) {
 
 /// One HTTP/1.1 request, one answer, then the connection is closed (whatever the client
 /// asked for: every request of a load generator is then a new connection).
-async fn answer_http(stream: tokio::net::TcpStream, generation: u32) {
+async fn answer_http(stream: tokio::net::TcpStream, generation: u32, delay: std::time::Duration) {
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     let mut request_line = String::new();
@@ -116,6 +141,9 @@ async fn answer_http(stream: tokio::net::TcpStream, generation: u32) {
         if total > 16 * 1024 {
             return;
         }
+    }
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
     let mut words = request_line.split_whitespace();
     let (status, body) = match (words.next(), words.next()) {

@@ -127,7 +127,8 @@ pub fn run(opts: &VmOpts) -> anyhow::Result<VmReport> {
     let binaries = step("guest binaries", || binaries::build(&paths.workspace))?;
     let initrd = paths.vm.join("initramfs.cpio");
     step("initramfs", || {
-        initramfs::write(&initrd, &binaries, &opts.test_args)
+        let modules: Vec<_> = kernels.values().map(|k| k.modules.clone()).collect();
+        initramfs::write(&initrd, &binaries, &modules, &opts.test_args)
     })?;
     if binaries.target != tools::MUSL_TARGET {
         eprintln!(

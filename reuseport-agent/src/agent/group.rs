@@ -9,6 +9,7 @@ use reuseport_common::MAX_SLOTS;
 
 use super::{
     grace::{Grace, Ticket},
+    live,
     pinned::{self, GroupRecord},
     registry::{Generation, Member, Refusal, RegId, Registry, StateChange},
     sockcheck::Listener,
@@ -16,7 +17,10 @@ use super::{
 };
 use crate::{
     addr::{GroupAddr, GroupKey},
-    protocol::{ErrorKind, GenState, GenerationStatus, GroupStatus, RestartOutcome, SocketStatus},
+    protocol::{
+        DrainPhase, DrainStep, ErrorKind, GenState, GenerationStatus, GroupStatus, RestartOutcome,
+        SocketStatus,
+    },
 };
 
 /// Sockarray slots of a group: free ones, and freed ones that a program may still select
@@ -316,6 +320,28 @@ impl Group {
         Ok(())
     }
 
+    /// Records what a launcher did to a draining generation (see `drain_progress`); all or
+    /// nothing.
+    pub(super) fn set_drain_step(
+        &mut self,
+        generation: u32,
+        step: DrainStep,
+    ) -> Result<(), Refusal> {
+        let previous = self
+            .registry
+            .generations
+            .get(&generation)
+            .and_then(|g| g.drain_step.clone());
+        self.registry.drain_step(generation, step)?;
+        if let Err(e) = self.save_record() {
+            if let Some(g) = self.registry.generations.get_mut(&generation) {
+                g.drain_step = previous;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
     fn attach(&self, socket: BorrowedFd<'_>) -> Result<(), Refusal> {
         super::fault::fail("attach")
             .map_err(|e| kernel_refusal(steering::injected("attach", e)))?;
@@ -520,6 +546,7 @@ impl Group {
                             cookie: m.cookie,
                             listening,
                             registered: registered(m.reg),
+                            live: None,
                         }
                     })
                     .collect();
@@ -529,6 +556,12 @@ impl Group {
                     state: g.state,
                     sockets,
                     counters,
+                    live: None,
+                    drain: g
+                        .drain_step
+                        .clone()
+                        .filter(|_| g.state == GenState::Draining)
+                        .map(DrainPhase::from),
                 }
             })
             .collect();
@@ -541,6 +574,23 @@ impl Group {
             unsteered: self.kernel.group_counters().unsteered,
             limits: None,
             last_restart: self.last_restart.clone(),
+            live: None,
+        }
+    }
+
+    /// What [`live`](super::live) needs to read this group's figures from the kernel.
+    pub(super) fn probe(&self) -> live::Probe {
+        live::Probe {
+            netns: self.key.netns,
+            netns_fd: self.netns.as_ref().and_then(|fd| fd.try_clone().ok()),
+            addr: self.key.addr,
+            drops_base: self
+                .registry
+                .generations
+                .values()
+                .flat_map(|g| g.sockets.values())
+                .map(|m| (m.cookie, m.drops_base))
+                .collect(),
         }
     }
 }

@@ -17,6 +17,8 @@
 //! - [`conns`]: bounds on control connections (count, time, size).
 //! - [`control_socket`]: the control socket's file (mode, group, stale and live sockets).
 //! - [`wake`]: wake-ups for connections migrated to a listener without a wake-up.
+//! - [`live`]: live figures for `status` from the kernel ([`diag`]: sock_diag, [`owners`]:
+//!   which process holds which connection); [`drain`]: what launchers report of a drain.
 //! - [`fault`]: fault-injection points for the tests (a feature of test builds).
 
 mod access;
@@ -24,11 +26,15 @@ mod bpffs;
 mod conns;
 mod control_socket;
 mod creation;
+mod diag;
+mod drain;
 pub mod fault;
 mod grace;
 mod group;
 mod lineage;
+mod live;
 mod mailbox;
+mod owners;
 mod pinned;
 mod quota;
 mod register;
@@ -213,11 +219,13 @@ pub struct Agent {
     /// The group quotas are enforced here, the connection quotas by the server's
     /// admission; `status` reports both.
     quotas: Quotas,
+    live: live::Live,
 }
 
 impl Agent {
     fn new(mode: Mode, bpffs: PathBuf, wake_ups: bool, pin_abi: u32) -> std::io::Result<Self> {
         use std::os::unix::fs::MetadataExt as _;
+        let own_netns = std::fs::metadata("/proc/self/ns/net")?.ino();
         Ok(Self {
             state: Mutex::new(State::default()),
             creations: creation::Gate::new(),
@@ -225,11 +233,12 @@ impl Agent {
             mode,
             bpffs,
             next_reg: AtomicU64::new(1),
-            own_netns: std::fs::metadata("/proc/self/ns/net")?.ino(),
+            own_netns,
             wake_ups,
             pin_abi,
             access: access::Policy::default(),
             quotas: Quotas::new(DEFAULT_MAX_GROUPS, None, DEFAULT_MAX_CONNECTIONS, None),
+            live: live::Live::new(own_netns),
         })
     }
 
@@ -442,18 +451,33 @@ impl Agent {
         Ok(Reply::Changed { group: status })
     }
 
-    pub fn status(&self, wanted: Option<&GroupAddr>) -> Result<Reply, Refusal> {
-        let mut state = self.lock();
-        fault::panic_point("status.locked");
-        let live: HashSet<RegId> = state.subscribers.keys().copied().collect();
-        let groups = match wanted {
-            Some(w) => vec![self.group_status(state.find(w)?, &live)],
-            None => state
-                .groups
-                .values()
-                .map(|g| self.group_status(g, &live))
-                .collect(),
+    /// `with_live`: add the figures read from the kernel (see [`live`]), after the state
+    /// lock is released.
+    pub fn status(&self, wanted: Option<&GroupAddr>, with_live: bool) -> Result<Reply, Refusal> {
+        let (mut groups, probes, namespaces) = {
+            let mut state = self.lock();
+            fault::panic_point("status.locked");
+            let live: HashSet<RegId> = state.subscribers.keys().copied().collect();
+            let chosen: Vec<&Group> = match wanted {
+                Some(w) => vec![&*state.find(w)?],
+                None => state.groups.values().collect(),
+            };
+            let groups: Vec<GroupStatus> =
+                chosen.iter().map(|g| self.group_status(g, &live)).collect();
+            let probes: Vec<live::Probe> = if with_live {
+                chosen.iter().map(|g| g.probe()).collect()
+            } else {
+                Vec::new()
+            };
+            let namespaces: HashSet<u64> = state.groups.keys().map(|k| k.netns).collect();
+            (groups, probes, namespaces)
         };
+        for (status, probe) in groups.iter_mut().zip(&probes) {
+            if let Err(e) = self.live.annotate(status, probe) {
+                tracing::warn!(group = %status.group, error = %e, "no live figures for status");
+            }
+        }
+        self.live.retain(&namespaces);
         Ok(Reply::Status { groups })
     }
 

@@ -119,6 +119,7 @@ mod tests {
             pid: 10,
             uid: 0,
             cookie,
+            drops_base: 3,
         };
         registry.register(1, Some("v1".into()), false, 0, m(1, 100));
         registry.register(2, None, true, 5, m(2, 200));
@@ -168,6 +169,7 @@ mod tests {
                 pid: 4_194_304,
                 uid: 1_000_000,
                 cookie: 1 << 40,
+                drops_base: u32::MAX,
             };
             let generation = 1_000_000 + slot;
             registry.register(

@@ -238,6 +238,7 @@ impl Agent {
             pid,
             uid: listener.uid,
             cookie: listener.cookie,
+            drops_base: listener.drops,
         };
         let result = group.add_socket(
             &self.grace,

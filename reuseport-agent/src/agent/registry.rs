@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use reuseport_common::SteeringConfig;
 
-use crate::protocol::{Counters, ErrorKind, GenState};
+use crate::protocol::{Counters, DrainStep, ErrorKind, GenState};
 
 /// Identifies one registration connection (one registering process).
 pub type RegId = u64;
@@ -19,6 +19,13 @@ pub struct Member {
     pub pid: i32,
     pub uid: u32,
     pub cookie: u64,
+    /// The listener's `sk_drops` when it registered: `status` reports drops since then.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub drops_base: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -29,6 +36,9 @@ pub struct Generation {
     pub sockets: BTreeMap<u32, Member>,
     /// Counters folded in from slots this generation no longer holds.
     pub retired_counters: Counters,
+    /// What its launcher last did to it while it drained (see `DrainProgress`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_step: Option<DrainStep>,
 }
 
 /// A refused request: what kind, and a one-line actionable message.
@@ -95,6 +105,7 @@ impl Registry {
                 name: None,
                 sockets: BTreeMap::new(),
                 retired_counters: Counters::default(),
+                drain_step: None,
             });
         if g.name.is_none() {
             g.name = name;
@@ -124,6 +135,7 @@ impl Registry {
             };
             if want != g.state {
                 g.state = want;
+                g.drain_step = None;
                 changes.push(StateChange {
                     generation: *n,
                     state: want,
@@ -156,6 +168,24 @@ impl Registry {
                 }])
             }
         }
+    }
+
+    /// Records what a launcher did to the server of the draining `generation`.
+    pub fn drain_step(&mut self, generation: u32, step: DrainStep) -> Result<(), Refusal> {
+        let Some(g) = self.generations.get_mut(&generation) else {
+            return Err(self.unknown_generation(generation));
+        };
+        if g.state != GenState::Draining {
+            return Err(Refusal::new(
+                ErrorKind::Conflict,
+                format!(
+                    "generation {generation} is {}, not draining: a drain step is reported                      only for a draining generation",
+                    g.state
+                ),
+            ));
+        }
+        g.drain_step = Some(step);
+        Ok(())
     }
 
     /// Removes every socket of registration `reg`. Returns the freed slots; generations left
@@ -245,6 +275,7 @@ mod tests {
             pid: reg as i32,
             uid: 0,
             cookie: reg,
+            drops_base: 0,
         }
     }
 

@@ -271,7 +271,9 @@ async fn handle(
             };
             Ok(a.register(peer, reg, socket, req, tx).await)
         }
-        Op::Status { group } => tokio::task::spawn_blocking(move || a.status(group.as_ref())).await,
+        Op::Status { group, live } => {
+            tokio::task::spawn_blocking(move || a.status(group.as_ref(), live)).await
+        }
         Op::Activate { group, generation } => {
             tokio::task::spawn_blocking(move || a.activate(peer, &group, generation)).await
         }
@@ -284,6 +286,14 @@ async fn handle(
         }
         Op::RestartResult { group, id, outcome } => {
             tokio::task::spawn_blocking(move || a.restart_result(peer, &group, id, outcome)).await
+        }
+        Op::DrainProgress {
+            group,
+            generation,
+            step,
+        } => {
+            tokio::task::spawn_blocking(move || a.drain_progress(peer, &group, generation, step))
+                .await
         }
     };
     match result {

@@ -27,6 +27,9 @@ pub struct Listener {
     /// The device it is bound to (`SO_BINDTODEVICE`, a VRF included), if any: the kernel
     /// puts sockets bound to different devices in different reuseport groups.
     pub device: Option<String>,
+    /// Its `sk_drops` now (0 if the kernel cannot tell): the base of the drops `status`
+    /// reports.
+    pub drops: u32,
 }
 
 fn invalid(msg: impl Into<String>) -> Refusal {
@@ -115,7 +118,29 @@ pub fn check(fd: BorrowedFd<'_>, wanted: &GroupAddr) -> Result<Listener, Refusal
         cookie,
         netns,
         device,
+        drops: drops(fd).unwrap_or(0),
     })
+}
+
+/// `SO_MEMINFO`'s `SK_MEMINFO_DROPS` (Linux 4.12+; the same figure sock_diag reports).
+fn drops(fd: BorrowedFd<'_>) -> Option<u32> {
+    // NB: 55 on x86, arm and the other generic-socket.h architectures; libc does not
+    // export it.
+    const SO_MEMINFO: libc::c_int = 55;
+    const DROPS: usize = libc::SK_MEMINFO_DROPS as usize;
+    let mut info = [0u32; DROPS + 1];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: `info` is writable for `len` bytes; the kernel writes at most that.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && len as usize > DROPS * 4).then_some(info[DROPS])
 }
 
 /// `0.0.0.0:80` and `[::ffff:0.0.0.0]:80` are different groups in the kernel, so compare

@@ -36,7 +36,7 @@ use tokio::{
 use crate::{
     addr::GroupAddr,
     frame::{Conn, FrameError},
-    protocol::{ErrorKind, GenState, GroupStatus, Op, Reply, Request, RestartOutcome},
+    protocol::{DrainStep, ErrorKind, GenState, GroupStatus, Op, Reply, Request, RestartOutcome},
 };
 
 /// Backlog of listeners created by [`reuseport_listener`]. The kernel caps it at
@@ -139,6 +139,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::Drain { .. } => "drain",
         Op::Restart { .. } => "restart",
         Op::RestartResult { .. } => "restart_result",
+        Op::DrainProgress { .. } => "drain_progress",
     }
 }
 
@@ -183,7 +184,18 @@ impl ControlClient {
         &mut self,
         group: Option<GroupAddr>,
     ) -> Result<Vec<GroupStatus>, ClientError> {
-        match self.request(Op::Status { group }).await? {
+        self.status_with(group, true).await
+    }
+
+    /// [`ControlClient::status`]; `live: false` leaves out the figures the agent reads
+    /// from the kernel (connections per generation, accept queues), which cost it a
+    /// sock_diag query per group.
+    pub async fn status_with(
+        &mut self,
+        group: Option<GroupAddr>,
+        live: bool,
+    ) -> Result<Vec<GroupStatus>, ClientError> {
+        match self.request(Op::Status { group, live }).await? {
             Reply::Status { groups } => Ok(groups),
             other => Err(ClientError::UnexpectedReply {
                 request: "status",
@@ -199,6 +211,22 @@ impl ControlClient {
         generation: u32,
     ) -> Result<GroupStatus, ClientError> {
         self.change(Op::Activate { group, generation }).await
+    }
+
+    /// From a launcher: what it did to the server of the draining `generation` (shown by
+    /// `status`); returns the group after the change.
+    pub async fn report_drain(
+        &mut self,
+        group: GroupAddr,
+        generation: u32,
+        step: DrainStep,
+    ) -> Result<GroupStatus, ClientError> {
+        self.change(Op::DrainProgress {
+            group,
+            generation,
+            step,
+        })
+        .await
     }
 
     /// Stops sending new connections to `generation`; returns the group after the change.
@@ -626,10 +654,13 @@ mod tests {
                 state: GenState::Active,
                 sockets: vec![],
                 counters: Counters::default(),
+                live: None,
+                drain: None,
             }],
             unsteered: 0,
             limits: None,
             last_restart: None,
+            live: None,
         }
     }
 
@@ -718,7 +749,13 @@ mod tests {
         let agent = tokio::spawn(async move {
             let mut conn = accept(&listener).await;
             let (req, _) = recv_request(&mut conn).await;
-            assert_eq!(req, Request::new(Op::Status { group: None }));
+            assert_eq!(
+                req,
+                Request::new(Op::Status {
+                    group: None,
+                    live: true
+                })
+            );
             conn.send(
                 &Reply::Status {
                     groups: vec![status_of(g, 1)],

@@ -15,11 +15,12 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use super::{
     GlobalOpts,
-    launch::{self, DEFAULT_FD_NAME, DrainSignal, note, parse_name, parse_signal},
+    draining::{Drain, DrainOpts, DrainTask},
+    launch::{self, DEFAULT_FD_NAME, note, parse_name, parse_signal},
     reaper::Reaper,
     spawn::{self, FORWARDED_SIGNALS},
 };
-use crate::{addr::GroupAddr, client::Registration};
+use crate::{addr::GroupAddr, client::Registration, protocol::GenState};
 
 /// Run a server on a registered SO_REUSEPORT listener passed as fd 3.
 #[derive(Debug, Args)]
@@ -37,7 +38,10 @@ use crate::{addr::GroupAddr, client::Registration};
         the server keeps it;\
         \n  4. stays alive while COMMAND runs, keeping the registration open, and forwards \
         SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to it;\
-        \n  5. exits with COMMAND's exit status, or 128+N if signal N killed it.\n\n\
+        \n  5. with --on-drain, once the generation drains: waits until it is idle (no \
+        connection in flight, empty accept queue; at most --drain-timeout), sends SIGNAL, \
+        and SIGKILL if COMMAND still runs --kill-timeout later;\
+        \n  6. exits with COMMAND's exit status, or 128+N if signal N killed it.\n\n\
         COMMAND runs in its own session (Ctrl-C in a terminal reaches it once, through the \
         launcher) and gets SIGTERM if the launcher itself dies.",
     after_long_help = "Exit status: COMMAND's status; 127 if COMMAND was not found, 126 if \
@@ -62,10 +66,13 @@ pub struct ExecArgs {
     /// Name of the generation, shown by `status` and passed in LISTEN_FDNAMES.
     #[arg(long, value_name = "NAME", value_parser = parse_name)]
     pub name: Option<String>,
-    /// Send SIGNAL to COMMAND, once, when its generation starts draining (e.g. TERM,
-    /// SIGQUIT, 3).
+    /// Send SIGNAL to COMMAND, once, when its generation drains and is idle (e.g. TERM,
+    /// SIGQUIT, 3); SIGKILL follows after --kill-timeout. Without it, COMMAND is left to
+    /// exit on its own.
     #[arg(long, value_name = "SIGNAL", value_parser = parse_signal)]
     pub on_drain: Option<Signal>,
+    #[command(flatten)]
+    pub drain: DrainOpts,
     /// The server and its arguments (after `--` if they start with `-`).
     #[arg(
         value_name = "COMMAND",
@@ -117,7 +124,15 @@ async fn launch(global: &GlobalOpts, args: ExecArgs) -> anyhow::Result<u8> {
             }
         });
     }
-    supervise(pid, registration, args.on_drain, sigchld).await
+    let drain = args.on_drain.map(|signal| Drain {
+        control: global.control.clone(),
+        group: registration.group(),
+        generation: registration.generation(),
+        pid,
+        signal,
+        opts: args.drain,
+    });
+    supervise(pid, registration, drain, sigchld).await
 }
 
 /// Waits for the child, signalling it when its generation drains, and returns the exit
@@ -126,7 +141,7 @@ async fn launch(global: &GlobalOpts, args: ExecArgs) -> anyhow::Result<u8> {
 async fn supervise(
     pid: Pid,
     mut registration: Registration,
-    on_drain: Option<Signal>,
+    mut drain: Option<Drain>,
     mut sigchld: tokio::signal::unix::Signal,
 ) -> anyhow::Result<u8> {
     let mut reaper = Reaper::new();
@@ -135,14 +150,16 @@ async fn supervise(
     let mut watching_state = true;
     let mut registered = true;
     let group = registration.group();
-    let mut drain = DrainSignal {
-        pid,
-        generation: registration.generation(),
-        group,
-        signal: on_drain,
+    let mut draining: Option<DrainTask> = None;
+    let mut on_state = |state: GenState| {
+        if state == GenState::Draining
+            && let Some(d) = drain.take()
+        {
+            draining = Some(d.start());
+        }
     };
     // A socket can join a generation that is already draining.
-    drain.check(*state.borrow_and_update());
+    on_state(*state.borrow_and_update());
 
     loop {
         tokio::select! {
@@ -152,9 +169,7 @@ async fn supervise(
                 }
             }
             changed = state.changed(), if watching_state => match changed {
-                Ok(()) => {
-                    drain.check(*state.borrow_and_update());
-                }
+                Ok(()) => on_state(*state.borrow_and_update()),
                 Err(_) => watching_state = false,
             },
             closed = registration.closed(), if registered => {
@@ -290,6 +305,10 @@ mod tests {
             activate: true,
             name: Some("web".into()),
             on_drain: Some(Signal::SIGTERM),
+            drain: DrainOpts {
+                immediate_signal: true,
+                ..DrainOpts::default()
+            },
             command: ["sh", "-c", script, out.to_str().unwrap()]
                 .map(OsString::from)
                 .to_vec(),
@@ -329,6 +348,7 @@ mod tests {
             activate: false,
             name: None,
             on_drain: None,
+            drain: DrainOpts::default(),
             command: vec!["no-such-command-anywhere".into()],
         };
         // No agent listens on this path: the error must still be about the command.

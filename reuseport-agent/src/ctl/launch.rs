@@ -1,5 +1,5 @@
 //! What `exec` and `supervise` share: option parsers, binding and registering a listener,
-//! starting a server on it as fd 3, the drain signal, and reporting how a server exited.
+//! starting a server on it as fd 3, and reporting how a server exited.
 
 use std::{
     net::TcpListener,
@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use nix::{
     errno::Errno,
     sys::{
-        signal::{Signal, kill},
+        signal::Signal,
         wait::{WaitPidFlag, WaitStatus, waitpid},
     },
     unistd::Pid,
@@ -21,7 +21,7 @@ use super::spawn;
 use crate::{
     addr::GroupAddr,
     client::{self, Launcher, RegisterOptions, Registration},
-    protocol::{GenState, MAX_NAME_LEN},
+    protocol::MAX_NAME_LEN,
 };
 
 /// LISTEN_FDNAMES when no --name is given.
@@ -184,35 +184,6 @@ impl Bound {
         drop(self.listener);
         registration.follow_child(pid.as_raw(), spawn::LISTEN_FD);
         Ok((pid, registration))
-    }
-}
-
-/// Sends `--on-drain SIGNAL` to a server, once, when its generation's pushed state becomes
-/// draining.
-pub struct DrainSignal {
-    pub pid: Pid,
-    pub generation: u32,
-    pub group: GroupAddr,
-    pub signal: Option<Signal>,
-}
-
-impl DrainSignal {
-    /// Call with every state the agent pushes (and the state at registration: a socket can
-    /// join a generation that is already draining). True if the signal was sent now.
-    pub fn check(&mut self, state: GenState) -> bool {
-        if state != GenState::Draining {
-            return false;
-        }
-        let Some(sig) = self.signal.take() else {
-            return false;
-        };
-        let (generation, group, pid) = (self.generation, self.group, self.pid);
-        note(format_args!(
-            "generation {generation} of {group} is draining: sending {sig} to pid {pid}"
-        ));
-        // ESRCH only when the server is already gone, which the SIGCHLD handling sees.
-        let _ = kill(pid, sig);
-        true
     }
 }
 

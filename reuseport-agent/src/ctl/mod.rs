@@ -9,7 +9,9 @@ use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 
 pub mod activate;
+mod check;
 pub mod drain;
+mod draining;
 pub mod exec;
 mod launch;
 mod output;

@@ -83,20 +83,45 @@ fn generation_row(generation: &GenerationStatus) -> Vec<String> {
     if waiting > 0 {
         let _ = write!(sockets, " ({waiting} not re-registered)");
     }
+    let state = match &generation.drain {
+        Some(phase) => format!("{} ({phase})", generation.state),
+        None => generation.state.to_string(),
+    };
     vec![
         generation.generation.to_string(),
         generation
             .name
             .as_deref()
             .map_or_else(|| "-".into(), |n| escape(n).into_owned()),
-        generation.state.to_string(),
+        state,
         sockets,
         join(pids),
         join(slots),
+        live_cell(generation),
         generation.counters.selected.to_string(),
         generation.counters.fallback.to_string(),
         generation.counters.migrated.to_string(),
     ]
+}
+
+/// `3 conns, queue 0/4096`, and the drops of its listeners since they registered, if any;
+/// `-` without live figures.
+fn live_cell(generation: &GenerationStatus) -> String {
+    let Some(live) = generation.live else {
+        return "-".into();
+    };
+    let listeners = generation.sockets.iter().filter_map(|s| s.live);
+    let (backlog, drops) = listeners.fold((0u64, 0u64), |(b, d), l| {
+        (b + u64::from(l.backlog), d + u64::from(l.drops))
+    });
+    let mut cell = format!(
+        "{} conns, queue {}/{backlog}",
+        live.connections, live.queued
+    );
+    if drops > 0 {
+        let _ = write!(cell, ", {drops} dropped");
+    }
+    cell
 }
 
 /// The `status` table: a header line per group, then a row per generation.
@@ -117,6 +142,9 @@ pub fn status_table(groups: &[GroupStatus]) -> String {
             "{}  mode {}  active {}  unsteered {}",
             group.group, group.mode, active, group.unsteered
         );
+        if let Some(live) = group.live {
+            let _ = write!(out, "  connections {}", live.connections);
+        }
         if group.falling_back {
             out.push_str("  FALLING BACK (no active socket left)");
         }
@@ -134,7 +162,7 @@ pub fn status_table(groups: &[GroupStatus]) -> String {
         generations.sort_by_key(|g| g.generation);
         Table {
             headers: &[
-                "GEN", "NAME", "STATE", "SOCKETS", "PIDS", "SLOTS", "SELECTED", "FALLBACK",
+                "GEN", "NAME", "STATE", "SOCKETS", "PIDS", "SLOTS", "LIVE", "SELECTED", "FALLBACK",
                 "MIGRATED",
             ],
             rows: generations.into_iter().map(generation_row).collect(),
@@ -211,7 +239,9 @@ pub fn change_summary(group: &GroupStatus, generation: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Counters, SocketStatus};
+    use crate::protocol::{
+        Counters, DrainPhase, GenerationLive, GroupLive, ListenerLive, SocketStatus,
+    };
 
     fn generation(n: u32, state: GenState, pids: &[i32]) -> GenerationStatus {
         GenerationStatus {
@@ -228,6 +258,7 @@ mod tests {
                     cookie: 1,
                     listening: pid != 0,
                     registered: true,
+                    live: None,
                 })
                 .collect(),
             counters: Counters {
@@ -235,6 +266,8 @@ mod tests {
                 fallback: 0,
                 migrated: 3,
             },
+            live: None,
+            drain: None,
         }
     }
 
@@ -252,6 +285,7 @@ mod tests {
             unsteered: 0,
             limits: None,
             last_restart: None,
+            live: None,
         }
     }
 
@@ -293,6 +327,39 @@ mod tests {
             !out.contains("limits"),
             "an agent that reports no limits: {out}"
         );
+    }
+
+    /// With live figures: the LIVE column sums a generation's listeners, and a draining
+    /// generation's state says where its drain is.
+    #[test]
+    fn table_shows_live_figures_and_drains() {
+        let mut g = group();
+        g.live = Some(GroupLive { connections: 9 });
+        for generation in &mut g.generations {
+            generation.live = Some(GenerationLive {
+                connections: 4,
+                queued: 2,
+            });
+            let draining = generation.state == GenState::Draining;
+            for s in &mut generation.sockets {
+                s.live = Some(ListenerLive {
+                    queued: 1,
+                    backlog: 128,
+                    drops: u32::from(draining),
+                });
+            }
+        }
+        g.generations[1].drain = Some(DrainPhase::Serving { connections: 6 });
+        let out = status_table(&[g]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].ends_with("connections 9"), "{out}");
+        assert!(lines[1].contains(" LIVE "), "{out}");
+        assert!(
+            lines[2].contains("draining (serving 6)")
+                && lines[2].contains("4 conns, queue 2/256, 2 dropped"),
+            "{out}"
+        );
+        assert!(lines[3].contains("4 conns, queue 2/256 "), "{out}");
     }
 
     #[test]

@@ -38,7 +38,8 @@ use tokio::{
 
 use super::{
     GlobalOpts,
-    launch::{self, DEFAULT_FD_NAME, DrainSignal, describe_exit, note, parse_name, parse_signal},
+    draining::{Drain, DrainOpts, DrainTask},
+    launch::{self, DEFAULT_FD_NAME, describe_exit, note, parse_name, parse_signal},
     reaper::Reaper,
     spawn,
 };
@@ -67,15 +68,17 @@ pub const GENERATION_VAR: &str = "REUSEPORT_GENERATION";
         \n  2. the supervisor waits until it is ready (--ready);\
         \n  3. it activates the new generation: from then on every new connection goes to it, \
         and the previous generation drains;\
-        \n  4. the draining generation gets --on-drain SIGNAL, and SIGKILL if it still runs \
-        --drain-timeout later. When its listener closes, the connections still queued in it \
-        move to the active generation (Linux 5.14+).\n\n\
+        \n  4. once the draining generation is idle (no connection in flight, empty accept \
+        queue: the agent reads both from the kernel), or --drain-timeout after the flip, it \
+        gets --on-drain SIGNAL, and SIGKILL if it still runs --kill-timeout later. A server \
+        that exits at once on the signal loses nothing. When its listener closes, whatever \
+        is still queued in it moves to the active generation (Linux 5.14+).\n\n\
         If the new generation exits before it is ready, or is not ready within \
         --ready-timeout, it is killed and the previous one stays active (one `restart \
         failed: …` line on stderr). A SIGHUP while generations are draining starts another \
         one at once; a SIGHUP while one is still starting restarts again once it is done.\n\n\
         SIGTERM and SIGINT are forwarded to every generation; the supervisor waits for them \
-        (SIGKILL after --drain-timeout) and exits 0. SIGQUIT, SIGUSR1 and SIGUSR2 go to the \
+        (SIGKILL after --kill-timeout) and exits 0. SIGQUIT, SIGUSR1 and SIGUSR2 go to the \
         active generation. If the active generation exits on its own, the supervisor stops \
         the others and exits with its status (128+N for signal N).",
     after_long_help = "--ready notify: NOTIFY_SOCKET names a datagram socket of the \
@@ -101,13 +104,11 @@ pub struct SuperviseArgs {
     /// stays active.
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
     pub ready_timeout: Duration,
-    /// A draining generation still running this long after it started draining gets
-    /// SIGKILL; also the bound on the wait for every generation at SIGTERM.
-    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
-    pub drain_timeout: Duration,
-    /// Signal sent to a generation, once, when it starts draining (e.g. TERM, QUIT, 3).
+    /// Signal sent to a draining generation, once, when it is idle (e.g. TERM, QUIT, 3).
     #[arg(long, value_name = "SIGNAL", default_value = "TERM", value_parser = parse_signal)]
     pub on_drain: Signal,
+    #[command(flatten)]
+    pub drain: DrainOpts,
     /// Name of the generations, shown by `status` and passed in LISTEN_FDNAMES.
     #[arg(long, value_name = "NAME", value_parser = parse_name)]
     pub name: Option<String>,
@@ -281,9 +282,9 @@ enum Phase {
         give_up_at: Instant,
     },
     Active,
+    /// Waiting until idle, signalled or killed: see its [`DrainTask`].
     Draining {
         since: Instant,
-        killed: bool,
     },
     /// Did not get ready; SIGKILLed, its exit is not news.
     Failed,
@@ -292,8 +293,9 @@ enum Phase {
 /// One running generation. Dropping it closes its registration.
 struct Gen {
     pid: Pid,
+    group: GroupAddr,
     phase: Phase,
-    drain: DrainSignal,
+    drain: Option<DrainTask>,
     forwarder: JoinHandle<()>,
     _registration: Registration,
 }
@@ -478,13 +480,9 @@ impl Supervisor {
             generation,
             Gen {
                 pid,
+                group,
                 phase,
-                drain: DrainSignal {
-                    pid,
-                    generation,
-                    group,
-                    signal: Some(self.args.on_drain),
-                },
+                drain: None,
                 forwarder,
                 _registration: registration,
             },
@@ -514,7 +512,7 @@ impl Supervisor {
         let Some(gen_) = self.gens.get(&generation) else {
             return;
         };
-        let (group, pid) = (gen_.drain.group, gen_.pid);
+        let (group, pid) = (gen_.group, gen_.pid);
         // NB: its SIGCHLD may still be queued: activating a generation that just died would
         // drain the one that serves and leave the group falling back.
         match self.reaper.try_reap(pid) {
@@ -610,12 +608,21 @@ impl Supervisor {
                 self.current = Some(generation);
             }
             GenState::Draining => {
-                g.drain.check(state);
                 if !matches!(g.phase, Phase::Draining { .. }) {
                     g.phase = Phase::Draining {
                         since: Instant::now(),
-                        killed: false,
                     };
+                    g.drain = Some(
+                        Drain {
+                            control: self.control.clone(),
+                            group: g.group,
+                            generation,
+                            pid: g.pid,
+                            signal: self.args.on_drain,
+                            opts: self.args.drain.clone(),
+                        }
+                        .start(),
+                    );
                 }
                 if self.current == Some(generation) {
                     // Someone else activated another generation (reuseportctl activate).
@@ -741,12 +748,12 @@ impl Supervisor {
     }
 
     /// Forwards `sig` to every generation; once all have exited (or were SIGKILLed after
-    /// `--drain-timeout`) the supervisor exits with `code`.
+    /// `--kill-timeout`) the supervisor exits with `code`.
     fn begin_shutdown(&mut self, sig: Signal, code: u8) {
         if self.shutdown.is_none() {
             self.shutdown = Some(Shutdown {
                 code,
-                kill_at: Instant::now() + self.args.drain_timeout,
+                kill_at: Instant::now() + self.args.drain.kill_timeout,
                 killed: false,
             });
             self.restart_pending = false;
@@ -763,7 +770,7 @@ impl Supervisor {
                 note(format_args!(
                     "sending {sig} to generation(s) {} and waiting up to {:?}",
                     gens.join(", "),
-                    self.args.drain_timeout
+                    self.args.drain.kill_timeout
                 ));
             }
         }
@@ -791,21 +798,15 @@ impl Supervisor {
             consider(s.kill_at);
         }
         for g in self.gens.values() {
-            match g.phase {
-                Phase::Starting {
-                    ready_at,
-                    give_up_at,
-                } => {
-                    consider(give_up_at);
-                    if let Some(t) = ready_at {
-                        consider(t);
-                    }
+            if let Phase::Starting {
+                ready_at,
+                give_up_at,
+            } = g.phase
+            {
+                consider(give_up_at);
+                if let Some(t) = ready_at {
+                    consider(t);
                 }
-                Phase::Draining {
-                    since,
-                    killed: false,
-                } => consider(since + self.args.drain_timeout),
-                _ => {}
             }
         }
         next
@@ -813,7 +814,7 @@ impl Supervisor {
 
     async fn on_timers(&mut self) {
         let now = Instant::now();
-        let timeout = self.args.drain_timeout;
+        let timeout = self.args.drain.kill_timeout;
         if let Some(s) = &mut self.shutdown
             && !s.killed
             && s.kill_at <= now
@@ -830,21 +831,12 @@ impl Supervisor {
         }
         let mut ready = Vec::new();
         let mut late = Vec::new();
-        for (&generation, g) in &mut self.gens {
-            match &mut g.phase {
+        for (&generation, g) in &self.gens {
+            match &g.phase {
                 Phase::Starting { give_up_at, .. } if *give_up_at <= now => late.push(generation),
                 Phase::Starting {
                     ready_at: Some(t), ..
                 } if *t <= now => ready.push(generation),
-                Phase::Draining { since, killed } if !*killed && *since + timeout <= now => {
-                    *killed = true;
-                    note(format_args!(
-                        "generation {generation} (pid {}) still runs {timeout:?} after it \
-                         started draining: SIGKILL",
-                        g.pid
-                    ));
-                    let _ = killpg(g.pid, Signal::SIGKILL);
-                }
                 _ => {}
             }
         }

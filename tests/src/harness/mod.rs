@@ -1,6 +1,7 @@
 //! What every test needs: an isolated environment with a running agent ([`TestEnv`]),
 //! servers that answer with their generation ([`Server`]), clients that tally who answered
-//! ([`tally`], [`ClientConn`]) and server processes ([`ChildServer`]).
+//! ([`tally`], [`ClientConn`]), server processes ([`ChildServer`]) and the real tools tests
+//! compare against ([`ApacheBench`], [`ss`]).
 //!
 //! The wire protocol between test clients and test servers is one line each way:
 //! the client sends `req <n>\n`, the server answers `gen <G> <n+1>\n`.
@@ -10,6 +11,7 @@ mod env;
 mod namespaces;
 mod netns;
 mod server;
+mod tools;
 mod traffic;
 
 use std::{
@@ -21,6 +23,7 @@ pub use child::{CHILD_SERVER_ENV, ChildServer, child_server_main};
 pub use env::{Generation, TestEnv, bin_path, in_vm, select_only_env};
 pub use netns::{NetNs, current_netns_inode};
 pub use server::{Server, ServerKind};
+pub use tools::{AbResult, ApacheBench, SsSocket, ss, tool_missing};
 pub use traffic::{ClientConn, Tally, parse_reply, request_once, tally};
 
 use reuseport_agent::{

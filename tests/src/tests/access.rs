@@ -766,8 +766,11 @@ impl Garbage {
         match self {
             Self::Oversized => ((MAX_FRAME + 1 + i) as u32).to_be_bytes().to_vec(),
             Self::HalfFrame => {
-                let body = serde_json::to_vec(&Request::new(Op::Status { group: None }))
-                    .expect("encode status");
+                let body = serde_json::to_vec(&Request::new(Op::Status {
+                    group: None,
+                    live: true,
+                }))
+                .expect("encode status");
                 let mut f = frame(&body);
                 f.truncate(f.len() / 2);
                 f
@@ -889,7 +892,11 @@ fn connection_limit_closes_the_longest_idle_never_a_registration() {
 
 /// One `status` round trip on `stream`: proves the agent accepted it and it now waits.
 fn ping(stream: &mut UnixStream, i: usize) {
-    let body = serde_json::to_vec(&Request::new(Op::Status { group: None })).expect("encode");
+    let body = serde_json::to_vec(&Request::new(Op::Status {
+        group: None,
+        live: true,
+    }))
+    .expect("encode");
     stream
         .write_all(&frame(&body))
         .unwrap_or_else(|e| panic!("connection {i} should send: {e}"));

@@ -11,7 +11,7 @@ use std::os::fd::AsFd as _;
 
 use reuseport_agent::{
     client::{self, ControlClient},
-    protocol::{GenState, GroupStatus},
+    protocol::{DrainPhase, GenState, GroupStatus},
 };
 use reuseport_common::{ABI_VERSION, ADOPTABLE_ABI};
 
@@ -36,13 +36,25 @@ fn downtime_connections() -> u64 {
     )
 }
 
-/// Status with the counters left out: what must survive a restart unchanged.
+/// Status with the counters and the live figures (connections at this moment, and the
+/// drain phases read from them) left out: what must survive a restart unchanged.
 fn comparable(mut groups: Vec<GroupStatus>) -> Vec<GroupStatus> {
     groups.sort_by_key(|g| g.group.addr);
     for g in &mut groups {
         g.unsteered = 0;
+        g.live = None;
         for generation in &mut g.generations {
             generation.counters = Default::default();
+            generation.live = None;
+            if matches!(
+                generation.drain,
+                Some(DrainPhase::Serving { .. } | DrainPhase::Idle)
+            ) {
+                generation.drain = None;
+            }
+            for socket in &mut generation.sockets {
+                socket.live = None;
+            }
         }
     }
     groups

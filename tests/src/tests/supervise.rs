@@ -322,29 +322,49 @@ impl Supervisor {
         extra: &[&str],
         fail_generation: Option<u32>,
     ) -> Self {
+        Self::spawn_server(env, port, extra, SERVER_TEST, (SERVER_ENV, "1"), |cmd| {
+            match fail_generation {
+                Some(generation) => cmd.env(FAIL_GENERATION_ENV, generation.to_string()),
+                None => cmd.env_remove(FAIL_GENERATION_ENV),
+            };
+        })
+    }
+
+    /// [`Supervisor::spawn`] with another server: the ignored test `server_test` of this
+    /// executable, run with `server_env` set; `adjust` may add to the command.
+    pub(crate) fn spawn_server(
+        env: &TestEnv,
+        port: u16,
+        extra: &[&str],
+        server_test: &str,
+        server_env: (&str, &str),
+        adjust: impl FnOnce(&mut std::process::Command),
+    ) -> Self {
         let log = env.dir().join("supervise.log");
         let file = File::create(&log).expect("supervise log");
         let mut cmd = env.ctl_command();
         cmd.args(["supervise", "--listen", &local(port).to_string()])
-            .args(["--on-drain", "TERM", "--drain-timeout", "10s"])
+            .args(["--on-drain", "TERM"])
+            .args(
+                ["--drain-timeout", "10s"]
+                    .iter()
+                    .filter(|_| !extra.contains(&"--drain-timeout")),
+            )
             .args(extra)
             .arg("--")
             .arg(std::env::current_exe().expect("current_exe"))
             .args([
                 "--exact",
-                SERVER_TEST,
+                server_test,
                 "--ignored",
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env(SERVER_ENV, "1")
-            .env_remove(FAIL_GENERATION_ENV)
+            .env(server_env.0, server_env.1)
             .stdout(file.try_clone().expect("dup log"))
             .stderr(file)
             .process_group(0);
-        if let Some(generation) = fail_generation {
-            cmd.env(FAIL_GENERATION_ENV, generation.to_string());
-        }
+        adjust(&mut cmd);
         Self {
             child: Some(cmd.spawn().expect("spawn reuseportctl supervise")),
             log,

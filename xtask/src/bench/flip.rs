@@ -9,6 +9,9 @@
 //! - **reuseport**: `reuseportctl supervise --ready delay=<kill-old-delay> --on-drain TERM` and
 //!   one SIGHUP per deploy; the next deploy waits until the agent reports the new generation
 //!   active.
+//! - **abrupt**: the same deploys with a server that takes [`ABRUPT_DELAY_MS`] per request and
+//!   has no SIGTERM handler (it dies on the drain signal with whatever it holds): what
+//!   `supervise`'s drain until idle is for.
 //!
 //! Each mode runs under two clients: ours (`load.rs`: a new connection per request, failures
 //! by kind) and wrk (HTTP with `Connection: close`, so also a new connection per request; its
@@ -73,6 +76,18 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 pub enum Mode {
     Baseline,
     Reuseport,
+    /// Reuseport with a slow server that exits at once on SIGTERM.
+    Abrupt,
+}
+
+/// What each request takes the server of [`Mode::Abrupt`].
+pub const ABRUPT_DELAY_MS: u64 = 50;
+
+impl Mode {
+    /// Deployed through `reuseportctl supervise` (a failure there fails the benchmark).
+    pub fn supervised(self) -> bool {
+        self != Mode::Baseline
+    }
 }
 
 impl fmt::Display for Mode {
@@ -80,6 +95,7 @@ impl fmt::Display for Mode {
         f.write_str(match self {
             Mode::Baseline => "baseline",
             Mode::Reuseport => "reuseport",
+            Mode::Abrupt => "abrupt",
         })
     }
 }
@@ -107,12 +123,12 @@ pub fn flip(stack: &Stack, o: &FlipOpts) -> anyhow::Result<()> {
     let mut load = Vec::new();
     let mut http = Vec::new();
     let mut port = PORT_BASE;
-    for mode in [Mode::Baseline, Mode::Reuseport] {
+    for mode in [Mode::Baseline, Mode::Reuseport, Mode::Abrupt] {
         port += 1;
         load.push(with_load(stack, mode, addr(port), o, true)?);
     }
     if let Some(wrk) = &wrk {
-        for mode in [Mode::Baseline, Mode::Reuseport] {
+        for mode in [Mode::Baseline, Mode::Reuseport, Mode::Abrupt] {
             port += 1;
             http.push(with_wrk(stack, mode, addr(port), o, wrk)?);
         }
@@ -133,18 +149,18 @@ pub fn flip(stack: &Stack, o: &FlipOpts) -> anyhow::Result<()> {
     let failed: u64 = report
         .load
         .iter()
-        .filter(|r| r.mode == Mode::Reuseport)
+        .filter(|r| r.mode.supervised())
         .map(|r| r.tally.failures())
         .chain(
             report
                 .http
                 .iter()
-                .filter(|r| r.mode == Mode::Reuseport)
+                .filter(|r| r.mode.supervised())
                 .map(HttpRow::errors),
         )
         .sum();
     if failed > 0 {
-        bail!("reuseport mode: {failed} requests failed during its deploys (must be 0)");
+        bail!("reuseport modes: {failed} requests failed during their deploys (must be 0)");
     }
     Ok(())
 }
@@ -395,7 +411,7 @@ impl<'a> Deployer<'a> {
         };
         match mode {
             Mode::Baseline => d.servers.push(spawn_plain(addr, 1, http)?),
-            Mode::Reuseport => {
+            Mode::Reuseport | Mode::Abrupt => {
                 let log = stack.tmp.join(format!("supervise-{}.log", addr.port()));
                 let mut cmd = stack.ctl();
                 cmd.args(["supervise", "--listen", &addr.to_string()])
@@ -406,6 +422,9 @@ impl<'a> Deployer<'a> {
                     .arg("demo-server");
                 if http {
                     cmd.arg("--http");
+                }
+                if mode == Mode::Abrupt {
+                    cmd.args(["--abrupt", "--delay-ms", &ABRUPT_DELAY_MS.to_string()]);
                 }
                 let child = cmd
                     .stdout(Stdio::null())
@@ -441,7 +460,7 @@ impl<'a> Deployer<'a> {
                     let _ = s.try_wait(); // reap the ones that are done
                 }
             }
-            Mode::Reuseport => {
+            Mode::Reuseport | Mode::Abrupt => {
                 let t0 = Instant::now();
                 let pid = self.supervisor.as_ref().expect("reuseport mode").0.id();
                 // SAFETY: kill(2) with the pid of a child we have not reaped.
@@ -458,7 +477,7 @@ impl<'a> Deployer<'a> {
     /// the supervisor, which restarts as on SIGHUP; returns what the command printed once
     /// the next generation is active.
     pub fn restart_command(&mut self) -> anyhow::Result<String> {
-        if self.mode != Mode::Reuseport {
+        if !self.mode.supervised() {
             bail!("reuseportctl restart needs a supervisor: the baseline has none");
         }
         let next = self.generation + 1;
@@ -529,11 +548,11 @@ impl<'a> Deployer<'a> {
 
     /// Stops everything of this mode (bounded) and returns what the deploys took.
     fn finish(mut self) -> Deploys {
-        if self.mode == Mode::Reuseport {
+        if self.mode.supervised() {
             let _ = self.active(); // the last generation's migration counter
         }
         self.stop();
-        let reuseport = self.mode == Mode::Reuseport;
+        let reuseport = self.mode.supervised();
         Deploys {
             deploy_ms: reuseport.then(|| Percentiles::of(std::mem::take(&mut self.deploy_ms))),
             migrated: reuseport.then(|| self.migrated.values().sum()),
@@ -762,10 +781,10 @@ impl FlipReport {
         let machine = format!("{} CPUs, kernel {}", m.cpus, m.kernel);
         let delay = self.kill_old_delay_ms;
         println!(
-            "\n| our client: {} threads, a new connection per request | baseline: plain SO_REUSEPORT, old one killed {delay} ms after the new one starts | reuseport: `reuseportctl supervise --ready delay={delay}ms`, SIGHUP |",
+            "\n| our client: {} threads, a new connection per request | baseline: plain SO_REUSEPORT, old one killed {delay} ms after the new one starts | reuseport: `reuseportctl supervise --ready delay={delay}ms`, SIGHUP | reuseport, a server that exits at once on SIGTERM and takes {ABRUPT_DELAY_MS} ms per request |",
             self.clients
         );
-        println!("|---|---|---|");
+        println!("|---|---|---|---|");
         let row = |name: &str, f: &dyn Fn(&LoadRow) -> String| {
             let cells: Vec<String> = self.load.iter().map(f).collect();
             println!("| {name} | {} |", cells.join(" | "));
@@ -793,11 +812,11 @@ impl FlipReport {
             return;
         }
         println!(
-            "\n| {}: -c {}, `Connection: close` | baseline | reuseport |",
+            "\n| {}: -c {}, `Connection: close` | baseline | reuseport | reuseport, exits on SIGTERM, {ABRUPT_DELAY_MS} ms per request |",
             self.wrk.as_deref().unwrap_or("wrk"),
             self.clients
         );
-        println!("|---|---|---|");
+        println!("|---|---|---|---|");
         let row = |name: &str, f: &dyn Fn(&HttpRow) -> String| {
             let cells: Vec<String> = self.http.iter().map(f).collect();
             println!("| {name} | {} |", cells.join(" | "));

@@ -4,9 +4,12 @@
 //! - `overhead`: what steering costs against plain SO_REUSEPORT, what one program run costs
 //!   (next to an empty and a one-select reference program), and how fast a flip takes effect.
 //! - `flip`: hot deploys under load, plain SO_REUSEPORT (start the new server, kill the old
-//!   one after a delay) against `reuseportctl supervise`, with our client and with `wrk`.
+//!   one after a delay) against `reuseportctl supervise` (with our demo server, and with a slow
+//!   one that exits at once on SIGTERM), with our client and with `wrk`.
+//! - `live`: what the live figures (sock_diag, process walk) add to a `status` answer.
 
 mod flip;
+mod live;
 mod overhead;
 mod reference_prog;
 
@@ -29,6 +32,9 @@ pub enum Bench {
     /// Hot deploys under load: plain SO_REUSEPORT (kill the old server after a delay) vs
     /// `reuseportctl supervise` + SIGHUP; failed requests of each, with our client and wrk.
     Flip(flip::FlipOpts),
+    /// What the live figures cost `status`: a group of 128 listeners with held connections,
+    /// status timed with and without them.
+    Live(live::LiveOpts),
     /// The short correctness check `cargo xtask test` runs: 50 quick deploys through
     /// `reuseportctl supervise` under load, failing on any failed request.
     FlipCheck,
@@ -38,6 +44,7 @@ pub fn bench(b: &Bench) -> anyhow::Result<()> {
     match b {
         Bench::Overhead(o) => with_stack(|stack| overhead::overhead(stack, o)),
         Bench::Flip(o) => with_stack(|stack| flip::flip(stack, o)),
+        Bench::Live(o) => with_stack(|stack| live::live(stack, o)),
         Bench::FlipCheck => short_flip_check(&crate::stack::build_release("flip-check")?),
     }
 }

@@ -12,6 +12,7 @@ use std::path::Path;
 use anyhow::Context as _;
 
 use super::binaries::{Artifact, GuestBinaries};
+use super::kernel::GuestModules;
 use super::tools::BUSYBOX;
 
 /// Printed by `/init` once every test executable ran; the only source of the verdict.
@@ -25,7 +26,14 @@ pub const EXEC_MARKER: &str = "REUSEPORT-VM-EXEC: ";
 ///
 /// NB: left uncompressed on purpose: QEMU loads it from the host page cache in no time,
 /// while inflating even `gzip -1` runs as emulated code under TCG (timings: `vm` module docs).
-pub fn write(out: &Path, binaries: &GuestBinaries, test_args: &[String]) -> anyhow::Result<()> {
+/// `modules`: per kernel release, the modules its guest loads at boot; one initramfs serves
+/// every kernel, `/init` loads those of the release it booted.
+pub fn write(
+    out: &Path,
+    binaries: &GuestBinaries,
+    modules: &[GuestModules],
+    test_args: &[String],
+) -> anyhow::Result<()> {
     let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut cpio = Cpio::new(BufWriter::new(file));
     for dir in ["bin", "dev", "proc", "sys", "tmp", "run", "root", "tests"] {
@@ -43,6 +51,19 @@ pub fn write(out: &Path, binaries: &GuestBinaries, test_args: &[String]) -> anyh
     }
     for test in &binaries.tests {
         cpio.file_from(&format!("tests/{}", test.name), &test.path)?;
+    }
+    cpio.dir("lib")?;
+    cpio.dir("lib/modules")?;
+    let mut written = std::collections::HashSet::new();
+    for GuestModules { release, files } in modules.iter().filter(|m| !m.release.is_empty()) {
+        if !written.insert(release) {
+            continue;
+        }
+        cpio.dir(&format!("lib/modules/{release}"))?;
+        for (i, (name, bytes)) in files.iter().enumerate() {
+            // NB: numbered, so that the shell's glob loads them in dependency order.
+            cpio.file(&format!("lib/modules/{release}/{i}-{name}"), 0o644, bytes)?;
+        }
     }
     cpio.finish()?
         .flush()
@@ -79,6 +100,7 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 ip link set lo up
+for m in /lib/modules/$(uname -r)/*.ko; do [ -e "$m" ] && insmod "$m"; done
 echo "{RELEASE_MARKER}$(uname -r)"
 rc=0
 # NB: --show-output, not --nocapture: a passing test's stdout (its SKIP: line) is printed

@@ -22,7 +22,20 @@ pub struct Kernel {
     pub package: String,
     /// What QEMU's `-kernel` gets: the decompressed ELF when extraction worked, else the bzImage.
     pub image: PathBuf,
+    pub modules: GuestModules,
 }
+
+/// A kernel's `uname -r` and the modules its guest loads at boot ([`GUEST_MODULES`]), in load
+/// order, uncompressed: (file name, bytes).
+#[derive(Debug, Clone, Default)]
+pub struct GuestModules {
+    pub release: String,
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+/// Modules the tests need that the cloud kernels build as modules: TCP sock_diag, which the
+/// agent's live figures (and `ss`) query. The guest has no modprobe and no module index.
+const GUEST_MODULES: [&str; 2] = ["net/ipv4/inet_diag", "net/ipv4/tcp_diag"];
 
 /// Turns `6.1`, `6.12` or an exact package name into a package name with an install candidate.
 /// Runs `apt-get update` at most once, and only when the index does not know the answer yet.
@@ -142,9 +155,52 @@ pub fn fetch(package: &str, vm_dir: &Path) -> anyhow::Result<Kernel> {
         eprintln!("vm: booting the bzImage of {package} (slower under TCG): {e:#}");
         bz_image
     });
+    let modules = guest_modules(&root).unwrap_or_else(|e| {
+        eprintln!("vm: {package}: no sock_diag modules for the guest (live figures fail): {e:#}");
+        GuestModules::default()
+    });
     Ok(Kernel {
         package: package.to_owned(),
         image,
+        modules,
+    })
+}
+
+/// [`GUEST_MODULES`] from the unpacked package: `[usr/]lib/modules/<release>/kernel/<name>.ko`,
+/// possibly `.xz` or `.zst` compressed (busybox `insmod` loads only plain ones).
+fn guest_modules(root: &Path) -> anyhow::Result<GuestModules> {
+    // NB: the 7.x packages install under usr/lib/modules.
+    let base = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|b| root.join(b))
+        .find(|b| b.is_dir())
+        .unwrap_or_else(|| root.join("lib/modules"));
+    let release = fs::read_dir(&base)
+        .with_context(|| format!("reading {}", base.display()))?
+        .flatten()
+        .find(|e| e.path().is_dir())
+        .and_then(|e| e.file_name().into_string().ok())
+        .ok_or_else(|| anyhow!("no release directory in {}", base.display()))?;
+    let mut out = Vec::new();
+    for module in GUEST_MODULES {
+        let stem = base.join(&release).join("kernel").join(module);
+        let name = format!("{}.ko", module.rsplit('/').next().unwrap_or(module));
+        let plain = stem.with_extension("ko");
+        let bytes = if plain.exists() {
+            fs::read(&plain)?
+        } else if let Ok(xz) = fs::read(stem.with_extension("ko.xz")) {
+            pipe_through(&["xz", "-dc"], &xz)?
+        } else if let Ok(zst) = fs::read(stem.with_extension("ko.zst")) {
+            pipe_through(&["zstd", "-dc"], &zst)?
+        } else {
+            // Built in, or absent: either way nothing to load.
+            continue;
+        };
+        out.push((name, bytes));
+    }
+    Ok(GuestModules {
+        release,
+        files: out,
     })
 }
 
