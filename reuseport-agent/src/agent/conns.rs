@@ -60,11 +60,9 @@ pub enum RecvError {
         FRAME_TIMEOUT.as_secs()
     )]
     Incomplete,
-    #[error(
-        "closing the longest-idle connection to admit a new one: the agent holds its maximum \
-         of {limit} control connections (reuseport-agent --max-connections)"
-    )]
-    Evicted { limit: usize },
+    /// Closed to make room; what was full.
+    #[error("closing this idle connection to admit a new one: {0}")]
+    Evicted(String),
 }
 
 impl RecvError {
@@ -72,7 +70,7 @@ impl RecvError {
     pub fn reply(&self) -> Option<Reply> {
         let kind = match self {
             Self::Frame(FrameError::Io(_)) => return None,
-            Self::Evicted { .. } => ErrorKind::Limit,
+            Self::Evicted(_) => ErrorKind::Limit,
             _ => ErrorKind::BadRequest,
         };
         let message = match self {
@@ -97,7 +95,7 @@ struct Table {
     by_uid: HashMap<u32, u32>,
     next_wait: u64,
     /// Connections waiting for a request: their uid, and what tells them to close.
-    waiting: BTreeMap<u64, (u32, oneshot::Sender<()>)>,
+    waiting: BTreeMap<u64, (u32, oneshot::Sender<String>)>,
 }
 
 impl Table {
@@ -112,7 +110,7 @@ impl Table {
 
     /// Closes the connection that has waited longest among those of a uid `evictable`
     /// accepts; false if there is none.
-    fn evict_oldest(&mut self, evictable: impl Fn(u32) -> bool) -> bool {
+    fn evict_oldest(&mut self, evictable: impl Fn(u32) -> bool, why: impl Fn() -> String) -> bool {
         let candidates: Vec<u64> = self
             .waiting
             .iter()
@@ -121,7 +119,7 @@ impl Table {
             .collect();
         for seq in candidates {
             let (_, tx) = self.waiting.remove(&seq).expect("seq from the map");
-            if tx.send(()).is_ok() {
+            if tx.send(why()).is_ok() {
                 return true;
             }
         }
@@ -149,7 +147,10 @@ impl Admission {
     pub fn admit(self: &Arc<Self>, uid: u32) -> Result<Slot, String> {
         let mut t = self.lock();
         if let Some(full) = self.quotas.connection_full(t.usage(uid))
-            && !t.evict_oldest(|other| full.freed_by(other, uid))
+            && !t.evict_oldest(
+                |other| full.freed_by(other, uid),
+                || self.quotas.connections_full(full, uid),
+            )
         {
             return Err(self.quotas.connection_refusal(full, uid));
         }
@@ -164,11 +165,10 @@ impl Admission {
 
     /// Closes the longest-waiting connection (accept() ran out of descriptors).
     pub fn evict_one(&self) -> bool {
-        self.lock().evict_oldest(|_| true)
-    }
-
-    fn limit(&self) -> usize {
-        self.quotas.max_connections as usize
+        self.lock().evict_oldest(
+            |_| true,
+            || "the agent ran out of file descriptors (RLIMIT_NOFILE)".to_owned(),
+        )
     }
 }
 
@@ -231,7 +231,7 @@ impl Slot {
         let fresh = std::mem::replace(&mut self.fresh, false);
         tokio::select! {
             frame = bounded_recv(conn, fresh) => frame,
-            Ok(()) = evicted => Err(RecvError::Evicted { limit: self.admission.limit() }),
+            Ok(why) = evicted => Err(RecvError::Evicted(why)),
         }
     }
 
@@ -369,11 +369,10 @@ mod tests {
         let _s3 = a
             .admit(0)
             .expect("room is made by evicting a waiting connection");
-        assert_eq!(
-            rx1.try_recv(),
-            Ok(()),
-            "the longest-waiting one is told to close"
-        );
+        let why = rx1
+            .try_recv()
+            .expect("the longest-waiting one is told to close");
+        assert!(why.contains("maximum of 2"), "{why}");
         assert!(rx2.try_recv().is_err(), "only one connection is evicted");
         drop(s1);
         assert_eq!(a.lock().open, 2);
@@ -397,7 +396,8 @@ mod tests {
         let (own_tx, mut own) = oneshot::channel();
         a.lock().waiting.insert(2, (1000, own_tx));
         let _fifth = a.admit(1000).expect("its own idle connection makes room");
-        assert_eq!(own.try_recv(), Ok(()));
+        let why = own.try_recv().expect("its own idle connection is closed");
+        assert!(why.contains("uid 1000"), "{why}");
         drop(mine);
         assert_eq!(a.lock().by_uid.get(&1000), Some(&1));
     }
@@ -420,7 +420,9 @@ mod tests {
     fn only_frame_errors_of_the_transport_go_unanswered() {
         let io = RecvError::Frame(FrameError::Io(std::io::ErrorKind::BrokenPipe.into()));
         assert!(io.reply().is_none());
-        match (RecvError::Evicted { limit: 3 }).reply() {
+        let why =
+            Quotas::new(1, None, 3, None).connections_full(crate::agent::quota::Full::Table, 0);
+        match RecvError::Evicted(why).reply() {
             Some(Reply::Error { kind, message }) => {
                 assert_eq!(kind, ErrorKind::Limit);
                 assert!(message.contains("maximum of 3"), "{message}");

@@ -149,27 +149,37 @@ impl Quotas {
         Err(Refusal::new(ErrorKind::Limit, message))
     }
 
-    /// The refusal of a control connection for `uid` (see [`Self::connection_full`]).
-    pub fn connection_refusal(&self, full: Full, uid: u32) -> String {
+    /// What is full, for a refused or evicted connection (see [`Self::connection_full`]).
+    pub fn connections_full(&self, full: Full, uid: u32) -> String {
         let (max, quota) = (self.max_connections, self.connections_per_uid);
         match full {
             Full::Uid => format!(
                 "uid {uid} holds as many control connections as its quota allows ({quota}, \
-                 reuseport-agent --max-connections-per-uid), all registered or busy: close \
-                 some, or raise the quota"
+                 reuseport-agent --max-connections-per-uid)"
             ),
             Full::Shared => format!(
                 "users other than root hold every control connection they may ({} of {max}; \
-                 {} kept for root), all registered or busy: retry, or raise reuseport-agent \
-                 --max-connections",
+                 {} kept for root, reuseport-agent --max-connections)",
                 max - root_reserve(max),
                 root_reserve(max)
             ),
             Full::Table => format!(
-                "the agent holds its maximum of {max} control connections, all registered or \
-                 busy: retry, or raise reuseport-agent --max-connections"
+                "the agent holds its maximum of {max} control connections (reuseport-agent \
+                 --max-connections)"
             ),
         }
+    }
+
+    /// The refusal of a control connection for `uid` when no idle one could make room.
+    pub fn connection_refusal(&self, full: Full, uid: u32) -> String {
+        let advice = match full {
+            Full::Uid => "close some, or raise the quota",
+            Full::Shared | Full::Table => "retry, or raise the limit",
+        };
+        format!(
+            "{}, all registered or busy: {advice}",
+            self.connections_full(full, uid)
+        )
     }
 }
 
