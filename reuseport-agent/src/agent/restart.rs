@@ -18,7 +18,7 @@ use std::{
 
 use super::{
     Agent, Peer,
-    mailbox::{MAX_WAITING_RESTARTS, Mailbox},
+    mailbox::{Full, MAX_WAITING_RESTARTS, Mailbox},
     registry::{Refusal, RegId},
 };
 use crate::{
@@ -197,17 +197,29 @@ impl Agent {
         state.restarts.room_for(key, requester)?;
         // NB: ids start at 1: 0 is UNREQUESTED_RESTART.
         let id = state.restarts.next_id + 1;
-        let delivered = state
+        match state
             .subscribers
             .get(&reg)
-            .is_some_and(|m| m.push(Reply::Restart { group: addr, id }).is_ok());
-        if !delivered {
-            return Err(Refusal::new(
-                ErrorKind::Conflict,
-                format!(
-                    "the supervisor of {key} (pid {supervisor_pid}) is disconnecting; try again"
-                ),
-            ));
+            .map(|m| m.push(Reply::Restart { group: addr, id }))
+        {
+            Some(Ok(())) => {}
+            Some(Err(Full)) => {
+                return Err(Refusal::new(
+                    ErrorKind::Limit,
+                    format!(
+                        "the supervisor of {key} (pid {supervisor_pid}) has not read the restart \
+                         requests already sent to it: see its log"
+                    ),
+                ));
+            }
+            None => {
+                return Err(Refusal::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "the supervisor of {key} (pid {supervisor_pid}) is disconnecting; try again"
+                    ),
+                ));
+            }
         }
         state.restarts.next_id = id;
         mailbox.expect_outcome();
