@@ -370,8 +370,9 @@ impl std::fmt::Display for DrainPhase {
 }
 
 /// What the agent holds at most. Exceeding one is a [`ErrorKind::Limit`] error, never a
-/// silent drop.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// silent drop. The per-uid quotas and root's reserves are absent from agents that predate
+/// them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     /// Groups per agent (`reuseport-agent --max-groups`).
     pub groups: u32,
@@ -384,6 +385,19 @@ pub struct Limits {
     /// (`reuseport-agent --max-connections`). At the limit the agent closes the connection
     /// that has been idle longest, never a registration.
     pub control_connections: u32,
+    /// Groups one non-root uid may own (`reuseport-agent --max-groups-per-uid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups_per_uid: Option<u32>,
+    /// Control connections one non-root uid may hold
+    /// (`reuseport-agent --max-connections-per-uid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_connections_per_uid: Option<u32>,
+    /// Groups only root may create: users together stop short of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups_reserved_for_root: Option<u32>,
+    /// Control connections only root may open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_connections_reserved_for_root: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,11 +5,13 @@
 //! it unregisters the socket), so it is never timed out or evicted. Every other connection
 //! must start a request within [`IDLE_TIMEOUT`] and finish it within [`FRAME_TIMEOUT`]; at the
 //! connection limit, the connection that has waited longest for a request is closed to admit
-//! the new one. An operator's `status` therefore always gets through, however many idle
-//! connections someone holds open.
+//! the new one. How many places one uid may hold, and which ones only root may take, is
+//! [`quota`](super::quota)'s rule: a uid at its quota makes room among its own idle
+//! connections only. An operator's `status` therefore always gets through, however many idle
+//! connections or registrations users hold open.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     future::Future as _,
     os::fd::AsRawFd as _,
     sync::{Arc, Mutex},
@@ -19,6 +21,7 @@ use std::{
 
 use tokio::{io::Interest, sync::oneshot, time::Instant};
 
+use super::quota::{Quotas, Usage};
 use crate::{
     frame::{Conn, Frame, FrameError},
     protocol::{ErrorKind, Reply},
@@ -57,11 +60,9 @@ pub enum RecvError {
         FRAME_TIMEOUT.as_secs()
     )]
     Incomplete,
-    #[error(
-        "closing the longest-idle connection to admit a new one: the agent holds its maximum \
-         of {limit} control connections (reuseport-agent --max-connections)"
-    )]
-    Evicted { limit: usize },
+    /// Closed to make room; what was full.
+    #[error("closing this idle connection to admit a new one: {0}")]
+    Evicted(String),
 }
 
 impl RecvError {
@@ -69,7 +70,7 @@ impl RecvError {
     pub fn reply(&self) -> Option<Reply> {
         let kind = match self {
             Self::Frame(FrameError::Io(_)) => return None,
-            Self::Evicted { .. } => ErrorKind::Limit,
+            Self::Evicted(_) => ErrorKind::Limit,
             _ => ErrorKind::BadRequest,
         };
         let message = match self {
@@ -83,21 +84,54 @@ impl RecvError {
 
 /// Open control connections and the ones waiting for a request, oldest wait first.
 pub struct Admission {
-    limit: usize,
+    quotas: Quotas,
     table: Mutex<Table>,
 }
 
 #[derive(Default)]
 struct Table {
-    open: usize,
+    open: u32,
+    /// Open connections per uid.
+    by_uid: HashMap<u32, u32>,
     next_wait: u64,
-    waiting: BTreeMap<u64, oneshot::Sender<()>>,
+    /// Connections waiting for a request: their uid, and what tells them to close.
+    waiting: BTreeMap<u64, (u32, oneshot::Sender<String>)>,
+}
+
+impl Table {
+    fn usage(&self, uid: u32) -> Usage {
+        Usage {
+            uid,
+            of_uid: self.by_uid.get(&uid).copied().unwrap_or(0),
+            of_non_root: self.open - self.by_uid.get(&0).copied().unwrap_or(0),
+            total: self.open,
+        }
+    }
+
+    /// Closes the connection that has waited longest among those of a uid `evictable`
+    /// accepts; false if there is none.
+    fn evict_oldest(&mut self, evictable: impl Fn(u32) -> bool, why: impl Fn() -> String) -> bool {
+        let candidates: Vec<u64> = self
+            .waiting
+            .iter()
+            .filter(|(_, (uid, _))| evictable(*uid))
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in candidates {
+            let (_, tx) = self.waiting.remove(&seq).expect("seq from the map");
+            if tx.send(why()).is_ok() {
+                return true;
+            }
+        }
+        false
+    }
 }
 
 impl Admission {
-    pub fn new(limit: usize) -> Arc<Self> {
+    /// `quotas.max_connections` places, shared as [`Quotas`] says.
+    pub fn new(quotas: Quotas) -> Arc<Self> {
         Arc::new(Self {
-            limit,
+            quotas,
             table: Mutex::new(Table::default()),
         })
     }
@@ -106,57 +140,56 @@ impl Admission {
         self.table.lock().expect("admission table poisoned")
     }
 
-    /// A place for a new connection, closing the longest-waiting one if the limit is
-    /// reached; `None` when every open connection is registered or busy.
-    pub fn admit(self: &Arc<Self>) -> Option<Slot> {
+    /// A place for a new connection of `uid`. When its quota, the users' share or the table
+    /// is full, the connection that has waited longest for a request among those whose
+    /// place would do is closed to make room; the refusal to send (a `limit` error) when
+    /// every such connection is registered or busy.
+    pub fn admit(self: &Arc<Self>, uid: u32) -> Result<Slot, String> {
         let mut t = self.lock();
-        if t.open >= self.limit && !evict_oldest(&mut t) {
-            return None;
+        if let Some(full) = self.quotas.connection_full(t.usage(uid))
+            && !t.evict_oldest(
+                |other| full.freed_by(other, uid),
+                || self.quotas.connections_full(full, uid),
+            )
+        {
+            return Err(self.quotas.connection_refusal(full, uid));
         }
         t.open += 1;
-        Some(Slot {
+        *t.by_uid.entry(uid).or_default() += 1;
+        Ok(Slot {
             admission: self.clone(),
+            uid,
             fresh: true,
         })
     }
 
     /// Closes the longest-waiting connection (accept() ran out of descriptors).
     pub fn evict_one(&self) -> bool {
-        evict_oldest(&mut self.lock())
+        self.lock().evict_oldest(
+            |_| true,
+            || "the agent ran out of file descriptors (RLIMIT_NOFILE)".to_owned(),
+        )
     }
-
-    /// The reply for a connection refused because every place is taken.
-    pub fn full_reply(&self) -> Reply {
-        Reply::Error {
-            kind: ErrorKind::Limit,
-            message: format!(
-                "the agent holds its maximum of {} control connections, all registered or busy: \
-                 retry, or raise reuseport-agent --max-connections",
-                self.limit
-            ),
-        }
-    }
-}
-
-fn evict_oldest(t: &mut Table) -> bool {
-    while let Some((_, tx)) = t.waiting.pop_first() {
-        if tx.send(()).is_ok() {
-            return true;
-        }
-    }
-    false
 }
 
 /// One admitted connection; gives its place back when dropped.
 pub struct Slot {
     admission: Arc<Admission>,
+    uid: u32,
     /// Nothing was read yet: the frame buffer is empty.
     fresh: bool,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.admission.lock().open -= 1;
+        let mut t = self.admission.lock();
+        t.open -= 1;
+        if let Some(n) = t.by_uid.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                t.by_uid.remove(&self.uid);
+            }
+        }
     }
 }
 
@@ -173,14 +206,15 @@ impl Drop for Waiting<'_> {
 }
 
 impl Slot {
-    /// The next request on `conn`, or `None` when the client closed it. Unregistered
-    /// connections are bounded in time and may be evicted while they wait.
+    /// The next request on `conn`, or `None` when the client closed it. Connections that
+    /// are not `busy` (a registration, or one waiting for a restart's outcome) are bounded
+    /// in time and may be evicted while they wait.
     pub async fn next_frame(
         &mut self,
         conn: &mut Conn,
-        registered: bool,
+        busy: bool,
     ) -> Result<Option<Frame>, RecvError> {
-        if registered {
+        if busy {
             return Ok(conn.recv().await?);
         }
         let (tx, evicted) = oneshot::channel();
@@ -188,7 +222,7 @@ impl Slot {
             let mut t = self.admission.lock();
             let seq = t.next_wait;
             t.next_wait += 1;
-            t.waiting.insert(seq, tx);
+            t.waiting.insert(seq, (self.uid, tx));
             Waiting {
                 admission: &self.admission,
                 seq,
@@ -197,7 +231,7 @@ impl Slot {
         let fresh = std::mem::replace(&mut self.fresh, false);
         tokio::select! {
             frame = bounded_recv(conn, fresh) => frame,
-            Ok(()) = evicted => Err(RecvError::Evicted { limit: self.admission.limit }),
+            Ok(why) = evicted => Err(RecvError::Evicted(why)),
         }
     }
 
@@ -323,33 +357,72 @@ mod tests {
 
     #[test]
     fn at_the_limit_the_longest_waiting_connection_makes_room() {
-        let a = Admission::new(2);
-        let s1 = a.admit().expect("first place");
-        let _s2 = a.admit().expect("second place");
+        let a = Admission::new(Quotas::new(1, None, 2, None));
+        let s1 = a.admit(0).expect("first place");
+        let _s2 = a.admit(0).expect("second place");
         // Nobody waits for a request: both are busy, so a third is refused.
-        assert!(a.admit().is_none(), "busy connections must not be evicted");
+        assert!(a.admit(0).is_err(), "busy connections must not be evicted");
         let (tx1, mut rx1) = oneshot::channel();
         let (tx2, mut rx2) = oneshot::channel();
-        a.lock().waiting.insert(7, tx1);
-        a.lock().waiting.insert(9, tx2);
+        a.lock().waiting.insert(7, (0, tx1));
+        a.lock().waiting.insert(9, (0, tx2));
         let _s3 = a
-            .admit()
+            .admit(0)
             .expect("room is made by evicting a waiting connection");
-        assert_eq!(
-            rx1.try_recv(),
-            Ok(()),
-            "the longest-waiting one is told to close"
-        );
+        let why = rx1
+            .try_recv()
+            .expect("the longest-waiting one is told to close");
+        assert!(why.contains("maximum of 2"), "{why}");
         assert!(rx2.try_recv().is_err(), "only one connection is evicted");
         drop(s1);
         assert_eq!(a.lock().open, 2);
     }
 
     #[test]
+    fn a_user_at_its_quota_evicts_only_its_own_idle_connections() {
+        // 16 places: 4 per uid, 1 kept for root.
+        let a = Admission::new(Quotas::new(1, None, 16, None));
+        let mine: Vec<Slot> = (0..4).map(|_| a.admit(1000).expect("quota")).collect();
+        let (theirs_tx, mut theirs) = oneshot::channel();
+        a.lock().waiting.insert(1, (2000, theirs_tx));
+        match a.admit(1000) {
+            Err(message) => assert!(message.contains("--max-connections-per-uid"), "{message}"),
+            Ok(_) => panic!("a fifth connection of uid 1000 should be refused"),
+        }
+        assert!(
+            theirs.try_recv().is_err(),
+            "another uid's connection is not evicted"
+        );
+        let (own_tx, mut own) = oneshot::channel();
+        a.lock().waiting.insert(2, (1000, own_tx));
+        let _fifth = a.admit(1000).expect("its own idle connection makes room");
+        let why = own.try_recv().expect("its own idle connection is closed");
+        assert!(why.contains("uid 1000"), "{why}");
+        drop(mine);
+        assert_eq!(a.lock().by_uid.get(&1000), Some(&1));
+    }
+
+    #[test]
+    fn users_filling_their_share_leave_roots_place() {
+        let a = Admission::new(Quotas::new(1, None, 16, None));
+        let users: Vec<Slot> = (0..15)
+            .map(|i| a.admit(1000 + i / 4).expect("the users' share"))
+            .collect();
+        match a.admit(2000) {
+            Err(message) => assert!(message.contains("kept for root"), "{message}"),
+            Ok(_) => panic!("the last place is root's"),
+        }
+        let _root = a.admit(0).expect("root's place");
+        drop(users);
+    }
+
+    #[test]
     fn only_frame_errors_of_the_transport_go_unanswered() {
         let io = RecvError::Frame(FrameError::Io(std::io::ErrorKind::BrokenPipe.into()));
         assert!(io.reply().is_none());
-        match (RecvError::Evicted { limit: 3 }).reply() {
+        let why =
+            Quotas::new(1, None, 3, None).connections_full(crate::agent::quota::Full::Table, 0);
+        match RecvError::Evicted(why).reply() {
             Some(Reply::Error { kind, message }) => {
                 assert_eq!(kind, ErrorKind::Limit);
                 assert!(message.contains("maximum of 3"), "{message}");

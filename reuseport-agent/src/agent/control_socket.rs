@@ -152,8 +152,11 @@ fn clear_stale(path: &Path) -> anyhow::Result<()> {
             "another reuseport-agent is already listening on {} (stop it, or pass --control PATH)",
             path.display()
         ),
-        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => std::fs::remove_file(path)
-            .with_context(|| format!("removing the stale control socket {}", path.display())),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            super::fault::hold("control.stale-found");
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale control socket {}", path.display()))
+        }
         Err(e) => Err(e).with_context(|| {
             format!(
                 "cannot tell whether an agent listens on {}: remove it if none does",

@@ -1,7 +1,9 @@
 //! Fault-injection points: places where a test makes the agent die exactly as `kill -9` would,
 //! to prove that what it pins survives a crash at that very moment (a kill from outside lands
 //! at random); places where a kernel write fails on demand ([`fail`]), to prove that a
-//! failed change leaves nothing half done; and a panic ([`panic_point`]).
+//! failed change leaves nothing half done; a panic ([`panic_point`]); and places where a
+//! thread waits until the test lets it go on ([`hold`]), to make a slow step (a verifier run)
+//! or a race (two agents starting at once) happen exactly when a test wants it.
 //!
 //! Compiled in only with the `fault-injection` feature, which the test builds enable. Without
 //! it the points are empty, and an agent started with one of the variables set refuses to
@@ -15,6 +17,11 @@ pub const ENV: &str = "REUSEPORT_FAULT_AT";
 pub const FAIL_ENV: &str = "REUSEPORT_FAULT_FAIL";
 /// `REUSEPORT_FAULT_PANIC=NAME[:N]` panics at [`panic_point`] `NAME` on its N-th pass.
 pub const PANIC_ENV: &str = "REUSEPORT_FAULT_PANIC";
+/// `REUSEPORT_FAULT_HOLD=NAME[:N]` stops the thread at [`hold`] point `NAME` on its N-th pass
+/// until the file [`RELEASE_ENV`] names exists (for good without it).
+pub const HOLD_ENV: &str = "REUSEPORT_FAULT_HOLD";
+/// The file whose creation lets a held thread go on (see [`HOLD_ENV`]).
+pub const RELEASE_ENV: &str = "REUSEPORT_FAULT_RELEASE";
 
 /// `REUSEPORT_TEST_FOREIGN_PROGRAM=1` makes the agent record a program id that is not its
 /// own in every pinned record: the next agent then treats the pinned program as another
@@ -27,7 +34,7 @@ pub const BETWEEN_RECORD_AND_TABLE: &str = "between-record-and-table";
 
 /// Refuses an injection request this build cannot honour.
 pub fn check_env() -> anyhow::Result<()> {
-    for var in [ENV, FAIL_ENV, PANIC_ENV, FOREIGN_PROGRAM_ENV] {
+    for var in [ENV, FAIL_ENV, PANIC_ENV, HOLD_ENV, FOREIGN_PROGRAM_ENV] {
         if !cfg!(feature = "fault-injection") && std::env::var_os(var).is_some() {
             anyhow::bail!(
                 "{var} is set, but this reuseport-agent was built without the fault-injection \
@@ -146,3 +153,25 @@ pub fn panic_point(name: &str) {
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
 pub fn panic_point(_name: &str) {}
+
+/// Point `name`: waits here when [`HOLD_ENV`] names it, until [`RELEASE_ENV`]'s file exists.
+/// Logs `fault injection: holding at NAME` first, which tests wait for.
+#[cfg(feature = "fault-injection")]
+pub fn hold(name: &str) {
+    if !nth_pass(HOLD_ENV, name) {
+        return;
+    }
+    let release = std::env::var_os(RELEASE_ENV).map(std::path::PathBuf::from);
+    tracing::warn!(point = name, release = ?release, "fault injection: holding at {name}");
+    // NB: polled: the test creates the file from another process, and this runs only in
+    // test builds.
+    while !release.as_ref().is_some_and(|p| p.exists()) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    tracing::warn!(point = name, "fault injection: released at {name}");
+}
+
+/// Point `name`: nothing in builds without the feature.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn hold(_name: &str) {}

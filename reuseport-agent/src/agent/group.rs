@@ -12,6 +12,7 @@ use super::{
     live,
     pinned::{self, GroupRecord},
     registry::{Generation, Member, Refusal, RegId, Registry, StateChange},
+    sockcheck::Listener,
     steering::{self, GroupKernel},
 };
 use crate::{
@@ -93,6 +94,9 @@ pub(super) struct Group {
     /// The record and the kernel's table lag behind the registry: a removal (which cannot be
     /// refused) failed to publish. Retried by [`Group::scan`] until it succeeds.
     stale: bool,
+    /// The device its sockets are bound to (`SO_BINDTODEVICE`), `Some(None)` for none;
+    /// `None` while unknown (adopted from an agent that did not keep it).
+    device: Option<Option<String>>,
 }
 
 impl Drop for Group {
@@ -122,27 +126,26 @@ impl Group {
     /// before any socket is in its socket array: an agent that dies later always leaves a
     /// record to adopt, never a group whose record is missing.
     pub(super) fn create(
-        key: GroupKey,
-        owner_uid: u32,
+        first: &Listener,
         mut kernel: GroupKernel,
-        netns: Option<OwnedFd>,
         record_abi: u32,
     ) -> Result<Self, Refusal> {
         let logger = kernel.take_logger().and_then(spawn_logger);
         let mut group = Self {
-            key,
-            owner_uid,
+            key: first.key,
+            owner_uid: first.uid,
             registry: Registry::default(),
             kernel,
             slots: SlotPool::new(),
             serial: 0,
-            netns,
+            netns: first.netns.try_clone().ok(),
             record_abi,
             record_buf: pinned::buffer(),
             closed: HashSet::new(),
             logger,
             last_restart: None,
             stale: false,
+            device: Some(first.device.clone()),
         };
         if let Err(e) = group.save_record() {
             group.kernel.unpin();
@@ -182,6 +185,7 @@ impl Group {
             logger,
             last_restart: record.last_restart,
             stale: false,
+            device: record.bound_device,
         };
         group.publish(grace)?;
         Ok(group)
@@ -477,7 +481,37 @@ impl Group {
                 generations: self.registry.generations.clone(),
             },
             last_restart: self.last_restart.clone(),
+            bound_device: self.device.clone(),
         }
+    }
+
+    /// Refuses a socket bound to another device than the group's (`SO_BINDTODEVICE`): the
+    /// kernel keeps it in a reuseport group of its own, which this group's program never
+    /// steers, so the agent would show as one group what the kernel treats as two. A group
+    /// whose device is unknown takes the socket's.
+    pub(super) fn admit_device(&mut self, listener: &Listener) -> Result<(), Refusal> {
+        let Some(ours) = &self.device else {
+            self.device = Some(listener.device.clone());
+            return Ok(());
+        };
+        if *ours == listener.device {
+            return Ok(());
+        }
+        let name = |d: &Option<String>| match d {
+            Some(d) => format!("device {d:?}"),
+            None => "no device".to_owned(),
+        };
+        Err(Refusal::new(
+            ErrorKind::InvalidSocket,
+            format!(
+                "the socket is bound to {} (SO_BINDTODEVICE) and the sockets of {} to {}: the \
+                 kernel keeps them in separate reuseport groups; bind every socket of a group \
+                 to the same device, or to none",
+                name(&listener.device),
+                self.key,
+                name(ours)
+            ),
+        ))
     }
 
     pub(super) fn listening(&self, slot: u32, m: &Member) -> bool {

@@ -6,8 +6,12 @@
 //! - [`steering`]: the kernel objects of a group and the atomic table flip.
 //! - [`pinned`]: the record pinned with a group's maps, and its adoption after a restart.
 //! - [`grace`]: RCU grace periods that make rewriting a retired table safe.
+//! - [`register`]: a socket joins its group; [`creation`]: a new group's turn to load;
+//!   [`lineage`]: which pid a launcher may name as its server.
+//! - [`quota`]: how much of the agent one user may take, and root's reserve.
 //! - [`sockcheck`]: validation of sockets passed for registration.
 //! - [`restart`]: `restart` requests relayed to a group's supervisor and back.
+//! - [`mailbox`]: what is pushed to a connection, bounded however slowly it reads.
 //! - [`server`]: the control socket.
 //! - [`access`]: who may do what (SO_PEERCRED, the control group).
 //! - [`conns`]: bounds on control connections (count, time, size).
@@ -21,14 +25,19 @@ mod access;
 mod bpffs;
 mod conns;
 mod control_socket;
+mod creation;
 mod diag;
 mod drain;
 pub mod fault;
 mod grace;
 mod group;
+mod lineage;
 mod live;
+mod mailbox;
 mod owners;
 mod pinned;
+mod quota;
+mod register;
 mod registry;
 mod restart;
 mod server;
@@ -39,22 +48,27 @@ mod wake;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    os::fd::{AsFd, OwnedFd},
+    os::fd::OwnedFd,
     path::PathBuf,
     sync::{
-        Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use reuseport_common::{ABI_VERSION, ADOPTABLE_ABI, MAX_SLOTS};
-use tokio::sync::mpsc::UnboundedSender;
 
-pub use self::{conns::DEFAULT_MAX_CONNECTIONS, server::run, steering::Mode};
+pub use self::{
+    conns::DEFAULT_MAX_CONNECTIONS, register::Registration, restart::DEFAULT_RESTART_TIMEOUT,
+    server::run, steering::Mode,
+};
 use self::{
     grace::Grace,
-    group::{Group, kernel_refusal},
-    registry::{Member, Refusal, RegId, Registry, StateChange},
+    group::Group,
+    mailbox::Mailbox,
+    quota::Quotas,
+    registry::{Refusal, RegId, Registry, StateChange},
     steering::{GroupKernel, PinnedRecord},
 };
 use crate::{
@@ -83,8 +97,15 @@ pub struct Options {
     pub control_group: Option<String>,
     /// Groups this agent manages at most.
     pub max_groups: u32,
+    /// Groups one non-root uid may own; a quarter of `max_groups` by default.
+    pub groups_per_uid: Option<u32>,
     /// Control connections open at once at most (lowered to what RLIMIT_NOFILE allows).
     pub max_connections: u32,
+    /// Control connections one non-root uid may hold; a quarter of `max_connections` by
+    /// default.
+    pub connections_per_uid: Option<u32>,
+    /// How long a restart may wait for its supervisor's outcome.
+    pub restart_timeout: Duration,
 }
 
 /// Who is on the other end of a control connection (SO_PEERCRED, SO_PEERGROUPS); see
@@ -100,8 +121,10 @@ pub struct Peer {
 #[derive(Default)]
 struct State {
     groups: BTreeMap<GroupKey, Group>,
+    /// Groups being created (see [`creation`]).
+    creating: HashMap<GroupKey, creation::Creating>,
     /// Where to push state changes for each live registration.
-    subscribers: HashMap<RegId, UnboundedSender<Reply>>,
+    subscribers: HashMap<RegId, Arc<Mailbox>>,
     /// Supervised registrations and restarts waiting for their supervisor.
     restarts: restart::Restarts,
 }
@@ -143,20 +166,6 @@ impl State {
         }
     }
 
-    /// Refuses a new group beyond `max` (`--max-groups`).
-    fn room_for_group(&self, max: u32) -> Result<(), Refusal> {
-        if self.groups.len() < max as usize {
-            return Ok(());
-        }
-        Err(Refusal::new(
-            ErrorKind::Limit,
-            format!(
-                "the agent already manages {max} groups, its limit: close the registrations of \
-                 a group, or restart the agent with a higher --max-groups"
-            ),
-        ))
-    }
-
     /// Drops groups left without a socket, and their pins.
     fn remove_groups(&mut self, keys: &[GroupKey]) {
         for key in keys {
@@ -168,7 +177,7 @@ impl State {
     }
 
     /// Pushes state changes to `reg` from now on; a supervisor also gets restart requests.
-    fn subscribe(&mut self, reg: RegId, events: UnboundedSender<Reply>, supervisor: Option<i32>) {
+    fn subscribe(&mut self, reg: RegId, events: Arc<Mailbox>, supervisor: Option<i32>) {
         self.subscribers.insert(reg, events);
         if let Some(pid) = supervisor {
             self.restarts.add_supervisor(reg, pid);
@@ -182,8 +191,8 @@ impl State {
             };
             let regs: BTreeSet<RegId> = g.sockets.values().map(|m| m.reg).collect();
             for reg in regs {
-                if let Some(tx) = self.subscribers.get(&reg) {
-                    let _ = tx.send(Reply::State {
+                if let Some(mailbox) = self.subscribers.get(&reg) {
+                    mailbox.push_state(Reply::State {
                         group: group.addr(own_netns),
                         generation: ch.generation,
                         state: ch.state,
@@ -194,35 +203,10 @@ impl State {
     }
 }
 
-/// A socket arriving in a `register` request, checked, with who sent it.
-#[derive(Clone, Copy)]
-struct Incoming<'a> {
-    peer: Peer,
-    reg: RegId,
-    socket: &'a OwnedFd,
-    req: &'a Registration,
-    listener: &'a sockcheck::Listener,
-}
-
-/// What one registration asks for.
-pub struct Registration {
-    pub group: GroupAddr,
-    pub generation: u32,
-    pub name: Option<String>,
-    pub activate: bool,
-    /// Registered by `reuseportctl supervise` (it takes `restart` requests).
-    pub supervised: bool,
-    /// The server's pid when a launcher registers on its behalf.
-    pub server_pid: Option<i32>,
-}
-
 pub struct Agent {
     state: Mutex<State>,
-    /// Held while a new group's program loads, instead of `state`: a load takes 50 ms here
-    /// and seconds on some kernels (the verifier), and `status`, flips and other groups'
-    /// registrations must not wait for it. One creation at a time, so two registrations
-    /// for the same new group never both load and pin it.
-    creating: Mutex<()>,
+    /// Whose new group may load its program now (see [`creation`]).
+    creations: creation::Gate,
     grace: Grace,
     mode: Mode,
     bpffs: PathBuf,
@@ -232,9 +216,9 @@ pub struct Agent {
     wake_ups: bool,
     pin_abi: u32,
     access: access::Policy,
-    max_groups: u32,
-    /// Reported in `status`; enforced by the server's admission.
-    max_connections: u32,
+    /// The group quotas are enforced here, the connection quotas by the server's
+    /// admission; `status` reports both.
+    quotas: Quotas,
     live: live::Live,
 }
 
@@ -244,7 +228,7 @@ impl Agent {
         let own_netns = std::fs::metadata("/proc/self/ns/net")?.ino();
         Ok(Self {
             state: Mutex::new(State::default()),
-            creating: Mutex::new(()),
+            creations: creation::Gate::new(),
             grace: Grace::start()?,
             mode,
             bpffs,
@@ -253,19 +237,21 @@ impl Agent {
             wake_ups,
             pin_abi,
             access: access::Policy::default(),
-            max_groups: DEFAULT_MAX_GROUPS,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
+            quotas: Quotas::new(DEFAULT_MAX_GROUPS, None, DEFAULT_MAX_CONNECTIONS, None),
             live: live::Live::new(own_netns),
         })
     }
 
     fn limits(&self) -> Limits {
-        Limits {
-            groups: self.max_groups,
+        let mut limits = Limits {
+            groups: self.quotas.max_groups,
             sockets_per_group: MAX_SLOTS,
             generations_per_group: MAX_SLOTS,
-            control_connections: self.max_connections,
-        }
+            control_connections: self.quotas.max_connections,
+            ..Limits::default()
+        };
+        self.quotas.report(&mut limits);
+        limits
     }
 
     /// `live`: registrations with an open connection (see [`Group::status`]).
@@ -285,173 +271,6 @@ impl Agent {
 
     pub fn next_reg_id(&self) -> RegId {
         self.next_reg.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Adds a listening socket to its group (creating the group on first use).
-    pub fn register(
-        &self,
-        peer: Peer,
-        reg: RegId,
-        socket: OwnedFd,
-        req: Registration,
-        events: UnboundedSender<Reply>,
-    ) -> Result<Reply, Refusal> {
-        let listener = sockcheck::check(socket.as_fd(), &req.group)?;
-        self.access.may_register(&peer, listener.uid)?;
-        let key = listener.key;
-        let (mut state, created) = self.lock_with_group(&listener)?;
-        self.access
-            .may_join(&key, state.groups[&key].owner_uid, listener.uid)?;
-        let incoming = Incoming {
-            peer,
-            reg,
-            socket: &socket,
-            req: &req,
-            listener: &listener,
-        };
-        if !created && let Some(reclaimed) = self.reclaim(&mut state, key, &incoming) {
-            if reclaimed.is_ok() {
-                state.subscribe(reg, events, req.supervised.then_some(peer.pid));
-            }
-            return reclaimed;
-        }
-        let group = state.groups.get_mut(&key).expect("group exists");
-        let member = Member {
-            reg,
-            pid: req.server_pid.unwrap_or(peer.pid),
-            uid: listener.uid,
-            cookie: listener.cookie,
-            drops_base: listener.drops,
-        };
-        let result = group.add_socket(
-            &self.grace,
-            socket.as_fd(),
-            req.generation,
-            req.name.clone(),
-            req.activate,
-            member,
-        );
-        match result {
-            Ok((slot, changes)) => {
-                state.subscribe(reg, events, req.supervised.then_some(peer.pid));
-                let group = &state.groups[&key];
-                state.notify(group, &changes, self.own_netns);
-                let gen_state = group.registry.generations[&req.generation].state;
-                tracing::info!(
-                    group = %key, generation = req.generation, slot, pid = peer.pid,
-                    state = %gen_state, "socket registered"
-                );
-                // NB: the full key, @NETNS included: a launcher that names the group by its
-                // bare address breaks as soon as another namespace has the same one.
-                Ok(Reply::Registered {
-                    group: key.to_addr(),
-                    generation: req.generation,
-                    slot,
-                    state: gen_state,
-                })
-            }
-            Err(e) => {
-                if created && state.groups[&key].registry.is_empty() {
-                    state.remove_groups(&[key]);
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// The state, locked, with the listener's group in it; true if the group was created
-    /// now (program loaded, maps pinned). Only `creating` is held during the load.
-    fn lock_with_group(
-        &self,
-        listener: &sockcheck::Listener,
-    ) -> Result<(MutexGuard<'_, State>, bool), Refusal> {
-        let key = listener.key;
-        let state = self.lock();
-        if state.groups.contains_key(&key) {
-            return Ok((state, false));
-        }
-        drop(state);
-        let _creating = self.creating.lock().expect("group creation lock poisoned");
-        {
-            let state = self.lock();
-            if state.groups.contains_key(&key) {
-                return Ok((state, false));
-            }
-            // NB: exact, because creations are serialised and adoption ran before any.
-            state.room_for_group(self.max_groups)?;
-        }
-        let pin_dir = self.bpffs.join(key.pin_name());
-        refuse_unadoptable(&key, &pin_dir)?;
-        let kernel = GroupKernel::create(self.mode, &pin_dir).map_err(kernel_refusal)?;
-        let group = Group::create(
-            key,
-            listener.uid,
-            kernel,
-            listener.netns.try_clone().ok(),
-            self.pin_abi,
-        )?;
-        let mut state = self.lock();
-        state.groups.insert(key, group);
-        tracing::info!(group = %key, mode = self.mode.as_str(), "group created");
-        Ok((state, true))
-    }
-
-    /// A socket that is already in the group comes back on a new connection (its client
-    /// reconnected after an agent restart): it keeps its slot, generation and state. `None`
-    /// if the group does not know the socket.
-    fn reclaim(
-        &self,
-        state: &mut State,
-        key: GroupKey,
-        incoming: &Incoming<'_>,
-    ) -> Option<Result<Reply, Refusal>> {
-        let Incoming {
-            peer,
-            reg,
-            socket,
-            req,
-            listener,
-        } = *incoming;
-        let live = &state.subscribers;
-        let group = state.groups.get_mut(&key)?;
-        let (generation, slot, member) = group.registry.find_cookie(listener.cookie)?;
-        if live.contains_key(&member.reg) {
-            return Some(Err(Refusal::new(
-                ErrorKind::Conflict,
-                format!(
-                    "this socket is already registered in {key} (generation {generation}, slot \
-                     {slot}, pid {}): a socket registers once; close the other registration first",
-                    member.pid
-                ),
-            )));
-        }
-        if generation != req.generation {
-            return Some(Err(Refusal::new(
-                ErrorKind::Conflict,
-                format!(
-                    "this socket is registered in {key} as generation {generation}, not {}: \
-                     register it again as generation {generation}",
-                    req.generation
-                ),
-            )));
-        }
-        if group.netns.is_none() {
-            group.netns = listener.netns.try_clone().ok();
-        }
-        let pid = req.server_pid.unwrap_or(peer.pid);
-        let (generation, slot) =
-            match group.reclaim(&self.grace, socket.as_fd(), listener.cookie, reg, pid) {
-                Ok(found) => found,
-                Err(e) => return Some(Err(e)),
-            };
-        let gen_state = group.registry.generations[&generation].state;
-        tracing::info!(group = %key, generation, slot, pid = peer.pid, "socket registered again");
-        Some(Ok(Reply::Registered {
-            group: key.to_addr(),
-            generation,
-            slot,
-            state: gen_state,
-        }))
     }
 
     /// Takes over the groups that an earlier agent pinned in the bpffs directory (see
@@ -570,7 +389,8 @@ impl Agent {
     pub fn unregister(&self, reg: RegId) {
         let mut state = self.lock();
         state.subscribers.remove(&reg);
-        state.restarts.remove_supervisor(reg);
+        let failed = state.restarts.remove_supervisor(reg);
+        state.record_restarts(failed);
         let mut emptied = Vec::new();
         for (key, group) in &mut state.groups {
             let had_active = group.registry.active();
@@ -704,31 +524,6 @@ impl Agent {
 
 const UNADOPTABLE_ADVICE: &str = "finish the deploy with the agent version that pinned it, or \
     stop the group's servers (once no socket is left, this agent replaces the pins)";
-
-/// Refuses to create a group over pins that another agent version left with sockets still
-/// listening: a fresh program would not know those sockets.
-fn refuse_unadoptable(key: &GroupKey, pin_dir: &std::path::Path) -> Result<(), Refusal> {
-    // NB: a link is not a group's pins, whatever it points at: creation removes it.
-    if !bpffs::is_real_dir(pin_dir) || !steering::pinned_sockets_live(pin_dir) {
-        return Ok(());
-    }
-    let version = match steering::read_pinned(pin_dir) {
-        PinnedRecord::Incompatible { abi_version } => abi_version.to_string(),
-        PinnedRecord::Missing => "1".into(),
-        PinnedRecord::Adoptable(_) => "an adoptable version that failed to load".into(),
-        // NB: never attached, so nothing steers by it: replaced like stale pins.
-        PinnedRecord::Unwritten => return Ok(()),
-    };
-    Err(Refusal::new(
-        ErrorKind::Conflict,
-        format!(
-            "group {key} is still steered by objects that an agent of ABI version {version} \
-             pinned in {} (this agent: ABI {ABI_VERSION}, adopts {ADOPTABLE_ABI:?}): \
-             {UNADOPTABLE_ADVICE}",
-            pin_dir.display()
-        ),
-    ))
-}
 
 /// The network namespace of process `pid` if it is the group's (inode `netns`).
 fn netns_of(pid: i32, netns: u64) -> Option<OwnedFd> {

@@ -31,6 +31,19 @@ pub struct GroupRecord {
     /// What the group's supervisor last reported about a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restart: Option<RestartOutcome>,
+    /// The device the group's sockets are bound to (`SO_BINDTODEVICE`): `Some(None)` for
+    /// none, `None` in a record of an agent that did not keep it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub bound_device: Option<Option<String>>,
+}
+
+/// A field that is present, `null` included: `Some` (an absent one is the default, `None`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
 }
 
 impl GroupRecord {
@@ -118,6 +131,7 @@ mod tests {
             program: "select-or-migrate-00".into(),
             registry,
             last_restart: Some(RestartOutcome::Active { generation: 2 }),
+            bound_device: Some(None),
         };
         let mut state = buffer();
         encode(&rec, 2, &mut state).unwrap();
@@ -128,6 +142,7 @@ mod tests {
         assert_eq!(back.owner_uid, 7);
         assert_eq!(back.serial, 9);
         assert_eq!(back.last_restart, rec.last_restart);
+        assert_eq!(back.bound_device, Some(None), "no device is kept as such");
         assert_eq!(
             format!("{:?}", back.registry),
             format!("{:?}", rec.registry),
@@ -184,6 +199,8 @@ mod tests {
                 last_restart: Some(RestartOutcome::Failed {
                     error: "e".repeat(MAX_ERROR_LEN),
                 }),
+                // NB: IFNAMSIZ - 1 bytes, the longest device name there is.
+                bound_device: Some(Some("d".repeat(15))),
             };
             match encode(&rec, 2, &mut state) {
                 Ok(()) => fitted = slot + 1,
@@ -201,6 +218,19 @@ mod tests {
     }
 
     #[test]
+    fn a_record_without_a_device_field_says_it_is_unknown() {
+        let old = r#"{"addr":"127.0.0.1:1","netns":1,"owner_uid":0,"serial":0,
+            "registry":{"generations":{}}}"#;
+        let rec: GroupRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(rec.bound_device, None);
+        let lo: GroupRecord = serde_json::from_str(
+            &old.replace(r#""serial":0"#, r#""serial":0,"bound_device":"lo""#),
+        )
+        .unwrap();
+        assert_eq!(lo.bound_device, Some(Some("lo".into())));
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         let mut state = buffer();
         encode(
@@ -212,6 +242,7 @@ mod tests {
                 program: String::new(),
                 registry: Registry::default(),
                 last_restart: None,
+                bound_device: None,
             },
             2,
             &mut state,

@@ -4,18 +4,31 @@
 //!
 //! The agent starts nothing itself: only the supervisor knows the command line, readiness
 //! rule and drain policy of its server.
+//!
+//! What waits is bounded: at most [`MAX_WAITING_RESTARTS`] restarts per group and per
+//! requesting connection, each for at most the agent's `--restart-timeout`. A restart whose
+//! supervisor does not report in time fails for its requester and in `status`; a result
+//! the supervisor reports later still reaches `status`.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use tokio::sync::mpsc::UnboundedSender;
-
-use super::{Agent, Peer, registry::RegId};
+use super::{
+    Agent, Peer,
+    mailbox::{Full, MAX_WAITING_RESTARTS, Mailbox},
+    registry::{Refusal, RegId},
+};
 use crate::{
     addr::{GroupAddr, GroupKey},
     protocol::{ErrorKind, GenState, Reply, RestartOutcome, UNREQUESTED_RESTART},
 };
 
-use super::registry::Refusal;
+/// Default of `reuseport-agent --restart-timeout`: longer than a supervisor's default
+/// `--ready-timeout` (30 s) plus its activation, short enough that nothing waits forever.
+pub const DEFAULT_RESTART_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A restart forwarded to a supervisor, waiting for its `restart_result`.
 struct Pending {
@@ -23,61 +36,135 @@ struct Pending {
     /// The group as the requester named it.
     group: GroupAddr,
     supervisor_pid: i32,
-    /// The requester's connection (its pushed frames).
-    requester: UnboundedSender<Reply>,
+    /// The requesting connection, and where its pushed frames go.
+    requester: RegId,
+    mailbox: Arc<Mailbox>,
+    sent: Instant,
 }
 
-#[derive(Default)]
 pub struct Restarts {
     /// Registrations made by a supervisor, and the supervisor's pid.
     supervisors: HashMap<RegId, i32>,
     pending: HashMap<u64, Pending>,
     next_id: u64,
+    timeout: Duration,
+}
+
+impl Default for Restarts {
+    fn default() -> Self {
+        Self {
+            supervisors: HashMap::new(),
+            pending: HashMap::new(),
+            next_id: 0,
+            timeout: DEFAULT_RESTART_TIMEOUT,
+        }
+    }
 }
 
 impl Restarts {
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     pub fn add_supervisor(&mut self, reg: RegId, pid: i32) {
         self.supervisors.insert(reg, pid);
     }
 
     /// Forgets a closed registration. A supervisor with no registration left will not
-    /// answer: its pending restarts fail now instead of at the requester's timeout.
-    pub fn remove_supervisor(&mut self, reg: RegId) {
+    /// answer: its pending restarts fail now instead of at their time-out. Returns those,
+    /// for `status`.
+    pub fn remove_supervisor(&mut self, reg: RegId) -> Vec<(GroupKey, RestartOutcome)> {
         let Some(pid) = self.supervisors.remove(&reg) else {
-            return;
+            return Vec::new();
         };
         if self.supervisors.values().any(|p| *p == pid) {
-            return;
+            return Vec::new();
         }
-        let orphaned: Vec<u64> = self
+        self.fail_where(
+            |p| p.supervisor_pid == pid,
+            |_| {
+                format!(
+                    "the supervisor (pid {pid}) closed its last registration before the \
+                     restart finished: see its log"
+                )
+            },
+        )
+    }
+
+    /// Fails the pending restarts `which` selects, telling their requesters why; returns
+    /// the groups and outcomes, for `status`.
+    fn fail_where(
+        &mut self,
+        which: impl Fn(&Pending) -> bool,
+        why: impl Fn(&Pending) -> String,
+    ) -> Vec<(GroupKey, RestartOutcome)> {
+        let ids: Vec<u64> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.supervisor_pid == pid)
+            .filter(|(_, p)| which(p))
             .map(|(id, _)| *id)
             .collect();
-        for id in orphaned {
+        let mut failed = Vec::new();
+        for id in ids {
             let p = self.pending.remove(&id).expect("id from the map");
-            let _ = p.requester.send(Reply::RestartResult {
-                group: p.group,
-                id,
-                outcome: RestartOutcome::Failed {
-                    error: format!(
-                        "the supervisor (pid {pid}) closed its last registration before the \
-                         restart finished: see its log"
-                    ),
-                },
-            });
+            let outcome = RestartOutcome::Failed { error: why(&p) };
+            tracing::warn!(group = %p.key, id, ?outcome, "restart failed in the agent");
+            deliver(&p, id, outcome.clone());
+            failed.push((p.key, outcome));
         }
+        failed
+    }
+
+    /// Refuses a restart when its group or its requester has as many waiting as allowed.
+    fn room_for(&self, key: GroupKey, requester: RegId) -> Result<(), Refusal> {
+        let of_group = self.pending.values().filter(|p| p.key == key).count();
+        let of_requester = self
+            .pending
+            .values()
+            .filter(|p| p.requester == requester)
+            .count();
+        let (count, whose) = if of_group >= MAX_WAITING_RESTARTS {
+            (of_group, format!("of {key}"))
+        } else if of_requester >= MAX_WAITING_RESTARTS {
+            (of_requester, "asked on this connection".to_owned())
+        } else {
+            return Ok(());
+        };
+        Err(Refusal::new(
+            ErrorKind::Limit,
+            format!(
+                "{count} restarts {whose} already wait for their supervisor (at most \
+                 {MAX_WAITING_RESTARTS}): wait for their outcomes (each fails after {:?} at \
+                 the latest)",
+                self.timeout
+            ),
+        ))
+    }
+}
+
+/// Pushes the outcome of restart `id` to its requester.
+fn deliver(p: &Pending, id: u64, outcome: RestartOutcome) {
+    let reply = Reply::RestartResult {
+        group: p.group,
+        id,
+        outcome,
+    };
+    // NB: cannot be full: a connection gets at most MAX_WAITING_RESTARTS outcomes and
+    // MAX_WAITING_RESTARTS requests (room_for).
+    if p.mailbox.push_outcome(reply).is_err() {
+        tracing::error!(group = %p.key, id, "a restart outcome found its requester's queue full");
     }
 }
 
 impl Agent {
-    /// Forwards a restart of `wanted` to its supervisor; `requester` receives the outcome.
+    /// Forwards a restart of `wanted` to its supervisor; the outcome is pushed to
+    /// `mailbox`, the requesting connection's (`requester`).
     pub fn restart(
         &self,
         peer: Peer,
         wanted: &GroupAddr,
-        requester: UnboundedSender<Reply>,
+        requester: RegId,
+        mailbox: Arc<Mailbox>,
     ) -> Result<Reply, Refusal> {
         let mut state = self.lock();
         let state = &mut *state;
@@ -107,21 +194,35 @@ impl Agent {
                 ),
             ));
         };
+        state.restarts.room_for(key, requester)?;
         // NB: ids start at 1: 0 is UNREQUESTED_RESTART.
-        state.restarts.next_id += 1;
-        let id = state.restarts.next_id;
-        let delivered = state
+        let id = state.restarts.next_id + 1;
+        match state
             .subscribers
             .get(&reg)
-            .is_some_and(|tx| tx.send(Reply::Restart { group: addr, id }).is_ok());
-        if !delivered {
-            return Err(Refusal::new(
-                ErrorKind::Conflict,
-                format!(
-                    "the supervisor of {key} (pid {supervisor_pid}) is disconnecting; try again"
-                ),
-            ));
+            .map(|m| m.push(Reply::Restart { group: addr, id }))
+        {
+            Some(Ok(())) => {}
+            Some(Err(Full)) => {
+                return Err(Refusal::new(
+                    ErrorKind::Limit,
+                    format!(
+                        "the supervisor of {key} (pid {supervisor_pid}) has not read the restart \
+                         requests already sent to it: see its log"
+                    ),
+                ));
+            }
+            None => {
+                return Err(Refusal::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "the supervisor of {key} (pid {supervisor_pid}) is disconnecting; try again"
+                    ),
+                ));
+            }
         }
+        state.restarts.next_id = id;
+        mailbox.expect_outcome();
         tracing::info!(group = %key, id, supervisor_pid, pid = peer.pid, "restart forwarded");
         state.restarts.pending.insert(
             id,
@@ -130,6 +231,8 @@ impl Agent {
                 group: addr,
                 supervisor_pid,
                 requester,
+                mailbox,
+                sent: Instant::now(),
             },
         );
         Ok(Reply::Restarting {
@@ -140,8 +243,9 @@ impl Agent {
     }
 
     /// A supervisor reports how restart `id` ended; the requester gets it pushed. Id
-    /// [`UNREQUESTED_RESTART`] is a restart nobody asked the agent for (SIGHUP): it is only kept
-    /// for `status`, like every outcome.
+    /// [`UNREQUESTED_RESTART`] is a restart nobody asked the agent for (SIGHUP), and a
+    /// result nobody waits for any more (it timed out) is kept for `status` alone, like
+    /// every outcome.
     pub fn restart_result(
         &self,
         peer: Peer,
@@ -161,10 +265,16 @@ impl Agent {
                 .collect();
             (group.key, regs)
         };
-        if id == UNREQUESTED_RESTART {
-            let supervises = regs
-                .iter()
-                .any(|reg| state.restarts.supervisors.get(reg) == Some(&peer.pid));
+        let supervises = regs
+            .iter()
+            .any(|reg| state.restarts.supervisors.get(reg) == Some(&peer.pid));
+        let Some(p) = state.restarts.pending.get(&id) else {
+            if id != UNREQUESTED_RESTART && !supervises {
+                return Err(Refusal::new(
+                    ErrorKind::BadRequest,
+                    format!("no restart {id} is waiting for a result"),
+                ));
+            }
             if !supervises {
                 return Err(Refusal::new(
                     ErrorKind::PermissionDenied,
@@ -178,18 +288,12 @@ impl Agent {
             }
             let group = state.groups.get_mut(&key).expect("found above");
             group.set_last_restart(outcome.clone())?;
-            tracing::info!(group = %key, ?outcome, "restart finished (SIGHUP)");
+            tracing::info!(group = %key, id, ?outcome, "restart finished (nobody waits for it)");
             return Ok(Reply::RestartResult {
                 group: *wanted,
                 id,
                 outcome,
             });
-        }
-        let Some(p) = state.restarts.pending.get(&id) else {
-            return Err(Refusal::new(
-                ErrorKind::BadRequest,
-                format!("no restart {id} is waiting for a result"),
-            ));
         };
         if p.supervisor_pid != peer.pid || p.key != key {
             return Err(Refusal::new(
@@ -208,13 +312,46 @@ impl Agent {
         {
             tracing::warn!(group = %p.key, error = %e, "pinning the restart outcome failed");
         }
-        let reply = Reply::RestartResult {
+        // The requester may have given up (timeout, Ctrl-C): nobody reads this then.
+        deliver(&p, id, outcome.clone());
+        Ok(Reply::RestartResult {
             group: p.group,
             id,
             outcome,
-        };
-        // The requester may have given up (timeout, Ctrl-C): nobody to tell then.
-        let _ = p.requester.send(reply.clone());
-        Ok(reply)
+        })
+    }
+
+    /// Fails the restarts whose supervisor did not report within the time-out: their
+    /// requesters are told, and `status` shows it as the group's last restart.
+    pub fn expire_restarts(&self) {
+        let mut state = self.lock();
+        let timeout = state.restarts.timeout;
+        let now = Instant::now();
+        let failed = state.restarts.fail_where(
+            |p| now.duration_since(p.sent) >= timeout,
+            |p| {
+                format!(
+                    "the supervisor (pid {}) reported no outcome within {timeout:?} \
+                     (reuseport-agent --restart-timeout); the restart may still finish: see \
+                     its log",
+                    p.supervisor_pid,
+                )
+            },
+        );
+        state.record_restarts(failed);
+    }
+}
+
+impl super::State {
+    /// Keeps outcomes the agent decided itself (a supervisor gone or silent) as their
+    /// groups' last restart, for `status`.
+    pub(super) fn record_restarts(&mut self, outcomes: Vec<(GroupKey, RestartOutcome)>) {
+        for (key, outcome) in outcomes {
+            if let Some(group) = self.groups.get_mut(&key)
+                && let Err(e) = group.set_last_restart(outcome)
+            {
+                tracing::warn!(group = %key, error = %e, "pinning the restart outcome failed");
+            }
+        }
     }
 }

@@ -7,7 +7,6 @@ use anyhow::Context as _;
 use tokio::{
     net::UnixStream,
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
 };
 
 use super::{
@@ -16,6 +15,8 @@ use super::{
     bpffs,
     conns::{self, Admission, Slot},
     control_socket::ControlSocket,
+    mailbox::Mailbox,
+    quota::Quotas,
     registry::Refusal,
     steering, wake,
 };
@@ -44,13 +45,19 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .transpose()
         .map_err(anyhow::Error::msg)?;
     let max_connections = conns::fit_connections(opts.max_connections, opts.max_groups);
-    let admission = Admission::new(max_connections);
+    let quotas = Quotas::new(
+        opts.max_groups,
+        opts.groups_per_uid,
+        max_connections as u32,
+        opts.connections_per_uid,
+    );
+    let admission = Admission::new(quotas);
     let mut agent = Agent::new(mode, opts.bpffs.clone(), opts.wake_ups, opts.pin_abi).context(
         "starting the RCU grace-period helper (membarrier MEMBARRIER_CMD_GLOBAL, Linux 4.3+)",
     )?;
     agent.access = Policy::new(control_group.clone());
-    agent.max_groups = opts.max_groups;
-    agent.max_connections = max_connections as u32;
+    agent.quotas = quotas;
+    agent.lock().restarts.set_timeout(opts.restart_timeout);
     let agent = Arc::new(agent);
     // NB: the lock first: a second agent on the same directory must fail before it touches
     // the control socket path (it would replace what it takes for a stale socket).
@@ -75,9 +82,19 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     exhausted = false;
-                    match admission.admit() {
-                        Some(slot) => tokio::spawn(serve(agent.clone(), stream, slot)),
-                        None => tokio::spawn(refuse(stream, admission.full_reply())),
+                    let peer = match agent.access.peer(&stream) {
+                        Ok(peer) => peer,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "control connection without peer credentials");
+                            continue;
+                        }
+                    };
+                    match admission.admit(peer.uid) {
+                        Ok(slot) => tokio::spawn(serve(agent.clone(), stream, slot, peer)),
+                        Err(message) => tokio::spawn(refuse(
+                            stream,
+                            Reply::Error { kind: ErrorKind::Limit, message },
+                        )),
                     };
                 }
                 Err(e) => accept_failed(&admission, &e, &mut exhausted).await,
@@ -134,7 +151,11 @@ async fn scan_loop(agent: Arc<Agent>, waker: wake::Waker) {
     loop {
         tick.tick().await;
         let a = agent.clone();
-        match tokio::task::spawn_blocking(move || a.scan_closed()).await {
+        let scanned = tokio::task::spawn_blocking(move || {
+            a.expire_restarts();
+            a.scan_closed()
+        });
+        match scanned.await {
             Ok(wakeups) => wakeups.into_iter().for_each(|w| waker.push(w)),
             Err(e) => tracing::error!(error = %e, "slot scan failed"),
         }
@@ -155,23 +176,19 @@ fn bad_request(message: impl Into<String>) -> Reply {
     }
 }
 
-async fn serve(agent: Arc<Agent>, stream: UnixStream, mut slot: Slot) {
-    let peer = match agent.access.peer(&stream) {
-        Ok(peer) => peer,
-        Err(e) => {
-            tracing::warn!(error = %e, "control connection without peer credentials");
-            return;
-        }
-    };
+async fn serve(agent: Arc<Agent>, stream: UnixStream, mut slot: Slot, peer: Peer) {
     let mut conn = Conn::for_requests(stream);
     let reg = agent.next_reg_id();
-    let (tx, mut events) = mpsc::unbounded_channel();
+    let mailbox = Mailbox::new();
     let mut registered = false;
     loop {
+        // NB: a connection waiting for a restart's outcome is busy, not idle: the idle
+        // time-out and eviction would take the outcome from it.
+        let busy = registered || mailbox.awaits_outcome();
         let frame = tokio::select! {
-            frame = slot.next_frame(&mut conn, registered) => frame,
-            Some(event) = events.recv() => {
-                if conn.send(&event, None).await.is_err() {
+            frame = slot.next_frame(&mut conn, busy) => frame,
+            event = mailbox.next() => {
+                if !slot.send(&conn, &event, registered).await {
                     break;
                 }
                 continue;
@@ -196,7 +213,8 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream, mut slot: Slot) {
             },
             Ok(req) => {
                 let is_register = matches!(req.op, Op::Register { .. });
-                let reply = handle(&agent, peer, reg, req.op, frame.fds, registered, &tx).await;
+                let reply =
+                    handle(&agent, peer, reg, req.op, frame.fds, registered, &mailbox).await;
                 registered |= is_register && matches!(reply, Reply::Registered { .. });
                 reply
             }
@@ -218,7 +236,7 @@ async fn handle(
     op: Op,
     mut fds: Vec<OwnedFd>,
     registered: bool,
-    events: &mpsc::UnboundedSender<Reply>,
+    mailbox: &Arc<Mailbox>,
 ) -> Reply {
     let a = agent.clone();
     let result = match op {
@@ -242,7 +260,7 @@ async fn handle(
                 ));
             }
             let socket = fds.pop().expect("one descriptor");
-            let tx = events.clone();
+            let tx = mailbox.clone();
             let req = Registration {
                 group,
                 generation,
@@ -251,7 +269,7 @@ async fn handle(
                 supervised,
                 server_pid,
             };
-            tokio::task::spawn_blocking(move || a.register(peer, reg, socket, req, tx)).await
+            Ok(a.register(peer, reg, socket, req, tx).await)
         }
         Op::Status { group, live } => {
             tokio::task::spawn_blocking(move || a.status(group.as_ref(), live)).await
@@ -263,8 +281,8 @@ async fn handle(
             tokio::task::spawn_blocking(move || a.drain(peer, &group, generation)).await
         }
         Op::Restart { group } => {
-            let requester = events.clone();
-            tokio::task::spawn_blocking(move || a.restart(peer, &group, requester)).await
+            let mailbox = mailbox.clone();
+            tokio::task::spawn_blocking(move || a.restart(peer, &group, reg, mailbox)).await
         }
         Op::RestartResult { group, id, outcome } => {
             tokio::task::spawn_blocking(move || a.restart_result(peer, &group, id, outcome)).await

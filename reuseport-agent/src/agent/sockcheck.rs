@@ -24,6 +24,9 @@ pub struct Listener {
     pub cookie: u64,
     /// The socket's network namespace, kept to reach the group later (wake-ups).
     pub netns: OwnedFd,
+    /// The device it is bound to (`SO_BINDTODEVICE`, a VRF included), if any: the kernel
+    /// puts sockets bound to different devices in different reuseport groups.
+    pub device: Option<String>,
     /// Its `sk_drops` now (0 if the kernel cannot tell): the base of the drops `status`
     /// reports.
     pub drops: u32,
@@ -91,6 +94,10 @@ pub fn check(fd: BorrowedFd<'_>, wanted: &GroupAddr) -> Result<Listener, Refusal
         ));
     }
     let cookie = sock.cookie().map_err(|e| get("cookie", e))?;
+    let device = sock
+        .device()
+        .map_err(|e| get("device (SO_BINDTODEVICE)", e))?
+        .map(|name| String::from_utf8_lossy(&name).into_owned());
     let netns = socket_netns(fd).map_err(|e| get("network namespace", e))?;
     let netns_ino = fstat(&netns)
         .map_err(|e| get("network namespace", e.into()))?
@@ -110,6 +117,7 @@ pub fn check(fd: BorrowedFd<'_>, wanted: &GroupAddr) -> Result<Listener, Refusal
         uid: st.st_uid,
         cookie,
         netns,
+        device,
         drops: drops(fd).unwrap_or(0),
     })
 }

@@ -37,11 +37,27 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = agent::DEFAULT_MAX_GROUPS,
           value_parser = clap::value_parser!(u32).range(1..), env = "REUSEPORT_MAX_GROUPS")]
     max_groups: u32,
+    /// Most groups one non-root uid may own (default: a quarter of --max-groups). Users
+    /// together never take the last sixteenth of --max-groups: it is kept for root.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..),
+          env = "REUSEPORT_MAX_GROUPS_PER_UID")]
+    max_groups_per_uid: Option<u32>,
     /// Most control connections open at once, registrations included. At the limit the
     /// connection idle the longest is closed; registrations never are.
     #[arg(long, value_name = "N", default_value_t = agent::DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..), env = "REUSEPORT_MAX_CONNECTIONS")]
     max_connections: u32,
+    /// Most control connections one non-root uid may hold, registrations included
+    /// (default: a quarter of --max-connections). Users together never take the last
+    /// sixteenth of --max-connections: it is kept for root.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..),
+          env = "REUSEPORT_MAX_CONNECTIONS_PER_UID")]
+    max_connections_per_uid: Option<u32>,
+    /// A `reuseportctl restart` whose supervisor reports no outcome this long after the
+    /// agent forwarded it fails (for its requester and in `status`).
+    #[arg(long, value_name = "DUR", default_value = "10m", env = "REUSEPORT_RESTART_TIMEOUT",
+          value_parser = reuseport_agent::ctl::supervise::parse_duration)]
+    restart_timeout: std::time::Duration,
 }
 
 fn main() -> std::process::ExitCode {
@@ -70,7 +86,10 @@ fn main() -> std::process::ExitCode {
         pin_abi: cli.pin_abi_version,
         control_group: cli.control_group,
         max_groups: cli.max_groups,
+        groups_per_uid: cli.max_groups_per_uid,
         max_connections: cli.max_connections,
+        connections_per_uid: cli.max_connections_per_uid,
+        restart_timeout: cli.restart_timeout,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

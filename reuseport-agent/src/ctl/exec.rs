@@ -17,6 +17,7 @@ use super::{
     GlobalOpts,
     draining::{Drain, DrainOpts, DrainTask},
     launch::{self, DEFAULT_FD_NAME, note, parse_name, parse_signal},
+    reaper::Reaper,
     spawn::{self, FORWARDED_SIGNALS},
 };
 use crate::{addr::GroupAddr, client::Registration, protocol::GenState};
@@ -135,13 +136,16 @@ async fn launch(global: &GlobalOpts, args: ExecArgs) -> anyhow::Result<u8> {
 }
 
 /// Waits for the child, signalling it when its generation drains, and returns the exit
-/// status to exit with. The registration stays open until this returns.
+/// status to exit with. The registration stays open until this returns. As PID 1 or a
+/// subreaper, it also reaps the orphans it inherits (see [`Reaper`]).
 async fn supervise(
     pid: Pid,
     mut registration: Registration,
     mut drain: Option<Drain>,
     mut sigchld: tokio::signal::unix::Signal,
 ) -> anyhow::Result<u8> {
+    let mut reaper = Reaper::new();
+    reaper.track(pid);
     let mut state = registration.state();
     let mut watching_state = true;
     let mut registered = true;
@@ -160,7 +164,7 @@ async fn supervise(
     loop {
         tokio::select! {
             _ = sigchld.recv() => {
-                if let Some(status) = launch::try_reap(pid)?.and_then(launch::exit_code) {
+                if let Some(status) = reaper.try_reap(pid)?.and_then(launch::exit_code) {
                     return Ok(status);
                 }
             }

@@ -15,6 +15,7 @@ mod draining;
 pub mod exec;
 mod launch;
 mod output;
+mod reaper;
 pub mod restart;
 mod spawn;
 pub mod status;

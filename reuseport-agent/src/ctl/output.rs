@@ -6,7 +6,7 @@
 use std::{fmt::Write as _, io::Write as _};
 
 use crate::{
-    protocol::{GenState, GenerationStatus, GroupStatus, RestartOutcome},
+    protocol::{GenState, GenerationStatus, GroupStatus, Limits, RestartOutcome},
     text::escape,
 };
 
@@ -179,8 +179,23 @@ pub fn status_table(groups: &[GroupStatus]) -> String {
             limits.generations_per_group,
             limits.control_connections
         );
+        if let Some(quotas) = quotas_line(&limits) {
+            let _ = writeln!(out, "{quotas}");
+        }
     }
     out
+}
+
+/// `per non-root uid: … ; kept for root: …`, when the agent reports its quotas.
+fn quotas_line(limits: &Limits) -> Option<String> {
+    Some(format!(
+        "per non-root uid: {} groups, {} control connections; kept for root: {} groups, {} \
+         control connections",
+        limits.groups_per_uid?,
+        limits.control_connections_per_uid?,
+        limits.groups_reserved_for_root?,
+        limits.control_connections_reserved_for_root?
+    ))
 }
 
 /// One line after `activate` or `drain`, e.g.
@@ -225,7 +240,7 @@ pub fn change_summary(group: &GroupStatus, generation: u32) -> String {
 mod tests {
     use super::*;
     use crate::protocol::{
-        Counters, DrainPhase, GenerationLive, GroupLive, Limits, ListenerLive, SocketStatus,
+        Counters, DrainPhase, GenerationLive, GroupLive, ListenerLive, SocketStatus,
     };
 
     fn generation(n: u32, state: GenState, pids: &[i32]) -> GenerationStatus {
@@ -355,13 +370,30 @@ mod tests {
             sockets_per_group: 128,
             generations_per_group: 128,
             control_connections: 4096,
+            ..Limits::default()
         });
-        let out = status_table(&[g]);
+        let out = status_table(std::slice::from_ref(&g));
         assert_eq!(
             out.lines().last(),
             Some(
                 "limits: 256 groups; 128 sockets and 128 generations per group; 4096 \
                  control connections"
+            ),
+            "{out}"
+        );
+        g.limits = Some(Limits {
+            groups_per_uid: Some(64),
+            control_connections_per_uid: Some(1024),
+            groups_reserved_for_root: Some(16),
+            control_connections_reserved_for_root: Some(256),
+            ..g.limits.expect("set above")
+        });
+        let out = status_table(&[g]);
+        assert_eq!(
+            out.lines().last(),
+            Some(
+                "per non-root uid: 64 groups, 1024 control connections; kept for root: 16 \
+                 groups, 256 control connections"
             ),
             "{out}"
         );

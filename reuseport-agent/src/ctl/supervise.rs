@@ -40,6 +40,7 @@ use super::{
     GlobalOpts,
     draining::{Drain, DrainOpts, DrainTask},
     launch::{self, DEFAULT_FD_NAME, describe_exit, note, parse_name, parse_signal},
+    reaper::Reaper,
     spawn,
 };
 use crate::{
@@ -184,6 +185,7 @@ pub async fn run(global: &GlobalOpts, mut args: SuperviseArgs) -> anyhow::Result
         unattached: Vec::new(),
         events: events_tx,
         shutdown: None,
+        reaper: Reaper::new(),
     };
     sup.start_generation().await?;
     loop {
@@ -330,6 +332,8 @@ struct Supervisor {
     unattached: Vec<u64>,
     events: mpsc::UnboundedSender<Event>,
     shutdown: Option<Shutdown>,
+    /// Waits for the generations, and for the orphans it inherits as PID 1 or a subreaper.
+    reaper: Reaper,
     // NB: no Drop needed for the children: they get SIGTERM through PR_SET_PDEATHSIG if the
     // supervisor dies.
 }
@@ -442,6 +446,7 @@ impl Supervisor {
         .context("the command line contains a NUL byte")?;
         let (pid, mut registration) = bound.register_and_start(&mut plan).await?;
         drop(plan);
+        self.reaper.track(pid);
 
         let mut state = registration.state();
         let mut restarts = registration.take_restart_requests();
@@ -510,7 +515,7 @@ impl Supervisor {
         let (group, pid) = (gen_.group, gen_.pid);
         // NB: its SIGCHLD may still be queued: activating a generation that just died would
         // drain the one that serves and leave the group falling back.
-        match launch::try_reap(pid) {
+        match self.reaper.try_reap(pid) {
             Ok(Some(status)) => return self.on_exit(generation, status),
             Ok(None) => {}
             Err(e) => note(format_args!("warning: {}", super::one_line(&e))),
@@ -675,7 +680,7 @@ impl Supervisor {
     async fn reap(&mut self) -> anyhow::Result<()> {
         let mut exited = Vec::new();
         for (&generation, g) in &self.gens {
-            if let Some(status) = launch::try_reap(g.pid)? {
+            if let Some(status) = self.reaper.try_reap(g.pid)? {
                 exited.push((generation, status));
             }
         }

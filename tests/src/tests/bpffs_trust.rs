@@ -1,5 +1,6 @@
 //! The agent's bpffs is its own: mounted 0700 when the agent mounts it, its directory 0700 and
-//! refused when another user owns it, and no symbolic link under it is ever followed.
+//! refused when another user owns it, no symbolic link under it is ever followed, and of two
+//! agents started on it, the one that does not get its lock touches nothing of the other's.
 
 use std::{
     os::unix::fs::PermissionsExt as _,
@@ -37,8 +38,13 @@ fn start_agent(control: &Path, bpffs: &Path) -> std::process::Child {
 #[test]
 fn an_agent_mounting_bpffs_mounts_it_private() {
     let env = TestEnv::new("an_agent_mounting_bpffs_mounts_it_private");
-    // NB: this test's own mount namespace: the host's bpffs (if any) is not touched.
-    umount2("/sys/fs/bpf", MntFlags::MNT_DETACH).expect("unmount the test's bpffs");
+    // NB: this test's own mount namespace: the host's bpffs (if any) is not touched. Every
+    // bpffs stacked there goes: a VM guest's init mounts one below the test's own.
+    while nix::sys::statfs::statfs("/sys/fs/bpf")
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+    {
+        umount2("/sys/fs/bpf", MntFlags::MNT_DETACH).expect("unmount a bpffs");
+    }
     let control = env.dir().join("own.sock");
     let bpffs = Path::new("/sys/fs/bpf/reuseport");
     let mut agent = start_agent(&control, bpffs);
@@ -145,4 +151,110 @@ fn a_symlink_named_after_a_group_is_never_followed() {
         let t = tally(local(port), 20);
         assert_eq!(t.of(1), 20, "port {port}: {t}");
     }
+}
+
+/// An agent process of the test's own on the environment's control socket and bpffs, its
+/// stderr in `log`; killed on drop.
+struct Contender {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Contender {
+    fn start(env: &TestEnv, tag: &str, extra_env: &[(&str, &str)]) -> Self {
+        let log = env.dir().join(format!("{tag}.log"));
+        let child = Command::new(bin_path("reuseport-agent"))
+            .arg("--control")
+            .arg(env.control_path())
+            .arg("--bpffs")
+            .arg(env.bpffs_path())
+            .envs(extra_env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("agent log"))
+            .spawn()
+            .expect("spawn reuseport-agent");
+        Self { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn exited(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_some()
+    }
+}
+
+impl Drop for Contender {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn an_agent_that_loses_the_bpffs_lock_leaves_the_winners_control_socket_alone() {
+    const PORT: u16 = 9611;
+    const TIMEOUT: Duration = Duration::from_secs(30);
+    let mut env = TestEnv::new("an_agent_that_loses_the_bpffs_lock_leaves_the_winners_socket");
+    let _g1 = env.serve(PORT, 1, ServerKind::Tokio, false);
+    // A dead agent's socket file and pins: both agents below start over them.
+    env.kill_agent();
+    let release = env.dir().join("release");
+    let release_path = release.to_string_lossy().into_owned();
+    // The first agent stops right after it found the control socket stale, before it
+    // removes it (as a slow start would); the second starts meanwhile.
+    let mut first = Contender::start(
+        &env,
+        "first",
+        &[
+            ("REUSEPORT_FAULT_HOLD", "control.stale-found"),
+            ("REUSEPORT_FAULT_RELEASE", &release_path),
+        ],
+    );
+    wait_until(
+        "the first agent holds at the stale control socket",
+        TIMEOUT,
+        || {
+            first
+                .log()
+                .contains("fault injection: holding at control.stale-found")
+        },
+    );
+    let mut second = Contender::start(&env, "second", &[]);
+    let connects = || std::os::unix::net::UnixStream::connect(env.control_path()).is_ok();
+    wait_until("the second agent gave up or listens", TIMEOUT, || {
+        second.exited() || connects()
+    });
+    std::fs::write(&release, b"").expect("release the first agent");
+    wait_until("the first agent gave up or listens", TIMEOUT, || {
+        first.exited() || (second.exited() && connects())
+    });
+    let (winner, loser) = match (first.exited(), second.exited()) {
+        (false, true) => (&first, &second),
+        (true, false) => (&second, &first),
+        other => panic!("exactly one agent should run, got (exited) {other:?}"),
+    };
+    println!("the loser: {}", loser.log().trim_end());
+    assert!(
+        loser
+            .log()
+            .contains("another reuseport-agent already manages"),
+        "the loser should say another agent manages the directory: {}",
+        loser.log()
+    );
+    let status = env.block_on(async {
+        let mut c = reuseport_agent::client::ControlClient::connect(env.control_path()).await?;
+        c.status(None).await
+    });
+    let groups = status.unwrap_or_else(|e| {
+        panic!(
+            "the running agent's control socket should answer: the agent that lost the bpffs \
+             lock must not have replaced it ({e}); the winner's log:\n{}",
+            winner.log()
+        )
+    });
+    assert_eq!(groups.len(), 1, "the winner adopted the group: {groups:?}");
+    assert_eq!(groups[0].active, Some(1));
 }
