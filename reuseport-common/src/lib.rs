@@ -26,6 +26,9 @@
 /// History: 1 = no `STATE` map (pinned state could not be adopted); 2 = `STATE` map.
 pub const ABI_VERSION: u32 = 2;
 
+/// The first version that pins a `STATE` map.
+pub const FIRST_ABI_WITH_RECORD: u32 = 2;
+
 /// Pinned objects of these versions share today's map layouts and are adopted.
 pub const ADOPTABLE_ABI: core::ops::RangeInclusive<u32> = 2..=ABI_VERSION;
 

@@ -13,7 +13,8 @@
 //! The tests need root (network namespaces, bpffs, BPF programs). The agent and reuseportctl
 //! are found in `REUSEPORT_BIN_DIR`, or else next to the test executable's `deps/` directory
 //! (`target/<profile>/`, where `cargo build` puts them). Set `REUSEPORT_SELECT_ONLY=1` to run
-//! the agent in select-only mode; tests that need migration then print `SKIP: …`.
+//! the agent in select-only mode; tests that need migration then print `SKIP: …`; set
+//! `REUSEPORT_EXPECT_MODE=select-only` on a kernel older than 5.14.
 //!
 //! # Why one test thread
 //! Every test unshares its own network namespace (see [`harness::TestEnv`]), so ports never
@@ -28,7 +29,14 @@
 //! - Servers count only connections that carry a request: the agent may make one short
 //!   "wake-up" connection to a group that sends nothing (see `docs/kernel.md`).
 //! - A test that cannot run on this kernel or in this mode prints `SKIP: <test>: <reason>` on
-//!   stdout and returns; the VM runner collects these lines.
+//!   stdout and returns; `cargo xtask test` collects these lines, and fails the run for any
+//!   skip that the column does not expect (see `xtask/src/vm/expect.rs`).
+//! - Every group's mode is checked against the one the column expects (`REUSEPORT_EXPECT_MODE`,
+//!   see [`harness::expected_mode`]).
+//! - Helper processes are the test executable itself, run with a filter that selects an
+//!   ignored "test" whose reason starts with `helper:`; the matrix leaves those out.
+//! - A client request slower than [`harness::slow_bound`] counts as failed: a dropped SYN is
+//!   retransmitted after 1 s and must not pass for a success.
 
 pub mod harness;
 

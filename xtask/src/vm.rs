@@ -2,12 +2,16 @@
 //! kernel, reported as a kernel × test matrix.
 //!
 //! Steps, each cached or skipped when already done: host tools (apt), the musl target
-//! (rustup), kernel packages (Debian 12's sources, resolved at run time, unpacked under
-//! `target/vm/kernels/`), static guest binaries (cargo), one initramfs shared by every
-//! column (`target/vm/initramfs.cpio`), then the boots (`target/vm/logs/<column>.log`).
+//! (rustup), kernel packages (Debian's package sources, resolved at run time through private
+//! apt configurations and cached per package version under
+//! `/var/cache/reuseport-tests/kernels/`, see [`kernel`]), static guest binaries (cargo), one
+//! initramfs shared by every column (`target/vm/initramfs.cpio`), then the boots
+//! (`target/vm/logs/<column>.log`).
 //!
 //! A column is a kernel spec, optionally with `:select-only`, which boots the same kernel
-//! with `REUSEPORT_SELECT_ONLY=1` so the agent takes its select-only path.
+//! with `REUSEPORT_SELECT_ONLY=1` so the agent takes its select-only path. Each column states
+//! the mode it expects (from the kernel version and that option, see [`expect`]); the tests
+//! check every group against it, and the run fails on any skip the column does not expect.
 //!
 //! Measured here (2 host cores, TCG, cached builds and kernels): a bare boot + trivial test +
 //! power-off takes 4–5 s; the current suite takes ≈190 s per 6.12 column, ≈130 s of it in the
@@ -20,8 +24,10 @@
 //! The verdict of a boot comes only from the `REUSEPORT-VM-RESULT` line that `/init` prints:
 //! QEMU exits 0 on power-off whatever happened inside.
 
+mod apt;
 mod binaries;
 pub mod cmd;
+pub mod expect;
 mod initramfs;
 mod kernel;
 mod qemu;
@@ -36,26 +42,30 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 
-pub use results::{Column, TestOutcome, parse_test_output, print_matrix};
+pub use expect::Mode;
+pub use results::{Column, TestOutcome, print_matrix};
 
-/// Columns run when no `--kernel` is given: each Debian 12 series, plus select-only mode on
-/// the newest.
-pub const DEFAULT_KERNELS: &[&str] = &["6.1", "6.12", "6.12:select-only"];
+/// Columns run when no `--kernel` is given: bullseye's 5.10 (before select-or-migrate: the
+/// agent must pick select-only by itself), each Debian 12 series, select-only forced on the
+/// newest of those, and sid's kernel (7.x).
+pub const DEFAULT_KERNELS: &[&str] = &["5.10", "6.1", "6.12", "6.12:select-only", "sid"];
 
 const SELECT_ONLY_SUFFIX: &str = ":select-only";
 const SELECT_ONLY_ENV: (&str, &str) = ("REUSEPORT_SELECT_ONLY", "1");
+/// Read by the tests: the mode every group must run in (see [`expect`]).
+pub const EXPECT_MODE_ENV: &str = "REUSEPORT_EXPECT_MODE";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct VmOpts {
-    /// Kernel column: `6.1`, `6.12` or an exact `linux-image-…` package name, optionally
-    /// followed by `:select-only` (runs with REUSEPORT_SELECT_ONLY=1). Repeatable.
-    /// Default: 6.1, 6.12, 6.12:select-only.
+    /// Kernel column: `5.10` (bullseye), `6.1`, `6.12` (bookworm), `sid` or an exact
+    /// `linux-image-…` package name, optionally followed by `:select-only` (runs with
+    /// REUSEPORT_SELECT_ONLY=1). Repeatable. Default: 5.10, 6.1, 6.12, 6.12:select-only, sid.
     #[arg(long = "kernel", value_name = "SPEC")]
     pub kernels: Vec<String>,
     /// Hard limit for one guest, boot to power-off.
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     pub timeout: u64,
-    /// Guests running at once (default: all three default columns; see the module docs).
+    /// Guests running at once (see the module docs).
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub jobs: usize,
     /// Virtual CPUs per guest.
@@ -88,11 +98,14 @@ pub struct VmReport {
 pub struct KernelResult {
     /// The spec as given (`6.12 select-only`): the column header.
     pub name: String,
+    /// The package and version the kernel came from.
     pub package: String,
     /// `uname -r` as printed by the guest's init; None if it never got that far.
     pub release: Option<String>,
     pub outcome: RunOutcome,
+    pub mode: Mode,
     pub tests: Vec<(String, TestOutcome)>,
+    pub facts: Vec<(String, String)>,
     /// Wall time of each test in the guest (TCG: far slower than on the host).
     pub durations: Vec<(String, Duration)>,
     /// The serial console log, kept for every run.
@@ -123,7 +136,7 @@ pub fn run(opts: &VmOpts) -> anyhow::Result<VmReport> {
         tools::ensure_host_tools()?;
         tools::ensure_musl_target()
     })?;
-    let kernels = step("kernels", || fetch_kernels(&columns, &paths.vm))?;
+    let kernels = step("kernels", || fetch_kernels(&columns))?;
     let binaries = step("guest binaries", || binaries::build(&paths.workspace))?;
     let initrd = paths.vm.join("initramfs.cpio");
     step("initramfs", || {
@@ -138,12 +151,24 @@ pub fn run(opts: &VmOpts) -> anyhow::Result<VmReport> {
     }
     let boots: Vec<Boot> = columns
         .iter()
-        .map(|c| Boot {
-            column: c,
-            kernel: &kernels[&c.spec],
-            initrd: &initrd,
-            logs: &paths.logs,
-            opts,
+        .map(|c| {
+            let kernel = &kernels[&c.spec];
+            let mode = Mode::for_kernel(kernel.series(), c.select_only);
+            let mut env = Vec::new();
+            if c.select_only {
+                let (name, value) = SELECT_ONLY_ENV;
+                env.push((name.to_owned(), value.to_owned()));
+            }
+            env.push((EXPECT_MODE_ENV.to_owned(), mode.as_str().to_owned()));
+            Boot {
+                column: c,
+                kernel,
+                mode,
+                env,
+                initrd: &initrd,
+                logs: &paths.logs,
+                opts,
+            }
         })
         .collect();
     let results = step("boots", || run_boots(&boots, opts.jobs))?;
@@ -151,7 +176,8 @@ pub fn run(opts: &VmOpts) -> anyhow::Result<VmReport> {
     Ok(VmReport { kernels: results })
 }
 
-/// `cargo xtask vm-test`: run, print the matrix, fail if any column failed.
+/// `cargo xtask vm-test`: run, print the matrix, fail if any column failed or skipped other
+/// tests than it expects.
 pub fn vm_test(opts: &VmOpts) -> anyhow::Result<()> {
     let report = run(opts)?;
     report.print(&[]);
@@ -160,6 +186,20 @@ pub fn vm_test(opts: &VmOpts) -> anyhow::Result<()> {
             "{} of {} kernel runs failed",
             report.failures().count(),
             report.kernels.len()
+        );
+    }
+    let problems: Vec<String> = report
+        .columns(&[])
+        .iter()
+        .flat_map(expect::problems)
+        .collect();
+    for p in &problems {
+        println!("vm: {p}");
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{} tests skipped or ran against what their column expects",
+            problems.len()
         );
     }
     Ok(())
@@ -180,7 +220,10 @@ impl VmReport {
     pub fn columns(&self, before: &[Column]) -> Vec<Column> {
         let vms = self.kernels.iter().map(|k| Column {
             label: k.name.clone(),
+            mode: k.mode,
+            guest: true,
             tests: k.tests.clone(),
+            facts: k.facts.clone(),
         });
         before.iter().cloned().chain(vms).collect()
     }
@@ -234,10 +277,11 @@ impl KernelResult {
 /// A parsed `--kernel` argument.
 #[derive(Debug)]
 struct ColumnSpec {
-    /// What `kernel::resolve` gets: `6.12` or a package name.
+    /// What [`kernel::Kernels::get`] gets: `6.12` or a package name.
     spec: String,
     label: String,
-    env: Vec<(String, String)>,
+    /// Boots with `REUSEPORT_SELECT_ONLY=1`.
+    select_only: bool,
 }
 
 fn parse_columns(args: &[String]) -> anyhow::Result<Vec<ColumnSpec>> {
@@ -260,26 +304,20 @@ fn parse_columns(args: &[String]) -> anyhow::Result<Vec<ColumnSpec>> {
 }
 
 fn parse_column(arg: &str) -> anyhow::Result<ColumnSpec> {
-    let (spec, env, label) = match arg.strip_suffix(SELECT_ONLY_SUFFIX) {
-        Some(spec) => {
-            let (name, value) = SELECT_ONLY_ENV;
-            (
-                spec,
-                vec![(name.to_owned(), value.to_owned())],
-                format!("{spec} select-only"),
-            )
-        }
-        None => (arg, Vec::new(), arg.to_owned()),
+    let (spec, select_only, label) = match arg.strip_suffix(SELECT_ONLY_SUFFIX) {
+        Some(spec) => (spec, true, format!("{spec} select-only")),
+        None => (arg, false, arg.to_owned()),
     };
     if spec.is_empty() || spec.contains(':') {
         bail!(
-            "bad --kernel {arg:?}: expected 6.1, 6.12 or a package name, optionally with {SELECT_ONLY_SUFFIX}"
+            "bad --kernel {arg:?}: expected 5.10, 6.1, 6.12, sid or a package name, optionally \
+             with {SELECT_ONLY_SUFFIX}"
         );
     }
     Ok(ColumnSpec {
         spec: spec.to_owned(),
         label,
-        env,
+        select_only,
     })
 }
 
@@ -320,19 +358,16 @@ fn step<T>(name: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<
 }
 
 /// One kernel per distinct spec (two columns may boot the same kernel).
-fn fetch_kernels(
-    columns: &[ColumnSpec],
-    vm_dir: &Path,
-) -> anyhow::Result<BTreeMap<String, kernel::Kernel>> {
-    let mut apt_updated = false;
+fn fetch_kernels(columns: &[ColumnSpec]) -> anyhow::Result<BTreeMap<String, kernel::Kernel>> {
+    let mut cache = kernel::Kernels::new()?;
     let mut kernels = BTreeMap::new();
     for column in columns {
         if kernels.contains_key(&column.spec) {
             continue;
         }
-        let package = kernel::resolve(&column.spec, &mut apt_updated)?;
-        let kernel =
-            kernel::fetch(&package, vm_dir).with_context(|| format!("fetching {package}"))?;
+        let kernel = cache
+            .get(&column.spec)
+            .with_context(|| format!("kernel for --kernel {}", column.label))?;
         kernels.insert(column.spec.clone(), kernel);
     }
     Ok(kernels)
@@ -341,6 +376,9 @@ fn fetch_kernels(
 struct Boot<'a> {
     column: &'a ColumnSpec,
     kernel: &'a kernel::Kernel,
+    mode: Mode,
+    /// `NAME=value` words for the guest's init.
+    env: Vec<(String, String)>,
     initrd: &'a Path,
     logs: &'a Path,
     opts: &'a VmOpts,
@@ -375,12 +413,15 @@ fn run_boots(boots: &[Boot<'_>], jobs: usize) -> anyhow::Result<Vec<KernelResult
 fn run_boot(boot: &Boot<'_>) -> anyhow::Result<KernelResult> {
     let label = &boot.column.label;
     let log = boot.logs.join(format!("{}.log", file_name(label)));
-    eprintln!("vm: booting {label} ({})", boot.kernel.package);
+    eprintln!(
+        "vm: booting {label} ({} {}, expecting {})",
+        boot.kernel.package, boot.kernel.version, boot.mode
+    );
     let started = Instant::now();
     let console = qemu::boot(&qemu::Boot {
         kernel: &boot.kernel.image,
         initrd: boot.initrd,
-        env: &boot.column.env,
+        env: &boot.env,
         cpus: boot.opts.cpus,
         timeout: Duration::from_secs(boot.opts.timeout),
         log: &log,
@@ -405,13 +446,15 @@ fn run_boot(boot: &Boot<'_>) -> anyhow::Result<KernelResult> {
     );
     Ok(KernelResult {
         name: label.clone(),
-        package: boot.kernel.package.clone(),
+        package: format!("{} {}", boot.kernel.package, boot.kernel.version),
         release: text
             .lines()
             .find_map(|l| l.trim().strip_prefix(initramfs::RELEASE_MARKER))
             .map(str::to_owned),
         outcome,
-        tests: parse_test_output(&text),
+        mode: boot.mode,
+        tests: results::parse_test_output(&text),
+        facts: results::parse_facts(&text),
         durations: test_durations(&console.lines),
         log,
         elapsed,
@@ -452,14 +495,12 @@ mod tests {
     use super::parse_column;
 
     #[test]
-    fn select_only_suffix_sets_the_env() {
+    fn select_only_suffix_forces_select_only() {
         let column = parse_column("6.12:select-only").expect("valid spec");
         assert_eq!(column.spec, "6.12");
         assert_eq!(column.label, "6.12 select-only");
-        assert_eq!(
-            column.env,
-            vec![("REUSEPORT_SELECT_ONLY".to_owned(), "1".to_owned())]
-        );
+        assert!(column.select_only);
+        assert!(!parse_column("sid").expect("valid spec").select_only);
         assert!(
             parse_column("6.12:bogus").is_err(),
             "unknown suffixes should be rejected"

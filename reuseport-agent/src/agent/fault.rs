@@ -23,9 +23,18 @@ pub const HOLD_ENV: &str = "REUSEPORT_FAULT_HOLD";
 /// The file whose creation lets a held thread go on (see [`HOLD_ENV`]).
 pub const RELEASE_ENV: &str = "REUSEPORT_FAULT_RELEASE";
 
+/// `REUSEPORT_TEST_FOREIGN_PROGRAM=1` makes the agent record a program id that is not its
+/// own in every pinned record: the next agent then treats the pinned program as another
+/// build's and replaces it, which is how the tests take the upgrade path of a real new
+/// release without building two agents.
+pub const FOREIGN_PROGRAM_ENV: &str = "REUSEPORT_TEST_FOREIGN_PROGRAM";
+
+/// The point between pinning a group's record and switching its table (`Group::publish`).
+pub const BETWEEN_RECORD_AND_TABLE: &str = "between-record-and-table";
+
 /// Refuses an injection request this build cannot honour.
 pub fn check_env() -> anyhow::Result<()> {
-    for var in [ENV, FAIL_ENV, PANIC_ENV, HOLD_ENV] {
+    for var in [ENV, FAIL_ENV, PANIC_ENV, HOLD_ENV, FOREIGN_PROGRAM_ENV] {
         if !cfg!(feature = "fault-injection") && std::env::var_os(var).is_some() {
             anyhow::bail!(
                 "{var} is set, but this reuseport-agent was built without the fault-injection \
@@ -34,6 +43,24 @@ pub fn check_env() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The program id to record for a program whose real id is `real` (see
+/// [`FOREIGN_PROGRAM_ENV`]).
+#[cfg(feature = "fault-injection")]
+pub fn recorded_program_id(real: String) -> String {
+    if std::env::var_os(FOREIGN_PROGRAM_ENV).is_some_and(|v| v == "1") {
+        format!("foreign-{real}")
+    } else {
+        real
+    }
+}
+
+/// The program id to record: always the real one in builds without `fault-injection`.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn recorded_program_id(real: String) -> String {
+    real
 }
 
 /// Point `name`: SIGKILL of the agent itself when [`ENV`] names it (see there).

@@ -357,6 +357,7 @@ impl Group {
         // either the old state or the new one, and the agent that adopts the group
         // republishes the table from the record.
         self.save_record()?;
+        super::fault::point(super::fault::BETWEEN_RECORD_AND_TABLE);
         super::fault::fail("publish.table")
             .map_err(|e| kernel_refusal(steering::injected("writing the steering table", e)))?;
         self.kernel.publish(&cfg, grace).map_err(kernel_refusal)?;
@@ -453,6 +454,11 @@ impl Group {
 
     /// Pins the record alone (for what the kernel program does not read).
     fn save_record(&mut self) -> Result<(), Refusal> {
+        if self.record_abi < reuseport_common::FIRST_ABI_WITH_RECORD {
+            // An agent asked to write as ABI 1 (tests) pins no record at all, as ABI 1 did.
+            self.kernel.remove_record_pin();
+            return Ok(());
+        }
         pinned::encode(&self.record(), self.record_abi, &mut self.record_buf)?;
         super::fault::fail("publish.record").map_err(|e| {
             kernel_refusal(steering::injected("writing the pinned group record", e))
@@ -468,7 +474,7 @@ impl Group {
             netns: self.key.netns,
             owner_uid: self.owner_uid,
             serial: self.serial,
-            program: self.kernel.program_id(),
+            program: super::fault::recorded_program_id(self.kernel.program_id()),
             // NB: a clone per publish (at most MAX_SLOTS members): simpler than a borrowing
             // twin of the record type, and publishes are not a hot path.
             registry: Registry {

@@ -466,6 +466,11 @@ impl GroupKernel {
             })
     }
 
+    /// Unpins the record map (the map itself lives on while the agent holds it).
+    pub fn remove_record_pin(&self) {
+        let _ = fs::remove_file(self.pin_dir.join(MapNames::STATE));
+    }
+
     /// Counters of `slot` summed over CPUs.
     pub fn counters(&self, slot: u32) -> SlotCounters {
         let mut total = SlotCounters::default();

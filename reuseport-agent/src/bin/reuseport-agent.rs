@@ -25,7 +25,8 @@ struct Cli {
     /// the kernel does by itself with migrated connections).
     #[arg(long, hide = true, env = "REUSEPORT_NO_WAKE_UPS", value_parser = clap::builder::FalseyValueParser::new())]
     no_wake_ups: bool,
-    /// ABI version written into pinned group records (tests simulate an older agent with it).
+    /// ABI version written into pinned group records (tests simulate an older agent with it;
+    /// 1 pins no record at all, as agents of ABI 1 did).
     #[arg(long, hide = true, env = "REUSEPORT_TEST_PIN_ABI", default_value_t = reuseport_common::ABI_VERSION)]
     pin_abi_version: u32,
     /// Group (name or numeric gid) that owns the control socket; its members may activate and

@@ -20,7 +20,7 @@ use nix::{
 };
 use reuseport_agent::client::{self, RegisterOptions};
 
-use super::{Server, ServerKind, TestEnv, group};
+use super::{Server, ServerKind, TestEnv, group, patience};
 
 /// `<port> <generation> <activate: 0|1> <control path>`.
 pub const CHILD_SERVER_ENV: &str = "REUSEPORT_TEST_CHILD_SERVER";
@@ -76,7 +76,7 @@ impl ChildServer {
             slot: 0,
         };
         loop {
-            match rx.recv_timeout(CHILD_READY_TIMEOUT) {
+            match rx.recv_timeout(patience(CHILD_READY_TIMEOUT)) {
                 Ok(line) => {
                     // NB: libtest prints "test … ... " before the test's own output, on the same line.
                     if let Some((_, slot)) = line.split_once("READY slot=") {

@@ -28,11 +28,10 @@ use reuseport_agent::{
 
 use super::{Server, ServerKind, group, local, namespaces::enter_private_namespaces};
 
-/// How long the agent may take to accept connections on its control socket: on the host,
-/// and in a VM guest, where loading one program took 9 s on 6.1 under TCG (an agent that
-/// restarts reloads the program of every group whose pinned program is not its own).
-const AGENT_READY_TIMEOUT: (Duration, Duration) =
-    (Duration::from_secs(15), Duration::from_secs(90));
+/// How long the agent may take to accept connections on its control socket (stretched in a
+/// VM guest, where loading one program took 9 s on 6.1 under TCG: an agent that restarts
+/// reloads the program of every group whose pinned program is not its own).
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the agent may take to exit after SIGTERM before it gets SIGKILL.
 const AGENT_EXIT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -45,10 +44,49 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// `--test-threads=1` (see the crate doc for why they must).
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// The agent's mode for groups with migration at close (Linux 5.14+).
+pub const SELECT_OR_MIGRATE: &str = "select-or-migrate";
+/// The agent's mode for groups without it (4.19–5.13, or forced).
+pub const SELECT_ONLY: &str = "select-only";
+
 /// True when the agent is asked to run in select-only mode (`REUSEPORT_SELECT_ONLY=1`, which
 /// the agent reads itself: the variable is inherited).
 pub fn select_only_env() -> bool {
     std::env::var("REUSEPORT_SELECT_ONLY").is_ok_and(|v| v == "1")
+}
+
+/// The mode every group must run in here: `REUSEPORT_EXPECT_MODE` (`cargo xtask test` sets it
+/// for every column of the matrix from the kernel version and the column's options), else
+/// select-only when forced with `REUSEPORT_SELECT_ONLY=1`, else select-or-migrate. Every
+/// status the harness reads is checked against it, so an agent that quietly fell back to
+/// select-only fails the run instead of turning the migration tests into skips.
+pub fn expected_mode() -> &'static str {
+    match std::env::var("REUSEPORT_EXPECT_MODE").as_deref() {
+        Ok(SELECT_ONLY) => SELECT_ONLY,
+        Ok(SELECT_OR_MIGRATE) => SELECT_OR_MIGRATE,
+        Ok(other) => {
+            panic!("REUSEPORT_EXPECT_MODE={other:?}: expected {SELECT_OR_MIGRATE} or {SELECT_ONLY}")
+        }
+        Err(_) if select_only_env() => SELECT_ONLY,
+        Err(_) => SELECT_OR_MIGRATE,
+    }
+}
+
+/// True when this column expects migration of queued connections at close.
+pub fn expects_migration() -> bool {
+    expected_mode() == SELECT_OR_MIGRATE
+}
+
+/// How much slower than the host everything runs in a VM guest (TCG, one vCPU): what the
+/// agent's start-up measured (a program load took 9 s on 6.1 against 50 ms here, but most
+/// waits are dominated by scheduling, not verification).
+const VM_SLOWDOWN: u32 = 6;
+
+/// A bound that holds on the host, stretched for the VM guests (see [`VM_SLOWDOWN`]).
+/// NB: for waits only (how long something may take before the test gives up); never for
+/// bounds that classify a request as failed.
+pub fn patience(host: Duration) -> Duration {
+    if in_vm() { host * VM_SLOWDOWN } else { host }
 }
 
 /// True inside the VM runner's QEMU guests (`REUSEPORT_VM=1`, set by the guest's init):
@@ -122,7 +160,9 @@ impl TestEnv {
 
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
-        let dir = std::env::temp_dir().join(format!("reuseport-test-{pid}-{n}-{name}"));
+        // NB: the control socket's path must fit in sun_path (108 bytes): the name is cut.
+        let short: String = name.chars().take(40).collect();
+        let dir = std::env::temp_dir().join(format!("reuseport-test-{pid}-{n}-{short}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the test's temp dir");
         let bpffs = PathBuf::from(reuseport_agent::DEFAULT_BPFFS_PATH);
@@ -184,11 +224,7 @@ impl TestEnv {
             .expect("spawn reuseport-agent");
         self.agent = Some(agent);
 
-        let ready_timeout = if in_vm() {
-            AGENT_READY_TIMEOUT.1
-        } else {
-            AGENT_READY_TIMEOUT.0
-        };
+        let ready_timeout = patience(AGENT_READY_TIMEOUT);
         let deadline = Instant::now() + ready_timeout;
         loop {
             if let Some(status) = self
@@ -262,6 +298,40 @@ impl TestEnv {
         agent.wait().expect("reap the agent");
     }
 
+    /// Waits until the agent killed itself at a fault-injection point (`REUSEPORT_FAULT_AT`),
+    /// and reaps it; panics if it exits any other way or is still running after `timeout`.
+    pub fn wait_agent_killed_by_fault(&mut self, timeout: Duration) {
+        use std::os::unix::process::ExitStatusExt as _;
+        let agent = self.agent.as_mut().expect("agent running");
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = agent.try_wait().expect("wait for the agent") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: the agent should have killed itself at its fault-injection point within \
+                 {timeout:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        self.agent = None;
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "{}: the agent should die of SIGKILL at its fault-injection point, got {status}",
+            self.name
+        );
+        assert!(
+            self.agent_log()
+                .contains("fault injection: the agent kills itself here"),
+            "{}: the agent should log the fault it injects (a build without the \
+             fault-injection feature refuses REUSEPORT_FAULT_AT)",
+            self.name
+        );
+    }
+
     /// Starts the agent again on the same control socket and bpffs dir (after
     /// [`kill_agent`](Self::kill_agent)), with `env` replacing the extra environment.
     pub fn restart_agent(&mut self, env: &[(&str, &str)]) {
@@ -284,16 +354,24 @@ impl TestEnv {
         self.start_agent();
     }
 
-    /// Waits until every socket the agent knows has its registration back (after a
-    /// [`restart_agent`](Self::restart_agent), clients reconnect on their own).
+    /// Waits until the agent knows sockets again and every one of them has its registration
+    /// back (after a [`restart_agent`](Self::restart_agent), clients reconnect on their own).
+    /// NB: at least one socket: an agent that adopted nothing must not pass for one whose
+    /// clients all came back.
     pub fn wait_all_registered(&self, timeout: Duration) {
-        super::wait_until("every socket is registered again", timeout, || {
-            self.statuses()
-                .iter()
-                .flat_map(|g| &g.generations)
-                .flat_map(|g| &g.sockets)
-                .all(|s| s.registered)
-        });
+        super::wait_until(
+            "the agent adopted sockets and every one is registered again",
+            timeout,
+            || {
+                let statuses = self.statuses();
+                let mut sockets = statuses
+                    .iter()
+                    .flat_map(|g| &g.generations)
+                    .flat_map(|g| &g.sockets)
+                    .peekable();
+                sockets.peek().is_some() && sockets.all(|s| s.registered)
+            },
+        );
     }
 
     /// PID of the agent process.
@@ -316,6 +394,25 @@ impl TestEnv {
             c.status(None).await
         })
         .unwrap_or_else(|e| panic!("{}: status of all groups failed: {e}", self.name))
+        .into_iter()
+        .map(|g| self.checked(g))
+        .collect()
+    }
+
+    /// `status` after checking that the group runs in the mode this column expects (see
+    /// [`expected_mode`]).
+    pub fn checked(&self, status: GroupStatus) -> GroupStatus {
+        assert_eq!(
+            status.mode,
+            expected_mode(),
+            "{}: the agent runs {} in {} mode, but this kernel and column expect {} \
+             (REUSEPORT_EXPECT_MODE, REUSEPORT_SELECT_ONLY): {status:?}",
+            self.name,
+            status.group,
+            status.mode,
+            expected_mode()
+        );
+        status
     }
 
     /// Status of the group `group` (any address family; `@NETNS` when ambiguous).
@@ -328,10 +425,11 @@ impl TestEnv {
                 c.status(Some(group)).await
             })
             .unwrap_or_else(|e| panic!("{}: status of {group} failed: {e}", self.name));
-        groups
+        let status = groups
             .into_iter()
             .find(|g| g.group.addr == group.addr)
-            .unwrap_or_else(|| panic!("{}: agent reports no group {group}", self.name))
+            .unwrap_or_else(|| panic!("{}: agent reports no group {group}", self.name));
+        self.checked(status)
     }
 
     /// `activate GROUP gen` through the client library; the agent's refusal as an error.
@@ -346,6 +444,7 @@ impl TestEnv {
                 .expect("connect to the agent");
             c.activate(group, generation).await
         })
+        .map(|g| self.checked(g))
     }
 
     /// `activate GROUP gen` through the client library.
@@ -369,7 +468,10 @@ impl TestEnv {
             c.status(Some(group(port))).await
         });
         match groups {
-            Ok(groups) => groups.into_iter().find(|g| g.group.addr == local(port)),
+            Ok(groups) => groups
+                .into_iter()
+                .find(|g| g.group.addr == local(port))
+                .map(|g| self.checked(g)),
             Err(e) if e.agent_kind() == Some(ErrorKind::UnknownGroup) => None,
             Err(e) => panic!("{}: status of 127.0.0.1:{port} failed: {e}", self.name),
         }
@@ -377,13 +479,7 @@ impl TestEnv {
 
     /// `activate port gen` through the client library.
     pub fn activate(&self, port: u16, generation: u32) -> GroupStatus {
-        self.block_on(async {
-            let mut c = ControlClient::connect(&self.control)
-                .await
-                .expect("connect to the agent");
-            c.activate(group(port), generation).await
-        })
-        .unwrap_or_else(|e| panic!("{}: activate {port} {generation}: {e}", self.name))
+        self.activate_group(group(port), generation)
     }
 
     pub fn register_options(&self, port: u16, generation: u32, activate: bool) -> RegisterOptions {
@@ -492,29 +588,60 @@ impl TestEnv {
     }
 }
 
-impl Drop for TestEnv {
-    fn drop(&mut self) {
+impl TestEnv {
+    /// Stops the agent with SIGTERM (SIGKILL after [`AGENT_EXIT_TIMEOUT`]); what went wrong
+    /// with it during the test, if anything: it died before, ignored SIGTERM, exited with a
+    /// failure, or panicked on a thread (which a daemon may survive).
+    fn stop_agent(&mut self) -> Option<String> {
+        let mut problems = Vec::new();
         if let Some(mut agent) = self.agent.take() {
-            let pid = Pid::from_raw(agent.id() as i32);
-            let _ = kill(pid, Signal::SIGTERM);
-            let deadline = Instant::now() + AGENT_EXIT_TIMEOUT;
-            loop {
-                match agent.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() >= deadline => {
-                        eprintln!(
-                            "{}: agent ignored SIGTERM for {AGENT_EXIT_TIMEOUT:?}",
-                            self.name
-                        );
-                        let _ = agent.kill();
-                        let _ = agent.wait();
-                        break;
+            if let Ok(Some(status)) = agent.try_wait() {
+                problems.push(format!("the agent died during the test ({status})"));
+            } else {
+                let _ = kill(Pid::from_raw(agent.id() as i32), Signal::SIGTERM);
+                let timeout = patience(AGENT_EXIT_TIMEOUT);
+                let deadline = Instant::now() + timeout;
+                loop {
+                    match agent.try_wait() {
+                        Ok(Some(status)) if status.success() => break,
+                        Ok(Some(status)) => {
+                            problems.push(format!("the agent exited with {status} on SIGTERM"));
+                            break;
+                        }
+                        Err(e) => {
+                            problems.push(format!("waiting for the agent: {e}"));
+                            break;
+                        }
+                        Ok(None) if Instant::now() >= deadline => {
+                            problems.push(format!("the agent ignored SIGTERM for {timeout:?}"));
+                            let _ = agent.kill();
+                            let _ = agent.wait();
+                            break;
+                        }
+                        Ok(None) => std::thread::sleep(Duration::from_millis(5)),
                     }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
         }
-        if std::thread::panicking() {
+        // NB: only the last agent's part of the log: a test may make an agent panic on
+        // purpose (fault injection), and then restart it.
+        let log = self.agent_log();
+        let restart = format!("--- {}: agent restarted ---", self.name);
+        let last_run = log
+            .rsplit_once(&restart)
+            .map_or(log.as_str(), |(_, last)| last);
+        if last_run.contains(" panicked at ") {
+            problems.push("the agent panicked (see its log)".into());
+        }
+        (!problems.is_empty()).then(|| problems.join("; "))
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let problem = self.stop_agent();
+        let failing = std::thread::panicking();
+        if failing || problem.is_some() {
             // NB: the agent's own log (a verifier log can be huge): only its end.
             eprintln!(
                 "--- {}: agent log ---\n{}",
@@ -523,6 +650,11 @@ impl Drop for TestEnv {
             );
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(problem) = problem
+            && !failing
+        {
+            panic!("{}: {problem}", self.name);
+        }
     }
 }
 

@@ -6,7 +6,9 @@
 //! The wire protocol between test clients and test servers is one line each way:
 //! the client sends `req <n>\n`, the server answers `gen <G> <n+1>\n`.
 
+pub mod bpf_prog;
 mod child;
+mod edge_server;
 mod env;
 mod namespaces;
 mod netns;
@@ -20,11 +22,15 @@ use std::{
 };
 
 pub use child::{CHILD_SERVER_ENV, ChildServer, child_server_main};
-pub use env::{Generation, TestEnv, bin_path, in_vm, select_only_env};
+pub use edge_server::EdgeServer;
+pub use env::{
+    Generation, SELECT_ONLY, SELECT_OR_MIGRATE, TestEnv, bin_path, expected_mode,
+    expects_migration, in_vm, patience, select_only_env,
+};
 pub use netns::{NetNs, current_netns_inode};
-pub use server::{Server, ServerKind};
+pub use server::{Server, ServerKind, accept_queue_len};
 pub use tools::{AbResult, ApacheBench, SsSocket, ss, tool_missing};
-pub use traffic::{ClientConn, Tally, parse_reply, request_once, tally};
+pub use traffic::{ClientConn, Slow, Tally, parse_reply, request_once, slow_bound, tally};
 
 use reuseport_agent::{
     addr::GroupAddr,

@@ -5,6 +5,7 @@
 use std::{
     io::{self, BufRead, BufReader, Write},
     net::{Shutdown, TcpListener, TcpStream},
+    os::fd::AsRawFd,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -267,7 +268,7 @@ async fn serve_tokio(
 }
 
 /// `req <n>` → `gen <G> <n+1>`; anything else → `error <line>`.
-fn answer(generation: u32, line: &str) -> String {
+pub(super) fn answer(generation: u32, line: &str) -> String {
     match line
         .trim_end()
         .strip_prefix("req ")
@@ -276,4 +277,28 @@ fn answer(generation: u32, line: &str) -> String {
         Some(n) => format!("gen {generation} {}\n", n + 1),
         None => format!("error bad request {:?}\n", line.trim_end()),
     }
+}
+
+/// Connections waiting in a listener's accept queue: for a listening socket TCP_INFO reports
+/// `sk_ack_backlog` in `tcpi_unacked`.
+pub fn accept_queue_len(listener: &TcpListener) -> u32 {
+    // SAFETY: getsockopt fills the zeroed tcp_info we own, up to `len` bytes.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    let res = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(
+        res,
+        0,
+        "getsockopt(TCP_INFO): {}",
+        io::Error::last_os_error()
+    );
+    info.tcpi_unacked
 }

@@ -20,7 +20,7 @@ use reuseport_agent::{
 };
 
 use crate::harness::{
-    ServerKind, TestEnv, bin_path, generation_status, group, local, one_line_error, skip, tally,
+    ServerKind, TestEnv, bin_path, generation_status, group, local, one_line_error, tally,
     wait_until,
 };
 
@@ -36,21 +36,18 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 fn non_root_users_cannot_steer_or_join_groups_they_do_not_own() {
     const PORT: u16 = 8101;
     const TEST: &str = "non_root_users_cannot_steer_or_join_groups_they_do_not_own";
-    let Some(users) = TestUsers::create(TEST) else {
-        return;
-    };
+    let users = TestUsers::new();
     let env = TestEnv::with_agent(TEST, &["--control-group", &users.ops_group], &[]);
 
-    let meta = std::fs::symlink_metadata(env.control_path()).expect("stat the control socket");
-    assert_eq!(
-        meta.permissions().mode() & 0o7777,
-        0o660,
-        "the control socket should be mode 0660"
-    );
-    assert_eq!(
-        meta.gid(),
-        users.ops_gid,
-        "the control socket should belong to the --control-group"
+    // NB: the socket accepts as soon as it is bound, with mode 0600; group and 0660 follow.
+    wait_until(
+        "the control socket is mode 0660 and belongs to the --control-group",
+        ANSWER_TIMEOUT,
+        || {
+            std::fs::symlink_metadata(env.control_path()).is_ok_and(|meta| {
+                meta.permissions().mode() & 0o7777 == 0o660 && meta.gid() == users.ops_gid
+            })
+        },
     );
 
     // A root-owned group: generation 1 active, 2 standby.
@@ -404,7 +401,7 @@ const REGISTER_CHILD_TEST: &str = "tests::access::register_inherited_socket";
 /// Not a test: run as another user by `TestUser::register_inherited`, registers the socket
 /// it inherited as descriptor 3 and prints `REGISTERED` or `REFUSED <message>`.
 #[test]
-#[ignore = "entry point of a child process of non_root_users_cannot_steer_or_join_groups_they_do_not_own"]
+#[ignore = "helper: entry point of a child process of non_root_users_cannot_steer_or_join_groups_they_do_not_own"]
 fn register_inherited_socket() {
     let Ok(spec) = std::env::var(REGISTER_CHILD_ENV) else {
         return;
@@ -430,9 +427,12 @@ fn register_inherited_socket() {
     }
 }
 
-/// Two users and an operators' group, named after this process (nothing else can collide),
-/// removed again on drop.
+/// Two users and an operators' group, as raw ids that no user database needs to know (the
+/// agent takes identities from the kernel, and the VM guests have no `useradd`). Derived
+/// from this process's pid, far above the ids a system hands out, so they collide with
+/// nothing.
 struct TestUsers {
+    /// `--control-group`, numeric.
     ops_group: String,
     ops_gid: u32,
     /// In no group of interest.
@@ -442,103 +442,21 @@ struct TestUsers {
 }
 
 impl TestUsers {
-    /// `None` (after printing a SKIP line) where users cannot be created (no useradd).
-    fn create(test: &str) -> Option<Self> {
-        if !Path::new("/usr/sbin/useradd").exists() {
-            skip(
-                test,
-                "useradd is not installed (needed to create a non-root user)",
-            );
-            return None;
-        }
-        let pid = std::process::id();
-        let ops_group = format!("rpops{pid}");
-        run_ok("groupadd", &[ops_group.as_str()]);
-        let mut users = Self {
-            ops_gid: getent_id("group", &ops_group),
-            ops_group,
-            outsider: TestUser {
-                name: String::new(),
-                uid: 0,
-                gid: 0,
-                groups: Vec::new(),
-            },
-            member: TestUser {
-                name: String::new(),
-                uid: 0,
-                gid: 0,
-                groups: Vec::new(),
-            },
+    fn new() -> Self {
+        let base = 3_900_000_000 + (std::process::id() % 1_000_000) * 3;
+        let user = |name: &str, id: u32, groups: Vec<u32>| TestUser {
+            name: name.to_owned(),
+            uid: id,
+            gid: id,
+            groups,
         };
-        // NB: assigned one by one, so that Drop removes exactly what was created.
-        users.outsider = add_user(&format!("rpout{pid}"), Vec::new());
-        users.member = add_user(&format!("rpmem{pid}"), vec![users.ops_gid]);
-        Some(users)
-    }
-}
-
-impl Drop for TestUsers {
-    fn drop(&mut self) {
-        let remove = |program: &str, name: &str| match Command::new(program).arg(name).output() {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!(
-                "{program} {name} failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            Err(e) => eprintln!("{program} {name}: {e}"),
-        };
-        for user in [&self.outsider, &self.member] {
-            if !user.name.is_empty() {
-                remove("userdel", &user.name);
-            }
+        Self {
+            ops_group: base.to_string(),
+            ops_gid: base,
+            outsider: user("outsider", base + 1, Vec::new()),
+            member: user("member", base + 2, vec![base]),
         }
-        remove("groupdel", &self.ops_group);
     }
-}
-
-fn add_user(name: &str, groups: Vec<u32>) -> TestUser {
-    run_ok(
-        "useradd",
-        &[
-            "--no-create-home",
-            "--user-group",
-            "--shell",
-            "/usr/sbin/nologin",
-            name,
-        ],
-    );
-    TestUser {
-        name: name.to_string(),
-        uid: getent_id("passwd", name),
-        gid: getent_id("group", name),
-        groups,
-    }
-}
-
-fn run_ok(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {} should succeed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The uid or gid (third field) of `name` in the `passwd` or `group` database.
-fn getent_id(db: &str, name: &str) -> u32 {
-    let out = Command::new("getent")
-        .args([db, name])
-        .output()
-        .expect("run getent");
-    let line = String::from_utf8_lossy(&out.stdout);
-    line.split(':')
-        .nth(2)
-        .and_then(|f| f.trim().parse().ok())
-        .unwrap_or_else(|| panic!("getent {db} {name} should give an id: {line:?}"))
 }
 
 // ---------------------------------------------------------------------------------------

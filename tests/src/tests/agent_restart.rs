@@ -13,16 +13,19 @@ use reuseport_agent::{
     client::{self, ControlClient},
     protocol::{DrainPhase, GenState, GroupStatus},
 };
-use reuseport_common::{ABI_VERSION, ADOPTABLE_ABI};
+use reuseport_common::{ABI_VERSION, ADOPTABLE_ABI, ProgramNames};
 
 use super::supervise::{Load, Supervisor};
 use crate::harness::{
-    Server, ServerKind, TestEnv, generation_status, group, load_size, local, tally, wait_until,
+    SELECT_ONLY, Server, ServerKind, TestEnv, bpf_prog, expected_mode, generation_status, group,
+    load_size, local, patience, tally, wait_until,
 };
 
 /// How long clients may take to register again after the agent is back (their backoff is
-/// at most one second).
-const REREGISTER_TIMEOUT: Duration = Duration::from_secs(15);
+/// at most one second): a wait, stretched in VM guests.
+fn reregister_timeout() -> Duration {
+    patience(Duration::from_secs(15))
+}
 /// New connections the load must complete while the agent is down (host, VM guest).
 const DOWNTIME_CONNECTIONS: (u64, u64) = (2_000, 300);
 /// Client threads on the client-library group of the kill test.
@@ -81,7 +84,7 @@ fn agent_killed_under_load_is_adopted_and_clients_register_again() {
     sup.wait_active(&env, SUP_PORT, 2);
     wait_until(
         "the supervisor's generation 1 has exited",
-        Duration::from_secs(15),
+        patience(Duration::from_secs(15)),
         || env.status(SUP_PORT).generations.len() == 1,
     );
     env.activate(LIB_PORT, 2);
@@ -102,7 +105,7 @@ fn agent_killed_under_load_is_adopted_and_clients_register_again() {
     env.kill_agent();
     wait_until(
         "the load completes connections while the agent is down",
-        Duration::from_secs(60),
+        patience(Duration::from_secs(60)),
         || lib_load.snapshot().answered() >= lib_before.answered() + downtime,
     );
     let lib_down = lib_load.snapshot();
@@ -123,7 +126,7 @@ fn agent_killed_under_load_is_adopted_and_clients_register_again() {
     );
 
     env.restart_agent(&[]);
-    env.wait_all_registered(REREGISTER_TIMEOUT);
+    env.wait_all_registered(reregister_timeout());
     assert_eq!(
         steered_to_draining(&env),
         draining_before,
@@ -208,14 +211,14 @@ fn agent_killed_during_activations_leaves_a_state_some_request_produced() {
         let kill_after = 5 + round * 13;
         wait_until(
             "the flipper made its flips",
-            Duration::from_secs(30),
+            patience(Duration::from_secs(30)),
             || flips.lock().unwrap().done >= kill_after,
         );
         env.kill_agent();
         env.block_on(flipper).expect("flipper task");
         let f = *flips.lock().unwrap();
         env.restart_agent(&[]);
-        env.wait_all_registered(REREGISTER_TIMEOUT);
+        env.wait_all_registered(reregister_timeout());
 
         let status = env.status(PORT);
         let allowed = [f.acknowledged, f.in_flight];
@@ -253,13 +256,173 @@ fn agent_killed_during_activations_leaves_a_state_some_request_produced() {
     drop(gens);
 }
 
-/// Runs one agent writing pinned records of `old_abi`, kills it under load, and starts the
-/// current agent on its pins. Returns the environment, the servers and the load.
+/// Activations of a stream, each killing the agent between the record write and the table
+/// switch of the 5th publish: 3 registrations, then `activate 2`, then `activate 3` (NB: a
+/// publish per registration and per activation, nothing else in this test publishes).
+const FAULT_AT: &str = "between-record-and-table:5";
+
+/// The agent dies exactly after pinning the record of an activation and before switching the
+/// table to it: the kernel still steers by the old table, and the adopting agent completes
+/// the flip from the record. The activation in flight wins, never a mix of the two.
+#[test]
+fn agent_killed_between_record_and_table_switch_completes_the_activation_in_flight() {
+    const NAME: &str =
+        "agent_killed_between_record_and_table_switch_completes_the_activation_in_flight";
+    const PORT: u16 = 7906;
+    let mut env = TestEnv::with_agent(NAME, &[], &[("REUSEPORT_FAULT_AT", FAULT_AT)]);
+    // NB: clients that do not register again: what the kernel follows after the restart is
+    // then what the adopting agent did on its own.
+    let gens: Vec<_> = (1..=3)
+        .map(|g| {
+            let listener = env.listen(PORT);
+            let opts = client::RegisterOptions {
+                reconnect: false,
+                ..env.register_options(PORT, g, false)
+            };
+            let registration = env
+                .block_on(client::register(listener.as_fd(), &opts))
+                .unwrap_or_else(|e| panic!("register generation {g}: {e}"));
+            let server = Server::start(ServerKind::Tokio, listener, g, env.rt().handle());
+            (server, registration)
+        })
+        .collect();
+    env.activate(PORT, 2);
+    let in_flight = env.try_activate_group(group(PORT), 3);
+    assert!(
+        in_flight.is_err(),
+        "activate 3 should get no answer: the agent dies in the middle of it ({in_flight:?})"
+    );
+    env.wait_agent_killed_by_fault(patience(Duration::from_secs(10)));
+
+    // The kill landed before the table switch: the kernel still follows `activate 2`.
+    let t = tally(local(PORT), 100);
+    assert_eq!(
+        t.of(2),
+        100,
+        "with the agent dead between record and table switch, the kernel should still steer \
+         by the last switched table (generation 2): {t}"
+    );
+
+    env.restart_agent(&[]);
+    let status = env.status(PORT);
+    let states: Vec<(u32, GenState)> = status
+        .generations
+        .iter()
+        .map(|g| (g.generation, g.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (1, GenState::Draining),
+            (2, GenState::Draining),
+            (3, GenState::Active)
+        ],
+        "the adopting agent should complete the activation in flight from the pinned record, \
+         before any client registers again: {status:?}"
+    );
+    let t = tally(local(PORT), 100);
+    assert_eq!(
+        t.of(3),
+        100,
+        "the kernel should steer to generation 3, as status says: {t}"
+    );
+    drop(gens);
+}
+
+/// The pin of the group's program on `port` (the only group in the test's bpffs).
+fn program_pin(env: &TestEnv, port: u16) -> std::path::PathBuf {
+    let dir = std::fs::read_dir(env.bpffs_path())
+        .expect("list the test's bpffs")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.contains(&format!("_{port}_")))
+        })
+        .unwrap_or_else(|| panic!("no pin directory for port {port} in the test's bpffs"));
+    let program = if expected_mode() == SELECT_ONLY {
+        ProgramNames::SELECT
+    } else {
+        ProgramNames::SELECT_OR_MIGRATE
+    };
+    dir.join(program)
+}
+
+/// An upgrade to another build of the same ABI: the pinned program is not the new agent's
+/// (a test knob makes the old agent record a foreign program id), so the new agent loads its
+/// own on the same maps and the next registration into the group, its clients coming back,
+/// swaps it in. Under load the whole time: nothing fails, nothing reaches the draining
+/// generation, and the old program is gone afterwards (no group runs it, no pin holds it).
+#[test]
+fn upgrade_to_another_build_swaps_the_program_under_load() {
+    const NAME: &str = "upgrade_to_another_build_swaps_the_program_under_load";
+    const PORT: u16 = 7904;
+    let mut env = TestEnv::with_agent(NAME, &[], &[("REUSEPORT_TEST_FOREIGN_PROGRAM", "1")]);
+    let gens: Vec<_> = (1..=2)
+        .map(|g| env.serve(PORT, g, ServerKind::Tokio, false))
+        .collect();
+    env.activate(PORT, 2);
+    let old_program = bpf_prog::pinned_program_id(&program_pin(&env, PORT))
+        .expect("read the id of the pinned program");
+    let load = Load::start(PORT, 2);
+    let before = env.status(PORT);
+    let steered_to_draining = |env: &TestEnv| {
+        let c = generation_status(&env.status(PORT), 1).counters;
+        c.selected + c.fallback
+    };
+    let draining_before = steered_to_draining(&env);
+
+    env.kill_agent();
+    env.restart_agent(&[]);
+    env.wait_all_registered(reregister_timeout());
+    assert!(
+        env.agent_log().contains("program=\"reloaded\""),
+        "the new agent should load its own program for a group pinned by another build"
+    );
+    let new_program = bpf_prog::pinned_program_id(&program_pin(&env, PORT))
+        .expect("read the id of the pinned program after the upgrade");
+    assert_ne!(
+        new_program, old_program,
+        "the new agent should pin a program of its own"
+    );
+    // NB: the kernel frees a detached program after an RCU grace period.
+    wait_until(
+        &format!("the old program (id {old_program}) is freed: no group runs it any more"),
+        patience(Duration::from_secs(5)),
+        || !bpf_prog::program_exists(old_program),
+    );
+    let answered = load.snapshot().answered();
+    wait_until(
+        "the load completes connections on the new program",
+        patience(Duration::from_secs(30)),
+        || load.snapshot().answered() >= answered + 200,
+    );
+    let t = load.stop();
+    println!(
+        "{NAME}: program {old_program} replaced by {new_program}; load across the upgrade: {t}"
+    );
+    assert_eq!(t.failed, 0, "no request may fail across the upgrade: {t}");
+    assert_eq!(
+        steered_to_draining(&env),
+        draining_before,
+        "the program should steer nothing to the draining generation across the swap: {t}"
+    );
+    assert_eq!(
+        comparable(vec![env.status(PORT)]),
+        comparable(vec![before]),
+        "the upgraded agent should manage the group as it was"
+    );
+    drop(gens);
+}
+
+/// Runs one agent that pins as ABI `old_abi` (1: no record at all, as agents of ABI 1 pinned),
+/// kills it under load, and starts the current agent on its pins. Returns the environment,
+/// the servers and the load.
 fn upgrade_from(
     name: &'static str,
     port: u16,
     old_abi: u32,
-) -> (TestEnv, Vec<crate::harness::Generation>, Load, GroupStatus) {
+) -> (TestEnv, Vec<crate::harness::Generation>, Load) {
     let abi = old_abi.to_string();
     let mut env = TestEnv::with_agent(name, &[], &[("REUSEPORT_TEST_PIN_ABI", &abi)]);
     let gens: Vec<_> = (1..=2)
@@ -267,63 +430,57 @@ fn upgrade_from(
         .collect();
     env.activate(port, 2);
     let load = Load::start(port, 2);
-    let before = env.status(port);
     let downtime = downtime_connections() / 4;
     env.kill_agent();
     let answered = load.snapshot().answered();
     wait_until(
         "the load completes connections while no agent runs",
-        Duration::from_secs(60),
+        patience(Duration::from_secs(60)),
         || load.snapshot().answered() >= answered + downtime,
     );
     env.restart_agent(&[]);
-    (env, gens, load, before)
+    (env, gens, load)
 }
 
 #[test]
-fn upgrade_adopts_pinned_state_of_an_adoptable_abi() {
-    const NAME: &str = "upgrade_adopts_pinned_state_of_an_adoptable_abi";
-    const PORT: u16 = 7904;
-    let oldest = *ADOPTABLE_ABI.start();
+fn upgrade_over_abi_1_pins_without_a_record_leaves_them_alone_and_loses_no_connection() {
+    unadoptable_pins_are_left_alone(
+        "upgrade_over_abi_1_pins_without_a_record_leaves_them_alone_and_loses_no_connection",
+        7905,
+        ADOPTABLE_ABI.start() - 1,
+    );
+}
+
+#[test]
+fn downgrade_over_pins_of_a_newer_abi_leaves_them_alone_and_loses_no_connection() {
+    unadoptable_pins_are_left_alone(
+        "downgrade_over_pins_of_a_newer_abi_leaves_them_alone_and_loses_no_connection",
+        7907,
+        ABI_VERSION + 1,
+    );
+}
+
+fn unadoptable_pins_are_left_alone(name: &'static str, port: u16, old: u32) {
     println!(
-        "{NAME}: pinned by ABI {oldest}, adopted by ABI {ABI_VERSION} (adoptable: {ADOPTABLE_ABI:?})"
+        "{name}: pinned as ABI {old}; this agent: ABI {ABI_VERSION}, adopts {ADOPTABLE_ABI:?}"
     );
-    let (env, gens, load, before) = upgrade_from(NAME, PORT, oldest);
-    env.wait_all_registered(REREGISTER_TIMEOUT);
+    let (env, mut gens, load) = upgrade_from(name, port, old);
+    let record_pinned = std::fs::symlink_metadata(program_pin(&env, port).with_file_name("STATE"));
     assert_eq!(
-        comparable(vec![env.status(PORT)]),
-        comparable(vec![before]),
-        "the upgraded agent should adopt the group as it was"
+        record_pinned.is_ok(),
+        old >= reuseport_common::FIRST_ABI_WITH_RECORD,
+        "agents of ABI 1 pinned no record (STATE map); later ones do"
     );
-    let t = load.stop();
-    assert_eq!(
-        t.failed, 0,
-        "no connection may fail across the upgrade: {t}"
-    );
-    assert_eq!(
-        t.of(1),
-        0,
-        "the draining generation should get nothing: {t}"
-    );
-    drop(gens);
-}
-
-#[test]
-fn upgrade_refuses_an_unadoptable_abi_and_loses_no_connection() {
-    const NAME: &str = "upgrade_refuses_an_unadoptable_abi_and_loses_no_connection";
-    const PORT: u16 = 7905;
-    let old = ADOPTABLE_ABI.start() - 1;
-    let (env, mut gens, load, _) = upgrade_from(NAME, PORT, old);
 
     // The clients' re-registration is refused with the reason and what to do.
     let err = env
         .block_on(async {
-            tokio::time::timeout(REREGISTER_TIMEOUT, gens[1].registration.closed()).await
+            tokio::time::timeout(reregister_timeout(), gens[1].registration.closed()).await
         })
         .expect("the re-registration should be answered")
         .expect_err("the agent should refuse to take the socket back");
     let msg = err.to_string();
-    println!("{NAME}: {msg}");
+    println!("{name}: {msg}");
     assert!(
         msg.contains(&format!("ABI version {old}")) && msg.contains("stop the group's servers"),
         "the refusal should name the version and say what to do: {msg}"
@@ -332,8 +489,12 @@ fn upgrade_refuses_an_unadoptable_abi_and_loses_no_connection() {
         env.agent_log().contains(&format!("ABI version {old}")),
         "the agent should log why it left the group alone"
     );
+    assert!(
+        env.statuses().is_empty(),
+        "the agent should not manage the group it left alone"
+    );
     // Meanwhile the old program keeps steering: new connections reach generation 2 only.
-    let t = tally(local(PORT), 500);
+    let t = tally(local(port), 500);
     assert_eq!(
         t.of(2),
         500,
@@ -349,12 +510,12 @@ fn upgrade_refuses_an_unadoptable_abi_and_loses_no_connection() {
     // What the message says works: once the old servers are gone, the port is usable.
     drop(gens);
     // NB: a tokio server's listener closes when its aborted task is dropped, a moment later.
-    let listener = env.listen(PORT);
-    let opts = env.register_options(PORT, 7, false);
+    let listener = env.listen(port);
+    let opts = env.register_options(port, 7, false);
     let mut registration = None;
     wait_until(
         "the old servers' sockets closed and generation 7 could register",
-        Duration::from_secs(10),
+        patience(Duration::from_secs(10)),
         || match env.block_on(client::register(listener.as_fd(), &opts)) {
             Ok(r) => {
                 registration = Some(r);
@@ -370,7 +531,7 @@ fn upgrade_refuses_an_unadoptable_abi_and_loses_no_connection() {
         },
     );
     let server = Server::start(ServerKind::Tokio, listener, 7, env.rt().handle());
-    let t = tally(local(PORT), 50);
+    let t = tally(local(port), 50);
     assert_eq!(
         t.of(7),
         50,

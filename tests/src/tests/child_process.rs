@@ -2,7 +2,7 @@
 
 /// Serves one generation when started by `ChildServer::spawn`; does nothing when run by hand.
 #[test]
-#[ignore = "entry point of child server processes, started by other tests"]
+#[ignore = "helper: entry point of child server processes, started by other tests"]
 fn serve_generation() {
     crate::harness::child_server_main();
 }

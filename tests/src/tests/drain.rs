@@ -336,7 +336,7 @@ fn exec_signals_its_server_once_the_generation_is_idle() {
 /// handler it dies on the signal with whatever it holds, as servers with the default
 /// action do.
 #[test]
-#[ignore = "entry point of the server processes the drain tests start"]
+#[ignore = "helper: entry point of the server processes the drain tests start"]
 fn abrupt_server() {
     if std::env::var_os(SERVER_ENV).is_none() {
         return;

@@ -10,18 +10,20 @@ use std::{
 
 use reuseport_agent::client::ControlClient;
 
-use crate::harness::{ServerKind, Tally, TestEnv, group, load_size, local, request_once};
+use crate::harness::{
+    ServerKind, Tally, TestEnv, group, load_size, local, request_once, slow_bound,
+};
 
-/// Flips on the host and in a VM guest, where 10,000 took 82-130 s
-/// under emulation.
+/// Flips on the host, and in a VM guest, where 10,000 took 82-130 s under emulation.
 const FLIPS: u64 = 10_000;
 const FLIPS_IN_VM: u64 = 1_000;
 const CLIENT_THREADS: usize = 3;
 
+/// 10,000 flips on the host, 1,000 in a VM guest (the count is printed).
 #[test]
-fn ten_thousand_flips_under_load_lose_no_connection() {
+fn thousands_of_flips_under_load_lose_no_connection() {
     const PORT: u16 = 7601;
-    let env = TestEnv::new("ten_thousand_flips_under_load_lose_no_connection");
+    let env = TestEnv::new("thousands_of_flips_under_load_lose_no_connection");
     let flips = load_size("flips", FLIPS, FLIPS_IN_VM);
     let g1 = env.serve(PORT, 1, ServerKind::Tokio, false);
     let g2 = env.serve(PORT, 2, ServerKind::Tokio, false);
@@ -32,17 +34,14 @@ fn ten_thousand_flips_under_load_lose_no_connection() {
         .map(|_| {
             let done = done.clone();
             std::thread::spawn(move || {
-                let (mut t, mut n, mut slowest, mut slow) =
-                    (Tally::default(), 0, Duration::ZERO, 0u64);
+                let (mut t, mut n, mut slowest) = (Tally::default(), 0, Duration::ZERO);
                 while !done.load(Ordering::Relaxed) {
                     let start = Instant::now();
                     t.record(request_once(local(PORT), n));
-                    let took = start.elapsed();
-                    slowest = slowest.max(took);
-                    slow += u64::from(took > Duration::from_millis(900));
+                    slowest = slowest.max(start.elapsed());
                     n += 1;
                 }
-                (t, slowest, slow)
+                (t, slowest)
             })
         })
         .collect();
@@ -68,19 +67,19 @@ fn ten_thousand_flips_under_load_lose_no_connection() {
     let flip_time = started.elapsed();
     done.store(true, Ordering::Relaxed);
 
-    let (mut t, mut slowest, mut slow) = (Tally::default(), Duration::ZERO, 0);
+    let (mut t, mut slowest) = (Tally::default(), Duration::ZERO);
     for c in clients {
-        let (ct, cs, cslow) = c.join().expect("client thread");
+        let (ct, cs) = c.join().expect("client thread");
         t.merge(&ct);
         slowest = slowest.max(cs);
-        slow += cslow;
     }
     let status = env.status(PORT);
     println!(
         "{flips} flips in {flip_time:?} ({:.1} µs/flip) with {CLIENT_THREADS} client threads: {t}; \
-         slowest connection {slowest:?}, {slow} over 900 ms (a SYN retransmit would show here); \
+         slowest connection {slowest:?} (slower than {:?} counts as failed); \
          servers: gen1 {} gen2 {} gen3 {}; unsteered {}",
         flip_time.as_micros() as f64 / flips as f64,
+        slow_bound(),
         g1.server.served(),
         g2.server.served(),
         g3.server.served(),
@@ -92,7 +91,7 @@ fn ten_thousand_flips_under_load_lose_no_connection() {
     );
     assert_eq!(
         t.failed, 0,
-        "no connection should be refused or fail during the flips: {t}"
+        "no connection should be refused, fail or be slow during the flips: {t}"
     );
     assert_eq!(
         t.of(3),

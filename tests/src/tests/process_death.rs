@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::harness::{
-    ChildServer, ServerKind, TestEnv, generation_status, local, tally, wait_until,
+    ChildServer, ServerKind, TestEnv, generation_status, local, patience, tally, wait_until,
 };
 
 #[test]
@@ -45,16 +45,24 @@ fn killed_active_generation_falls_back_to_draining_one() {
         "generation 1's server should have served 1,000 connections"
     );
 
+    // NB: the agent learns of the death when the child's registration connection closes.
     wait_until(
-        "status shows the group falling back (no active generation left)",
-        Duration::from_secs(10),
-        || {
-            let s = env.status(PORT);
-            s.falling_back || s.active.is_none()
-        },
+        "status no longer lists the dead active generation",
+        patience(Duration::from_secs(10)),
+        || env.status(PORT).generations.len() == 1,
     );
     let status = env.status(PORT);
     println!("status after the agent noticed: {status:?}");
+    assert!(
+        status.falling_back && status.active.is_none(),
+        "status should say the group falls back, with no active generation: {status:?}"
+    );
+    let out = env.ctl(&["status"]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && shown.contains("FALLING BACK"),
+        "`reuseportctl status` should show FALLING BACK:\n{shown}"
+    );
     let g1_status = generation_status(&status, 1);
     assert!(
         g1_status.counters.fallback >= 1000,
@@ -87,7 +95,7 @@ fn killed_standby_generation_changes_nothing_for_traffic() {
     );
     wait_until(
         "status no longer lists the dead standby generation",
-        Duration::from_secs(10),
+        patience(Duration::from_secs(10)),
         || {
             env.status(PORT)
                 .generations
@@ -122,7 +130,7 @@ fn server_that_dies_while_the_agent_is_down_is_dropped_at_adoption() {
         "with the agent down, the program alone should fall back to generation 1: {t}"
     );
     env.restart_agent(&[]);
-    env.wait_all_registered(Duration::from_secs(15));
+    env.wait_all_registered(patience(Duration::from_secs(15)));
     let status = env.status(PORT);
     assert!(
         status

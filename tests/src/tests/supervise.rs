@@ -35,16 +35,31 @@ use nix::{
 
 use reuseport_agent::protocol::RestartOutcome;
 
-use crate::harness::{ServerKind, Tally, TestEnv, local, request_once, wait_until};
+use crate::harness::{
+    ServerKind, Tally, TestEnv, generation_status, local, patience, request_once, wait_until,
+};
 
 /// Set (to anything) in the server processes the supervisor starts.
-const SERVER_ENV: &str = "REUSEPORT_TEST_LISTEN_FDS_SERVER";
+pub(crate) const SERVER_ENV: &str = "REUSEPORT_TEST_LISTEN_FDS_SERVER";
 /// A generation whose server exits with status 1 at once (a broken release).
 const FAIL_GENERATION_ENV: &str = "REUSEPORT_TEST_FAIL_GENERATION";
-const SERVER_TEST: &str = "tests::supervise::listen_fds_server";
+/// A directory where the server leaves `started-<gen>` when it starts, `ready-<gen>` just
+/// before it reports ready, and `sigterm-<gen>` when it got SIGTERM.
+pub(crate) const MARKER_DIR_ENV: &str = "REUSEPORT_TEST_MARKER_DIR";
+/// `<generation>:<ms>`: the server of that generation takes that long before it accepts and
+/// reports READY=1 (loading, warming up).
+const READY_DELAY_ENV: &str = "REUSEPORT_TEST_READY_DELAY";
+/// Exit status after SIGTERM (default 0).
+pub(crate) const TERM_EXIT_ENV: &str = "REUSEPORT_TEST_TERM_EXIT";
+pub(crate) const SERVER_TEST: &str = "tests::supervise::listen_fds_server";
 
 /// How long a restart may take: readiness delay, activation, the old generation's exit.
+/// A wait, stretched in VM guests.
 const RESTART_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn restart_timeout() -> Duration {
+    patience(RESTART_TIMEOUT)
+}
 
 #[test]
 fn supervise_restarts_under_load_without_failed_requests() {
@@ -65,7 +80,7 @@ fn supervise_restarts_under_load_without_failed_requests() {
     let last = RESTARTS + 1;
     wait_until(
         "every old generation has exited and left the group",
-        RESTART_TIMEOUT,
+        restart_timeout(),
         || {
             sup.assert_running();
             env.status(PORT)
@@ -96,7 +111,7 @@ fn supervise_restarts_under_load_without_failed_requests() {
         );
     }
 
-    let status = sup.stop(Signal::SIGTERM, RESTART_TIMEOUT);
+    let status = sup.stop(Signal::SIGTERM, restart_timeout());
     assert_eq!(
         status.code(),
         Some(0),
@@ -122,13 +137,13 @@ fn supervise_keeps_the_old_generation_when_the_new_one_fails() {
                 generation 1 stays active";
     wait_until(
         "the supervisor reports the failed restart",
-        RESTART_TIMEOUT,
+        restart_timeout(),
         || {
             sup.assert_running();
             sup.log().contains(line)
         },
     );
-    wait_until("status shows the failed restart", RESTART_TIMEOUT, || {
+    wait_until("status shows the failed restart", restart_timeout(), || {
         matches!(
             &env.status(PORT).last_restart,
             Some(RestartOutcome::Failed { error }) if error.contains("generation 2 exited")
@@ -159,7 +174,7 @@ fn supervise_keeps_the_old_generation_when_the_new_one_fails() {
     // The next release is fine: READY=1 on NOTIFY_SOCKET activates it.
     sup.signal(Signal::SIGHUP);
     sup.wait_active(&env, PORT, 3);
-    wait_until("generation 1 has exited", RESTART_TIMEOUT, || {
+    wait_until("generation 1 has exited", restart_timeout(), || {
         exited_after_draining(&sup.log(), 1)
     });
     let mut t = Tally::default();
@@ -171,7 +186,87 @@ fn supervise_keeps_the_old_generation_when_the_new_one_fails() {
         (50, 0),
         "generation 3 should answer every request once it is active: {t}"
     );
-    let status = sup.stop(Signal::SIGTERM, RESTART_TIMEOUT);
+    let status = sup.stop(Signal::SIGTERM, restart_timeout());
+    assert_eq!(status.code(), Some(0), "log:\n{}", sup.log());
+}
+
+/// A new generation whose server takes its time before it is ready (`--ready notify`, READY=1
+/// sent late) stays standby until then: it gets no connection, the old generation answers
+/// everything, and nothing waits in the new one's queue (a client would see a slow answer).
+#[test]
+fn supervise_keeps_a_new_generation_standby_until_it_is_ready() {
+    const NAME: &str = "supervise_keeps_a_new_generation_standby_until_it_is_ready";
+    const PORT: u16 = 7806;
+    const DELAY: &str = "2:1500";
+    let env = TestEnv::new(NAME);
+    let markers = env.dir().join("markers");
+    std::fs::create_dir_all(&markers).expect("create the marker dir");
+    let marker_dir = markers.to_str().expect("a UTF-8 temp dir").to_owned();
+    let mut sup = Supervisor::spawn_with(
+        &env,
+        PORT,
+        &["--ready", "notify"],
+        None,
+        &[(MARKER_DIR_ENV, &marker_dir), (READY_DELAY_ENV, DELAY)],
+    );
+    sup.wait_active(&env, PORT, 1);
+    let load = Load::start(PORT, 2);
+    load.wait_answered_by(1, &sup);
+
+    sup.signal(Signal::SIGHUP);
+    wait_until(
+        "generation 2's server has started (not ready yet)",
+        restart_timeout(),
+        || {
+            sup.assert_running();
+            markers.join("started-2").exists()
+        },
+    );
+    let mut checks = 0;
+    loop {
+        // NB: status first, then the marker: a status read before `ready-2` exists was read
+        // before READY=1 was sent, so it must show generation 2 standby.
+        let status = env.status(PORT);
+        if markers.join("ready-2").exists() {
+            break;
+        }
+        checks += 1;
+        assert_eq!(
+            status.active,
+            Some(1),
+            "generation 1 should stay active while generation 2 is not ready: {status:?}"
+        );
+        if let Some(g2) = status.generations.iter().find(|g| g.generation == 2) {
+            assert_eq!(
+                (g2.state, g2.counters.selected + g2.counters.fallback),
+                (reuseport_agent::protocol::GenState::Standby, 0),
+                "generation 2 should be standby and get no connection before it is ready: \
+                 {status:?}"
+            );
+        }
+        sup.assert_running();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sup.wait_active(&env, PORT, 2);
+    load.wait_answered_by(2, &sup);
+    let status = env.status(PORT);
+    let t = load.stop();
+    println!("{NAME}: generation 2 checked standby {checks} times before READY=1; {t}");
+    assert!(
+        checks > 0,
+        "the test should have seen generation 2 before it was ready"
+    );
+    assert_eq!(
+        t.failed,
+        0,
+        "no request may fail or be slow while generation 2 gets ready: {t}; log:\n{}",
+        sup.log()
+    );
+    assert!(
+        generation_status(&status, 2).counters.selected > 0,
+        "generation 2 should get connections once active: {status:?}"
+    );
+    let status = sup.stop(Signal::SIGTERM, restart_timeout());
     assert_eq!(status.code(), Some(0), "log:\n{}", sup.log());
 }
 
@@ -231,7 +326,7 @@ fn restart_command_deploys_under_load_without_failed_requests() {
         "no request should fail while `restart` replaces generations: {t}; log:\n{}",
         sup.log()
     );
-    let status = sup.stop(Signal::SIGTERM, RESTART_TIMEOUT);
+    let status = sup.stop(Signal::SIGTERM, restart_timeout());
     assert_eq!(status.code(), Some(0), "log:\n{}", sup.log());
 }
 
@@ -322,7 +417,19 @@ impl Supervisor {
         extra: &[&str],
         fail_generation: Option<u32>,
     ) -> Self {
+        Self::spawn_with(env, port, extra, fail_generation, &[])
+    }
+
+    /// [`Supervisor::spawn`] with environment variables for the servers.
+    pub(crate) fn spawn_with(
+        env: &TestEnv,
+        port: u16,
+        extra: &[&str],
+        fail_generation: Option<u32>,
+        server_env: &[(&str, &str)],
+    ) -> Self {
         Self::spawn_server(env, port, extra, SERVER_TEST, (SERVER_ENV, "1"), |cmd| {
+            cmd.envs(server_env.iter().copied());
             match fail_generation {
                 Some(generation) => cmd.env(FAIL_GENERATION_ENV, generation.to_string()),
                 None => cmd.env_remove(FAIL_GENERATION_ENV),
@@ -399,7 +506,7 @@ impl Supervisor {
     pub(crate) fn wait_active(&mut self, env: &TestEnv, port: u16, generation: u32) {
         wait_until(
             &format!("generation {generation} is active"),
-            RESTART_TIMEOUT,
+            restart_timeout(),
             || {
                 self.assert_running();
                 env.try_status(port)
@@ -476,7 +583,7 @@ impl Load {
     pub(crate) fn wait_answered_by(&self, generation: u32, sup: &Supervisor) {
         wait_until(
             &format!("generation {generation} answers requests"),
-            RESTART_TIMEOUT,
+            restart_timeout(),
             || self.tally.lock().unwrap().of(generation) > 0,
         );
         let failed = self.tally.lock().unwrap().failed;
@@ -503,12 +610,12 @@ impl Load {
     }
 }
 
-/// Not a test: the server the supervisor starts (see the module doc). It knows nothing
-/// about reuseport: fd 3, LISTEN_FDS, LISTEN_PID, NOTIFY_SOCKET, and REUSEPORT_GENERATION
-/// to say who answers. On SIGTERM it closes its listener, finishes the connections it
-/// accepted and exits 0.
+/// Not a test: the server that `supervise` and `exec` start (see the module doc). It knows
+/// nothing about reuseport: fd 3, LISTEN_FDS, LISTEN_PID, NOTIFY_SOCKET, and
+/// REUSEPORT_GENERATION to say who answers (plus the test knobs above). On SIGTERM it closes
+/// its listener, finishes the connections it accepted and exits.
 #[test]
-#[ignore = "entry point of the server processes `reuseportctl supervise` starts"]
+#[ignore = "helper: entry point of the LISTEN_FDS server processes that supervise and exec start"]
 fn listen_fds_server() {
     if std::env::var_os(SERVER_ENV).is_none() {
         return;
@@ -517,6 +624,13 @@ fn listen_fds_server() {
     let generation: u32 = var("REUSEPORT_GENERATION")
         .parse()
         .expect("REUSEPORT_GENERATION");
+    let marker = |what: &str| {
+        let dir = var(MARKER_DIR_ENV);
+        if !dir.is_empty() {
+            std::fs::write(format!("{dir}/{what}-{generation}"), "").expect("write a marker");
+        }
+    };
+    marker("started");
     if var(FAIL_GENERATION_ENV) == generation.to_string() {
         eprintln!("server: generation {generation} fails on purpose");
         std::process::exit(1);
@@ -525,6 +639,20 @@ fn listen_fds_server() {
     assert_eq!(var("LISTEN_PID"), std::process::id().to_string());
     // SAFETY: LISTEN_FDS=1 for this pid: fd 3 is ours.
     let listener = unsafe { TcpListener::from_raw_fd(3) };
+    // NB: systemd hands listeners over blocking (unless NonBlocking=true): servers rely on it.
+    // SAFETY: F_GETFL on a descriptor we own.
+    let flags = unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_GETFL) };
+    assert_eq!(
+        flags & libc::O_NONBLOCK,
+        0,
+        "fd 3 is O_NONBLOCK; a LISTEN_FDS server expects a blocking listener"
+    );
+    assert!(
+        socket2::SockRef::from(&listener)
+            .is_listener()
+            .expect("SO_ACCEPTCONN"),
+        "fd 3 is not listening"
+    );
     listener.set_nonblocking(true).expect("non-blocking");
 
     static TERM: AtomicBool = AtomicBool::new(false);
@@ -534,6 +662,13 @@ fn listen_fds_server() {
     // SAFETY: the handler only stores to an atomic (async-signal-safe).
     unsafe { signal(Signal::SIGTERM, SigHandler::Handler(on_term)) }.expect("SIGTERM handler");
 
+    // Not ready yet: a real server loads and warms up here, and accepts nothing meanwhile.
+    if let Some((delayed, ms)) = var(READY_DELAY_ENV).split_once(':')
+        && delayed == generation.to_string()
+    {
+        std::thread::sleep(Duration::from_millis(ms.parse().expect("milliseconds")));
+    }
+    marker("ready");
     let notify = var("NOTIFY_SOCKET");
     if let Some(name) = notify.strip_prefix('@') {
         use std::os::linux::net::SocketAddrExt as _;
@@ -554,7 +689,7 @@ fn listen_fds_server() {
             revents: 0,
         };
         // SAFETY: one pollfd we own. NB: accept() is tried after every wake-up or timeout,
-        // not only on readiness: migrated connections arrive without a wake-up.
+        // not only on readiness: migrated connections arrive without a wake-up on some kernels.
         unsafe { libc::poll(&mut poll, 1, 20) };
         while let Ok((stream, _)) = listener.accept() {
             in_flight.fetch_add(1, Ordering::SeqCst);
@@ -565,13 +700,14 @@ fn listen_fds_server() {
             });
         }
     }
+    marker("sigterm");
     // What is still queued migrates to the active generation when the listener closes.
     drop(listener);
     while in_flight.load(Ordering::SeqCst) > 0 {
         std::thread::sleep(Duration::from_millis(5));
     }
     eprintln!("server: generation {generation} drained");
-    std::process::exit(0);
+    std::process::exit(var(TERM_EXIT_ENV).parse().unwrap_or(0));
 }
 
 fn serve(stream: TcpStream, generation: u32) -> std::io::Result<()> {

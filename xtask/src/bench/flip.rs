@@ -14,7 +14,7 @@
 //!   `supervise`'s drain until idle is for.
 //!
 //! Each mode runs under two clients: ours (`load.rs`: a new connection per request, failures
-//! by kind) and wrk (HTTP with `Connection: close`, so also a new connection per request; its
+//! by exact kind, a connect or answer slower than 500 ms among them) and wrk (HTTP with `Connection: close`, so also a new connection per request; its
 //! socket-error and non-2xx counts). The baseline's failures are the point; any failure of
 //! reuseport makes the command fail.
 
@@ -793,10 +793,16 @@ impl FlipReport {
         row("deploys done", &|r| r.flips.to_string());
         row("requests", &|r| r.requests.to_string());
         row("**failed**", &|r| format!("**{}**", r.failures));
-        row("refused / reset / timeout / wrong answer", &|r| {
-            let t = &r.tally;
-            format!("{} / {} / {} / {}", t.refused, t.reset, t.timeout, t.wrong)
-        });
+        row(
+            "refused / reset / closed unanswered / timeout / slower than 500 ms / wrong answer / other",
+            &|r| {
+                let t = &r.tally;
+                format!(
+                    "{} / {} / {} / {} / {} / {} / {}",
+                    t.refused, t.reset, t.closed, t.timeout, t.slow, t.wrong, t.other
+                )
+            },
+        );
         row("requests per generation", &|r| {
             per_generation(&r.tally.by_generation)
         });

@@ -2,7 +2,8 @@
 //! asserted by tests.
 //!
 //! - `overhead`: what steering costs against plain SO_REUSEPORT, what one program run costs
-//!   (next to an empty and a one-select reference program), and how fast a flip takes effect.
+//!   (next to an empty and a one-select reference program), and how fast a flip takes effect
+//!   (bracketed between a lower and an upper bound).
 //! - `flip`: hot deploys under load, plain SO_REUSEPORT (start the new server, kill the old
 //!   one after a delay) against `reuseportctl supervise` (with our demo server, and with a slow
 //!   one that exits at once on SIGTERM), with our client and with `wrk`.
@@ -94,6 +95,44 @@ impl Percentiles {
             p50: at(0.5),
             p99: at(0.99),
             max: v.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// Mean of a few measurements (rounds) with a 95% confidence interval (Student's t), and
+/// their range.
+#[derive(Serialize, Clone, Copy, Debug, Default)]
+struct Spread {
+    mean: f64,
+    /// Half-width of the 95% confidence interval of the mean.
+    ci95: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(v: &[f64]) -> Self {
+        let n = v.len();
+        if n == 0 {
+            return Self::default();
+        }
+        let mean = v.iter().sum::<f64>() / n as f64;
+        let ci95 = if n < 2 {
+            f64::NAN
+        } else {
+            let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+            // Two-sided 95% quantiles of Student's t for 1..=10 degrees of freedom.
+            const T95: [f64; 10] = [
+                12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+            ];
+            let t = T95.get(n - 2).copied().unwrap_or(1.96);
+            t * (var / n as f64).sqrt()
+        };
+        Self {
+            mean,
+            ci95,
+            min: v.iter().copied().fold(f64::INFINITY, f64::min),
+            max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         }
     }
 }

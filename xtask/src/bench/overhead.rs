@@ -5,6 +5,16 @@
 //! clock reads: that floor is large next to a short program, so two reference programs
 //! (see [`super::reference_prog`]) run under the same statistics on groups of their own,
 //! and the report puts ours next to them.
+//!
+//! Throughput rounds run the four groups in a new random order each round (a fixed order
+//! favours whichever runs on a warmer cache or a quieter moment); the report gives the mean
+//! and a 95% confidence interval over rounds.
+//!
+//! Flip latency is bracketed, not guessed: after `activate` was sent, a connection that
+//! still reached the old generation started before the switch (a lower bound: its start),
+//! and one that reached the new generation was established after it (an upper bound: its
+//! connect completion). A flip with no old-generation connection after `activate` gives no
+//! lower bound and is counted apart, not as 0.
 
 use std::{
     net::SocketAddr,
@@ -18,7 +28,7 @@ use anyhow::{Context as _, bail};
 use serde::Serialize;
 
 use super::{
-    Machine, Percentiles, control_request,
+    Machine, Percentiles, Spread, control_request,
     reference_prog::{Loaded, Reference},
 };
 use crate::{
@@ -31,8 +41,8 @@ pub struct OverheadOpts {
     /// Seconds of load per measurement round.
     #[arg(long, default_value_t = 3)]
     pub seconds: u64,
-    /// Rounds, alternating plain and steered.
-    #[arg(long, default_value_t = 3)]
+    /// Rounds; each runs the four groups once, in a random order.
+    #[arg(long, default_value_t = 5)]
     pub rounds: u32,
     /// Concurrent clients (a new connection per request).
     #[arg(long, default_value_t = 4)]
@@ -50,7 +60,9 @@ struct OverheadReport {
     seconds_per_round: u64,
     plain_conn_per_s: Vec<f64>,
     steered_conn_per_s: Vec<f64>,
-    throughput_ratio: f64,
+    /// steered / plain of each round.
+    throughput_ratios: Vec<f64>,
+    throughput_ratio: Spread,
     program_runs: u64,
     program_ns_per_run: f64,
     /// The same statistics for a program that returns SK_PASS and nothing else.
@@ -60,8 +72,18 @@ struct OverheadReport {
     empty_program_conn_per_s: Vec<f64>,
     one_select_program_conn_per_s: Vec<f64>,
     flips: usize,
-    flip_latency_us: Percentiles,
+    /// Flips with a connection that reached the old generation after `activate` was sent.
+    flips_observed: usize,
+    /// `activate` sent → start of the last connection that still reached the old generation
+    /// (the switch came later), over the observed flips.
+    flip_latency_lower_us: Percentiles,
+    /// `activate` sent → earliest establishment of a connection that reached the new
+    /// generation (the switch came earlier), over the flips that had one.
+    flip_latency_upper_us: Percentiles,
+    flips_with_upper_bound: usize,
     activate_rtt_us: Percentiles,
+    /// New connections per second while the flips ran.
+    flip_load_conn_per_s: f64,
     failures: u64,
 }
 
@@ -97,12 +119,14 @@ pub fn overhead(stack: &Stack, o: &OverheadOpts) -> anyhow::Result<()> {
     let (mut plain_rates, mut steered_rates, mut failures) = (Vec::new(), Vec::new(), 0);
     let (mut empty_rates, mut one_select_rates) = (Vec::new(), Vec::new());
     for round in 1..=o.rounds {
-        for (name, addr, rates) in [
+        let mut order = [
             ("plain", plain, &mut plain_rates),
             ("steered", steered, &mut steered_rates),
             ("empty-prog", empty, &mut empty_rates),
             ("one-select", one_select, &mut one_select_rates),
-        ] {
+        ];
+        fastrand::shuffle(&mut order);
+        for (name, addr, rates) in order {
             let t = Instant::now();
             let load = Load::start(addr, o.clients, false);
             // The measurement window itself, not a readiness wait.
@@ -121,29 +145,40 @@ pub fn overhead(stack: &Stack, o: &OverheadOpts) -> anyhow::Result<()> {
     let (empty_after, one_select_after) = (empty_prog.stats()?, one_select_prog.stats()?);
     drop(stats);
     let runs = after.1 - before.1;
-    let ours_ns = ns_per_run(before, after);
+    let ours_ns = ns_per_run("ours", before, after)?;
+    let empty_ns = ns_per_run("empty", empty_before, empty_after)?;
+    let one_select_ns = ns_per_run("one-select", one_select_before, one_select_after)?;
 
-    let (latencies, rtts, flip_failures) = flip_latency(stack, steered, o)?;
-    failures += flip_failures;
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let flips = flip_latency(stack, steered, o)?;
+    failures += flips.failures;
+    let ratios: Vec<f64> = steered_rates
+        .iter()
+        .zip(&plain_rates)
+        .map(|(s, p)| s / p)
+        .collect();
     let machine = Machine::this();
     let report = OverheadReport {
         kernel: machine.kernel,
         cpus: machine.cpus,
         clients: o.clients,
         seconds_per_round: o.seconds,
-        throughput_ratio: mean(&steered_rates) / mean(&plain_rates),
+        throughput_ratio: Spread::of(&ratios),
+        throughput_ratios: ratios,
         plain_conn_per_s: plain_rates,
         steered_conn_per_s: steered_rates,
         program_runs: runs,
         program_ns_per_run: ours_ns,
-        empty_program_ns_per_run: ns_per_run(empty_before, empty_after),
-        one_select_program_ns_per_run: ns_per_run(one_select_before, one_select_after),
+        empty_program_ns_per_run: empty_ns,
+        one_select_program_ns_per_run: one_select_ns,
         empty_program_conn_per_s: empty_rates,
         one_select_program_conn_per_s: one_select_rates,
-        flips: latencies.len(),
-        flip_latency_us: Percentiles::of(latencies),
-        activate_rtt_us: Percentiles::of(rtts),
+        flips: flips.flips,
+        flips_observed: flips.lower.len(),
+        flips_with_upper_bound: flips.upper.len(),
+        flip_latency_lower_us: Percentiles::of(flips.lower),
+        flip_latency_upper_us: Percentiles::of(flips.upper),
+        activate_rtt_us: Percentiles::of(flips.rtts),
+        flip_load_conn_per_s: flips.load_conn_per_s,
         failures,
     };
     print_report(&report);
@@ -153,25 +188,28 @@ pub fn overhead(stack: &Stack, o: &OverheadOpts) -> anyhow::Result<()> {
 }
 
 fn print_report(r: &OverheadReport) {
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let conn = |v: &[f64]| {
+        let s = Spread::of(v);
+        format!("{:.0} ± {:.0} conn/s", s.mean, s.ci95)
+    };
     println!("\n| figure | value |");
     println!("|---|---|");
     println!("| machine | {} CPUs, kernel {} |", r.cpus, r.kernel);
     println!(
-        "| load | {} clients, a new connection per request, {} s rounds |",
-        r.clients, r.seconds_per_round
+        "| load | {} clients, a new connection per request, {} rounds of {} s, groups in a \
+         random order each round; mean ± 95% confidence interval over rounds |",
+        r.clients,
+        r.plain_conn_per_s.len(),
+        r.seconds_per_round
     );
+    println!("| plain SO_REUSEPORT | {} |", conn(&r.plain_conn_per_s));
+    println!("| steered (reuseport) | {} |", conn(&r.steered_conn_per_s));
     println!(
-        "| plain SO_REUSEPORT | {:.0} conn/s |",
-        mean(&r.plain_conn_per_s)
-    );
-    println!(
-        "| steered (reuseport) | {:.0} conn/s |",
-        mean(&r.steered_conn_per_s)
-    );
-    println!(
-        "| throughput ratio steered/plain | {:.3} |",
-        r.throughput_ratio
+        "| throughput ratio steered/plain (per round) | {:.3} ± {:.3} (rounds {:.2}–{:.2}) |",
+        r.throughput_ratio.mean,
+        r.throughput_ratio.ci95,
+        r.throughput_ratio.min,
+        r.throughput_ratio.max
     );
     println!(
         "| program cost (bpf_stats run_time_ns / run_cnt) | ours {:.1} ns per run ({} runs); \
@@ -182,33 +220,61 @@ fn print_report(r: &OverheadReport) {
         r.empty_program_ns_per_run
     );
     println!(
-        "| reference groups (plain server + program) | empty program {:.0} conn/s, \
-         one-select program {:.0} conn/s |",
-        mean(&r.empty_program_conn_per_s),
-        mean(&r.one_select_program_conn_per_s)
+        "| reference groups (plain server + program) | empty program {}, one-select program {} |",
+        conn(&r.empty_program_conn_per_s),
+        conn(&r.one_select_program_conn_per_s)
+    );
+    let p = |p: &Percentiles| {
+        format!(
+            "p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+            p.p50, p.p99, p.max
+        )
+    };
+    println!(
+        "| flip latency, lower bound (`activate` sent → start of the last connection that still \
+         reached the old generation) | {} over the {} of {} flips where one did |",
+        p(&r.flip_latency_lower_us),
+        r.flips_observed,
+        r.flips
     );
     println!(
-        "| flip latency (activate sent → last new connection reaching the old generation) | p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs over {} flips |",
-        r.flip_latency_us.p50, r.flip_latency_us.p99, r.flip_latency_us.max, r.flips
+        "| flip latency, upper bound (`activate` sent → first connection established on the new \
+         generation) | {} over {} flips |",
+        p(&r.flip_latency_upper_us),
+        r.flips_with_upper_bound
     );
     println!(
         "| activate round trip | p50 {:.0} µs, p99 {:.0} µs |",
         r.activate_rtt_us.p50, r.activate_rtt_us.p99
     );
-    println!("| failed requests | {} |", r.failures);
+    println!(
+        "| load during the flips | {:.0} new connections/s |",
+        r.flip_load_conn_per_s
+    );
+    println!(
+        "| failed requests (any kind, slower than {} ms included) | {} |",
+        crate::load::SLOW.as_millis(),
+        r.failures
+    );
 }
 
-/// Flips between generations 1 and 2 under recorded load. Per flip: the time from sending
-/// `activate` to the start of the last connection that still reached the old generation
-/// (0 if none did), and the request's round trip.
-fn flip_latency(
-    stack: &Stack,
-    addr: SocketAddr,
-    o: &OverheadOpts,
-) -> anyhow::Result<(Vec<f64>, Vec<f64>, u64)> {
+/// What [`flip_latency`] measured.
+struct Flips {
+    flips: usize,
+    /// Per observed flip, µs (see the module doc).
+    lower: Vec<f64>,
+    upper: Vec<f64>,
+    rtts: Vec<f64>,
+    load_conn_per_s: f64,
+    failures: u64,
+}
+
+/// Flips between generations 1 and 2 under recorded load (see the module doc).
+fn flip_latency(stack: &Stack, addr: SocketAddr, o: &OverheadOpts) -> anyhow::Result<Flips> {
     stack.start_generation(addr, 2, false)?;
     let mut control = UnixStream::connect(&stack.control).context("connecting to the agent")?;
     let load = Load::start(addr, o.clients, true);
+    let started = Instant::now();
     let mut flips: Vec<(Instant, u32)> = Vec::new();
     let mut rtts = Vec::new();
     for k in 0..o.flips {
@@ -221,29 +287,48 @@ fn flip_latency(
         thread::sleep(Duration::from_millis(10));
     }
     let (tally, records) = load.stop();
+    let load_conn_per_s = tally.requests() as f64 / started.elapsed().as_secs_f64();
     println!(
-        "bench: flips under load: {} requests, {}",
+        "bench: flips under load: {} requests ({load_conn_per_s:.0}/s), {}",
         tally.requests(),
         tally.failure_line()
     );
-    Ok((latencies(&flips, &records), rtts, tally.failures()))
+    let (lower, upper) = bounds(&flips, &records);
+    Ok(Flips {
+        flips: flips.len(),
+        lower,
+        upper,
+        rtts,
+        load_conn_per_s,
+        failures: tally.failures(),
+    })
 }
 
-fn latencies(flips: &[(Instant, u32)], records: &[Record]) -> Vec<f64> {
-    flips
-        .iter()
-        .enumerate()
-        .map(|(k, (t0, target))| {
-            let end = flips.get(k + 1).map(|f| f.0);
-            records
-                .iter()
-                .filter(|r| {
-                    r.generation != *target && r.start >= *t0 && end.is_none_or(|e| r.start < e)
-                })
-                .map(|r| (r.start - *t0).as_secs_f64() * 1e6)
-                .fold(0.0, f64::max)
-        })
-        .collect()
+/// Per flip (until the next one): the lower bound, if a connection that started after
+/// `activate` still reached the old generation, and the upper bound, if one reached the new
+/// generation; µs after `activate` was sent.
+fn bounds(flips: &[(Instant, u32)], records: &[Record]) -> (Vec<f64>, Vec<f64>) {
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let (mut lower, mut upper) = (Vec::new(), Vec::new());
+    for (k, (t0, target)) in flips.iter().enumerate() {
+        let end = flips.get(k + 1).map(|f| f.0);
+        let in_window = records
+            .iter()
+            .filter(|r| r.start >= *t0 && end.is_none_or(|e| r.start < e));
+        let (mut last_old, mut first_new): (Option<Duration>, Option<Duration>) = (None, None);
+        for r in in_window {
+            if r.generation == *target {
+                let at = r.connected - *t0;
+                first_new = Some(first_new.map_or(at, |f| f.min(at)));
+            } else {
+                let at = r.start - *t0;
+                last_old = Some(last_old.map_or(at, |l| l.max(at)));
+            }
+        }
+        lower.extend(last_old.map(us));
+        upper.extend(first_new.map(us));
+    }
+    (lower, upper)
 }
 
 /// One `activate` over an open control connection (the protocol in docs/protocol.md).
@@ -280,14 +365,14 @@ impl Drop for BpfStats {
     }
 }
 
-/// Mean ns per run between two (run_time_ns, run_cnt) readings.
-fn ns_per_run(before: (u64, u64), after: (u64, u64)) -> f64 {
+/// Mean ns per run of program `what` between two (run_time_ns, run_cnt) readings; an error
+/// if it did not run (a figure of 0 ns would look like a result).
+fn ns_per_run(what: &str, before: (u64, u64), after: (u64, u64)) -> anyhow::Result<f64> {
     let runs = after.1 - before.1;
     if runs == 0 {
-        0.0
-    } else {
-        (after.0 - before.0) as f64 / runs as f64
+        bail!("the {what} program did not run during the measurement (run_cnt unchanged)");
     }
+    Ok((after.0 - before.0) as f64 / runs as f64)
 }
 
 /// (run_time_ns, run_cnt) of a pinned program, from its fdinfo.
@@ -327,16 +412,18 @@ fn prog_stats(pin: &Path) -> anyhow::Result<(u64, u64)> {
     stats
 }
 
-/// (run_time_ns, run_cnt) of the program behind `fd`, from its fdinfo.
+/// (run_time_ns, run_cnt) of the program behind `fd`, from its fdinfo; an error when the
+/// kernel does not report them (no run statistics: nothing to measure).
 pub fn fd_stats(fd: std::os::fd::RawFd) -> anyhow::Result<(u64, u64)> {
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| {
-                l.strip_prefix(name)
-                    .map(|v| v.trim_start_matches(':').trim().parse::<u64>())
-            })
-            .unwrap_or(Ok(0))
+    let field = |name: &str| -> anyhow::Result<u64> {
+        let value = info
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .with_context(|| {
+                format!("the kernel reports no {name} for BPF programs (fdinfo): no run statistics")
+            })?;
+        Ok(value.trim().parse()?)
     };
     Ok((field("run_time_ns")?, field("run_cnt")?))
 }

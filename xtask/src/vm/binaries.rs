@@ -1,5 +1,6 @@
-//! Static guest binaries: the agent, its CLI and the integration test executables. The
-//! guest has no libc, so everything is built for musl (or, failing that, static glibc).
+//! Static guest binaries: the agent (a test build, with its fault-injection points), its CLI
+//! and the integration test executables. The guest has no libc, so everything is built for
+//! musl (or, failing that, static glibc).
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -63,7 +64,16 @@ fn build_for(workspace: &Path, target: Target) -> anyhow::Result<GuestBinaries> 
     let bins = cargo_artifacts(
         workspace,
         target,
-        &["build", "--release", "-p", AGENT_PACKAGE, "--bins"],
+        // NB: with the fault-injection points the crash and upgrade tests use, as on the host.
+        &[
+            "build",
+            "--release",
+            "-p",
+            AGENT_PACKAGE,
+            "--bins",
+            "--features",
+            "fault-injection",
+        ],
         |a| a.kind.iter().any(|k| k == "bin"),
     )
     .with_context(|| format!("building {AGENT_PACKAGE} for {}", target.triple()))?;

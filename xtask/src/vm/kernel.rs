@@ -1,8 +1,11 @@
-//! Guest kernels from Debian 12's package sources: resolve a spec to a package name at run
-//! time, fetch and unpack it once into `target/vm/`, and hand back a bootable image.
+//! Guest kernels from Debian's package sources: a column's spec is resolved to a package at
+//! run time through a private apt configuration per Debian release (see [`super::apt`]; the
+//! host's sources are never changed), downloaded and reduced to a bootable image once per
+//! package version, in a cache outside the clone: `CACHE_ROOT/kernels/<package>_<version>/`.
+//! A second run, or a fresh clone on the same machine, boots from there.
 //!
 //! NB: versioned package names change with every Debian update, so nothing here names one;
-//! the meta package (6.1) or the newest match in the index (6.12) decides.
+//! a meta package or the newest match in the lists decides.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -10,16 +13,44 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, anyhow, bail};
 
-use super::cmd::{output_of, run_quiet};
+use super::apt::{BOOKWORM, BULLSEYE, PrivateApt, Release, SID};
+use super::cmd::run_quiet;
+
+/// Where kernels and the private apt lists are kept between runs.
+pub const CACHE_ROOT: &str = "/var/cache/reuseport-tests";
 
 /// Flavour used for every series: the cloud kernels boot fastest under TCG (no xz, fewer
 /// drivers probing for hardware that is not there).
 const FLAVOUR: &str = "cloud-amd64";
 
-/// A kernel package unpacked under `target/vm/kernels/<package>/`.
+/// How a series finds its newest image package.
+#[derive(Debug, Clone, Copy)]
+enum Find {
+    /// What `linux-image-<flavour>` depends on.
+    Meta,
+    /// The newest `linux-image-<series>.<patch><suffix>-<flavour>` in the lists.
+    Newest(&'static str),
+}
+
+/// The specs a column may name, besides an exact package name.
+const SERIES: &[(&str, Release, Find)] = &[
+    // bullseye's kernel: the newest before 5.14, i.e. select-only for real.
+    ("5.10", BULLSEYE, Find::Meta),
+    // NB: bookworm's meta package follows its own kernel, 6.1.
+    ("6.1", BOOKWORM, Find::Meta),
+    ("6.12", BOOKWORM, Find::Newest("+deb12")),
+    ("sid", SID, Find::Meta),
+];
+
+/// The releases an exact package name is looked up in, in order.
+const RELEASES: &[Release] = &[BOOKWORM, BULLSEYE, SID];
+
+/// A bootable kernel of one package version.
 #[derive(Debug, Clone)]
 pub struct Kernel {
+    /// The package holding the kernel image (`linux-image-…`, from 7.x on `linux-binary-…`).
     pub package: String,
+    pub version: String,
     /// What QEMU's `-kernel` gets: the decompressed ELF when extraction worked, else the bzImage.
     pub image: PathBuf,
     pub modules: GuestModules,
@@ -37,63 +68,156 @@ pub struct GuestModules {
 /// agent's live figures (and `ss`) query. The guest has no modprobe and no module index.
 const GUEST_MODULES: [&str; 2] = ["net/ipv4/inet_diag", "net/ipv4/tcp_diag"];
 
-/// Turns `6.1`, `6.12` or an exact package name into a package name with an install candidate.
-/// Runs `apt-get update` at most once, and only when the index does not know the answer yet.
-pub fn resolve(spec: &str, apt_updated: &mut bool) -> anyhow::Result<String> {
-    if let Some(package) = try_resolve(spec)? {
-        return Ok(package);
+impl Kernel {
+    /// `(major, minor)` of the kernel, from its package name (`linux-image-5.10.0-32-…`,
+    /// `linux-binary-7.2.13+deb14-…`).
+    pub fn series(&self) -> Option<(u32, u32)> {
+        series_of(&self.package)
     }
-    if !*apt_updated {
-        ensure_security_suite()?;
-        apt_update()?;
-        *apt_updated = true;
-        if let Some(package) = try_resolve(spec)? {
-            return Ok(package);
+}
+
+fn series_of(package: &str) -> Option<(u32, u32)> {
+    let rest = package
+        .strip_prefix("linux-image-")
+        .or_else(|| package.strip_prefix("linux-binary-"))?;
+    let mut numbers = rest.split(|c: char| !c.is_ascii_digit());
+    Some((numbers.next()?.parse().ok()?, numbers.next()?.parse().ok()?))
+}
+
+/// Resolves specs and fetches their kernels; one private apt configuration per release.
+pub struct Kernels {
+    root: PathBuf,
+    apts: Vec<PrivateApt>,
+}
+
+impl Kernels {
+    pub fn new() -> anyhow::Result<Self> {
+        let root = PathBuf::from(CACHE_ROOT);
+        fs::create_dir_all(root.join("kernels"))
+            .with_context(|| format!("creating {}/kernels", root.display()))?;
+        Ok(Self {
+            root,
+            apts: Vec::new(),
+        })
+    }
+
+    fn apt(&mut self, release: Release) -> anyhow::Result<&mut PrivateApt> {
+        let i = match self.apts.iter().position(|a| a.release() == release) {
+            Some(i) => i,
+            None => {
+                let mut apt = PrivateApt::new(release, &self.root.join("apt"))?;
+                apt.ensure_lists()?;
+                self.apts.push(apt);
+                self.apts.len() - 1
+            }
+        };
+        Ok(&mut self.apts[i])
+    }
+
+    /// The kernel for `spec` (`5.10`, `6.1`, `6.12`, `sid` or an exact `linux-image-…` name).
+    pub fn get(&mut self, spec: &str) -> anyhow::Result<Kernel> {
+        let (release, find) = match SERIES.iter().find(|(s, _, _)| *s == spec) {
+            Some((_, release, find)) => (*release, Some(*find)),
+            None if spec.starts_with("linux-image-") || spec.starts_with("linux-binary-") => {
+                (self.release_of(spec)?, None)
+            }
+            None => bail!(
+                "unknown kernel spec {spec:?}: expected one of {} or an exact linux-image-… \
+                 package name",
+                SERIES.iter().map(|s| s.0).collect::<Vec<_>>().join(", ")
+            ),
+        };
+        let root = self.root.clone();
+        let apt = self.apt(release)?;
+        let packages = match resolve(apt, spec, find)? {
+            Some(found) => found,
+            None if apt.update_again()? => resolve(apt, spec, find)?.ok_or_else(|| {
+                anyhow!(
+                    "no {} kernel package for {spec:?} in {}",
+                    FLAVOUR,
+                    release.name
+                )
+            })?,
+            None => bail!(
+                "no {FLAVOUR} kernel package for {spec:?} in {}",
+                release.name
+            ),
+        };
+        let (package, version) = packages.image.clone();
+        fetch(apt, &packages, &root.join("kernels"))
+            .with_context(|| format!("fetching {package} {version}"))
+    }
+
+    fn release_of(&mut self, package: &str) -> anyhow::Result<Release> {
+        for release in RELEASES {
+            if self.apt(*release)?.candidate(package).is_some() {
+                return Ok(*release);
+            }
         }
+        bail!(
+            "no Debian release offers {package} (looked in {})",
+            RELEASES
+                .iter()
+                .map(|r| r.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     }
-    bail!(
-        "no Debian package found for kernel spec {spec:?} (expected 6.1, 6.12 or an exact \
-         linux-image-… name; 6.12 comes from the bookworm-security suite)"
-    )
 }
 
-fn try_resolve(spec: &str) -> anyhow::Result<Option<String>> {
-    let package = match spec {
-        // NB: the unversioned meta package follows Debian 12's own kernel, 6.1.
-        "6.1" => meta_dependency(&format!("linux-image-{FLAVOUR}"))?,
-        series if is_series(series) => newest_in_series(series)?,
-        exact => Some(exact.to_owned()),
+/// What to download for a kernel: the package holding its image and the one holding its
+/// modules (the same one up to 6.x), each with its version.
+struct Packages {
+    image: (String, String),
+    modules: Option<(String, String)>,
+}
+
+/// The packages for `spec`; `None` when the lists do not know them.
+fn resolve(apt: &PrivateApt, spec: &str, find: Option<Find>) -> anyhow::Result<Option<Packages>> {
+    let image = match find {
+        Some(Find::Meta) => apt
+            .depends(&format!("linux-image-{FLAVOUR}"))?
+            .into_iter()
+            .find(|d| d.starts_with("linux-image-")),
+        Some(Find::Newest(suffix)) => newest_in_series(apt, spec, suffix)?,
+        None => Some(spec.to_owned()),
     };
-    Ok(package.filter(|p| has_candidate(p)))
+    let Some(image) = image else { return Ok(None) };
+    // NB: from 7.x on, linux-image-VERSION-FLAVOUR is itself a meta package: the kernel is in
+    // linux-binary-VERSION-FLAVOUR (at usr/lib/modules/VERSION/vmlinuz), the modules in
+    // linux-modules-VERSION-FLAVOUR.
+    let depends = apt.depends(&image)?;
+    let with_version = |p: String| apt.candidate(&p).map(|v| (p, v));
+    let binary = depends
+        .iter()
+        .find(|d| d.starts_with("linux-binary-"))
+        .cloned();
+    let modules = depends
+        .iter()
+        .find(|d| d.starts_with("linux-modules-"))
+        .cloned()
+        .and_then(with_version);
+    let Some(image) = with_version(binary.unwrap_or(image)) else {
+        return Ok(None);
+    };
+    Ok(Some(Packages { image, modules }))
 }
 
-fn is_series(spec: &str) -> bool {
-    let mut parts = spec.split('.');
-    let numeric =
-        |p: Option<&str>| p.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
-    numeric(parts.next()) && numeric(parts.next()) && parts.next().is_none()
-}
-
-/// The versioned image a meta package depends on (`apt-cache depends`).
-fn meta_dependency(meta: &str) -> anyhow::Result<Option<String>> {
-    let out = output_of(Command::new("apt-cache").args(["depends", meta]))?;
-    Ok(out
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends: "))
-        .find(|dep| dep.starts_with("linux-image-"))
-        .map(str::to_owned))
-}
-
-/// The newest `linux-image-<series>.<patch>+deb12-<flavour>` in the index. Compared by the
-/// numeric patch level: `6.12.100` is newer than `6.12.99`.
-fn newest_in_series(series: &str) -> anyhow::Result<Option<String>> {
+/// The newest `linux-image-<series>.<patch><suffix>-<flavour>`. Compared by the numeric patch
+/// level: `6.12.100` is newer than `6.12.99`.
+fn newest_in_series(
+    apt: &PrivateApt,
+    series: &str,
+    suffix: &str,
+) -> anyhow::Result<Option<String>> {
     let pattern = format!(
-        "^linux-image-{}\\.[0-9]+\\+deb12-{FLAVOUR}$",
-        series.replace('.', "\\.")
+        "^linux-image-{}\\.[0-9]+{}-{FLAVOUR}$",
+        series.replace('.', "\\."),
+        suffix.replace('+', "\\+")
     );
-    let out = output_of(Command::new("apt-cache").args(["search", "--names-only", &pattern]))?;
+    let out = apt.cache(&["search", "--names-only", &pattern])?;
     let prefix = format!("linux-image-{series}.");
-    let suffix = format!("+deb12-{FLAVOUR}");
+    let suffix = format!("{suffix}-{FLAVOUR}");
     Ok(out
         .lines()
         .filter_map(|l| l.split_whitespace().next())
@@ -105,65 +229,120 @@ fn newest_in_series(series: &str) -> anyhow::Result<Option<String>> {
         .map(|(_, name)| name.to_owned()))
 }
 
-fn has_candidate(package: &str) -> bool {
-    output_of(Command::new("apt-cache").args(["policy", package])).is_ok_and(|out| {
-        out.lines()
-            .filter_map(|l| l.trim().strip_prefix("Candidate:"))
-            .any(|c| c.trim() != "(none)")
-    })
-}
-
-fn apt_update() -> anyhow::Result<()> {
-    eprintln!("vm: apt-get update (the package index does not know the kernel yet)");
-    run_quiet(Command::new("apt-get").args(["update", "-q"])).context("apt-get update")
-}
-
-/// 6.12 lives in bookworm-security. Debian 12 images list it; a trimmed one may not.
-fn ensure_security_suite() -> anyhow::Result<()> {
-    let mut sources = vec![PathBuf::from("/etc/apt/sources.list")];
-    if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
-        sources.extend(dir.filter_map(|e| e.ok()).map(|e| e.path()));
+/// The bootable image and the guest's modules of a kernel, downloaded and unpacked unless an
+/// earlier run left them in `kernels/<package>_<version>/` (`vmlinuz`, `vmlinux`,
+/// `modules/<release>/<n>-<name>.ko`).
+fn fetch(apt: &mut PrivateApt, packages: &Packages, kernels: &Path) -> anyhow::Result<Kernel> {
+    let (package, version) = &packages.image;
+    let dir = kernels.join(format!("{package}_{}", version.replace(':', "%3a")));
+    let done = dir.join(".complete");
+    if !done.exists() {
+        let work = kernels.join(format!(".unpacking-{}-{package}", std::process::id()));
+        let _ = fs::remove_dir_all(&work);
+        fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+        let res = unpack(apt, packages, &work, &dir);
+        let _ = fs::remove_dir_all(&work);
+        res?;
+        fs::write(&done, "").with_context(|| format!("writing {}", done.display()))?;
     }
-    let listed = sources
-        .iter()
-        .filter_map(|p| fs::read_to_string(p).ok())
-        .any(|text| text.contains("bookworm-security"));
-    if listed {
-        return Ok(());
-    }
-    let path = "/etc/apt/sources.list.d/bookworm-security.sources";
-    eprintln!("vm: adding {path} (6.12 kernels come from bookworm-security)");
-    fs::write(
-        path,
-        "Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n\
-         Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
-    )
-    .with_context(|| format!("writing {path}"))
-}
-
-/// Downloads and unpacks `package` unless an earlier run did; returns the bootable image.
-pub fn fetch(package: &str, vm_dir: &Path) -> anyhow::Result<Kernel> {
-    let root = vm_dir.join("kernels").join(package);
-    let stamp = root.join(".unpacked");
-    if !stamp.exists() {
-        let deb = download(package, &vm_dir.join("debs"))?;
-        unpack(&deb, &root)?;
-        fs::write(&stamp, "").with_context(|| format!("writing {}", stamp.display()))?;
-    }
-    let bz_image = find_vmlinuz(&root)?;
-    let image = decompressed_image(&bz_image, &root).unwrap_or_else(|e| {
+    let bz_image = dir.join("vmlinuz");
+    let image = decompressed_image(&bz_image, &dir).unwrap_or_else(|e| {
         eprintln!("vm: booting the bzImage of {package} (slower under TCG): {e:#}");
         bz_image
     });
-    let modules = guest_modules(&root).unwrap_or_else(|e| {
+    let modules = cached_modules(&dir.join("modules")).unwrap_or_else(|e| {
         eprintln!("vm: {package}: no sock_diag modules for the guest (live figures fail): {e:#}");
         GuestModules::default()
     });
     Ok(Kernel {
-        package: package.to_owned(),
+        package: package.clone(),
+        version: version.clone(),
         image,
         modules,
     })
+}
+
+/// Downloads the packages into `work`, unpacks them there and keeps only what the guest
+/// needs in `dir`: the kernel (`vmlinuz`) and [`GUEST_MODULES`] (`modules/`).
+fn unpack(
+    apt: &mut PrivateApt,
+    packages: &Packages,
+    work: &Path,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let root = work.join("root");
+    for (package, version) in std::iter::once(&packages.image).chain(&packages.modules) {
+        eprintln!(
+            "vm: downloading {package} {version} ({})",
+            apt.release().name
+        );
+        let debs = work.join(package);
+        fs::create_dir_all(&debs)?;
+        if let Err(e) = apt.download(package, version, &debs) {
+            // NB: a version the mirror dropped since the lists were fetched.
+            if !apt.update_again()? {
+                return Err(e);
+            }
+            apt.download(package, version, &debs)?;
+        }
+        let deb = fs::read_dir(&debs)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .ok_or_else(|| anyhow!("apt-get download left no .deb in {}", debs.display()))?;
+        run_quiet(Command::new("dpkg").arg("-x").arg(&deb).arg(&root))
+            .with_context(|| format!("unpacking {}", deb.display()))?;
+    }
+    let vmlinuz = find_vmlinuz(&root)?;
+    // NB: a half-written directory from an interrupted run has no `.complete`: replace it.
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs::copy(&vmlinuz, dir.join("vmlinuz"))
+        .with_context(|| format!("copying {}", vmlinuz.display()))?;
+    match guest_modules(&root) {
+        Ok(GuestModules { release, files }) => {
+            let out = dir.join("modules").join(&release);
+            fs::create_dir_all(&out)?;
+            for (i, (name, bytes)) in files.iter().enumerate() {
+                fs::write(out.join(format!("{i}-{name}")), bytes)?;
+            }
+        }
+        Err(e) => eprintln!("vm: no guest modules in the package: {e:#}"),
+    }
+    Ok(())
+}
+
+/// The modules [`unpack`] kept: `modules/<release>/<n>-<name>`, in load order.
+fn cached_modules(modules: &Path) -> anyhow::Result<GuestModules> {
+    let release_dir = fs::read_dir(modules)
+        .with_context(|| format!("reading {}", modules.display()))?
+        .flatten()
+        .find(|e| e.path().is_dir())
+        .ok_or_else(|| anyhow!("no release directory in {}", modules.display()))?;
+    let release = release_dir
+        .file_name()
+        .into_string()
+        .map_err(|_| anyhow!("a release that is not UTF-8"))?;
+    let mut files: Vec<(String, Vec<u8>)> = fs::read_dir(release_dir.path())?
+        .flatten()
+        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+        .map(|(name, path)| Ok((name, fs::read(path)?)))
+        .collect::<anyhow::Result<_>>()?;
+    files.sort_by_key(|(name, _)| {
+        name.split('-')
+            .next()
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(u32::MAX)
+    });
+    let files = files
+        .into_iter()
+        .map(|(name, bytes)| {
+            let plain = name
+                .split_once('-')
+                .map_or(name.clone(), |(_, n)| n.to_owned());
+            (plain, bytes)
+        })
+        .collect();
+    Ok(GuestModules { release, files })
 }
 
 /// [`GUEST_MODULES`] from the unpacked package: `[usr/]lib/modules/<release>/kernel/<name>.ko`,
@@ -204,64 +383,24 @@ fn guest_modules(root: &Path) -> anyhow::Result<GuestModules> {
     })
 }
 
-fn download(package: &str, debs: &Path) -> anyhow::Result<PathBuf> {
-    fs::create_dir_all(debs).with_context(|| format!("creating {}", debs.display()))?;
-    if let Some(deb) = find_deb(package, debs)? {
-        return Ok(deb);
-    }
-    eprintln!("vm: downloading {package}");
-    // NB: apt drops to the `_apt` user for downloads, which cannot write into target/;
-    // it falls back to root with a warning. Ask for root outright to keep the output clean.
-    run_quiet(
-        Command::new("apt-get")
-            .args(["download", "-q", "-o", "APT::Sandbox::User=root", package])
-            .current_dir(debs),
-    )
-    .with_context(|| format!("downloading {package}"))?;
-    find_deb(package, debs)?.ok_or_else(|| {
-        anyhow!(
-            "apt-get download {package} left no .deb in {}",
-            debs.display()
-        )
-    })
-}
-
-fn find_deb(package: &str, debs: &Path) -> anyhow::Result<Option<PathBuf>> {
-    let prefix = format!("{package}_");
-    let found = fs::read_dir(debs)
-        .with_context(|| format!("listing {}", debs.display()))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb"))
-        });
-    Ok(found)
-}
-
-fn unpack(deb: &Path, root: &Path) -> anyhow::Result<()> {
-    // NB: a half-unpacked tree from an interrupted run has no stamp; start it over.
-    if root.exists() {
-        fs::remove_dir_all(root).with_context(|| format!("removing stale {}", root.display()))?;
-    }
-    fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-    run_quiet(Command::new("dpkg").arg("-x").arg(deb).arg(root))
-        .with_context(|| format!("unpacking {}", deb.display()))
-}
-
+/// `boot/vmlinuz-*` (up to 6.x) or `usr/lib/modules/*/vmlinuz` (7.x) in an unpacked package.
 fn find_vmlinuz(root: &Path) -> anyhow::Result<PathBuf> {
-    let boot = root.join("boot");
-    fs::read_dir(&boot)
-        .with_context(|| format!("listing {}", boot.display()))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| {
+    let in_boot = fs::read_dir(root.join("boot")).ok().and_then(|entries| {
+        entries.filter_map(|e| e.ok().map(|e| e.path())).find(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with("vmlinuz-"))
         })
-        .ok_or_else(|| anyhow!("no vmlinuz-* in {}", boot.display()))
+    });
+    let in_modules = || {
+        fs::read_dir(root.join("usr/lib/modules"))
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path().join("vmlinuz")))
+            .find(|p| p.is_file())
+    };
+    in_boot
+        .or_else(in_modules)
+        .ok_or_else(|| anyhow!("no boot/vmlinuz-* or usr/lib/modules/*/vmlinuz in the package"))
 }
 
 /// The ELF inside the bzImage, cached as `<root>/vmlinux`. QEMU boots it through the PVH
@@ -369,14 +508,22 @@ fn pipe_through(tool: &[&str], input: &[u8]) -> anyhow::Result<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
-    use super::is_series;
+    use super::series_of;
 
     #[test]
-    fn series_specs_are_two_numbers() {
-        assert!(is_series("6.1"));
-        assert!(is_series("6.12"));
-        assert!(!is_series("6"));
-        assert!(!is_series("6.12.1"));
-        assert!(!is_series("linux-image-6.1.0-56-cloud-amd64"));
+    fn series_comes_from_the_package_name() {
+        assert_eq!(
+            series_of("linux-image-5.10.0-32-cloud-amd64"),
+            Some((5, 10))
+        );
+        assert_eq!(
+            series_of("linux-image-6.12.57+deb12-cloud-amd64"),
+            Some((6, 12))
+        );
+        assert_eq!(
+            series_of("linux-binary-7.2.13+deb14-cloud-amd64"),
+            Some((7, 2))
+        );
+        assert_eq!(series_of("linux-image-cloud-amd64"), None);
     }
 }
