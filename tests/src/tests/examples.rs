@@ -134,10 +134,13 @@ fn run_example(env: &TestEnv, port: u16, command: impl FnOnce(&Path, u16) -> Com
             .iter()
             .all(|g| g.generation != 1)
     });
-    assert_eq!(
-        generation_status(&env.status(port), 2).counters.selected,
-        CONNECTIONS,
-        "generation 2 should have been selected for exactly the connections after the flip"
+    // NB: at least: when generation 1 closed its listener the agent may have made wake-up
+    // connections of its own, which the program also sends to generation 2.
+    let selected = generation_status(&env.status(port), 2).counters.selected;
+    assert!(
+        selected >= CONNECTIONS,
+        "the program should have selected generation 2 for every connection after the flip, \
+         counted {selected} of {CONNECTIONS}"
     );
 }
 
