@@ -6,13 +6,8 @@
 //! - [`protocol`] and [`frame`]: the control protocol both sides speak; [`text`]: the rules
 //!   for the text it carries.
 
-pub mod addr;
-pub mod frame;
-pub mod protocol;
-pub mod text;
+pub use reuseport_proto::{DEFAULT_CONTROL_PATH, addr, frame, message as protocol, text};
 
-/// Default path of the agent's control socket.
-pub const DEFAULT_CONTROL_PATH: &str = "/run/reuseport/agent.sock";
 /// Default bpffs directory where the agent pins each group's program and maps.
 pub const DEFAULT_BPFFS_PATH: &str = "/sys/fs/bpf/reuseport";
 pub mod agent;

@@ -60,8 +60,7 @@ use std::{
 use reuseport_common::{ABI_VERSION, ADOPTABLE_ABI, MAX_SLOTS};
 
 pub use self::{
-    conns::DEFAULT_MAX_CONNECTIONS, register::Registration, restart::DEFAULT_RESTART_TIMEOUT,
-    server::run, steering::Mode,
+    conns::DEFAULT_MAX_CONNECTIONS, restart::DEFAULT_RESTART_TIMEOUT, server::run, steering::Mode,
 };
 use self::{
     grace::Grace,

@@ -22,21 +22,9 @@ use super::{
     steering::{self, GroupKernel, PinnedRecord},
 };
 use crate::{
-    addr::{GroupAddr, GroupKey},
-    protocol::{ErrorKind, Reply},
+    addr::GroupKey,
+    protocol::{ErrorKind, Register, Reply},
 };
-
-/// What one registration asks for.
-pub struct Registration {
-    pub group: GroupAddr,
-    pub generation: u32,
-    pub name: Option<String>,
-    pub activate: bool,
-    /// Registered by `reuseportctl supervise` (it takes `restart` requests).
-    pub supervised: bool,
-    /// The server's pid when a launcher registers on its behalf.
-    pub server_pid: Option<i32>,
-}
 
 /// A socket arriving in a `register` request, checked, with who sent it and where its
 /// pushes go.
@@ -44,7 +32,7 @@ struct Incoming {
     peer: Peer,
     reg: RegId,
     socket: OwnedFd,
-    req: Registration,
+    req: Register,
     listener: sockcheck::Listener,
     /// The pid `status` shows for the socket.
     pid: i32,
@@ -95,7 +83,7 @@ impl Agent {
         peer: Peer,
         reg: RegId,
         socket: OwnedFd,
-        req: Registration,
+        req: Register,
         events: Arc<Mailbox>,
     ) -> Result<Reply, Refusal> {
         let listener = sockcheck::check(socket.as_fd(), &req.group)?;

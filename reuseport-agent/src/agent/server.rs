@@ -10,7 +10,7 @@ use tokio::{
 };
 
 use super::{
-    Agent, Options, Peer, Registration,
+    Agent, Options, Peer,
     access::{ControlGroup, Policy},
     bpffs,
     conns::{self, Admission, Slot},
@@ -212,7 +212,7 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream, mut slot: Slot, peer: Peer
                 message: e.to_string(),
             },
             Ok(req) => {
-                let is_register = matches!(req.op, Op::Register { .. });
+                let is_register = matches!(req.op, Op::Register(_));
                 let reply =
                     handle(&agent, peer, reg, req.op, frame.fds, registered, &mailbox).await;
                 registered |= is_register && matches!(reply, Reply::Registered { .. });
@@ -240,14 +240,7 @@ async fn handle(
 ) -> Reply {
     let a = agent.clone();
     let result = match op {
-        Op::Register {
-            group,
-            generation,
-            name,
-            activate,
-            supervised,
-            server_pid,
-        } => {
+        Op::Register(req) => {
             if registered {
                 return bad_request(
                     "this connection already registered a socket: use one connection per registration",
@@ -260,16 +253,7 @@ async fn handle(
                 ));
             }
             let socket = fds.pop().expect("one descriptor");
-            let tx = mailbox.clone();
-            let req = Registration {
-                group,
-                generation,
-                name,
-                activate,
-                supervised,
-                server_pid,
-            };
-            Ok(a.register(peer, reg, socket, req, tx).await)
+            Ok(a.register(peer, reg, socket, req, mailbox.clone()).await)
         }
         Op::Status { group, live } => {
             tokio::task::spawn_blocking(move || a.status(group.as_ref(), live)).await

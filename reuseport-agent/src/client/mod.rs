@@ -36,7 +36,9 @@ use tokio::{
 use crate::{
     addr::GroupAddr,
     frame::{Conn, FrameError},
-    protocol::{DrainStep, ErrorKind, GenState, GroupStatus, Op, Reply, Request, RestartOutcome},
+    protocol::{
+        DrainStep, ErrorKind, GenState, GroupStatus, Op, Register, Reply, Request, RestartOutcome,
+    },
 };
 
 /// Backlog of listeners created by [`reuseport_listener`]. The kernel caps it at
@@ -118,31 +120,6 @@ async fn connect_conn(path: &Path) -> Result<Conn, ClientError> {
     Ok(Conn::new(stream))
 }
 
-fn reply_name(reply: &Reply) -> &'static str {
-    match reply {
-        Reply::Registered { .. } => "registered",
-        Reply::Status { .. } => "status",
-        Reply::Changed { .. } => "changed",
-        Reply::State { .. } => "state",
-        Reply::Restarting { .. } => "restarting",
-        Reply::Restart { .. } => "restart",
-        Reply::RestartResult { .. } => "restart_result",
-        Reply::Error { .. } => "error",
-    }
-}
-
-fn op_name(op: &Op) -> &'static str {
-    match op {
-        Op::Register { .. } => "register",
-        Op::Status { .. } => "status",
-        Op::Activate { .. } => "activate",
-        Op::Drain { .. } => "drain",
-        Op::Restart { .. } => "restart",
-        Op::RestartResult { .. } => "restart_result",
-        Op::DrainProgress { .. } => "drain_progress",
-    }
-}
-
 /// Sends `op` (with `fd` attached) and returns the first reply, turning
 /// [`Reply::Error`] into [`ClientError::Agent`].
 async fn round_trip(
@@ -199,7 +176,7 @@ impl ControlClient {
             Reply::Status { groups } => Ok(groups),
             other => Err(ClientError::UnexpectedReply {
                 request: "status",
-                reply: reply_name(&other),
+                reply: other.name(),
             }),
         }
     }
@@ -248,7 +225,7 @@ impl ControlClient {
             } => Ok((id, supervisor_pid)),
             other => Err(ClientError::UnexpectedReply {
                 request: "restart",
-                reply: reply_name(&other),
+                reply: other.name(),
             }),
         }
     }
@@ -266,7 +243,7 @@ impl ControlClient {
                     _,
                 )) if got == id => return Ok(outcome),
                 Some((other, _)) => {
-                    tracing::debug!(reply = reply_name(&other), "ignoring a pushed frame");
+                    tracing::debug!(reply = other.name(), "ignoring a pushed frame");
                 }
             }
         }
@@ -286,18 +263,18 @@ impl ControlClient {
             Reply::RestartResult { .. } => Ok(()),
             other => Err(ClientError::UnexpectedReply {
                 request: "restart_result",
-                reply: reply_name(&other),
+                reply: other.name(),
             }),
         }
     }
 
     async fn change(&mut self, op: Op) -> Result<GroupStatus, ClientError> {
-        let request = op_name(&op);
+        let request = op.name();
         match self.request(op).await? {
             Reply::Changed { group } => Ok(group),
             other => Err(ClientError::UnexpectedReply {
                 request,
-                reply: reply_name(&other),
+                reply: other.name(),
             }),
         }
     }
@@ -458,10 +435,7 @@ async fn read_pushed(
                 let _ = restarts.send(id);
             }
             Some((other, _)) => {
-                tracing::debug!(
-                    reply = reply_name(&other),
-                    "ignoring unexpected pushed frame"
-                );
+                tracing::debug!(reply = other.name(), "ignoring unexpected pushed frame");
             }
         }
     }
@@ -498,14 +472,14 @@ pub(crate) async fn register_for(
             source,
         })?;
     let mut conn = connect_conn(&opts.control).await?;
-    let op = Op::Register {
+    let op = Op::Register(Register {
         group: opts.group,
         generation: opts.generation,
         name: opts.name.clone(),
         activate: opts.activate,
         supervised: launcher.supervised,
         server_pid: launcher.server_pid,
-    };
+    });
     let (group, generation, slot, state) = match round_trip(&mut conn, op, Some(socket)).await? {
         Reply::Registered {
             group,
@@ -516,7 +490,7 @@ pub(crate) async fn register_for(
         other => {
             return Err(ClientError::UnexpectedReply {
                 request: "register",
-                reply: reply_name(&other),
+                reply: other.name(),
             });
         }
     };
@@ -876,14 +850,14 @@ mod tests {
             let (req, fds) = recv_request(&mut conn).await;
             assert_eq!(
                 req,
-                Request::new(Op::Register {
+                Request::new(Op::Register(Register {
                     group: g,
                     generation: 7,
                     name: Some("v7".into()),
                     activate: false,
                     supervised: false,
                     server_pid: None,
-                })
+                }))
             );
             assert_eq!(fds.len(), 1, "register should carry exactly one descriptor");
             let local = SockRef::from(&fds[0]).local_addr().unwrap().as_socket();
@@ -1001,11 +975,11 @@ mod tests {
             assert!(
                 matches!(
                     req.op,
-                    Op::Register {
+                    Op::Register(Register {
                         generation: 4,
                         activate: false,
                         ..
-                    }
+                    })
                 ),
                 "a re-registration must not activate again: {req:?}"
             );

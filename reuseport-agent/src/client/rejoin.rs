@@ -18,12 +18,11 @@ use socket2::SockRef;
 use tokio::sync::{mpsc, watch};
 
 use super::{
-    ClientError, Launcher, RegisterOptions, Shared, connect_conn, read_pushed, reply_name,
-    round_trip,
+    ClientError, Launcher, RegisterOptions, Shared, connect_conn, read_pushed, round_trip,
 };
 use crate::{
     frame::Conn,
-    protocol::{GenState, Op, Reply},
+    protocol::{GenState, Op, Register, Reply},
 };
 
 /// Where a registered socket can be found again.
@@ -134,14 +133,14 @@ async fn register_again(
             continue;
         };
         // The agent keeps the generation's state; `activate` was for the first time only.
-        let op = Op::Register {
+        let op = Op::Register(Register {
             group: opts.group,
             generation: opts.generation,
             name: opts.name.clone(),
             activate: false,
             supervised: launcher.supervised,
             server_pid: launcher.server_pid,
-        };
+        });
         match round_trip(&mut conn, op, Some(socket.as_fd())).await {
             Ok(Reply::Registered { state: s, slot, .. }) => {
                 state.send_replace(s);
@@ -152,7 +151,7 @@ async fn register_again(
             Ok(other) => {
                 return Err(ClientError::UnexpectedReply {
                     request: "register",
-                    reply: reply_name(&other),
+                    reply: other.name(),
                 });
             }
             // NB: a limit or a kernel failure may be gone at the next try (another group

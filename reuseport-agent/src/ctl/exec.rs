@@ -198,7 +198,7 @@ mod tests {
     use crate::{
         client,
         frame::Conn,
-        protocol::{GenState, MAX_NAME_LEN, Op, Reply, Request},
+        protocol::{GenState, MAX_NAME_LEN, Op, Register, Reply, Request},
     };
 
     struct TempDir(PathBuf);
@@ -254,13 +254,13 @@ mod tests {
             let (stream, _) = agent_listener.accept().await.expect("accept");
             let mut conn = Conn::new(stream);
             let (req, fds) = conn.recv_msg::<Request>().await.unwrap().unwrap();
-            let Op::Register {
+            let Op::Register(Register {
                 group: g,
                 generation: 5,
                 name,
                 activate: true,
                 ..
-            } = req.op
+            }) = req.op
             else {
                 panic!("expected a register of generation 5 with activate: {req:?}");
             };

@@ -10,7 +10,7 @@ use std::{
 
 use reuseport_agent::{
     frame::Conn,
-    protocol::{ErrorKind, MAX_FRAME, Op, PROTOCOL_VERSION, Reply, Request},
+    protocol::{ErrorKind, MAX_FRAME, Op, PROTOCOL_VERSION, Register, Reply, Request},
 };
 use socket2::{Domain, Socket, Type};
 
@@ -26,14 +26,14 @@ fn bad_protocol_input_gets_clear_errors_and_agent_keeps_serving() {
     still_serving(&env, "before any bad input");
 
     let register = |port: u16, generation: u32| {
-        serde_json::to_vec(&Request::new(Op::Register {
+        serde_json::to_vec(&Request::new(Op::Register(Register {
             group: group(port),
             generation,
             name: None,
             activate: false,
             supervised: false,
             server_pid: None,
-        }))
+        })))
         .expect("encode register")
     };
 

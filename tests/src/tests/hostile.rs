@@ -14,7 +14,7 @@ use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use reuseport_agent::{
     addr::GroupAddr,
     frame::Conn,
-    protocol::{ErrorKind, MAX_ERROR_LEN, Op, Reply, Request, RestartOutcome},
+    protocol::{ErrorKind, MAX_ERROR_LEN, Op, Register, Reply, Request, RestartOutcome},
 };
 
 use crate::harness::{ServerKind, TestEnv, group, load_size, local, tally, wait_until};
@@ -89,14 +89,14 @@ fn register_supervised(env: &TestEnv, listener: &std::net::TcpListener, group: G
             .await
             .expect("connect to the agent");
         let mut conn = Conn::new(stream);
-        let op = Op::Register {
+        let op = Op::Register(Register {
             group,
             generation: 1,
             name: None,
             activate: false,
             supervised: true,
             server_pid: None,
-        };
+        });
         conn.send(&Request::new(op), Some(listener.as_fd()))
             .await
             .expect("send register");

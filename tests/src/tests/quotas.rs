@@ -19,7 +19,7 @@ use reuseport_agent::{
     addr::GroupAddr,
     client::{self, ControlClient},
     frame::Conn,
-    protocol::{ErrorKind, GroupStatus, Op, Reply, Request},
+    protocol::{ErrorKind, GroupStatus, Op, Register, Reply, Request},
 };
 
 use crate::harness::{ServerKind, TestEnv, group, load_size, local, wait_until};
@@ -100,14 +100,14 @@ fn register(
 async fn send_register(stream: UnixStream, listener: &TcpListener, group: GroupAddr) -> Conn {
     stream.set_nonblocking(true).expect("non-blocking");
     let conn = Conn::new(tokio::net::UnixStream::from_std(stream).expect("tokio stream"));
-    let op = Op::Register {
+    let op = Op::Register(Register {
         group,
         generation: 1,
         name: None,
         activate: false,
         supervised: false,
         server_pid: None,
-    };
+    });
     // NB: a connection the agent refused at once may be closed already: its refusal is
     // still there to read.
     let _ = conn.send(&Request::new(op), Some(listener.as_fd())).await;

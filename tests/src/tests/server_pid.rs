@@ -5,7 +5,7 @@ use std::{net::TcpListener, os::fd::AsFd as _, process::Command};
 
 use reuseport_agent::{
     frame::Conn,
-    protocol::{ErrorKind, Op, Reply, Request},
+    protocol::{ErrorKind, Op, Register, Reply, Request},
 };
 
 use crate::harness::{TestEnv, group};
@@ -23,14 +23,14 @@ fn register_for(
             .await
             .expect("connect to the agent");
         let mut conn = Conn::new(stream);
-        let op = Op::Register {
+        let op = Op::Register(Register {
             group: group(port),
             generation: 1,
             name: None,
             activate: false,
             supervised: false,
             server_pid: Some(server_pid),
-        };
+        });
         conn.send(&Request::new(op), Some(listener.as_fd()))
             .await
             .expect("send register");

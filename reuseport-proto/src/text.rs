@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 
-use crate::protocol::Op;
+use crate::message::{Op, Register, RestartOutcome};
 
 /// Longest generation name (`register`'s `name`), in bytes.
 pub const MAX_NAME_LEN: usize = 64;
@@ -37,11 +37,11 @@ pub enum FieldError {
 /// Checks the string fields of `op` (the address is checked when it is parsed).
 pub fn check(op: &Op) -> Result<(), FieldError> {
     match op {
-        Op::Register {
+        Op::Register(Register {
             name: Some(name), ..
-        } => check_name(name),
+        }) => check_name(name),
         Op::RestartResult {
-            outcome: crate::protocol::RestartOutcome::Failed { error },
+            outcome: RestartOutcome::Failed { error },
             ..
         } => cap("error", error, MAX_ERROR_LEN),
         _ => Ok(()),

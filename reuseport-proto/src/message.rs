@@ -78,26 +78,8 @@ impl RequestError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    /// Adds the attached listening socket to `group` as a member of `generation`. The
-    /// connection then stays open: closing it unregisters the socket, and the agent pushes
-    /// [`Reply::State`] on it whenever the generation's state changes.
-    Register {
-        group: GroupAddr,
-        generation: u32,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        name: Option<String>,
-        /// Make this generation active as soon as it is registered.
-        #[serde(default)]
-        activate: bool,
-        /// The registering process is a `reuseportctl supervise` that starts the next
-        /// generation when the agent pushes [`Reply::Restart`] on this connection.
-        #[serde(default, skip_serializing_if = "is_false")]
-        supervised: bool,
-        /// The pid of the server that uses the socket, when a launcher registers it on the
-        /// server's behalf (`status` shows it instead of the launcher's).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        server_pid: Option<i32>,
-    },
+    /// Adds the attached listening socket to its group (see [`Register`]).
+    Register(Register),
     /// All groups, or the one named.
     Status {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -131,6 +113,61 @@ pub enum Op {
         #[serde(flatten)]
         step: DrainStep,
     },
+}
+
+/// A `register` request: adds the attached listening socket to `group` as a member of
+/// `generation`. The connection then stays open: closing it unregisters the socket, and the
+/// agent pushes [`Reply::State`] on it whenever the generation's state changes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    pub group: GroupAddr,
+    pub generation: u32,
+    /// Shown by `status`; at most [`MAX_NAME_LEN`] printable bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Make this generation active as soon as it is registered.
+    #[serde(default)]
+    pub activate: bool,
+    /// The registering process is a `reuseportctl supervise` that starts the next
+    /// generation when the agent pushes [`Reply::Restart`] on this connection.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub supervised: bool,
+    /// The pid of the server that uses the socket, when a launcher registers it on the
+    /// server's behalf (`status` shows it instead of the launcher's). It must be the
+    /// registering process or one of its descendants, as the registering process's pid
+    /// namespace numbers it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_pid: Option<i32>,
+}
+
+impl Register {
+    /// A plain registration of `generation` in `group`: no name, not activating, not on a
+    /// server's behalf.
+    pub fn new(group: GroupAddr, generation: u32) -> Self {
+        Self {
+            group,
+            generation,
+            name: None,
+            activate: false,
+            supervised: false,
+            server_pid: None,
+        }
+    }
+}
+
+impl Op {
+    /// The request's `op` as it is on the wire, for messages and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Register(_) => "register",
+            Self::Status { .. } => "status",
+            Self::Activate { .. } => "activate",
+            Self::Drain { .. } => "drain",
+            Self::Restart { .. } => "restart",
+            Self::RestartResult { .. } => "restart_result",
+            Self::DrainProgress { .. } => "drain_progress",
+        }
+    }
 }
 
 /// What a launcher did to a draining generation's server.
@@ -236,6 +273,22 @@ pub enum Reply {
         kind: ErrorKind,
         message: String,
     },
+}
+
+impl Reply {
+    /// The reply's `type` as it is on the wire, for messages and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Registered { .. } => "registered",
+            Self::Status { .. } => "status",
+            Self::Changed { .. } => "changed",
+            Self::State { .. } => "state",
+            Self::Restarting { .. } => "restarting",
+            Self::Restart { .. } => "restart",
+            Self::RestartResult { .. } => "restart_result",
+            Self::Error { .. } => "error",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -480,14 +533,14 @@ mod tests {
                 .unwrap();
         assert_eq!(
             r.op,
-            Op::Register {
+            Op::Register(Register {
                 group: "[::1]:80".parse().unwrap(),
                 generation: 3,
                 name: None,
                 activate: false,
                 supervised: false,
                 server_pid: None,
-            }
+            })
         );
     }
 
