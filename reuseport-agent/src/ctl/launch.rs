@@ -20,8 +20,8 @@ use nix::{
 use super::spawn;
 use crate::{
     addr::GroupAddr,
-    client::{self, Launcher, RegisterOptions, Registration},
-    protocol::MAX_NAME_LEN,
+    client::{self, RegisterOptions, Registration},
+    protocol::{MAX_NAME_LEN, Register},
 };
 
 /// LISTEN_FDNAMES when no --name is given.
@@ -103,7 +103,6 @@ pub fn try_reap(pid: Pid) -> anyhow::Result<Option<WaitStatus>> {
 pub struct Bound {
     listener: TcpListener,
     opts: RegisterOptions,
-    launcher: Launcher,
 }
 
 /// Creates the SO_REUSEPORT listener on `group`'s address, to be registered as
@@ -115,24 +114,17 @@ pub fn bind(
     name: Option<String>,
     activate: bool,
 ) -> anyhow::Result<Bound> {
-    bind_for(
-        control,
-        group,
-        generation,
-        name,
-        activate,
-        Launcher::default(),
-    )
+    bind_for(control, group, generation, name, activate, false)
 }
 
-/// [`bind`], saying what the launcher is (e.g. a supervisor).
+/// [`bind`], saying whether the launcher is a supervisor (it takes `restart` requests).
 pub fn bind_for(
     control: &Path,
     group: GroupAddr,
     generation: u32,
     name: Option<String>,
     activate: bool,
-    launcher: Launcher,
+    supervised: bool,
 ) -> anyhow::Result<Bound> {
     let addr = group.addr;
     let group = group
@@ -146,17 +138,15 @@ pub fn bind_for(
         .context("cannot make the listener blocking for the server")?;
     let opts = RegisterOptions {
         control: PathBuf::from(control),
-        group,
-        generation,
-        name,
-        activate,
+        request: Register {
+            name,
+            activate,
+            supervised,
+            ..Register::new(group, generation)
+        },
         reconnect: true,
     };
-    Ok(Bound {
-        listener,
-        opts,
-        launcher,
-    })
+    Ok(Bound { listener, opts })
 }
 
 impl Bound {
@@ -169,17 +159,19 @@ impl Bound {
     ///
     /// NB: watch SIGCHLD before calling this, or an early exit of the server is missed.
     pub async fn register_and_start(
-        self,
+        mut self,
         plan: &mut spawn::Plan,
     ) -> anyhow::Result<(Pid, Registration)> {
         let gated = spawn::spawn_gated(plan, self.listener.as_fd())?;
-        let launcher = Launcher {
-            server_pid: Some(gated.pid().as_raw()),
-            ..self.launcher
-        };
-        let registration = client::register_for(self.listener.as_fd(), &self.opts, &launcher)
+        self.opts.request.server_pid = Some(gated.pid().as_raw());
+        let registration = client::register(self.listener.as_fd(), &self.opts)
             .await
-            .with_context(|| format!("cannot register generation {}", self.opts.generation))?;
+            .with_context(|| {
+                format!(
+                    "cannot register generation {}",
+                    self.opts.request.generation
+                )
+            })?;
         let pid = gated.release()?;
         drop(self.listener);
         registration.follow_child(pid.as_raw(), spawn::LISTEN_FD);

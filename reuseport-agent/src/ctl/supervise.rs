@@ -45,7 +45,7 @@ use super::{
 };
 use crate::{
     addr::GroupAddr,
-    client::{ControlClient, Launcher, Registration},
+    client::{ControlClient, Registration},
     protocol::{ErrorKind, GenState, RestartOutcome, UNREQUESTED_RESTART},
 };
 
@@ -432,10 +432,7 @@ impl Supervisor {
             generation,
             self.args.name.clone(),
             false,
-            Launcher {
-                supervised: true,
-                server_pid: None,
-            },
+            true,
         )
         .with_context(|| format!("generation {generation}"))?;
         let mut plan = spawn::Plan::new(

@@ -23,7 +23,7 @@ use nix::{
 use reuseport_agent::{
     addr::GroupAddr,
     client::{self, ClientError, ControlClient, RegisterOptions, Registration},
-    protocol::{ErrorKind, GroupStatus},
+    protocol::{ErrorKind, GroupStatus, Register},
 };
 
 use super::{Server, ServerKind, group, local, namespaces::enter_private_namespaces};
@@ -494,10 +494,11 @@ impl TestEnv {
     ) -> RegisterOptions {
         RegisterOptions {
             control: self.control.clone(),
-            group,
-            generation,
-            name: Some(format!("gen{generation}")),
-            activate,
+            request: Register {
+                name: Some(format!("gen{generation}")),
+                activate,
+                ..Register::new(group, generation)
+            },
             reconnect: true,
         }
     }

@@ -16,7 +16,7 @@ use std::{
 
 use reuseport_agent::{
     client::ControlClient,
-    protocol::{ErrorKind, GenState, GroupStatus, MAX_FRAME, Op, Reply, Request},
+    protocol::{ErrorKind, GenState, GroupStatus, MAX_FRAME, Op, Register, Reply, Request},
 };
 
 use crate::harness::{
@@ -409,10 +409,7 @@ fn register_inherited_socket() {
     let (group, control) = spec.split_once(' ').expect("<group> <control path>");
     let opts = reuseport_agent::client::RegisterOptions {
         control: control.into(),
-        group: group.parse().expect("group address"),
-        generation: 3,
-        name: None,
-        activate: false,
+        request: Register::new(group.parse().expect("group address"), 3),
         reconnect: false,
     };
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -199,7 +199,7 @@ fn only_a_groups_supervisor_reports_its_restarts_in_bounded_escaped_text() {
     let named = |name: &str| {
         env.block_on(async {
             let mut opts = env.register_options(PORT + 2, 1, false);
-            opts.name = Some(name.into());
+            opts.request.name = Some(name.into());
             reuseport_agent::client::register(listener.as_fd(), &opts)
                 .await
                 .map(drop)

@@ -122,7 +122,7 @@ fn status_is_delivered_at_the_limits() {
     for generation in 1..=sockets {
         let listener = env.listen(BIG);
         let mut opts = env.register_options(BIG, generation, false);
-        opts.name = Some(format!("{generation:0>width$}", width = MAX_NAME_LEN));
+        opts.request.name = Some(format!("{generation:0>width$}", width = MAX_NAME_LEN));
         let registration = env
             .block_on(reuseport_agent::client::register(
                 std::os::fd::AsFd::as_fd(&listener),

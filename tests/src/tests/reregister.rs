@@ -103,14 +103,9 @@ fn registering_again_gives_the_slot_back_only_to_its_own_generation() {
         "registering the socket again as another generation",
         "register it again as generation 1",
     );
-    let back = register(
-        &env,
-        &l1,
-        &RegisterOptions {
-            name: Some("renamed".into()),
-            ..once(&env, PORT, 1, true)
-        },
-    )
+    let mut renamed = once(&env, PORT, 1, true);
+    renamed.request.name = Some("renamed".into());
+    let back = register(&env, &l1, &renamed)
     .expect("the socket should get its slot back as its own generation");
     assert_eq!(
         (back.slot(), *back.state().borrow()),

@@ -17,12 +17,12 @@ use std::{
 use socket2::SockRef;
 use tokio::sync::{mpsc, watch};
 
-use super::{
-    ClientError, Launcher, RegisterOptions, Shared, connect_conn, read_pushed, round_trip,
-};
+use reuseport_proto::{GenState, Op, Register, Reply, frame::Conn};
+
 use crate::{
-    frame::Conn,
-    protocol::{GenState, Op, Register, Reply},
+    ClientError, RegisterOptions,
+    control::{connect_conn, round_trip},
+    registration::{Shared, read_pushed},
 };
 
 /// Where a registered socket can be found again.
@@ -79,16 +79,15 @@ fn fd_of_process(pid: i32, fd: RawFd) -> io::Result<OwnedFd> {
 }
 
 /// What a registration needs to register its socket again.
-pub(super) struct Rejoin {
-    pub(super) opts: RegisterOptions,
-    pub(super) launcher: Launcher,
-    pub(super) cookie: u64,
-    pub(super) shared: Arc<Shared>,
+pub(crate) struct Rejoin {
+    pub(crate) opts: RegisterOptions,
+    pub(crate) cookie: u64,
+    pub(crate) shared: Arc<Shared>,
 }
 
 /// The registration's task: follows pushes and, when the agent goes away, registers the
 /// socket again on a new connection.
-pub(super) async fn follow(
+pub(crate) async fn follow(
     mut conn: Conn,
     rejoin: Rejoin,
     state: watch::Sender<GenState>,
@@ -96,12 +95,12 @@ pub(super) async fn follow(
 ) -> Result<(), ClientError> {
     let opts = &rejoin.opts;
     loop {
-        let end = read_pushed(&mut conn, opts.generation, &state, &restarts).await;
+        let end = read_pushed(&mut conn, opts.request.generation, &state, &restarts).await;
         if !opts.reconnect {
             return end;
         }
         tracing::warn!(
-            group = %opts.group, generation = opts.generation,
+            group = %opts.request.group, generation = opts.request.generation,
             "lost the agent's control connection; registering the socket again when it is back"
         );
         match register_again(&rejoin, &state).await? {
@@ -118,7 +117,6 @@ async fn register_again(
 ) -> Result<Option<Conn>, ClientError> {
     let Rejoin {
         opts,
-        launcher,
         cookie,
         shared,
     } = rejoin;
@@ -134,18 +132,14 @@ async fn register_again(
         };
         // The agent keeps the generation's state; `activate` was for the first time only.
         let op = Op::Register(Register {
-            group: opts.group,
-            generation: opts.generation,
-            name: opts.name.clone(),
             activate: false,
-            supervised: launcher.supervised,
-            server_pid: launcher.server_pid,
+            ..opts.request.clone()
         });
         match round_trip(&mut conn, op, Some(socket.as_fd())).await {
             Ok(Reply::Registered { state: s, slot, .. }) => {
                 state.send_replace(s);
                 shared.set_connection(&conn);
-                tracing::info!(group = %opts.group, generation = opts.generation, slot, "socket registered again");
+                tracing::info!(group = %opts.request.group, generation = opts.request.generation, slot, "socket registered again");
                 return Ok(Some(conn));
             }
             Ok(other) => {
@@ -159,7 +153,7 @@ async fn register_again(
             // for good because of it.
             Err(ClientError::Agent { kind, message }) if kind.is_temporary() => {
                 tracing::warn!(
-                    group = %opts.group, generation = opts.generation, ?kind, %message,
+                    group = %opts.request.group, generation = opts.request.generation, ?kind, %message,
                     "the agent refused the socket for now; trying again"
                 );
             }
