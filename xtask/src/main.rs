@@ -54,6 +54,13 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// `cargo build` arguments naming the packages of the two binaries (`reuseport-agent`,
+/// `reuseportctl`) that the tests, the demo and the benchmarks run.
+pub const BINARY_PACKAGES: [&str; 5] = ["-p", "reuseport-agent", "-p", "reuseportctl", "--bins"];
+/// `cargo build` arguments for the agent's test build: with the fault-injection points the
+/// crash and upgrade tests use (never in a release).
+pub const FAULT_INJECTION: [&str; 2] = ["--features", "reuseport-agent/fault-injection"];
+
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

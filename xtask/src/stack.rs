@@ -206,7 +206,8 @@ pub fn build_release(tag: &str) -> anyhow::Result<PathBuf> {
     setup::run(
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .current_dir(&root)
-            .args(["build", "--release", "-p", "reuseport-agent", "--bins"]),
+            .args(["build", "--release"])
+            .args(crate::BINARY_PACKAGES),
     )?;
     Ok(root.join("target/release"))
 }

@@ -111,18 +111,11 @@ pub fn test(opts: &TestOpts) -> anyhow::Result<()> {
     }
     let mut host = None;
     timed("integration tests (host kernel)", || {
-        setup::run(&mut cargo(
-            &root,
-            // NB: with the fault-injection points the crash tests use (test builds only).
-            &[
-                "build",
-                "-p",
-                "reuseport-agent",
-                "--bins",
-                "--features",
-                "fault-injection",
-            ],
-        ))?;
+        setup::run(
+            cargo(&root, &["build"])
+                .args(crate::BINARY_PACKAGES)
+                .args(crate::FAULT_INJECTION),
+        )?;
         let mut cmd = cargo(
             &root,
             &[

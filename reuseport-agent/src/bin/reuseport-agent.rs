@@ -56,7 +56,7 @@ struct Cli {
     /// A `reuseportctl restart` whose supervisor reports no outcome this long after the
     /// agent forwarded it fails (for its requester and in `status`).
     #[arg(long, value_name = "DUR", default_value = "10m", env = "REUSEPORT_RESTART_TIMEOUT",
-          value_parser = reuseport_agent::ctl::supervise::parse_duration)]
+          value_parser = humantime::parse_duration)]
     restart_timeout: std::time::Duration,
 }
 

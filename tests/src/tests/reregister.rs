@@ -106,7 +106,7 @@ fn registering_again_gives_the_slot_back_only_to_its_own_generation() {
     let mut renamed = once(&env, PORT, 1, true);
     renamed.request.name = Some("renamed".into());
     let back = register(&env, &l1, &renamed)
-    .expect("the socket should get its slot back as its own generation");
+        .expect("the socket should get its slot back as its own generation");
     assert_eq!(
         (back.slot(), *back.state().borrow()),
         (slot1, GenState::Draining),

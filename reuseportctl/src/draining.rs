@@ -22,10 +22,9 @@ use nix::{
 use tokio::{task::JoinHandle, time::Instant};
 
 use super::{launch::note, supervise::parse_duration};
-use crate::{
-    addr::GroupAddr,
-    client::ControlClient,
-    protocol::{DrainStep, GroupStatus},
+use reuseport_client::{
+    ControlClient,
+    proto::{DrainStep, GroupAddr, GroupStatus},
 };
 
 /// How often the agent is asked whether a draining generation is idle.
@@ -165,7 +164,7 @@ impl Drain {
     async fn in_flight(
         &self,
         client: &mut Option<ControlClient>,
-    ) -> Result<Option<u64>, crate::client::ClientError> {
+    ) -> Result<Option<u64>, reuseport_client::ClientError> {
         let c = match client {
             Some(c) => c,
             None => client.insert(ControlClient::connect(&self.control).await?),

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::{GlobalOpts, output};
-use crate::{addr::GroupAddr, client::ControlClient};
+use reuseport_client::{ControlClient, proto::GroupAddr};
 
 /// Make a generation the active one; the previously active generation drains.
 #[derive(Debug, Args)]

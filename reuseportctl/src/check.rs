@@ -3,7 +3,7 @@
 //! supervisor's last restart did not fail, and no listener dropped connections because its
 //! accept queue was full since it registered.
 
-use crate::protocol::{GroupStatus, RestartOutcome};
+use reuseport_client::proto::{GroupStatus, RestartOutcome};
 
 /// Exit status of `status --check` when it found problems (1 stays "could not check", e.g.
 /// no agent).
@@ -49,7 +49,9 @@ pub fn problems(groups: &[GroupStatus]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Counters, GenState, GenerationStatus, ListenerLive, SocketStatus};
+    use reuseport_client::proto::{
+        Counters, GenState, GenerationStatus, ListenerLive, SocketStatus,
+    };
 
     fn group(active: Option<u32>, falling_back: bool, drops: u32) -> GroupStatus {
         GroupStatus {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::{GlobalOpts, output};
-use crate::{addr::GroupAddr, client::ControlClient};
+use reuseport_client::{ControlClient, proto::GroupAddr};
 
 /// Stop sending new connections to a generation.
 #[derive(Debug, Args)]

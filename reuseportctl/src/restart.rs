@@ -7,7 +7,10 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 
 use super::{GlobalOpts, output, supervise::parse_duration};
-use crate::{addr::GroupAddr, client::ControlClient, protocol::RestartOutcome};
+use reuseport_client::{
+    ControlClient,
+    proto::{GroupAddr, RestartOutcome},
+};
 
 /// Start the next generation of a supervised group (like SIGHUP to its supervisor) and
 /// wait until it is active.

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::Args;
 
 use super::{GlobalOpts, check, output, supervise::parse_duration};
-use crate::{addr::GroupAddr, client::ControlClient};
+use reuseport_client::{ControlClient, proto::GroupAddr};
 
 /// Show groups, their generations, sockets, counters and live connections.
 #[derive(Debug, Args)]

@@ -43,10 +43,9 @@ use super::{
     reaper::Reaper,
     spawn,
 };
-use crate::{
-    addr::GroupAddr,
-    client::{ControlClient, Registration},
-    protocol::{ErrorKind, GenState, RestartOutcome, UNREQUESTED_RESTART},
+use reuseport_client::{
+    ClientError, ControlClient, Registration,
+    proto::{ErrorKind, GenState, GroupAddr, RestartOutcome, UNREQUESTED_RESTART},
 };
 
 /// Tells each server its generation number (the test servers answer with it).
@@ -394,7 +393,7 @@ impl Supervisor {
                 for id in ids {
                     client.report_restart(group, id, outcome.clone()).await?;
                 }
-                Ok::<_, crate::client::ClientError>(())
+                Ok::<_, ClientError>(())
             }
             .await;
             if let Err(e) = res {

@@ -20,7 +20,10 @@ use super::{
     reaper::Reaper,
     spawn::{self, FORWARDED_SIGNALS},
 };
-use crate::{addr::GroupAddr, client::Registration, protocol::GenState};
+use reuseport_client::{
+    Registration,
+    proto::{GenState, GroupAddr},
+};
 
 /// Run a server on a registered SO_REUSEPORT listener passed as fd 3.
 #[derive(Debug, Args)]
@@ -189,33 +192,20 @@ async fn supervise(
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        path::{Path, PathBuf},
-        time::Duration,
-    };
+    use std::{path::Path, time::Duration};
 
     use super::*;
-    use crate::{
-        client,
-        frame::Conn,
-        protocol::{GenState, MAX_NAME_LEN, Op, Register, Reply, Request},
+    use reuseport_client::{
+        self as client,
+        proto::{GenState, MAX_NAME_LEN, Op, Register, Reply, Request, frame::Conn},
     };
 
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> Self {
-            let dir = std::env::temp_dir()
-                .join(format!("reuseportctl-exec-{tag}-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).expect("create temp dir");
-            Self(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
+    /// A directory of its own for a test's control socket and files.
+    fn tempdir(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("reuseportctl-exec-{tag}-"))
+            .tempdir()
+            .expect("create temp dir")
     }
 
     async fn wait_for_line(path: &Path, line: &str) {
@@ -239,9 +229,9 @@ mod tests {
     /// afterwards (tokio never uninstalls them), so Ctrl-C no longer stops this test binary.
     #[tokio::test]
     async fn launcher_hands_over_the_listener_and_signals_on_drain() {
-        let dir = TempDir::new("drain");
-        let control = dir.0.join("agent.sock");
-        let out = dir.0.join("out");
+        let dir = tempdir("drain");
+        let control = dir.path().join("agent.sock");
+        let out = dir.path().join("out");
         // A free port, kept bound (with SO_REUSEPORT) so no one else takes it meanwhile.
         let probe = client::reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
         let group: GroupAddr = format!("tcp://{}", probe.local_addr().unwrap())
@@ -341,7 +331,7 @@ mod tests {
 
     #[tokio::test]
     async fn missing_command_fails_before_the_agent_is_asked() {
-        let dir = TempDir::new("missing");
+        let dir = tempdir("missing");
         let args = ExecArgs {
             listen: "127.0.0.1:9".parse().unwrap(),
             generation: 1,
@@ -353,7 +343,7 @@ mod tests {
         };
         // No agent listens on this path: the error must still be about the command.
         let global = GlobalOpts {
-            control: dir.0.join("agent.sock"),
+            control: dir.path().join("agent.sock"),
         };
         let err = launch(&global, args).await.unwrap_err();
         let spawn_err = err

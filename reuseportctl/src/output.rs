@@ -5,9 +5,8 @@
 
 use std::{fmt::Write as _, io::Write as _};
 
-use crate::{
-    protocol::{GenState, GenerationStatus, GroupStatus, Limits, RestartOutcome},
-    text::escape,
+use reuseport_client::proto::{
+    GenState, GenerationStatus, GroupStatus, Limits, RestartOutcome, text::escape,
 };
 
 /// Writes `text` to stdout. A closed pipe (`reuseportctl status | head -1`) is not an
@@ -239,7 +238,7 @@ pub fn change_summary(group: &GroupStatus, generation: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{
+    use reuseport_client::proto::{
         Counters, DrainPhase, GenerationLive, GroupLive, ListenerLive, SocketStatus,
     };
 

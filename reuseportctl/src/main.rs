@@ -49,7 +49,7 @@ pub struct GlobalOpts {
         global = true,
         value_name = "PATH",
         env = "REUSEPORT_CONTROL",
-        default_value = crate::DEFAULT_CONTROL_PATH
+        default_value = reuseport_client::DEFAULT_CONTROL_PATH
     )]
     pub control: PathBuf,
 }
@@ -64,8 +64,7 @@ pub enum Command {
     Supervise(supervise::SuperviseArgs),
 }
 
-/// Entry point of the `reuseportctl` binary.
-pub fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // A bad value (e.g. an address) is a one-line error like every other; help,
@@ -126,7 +125,7 @@ fn report(message: &str) {
     let _ = writeln!(
         std::io::stderr(),
         "reuseportctl: {}",
-        crate::text::escape(message)
+        reuseport_client::proto::text::escape(message)
     );
 }
 

@@ -18,10 +18,9 @@ use nix::{
 };
 
 use super::spawn;
-use crate::{
-    addr::GroupAddr,
-    client::{self, RegisterOptions, Registration},
-    protocol::{MAX_NAME_LEN, Register},
+use reuseport_client::{
+    self as client, RegisterOptions, Registration,
+    proto::{GroupAddr, MAX_NAME_LEN, Register},
 };
 
 /// LISTEN_FDNAMES when no --name is given.

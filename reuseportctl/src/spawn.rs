@@ -503,8 +503,8 @@ mod tests {
     /// A gated child runs nothing until released, and nothing at all if dropped.
     #[test]
     fn gated_child_runs_only_once_released() {
-        let dir = std::env::temp_dir().join(format!("reuseport-gate-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let plan_for = |marker: &Path| {
             let script = format!("echo $$ > {}", marker.display());
@@ -536,7 +536,6 @@ mod tests {
             pid.to_string(),
             "the released child should run the program as the pid known before release"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
