@@ -57,7 +57,12 @@ pub const MORE: u32 = 1 << 31;
 /// (4 bytes, big-endian, [`MORE`] set on every frame but the last) and its part of the JSON.
 /// A message larger than [`MAX_MESSAGE`] is refused.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
-    let body = serde_json::to_vec(msg)?;
+    encode_body(&serde_json::to_vec(msg)?)
+}
+
+/// `body` framed as [`encode`] frames JSON, whatever it holds (tests send bodies that are
+/// not requests on purpose).
+pub fn encode_body(body: &[u8]) -> Result<Vec<u8>, FrameError> {
     if body.len() > MAX_MESSAGE {
         return Err(FrameError::TooLarge { len: body.len() });
     }

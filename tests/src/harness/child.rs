@@ -18,7 +18,7 @@ use nix::{
     sys::signal::{Signal, killpg},
     unistd::Pid,
 };
-use reuseport_agent::client::{self, Register, RegisterOptions};
+use reuseport_client::{self as client, Register, RegisterOptions};
 
 use super::{Server, ServerKind, TestEnv, group, patience};
 

@@ -20,13 +20,14 @@ use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
-use reuseport_agent::{
-    addr::GroupAddr,
-    client::{self, ClientError, ControlClient, RegisterOptions, Registration},
-    protocol::{ErrorKind, GroupStatus, Register},
-};
+use reuseport_client::{self as client, ClientError, ControlClient, RegisterOptions, Registration};
+use reuseport_proto::{ErrorKind, GroupAddr, GroupStatus, Register};
 
 use super::{Server, ServerKind, group, local, namespaces::enter_private_namespaces};
+
+/// Where each test's agent pins its groups: the agent's default directory, in the test's own
+/// bpffs (see [`enter_private_namespaces`]).
+const AGENT_BPFFS_DIR: &str = "/sys/fs/bpf/reuseport";
 
 /// How long the agent may take to accept connections on its control socket (stretched in a
 /// VM guest, where loading one program took 9 s on 6.1 under TCG: an agent that restarts
@@ -165,7 +166,7 @@ impl TestEnv {
         let dir = std::env::temp_dir().join(format!("reuseport-test-{pid}-{n}-{short}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the test's temp dir");
-        let bpffs = PathBuf::from(reuseport_agent::DEFAULT_BPFFS_PATH);
+        let bpffs = PathBuf::from(AGENT_BPFFS_DIR);
         let control = dir.join("agent.sock");
         let log = dir.join("agent.log");
 

@@ -11,10 +11,8 @@ use std::{
 };
 
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-use reuseport_agent::{
-    addr::GroupAddr,
-    frame::Conn,
-    protocol::{ErrorKind, MAX_ERROR_LEN, Op, Register, Reply, Request, RestartOutcome},
+use reuseport_proto::{
+    ErrorKind, GroupAddr, MAX_ERROR_LEN, Op, Register, Reply, Request, RestartOutcome, frame::Conn,
 };
 
 use crate::harness::{ServerKind, TestEnv, group, load_size, local, tally, wait_until};
@@ -200,7 +198,7 @@ fn only_a_groups_supervisor_reports_its_restarts_in_bounded_escaped_text() {
         env.block_on(async {
             let mut opts = env.register_options(PORT + 2, 1, false);
             opts.request.name = Some(name.into());
-            reuseport_agent::client::register(listener.as_fd(), &opts)
+            reuseport_client::register(listener.as_fd(), &opts)
                 .await
                 .map(drop)
         })

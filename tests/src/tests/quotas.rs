@@ -15,11 +15,9 @@ use std::{
     time::Duration,
 };
 
-use reuseport_agent::{
-    addr::GroupAddr,
-    client::{self, ControlClient},
-    frame::Conn,
-    protocol::{ErrorKind, GroupStatus, Op, Register, Reply, Request},
+use reuseport_client::{self as client, ControlClient};
+use reuseport_proto::{
+    ErrorKind, GroupAddr, GroupStatus, Op, Register, Reply, Request, frame::Conn,
 };
 
 use crate::harness::{ServerKind, TestEnv, group, load_size, local, wait_until};

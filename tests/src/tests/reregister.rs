@@ -8,10 +8,8 @@ use std::{
     process::{Command, Stdio},
 };
 
-use reuseport_agent::{
-    client::{self, ClientError, RegisterOptions, Registration},
-    protocol::{ErrorKind, GenState},
-};
+use reuseport_client::{self as client, ClientError, RegisterOptions, Registration};
+use reuseport_proto::{ErrorKind, GenState};
 
 use crate::harness::{
     Server, ServerKind, TestEnv, bin_path, generation_status, local, one_line_error, tally,

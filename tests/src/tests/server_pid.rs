@@ -3,10 +3,7 @@
 
 use std::{net::TcpListener, os::fd::AsFd as _, process::Command};
 
-use reuseport_agent::{
-    frame::Conn,
-    protocol::{ErrorKind, Op, Register, Reply, Request},
-};
+use reuseport_proto::{ErrorKind, Op, Register, Reply, Request, frame::Conn};
 
 use crate::harness::{TestEnv, group};
 

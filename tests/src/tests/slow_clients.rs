@@ -3,11 +3,9 @@
 
 use std::{net::TcpListener, os::fd::AsFd as _, time::Duration};
 
-use reuseport_agent::{
-    addr::GroupAddr,
-    client::ControlClient,
-    frame::Conn,
-    protocol::{ErrorKind, GenState, Op, Register, Reply, Request, RestartOutcome},
+use reuseport_client::ControlClient;
+use reuseport_proto::{
+    ErrorKind, GenState, GroupAddr, Op, Register, Reply, Request, RestartOutcome, frame::Conn,
 };
 
 use crate::harness::{ServerKind, TestEnv, group, load_size, one_line_error};

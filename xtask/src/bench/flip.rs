@@ -23,7 +23,6 @@ use std::{
     fmt,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     thread,
@@ -33,7 +32,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use super::{Machine, Percentiles, control_request};
+use super::{Control, Machine, Percentiles, control_request};
 use crate::{
     load::{Load, Tally},
     stack::{Stack, spawn_plain, wait_for},
@@ -381,7 +380,7 @@ pub struct Deployer<'a> {
     servers: Vec<Child>,
     /// Reuseport: `reuseportctl supervise`, its log and a control connection to the agent.
     supervisor: Option<(Child, PathBuf)>,
-    control: Option<UnixStream>,
+    control: Option<Control>,
     deploy_ms: Vec<f64>,
     /// Highest `migrated` counter seen per generation.
     migrated: BTreeMap<u32, u64>,
@@ -433,7 +432,7 @@ impl<'a> Deployer<'a> {
                     .context("starting reuseportctl supervise")?;
                 d.supervisor = Some((child, log));
                 d.control =
-                    Some(UnixStream::connect(&d.stack.control).context("connecting to the agent")?);
+                    Some(Control::connect(&d.stack.control).context("connecting to the agent")?);
                 d.wait_active(1)?;
             }
         }

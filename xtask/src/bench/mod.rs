@@ -14,12 +14,9 @@ mod live;
 mod overhead;
 mod reference_prog;
 
-use std::{
-    io::{Read as _, Write as _},
-    os::unix::net::UnixStream,
-    path::PathBuf,
-};
+use std::path::PathBuf;
 
+use anyhow::Context as _;
 use serde::Serialize;
 
 pub use flip::{Deployer, Mode, short_flip_check};
@@ -146,18 +143,15 @@ fn write_json(name: &str, report: &impl Serialize) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// One request over an open control connection and its answer (the framing of
-/// docs/protocol.md: a 4-byte big-endian length, then JSON).
+/// A control connection to the agent, on the protocol crate's blocking framing.
+type Control = reuseport_proto::frame::blocking::Conn;
+
+/// One request over an open control connection and its answer.
 fn control_request(
-    control: &mut UnixStream,
+    control: &mut Control,
     request: &serde_json::Value,
 ) -> anyhow::Result<serde_json::Value> {
-    let body = serde_json::to_vec(request)?;
-    control.write_all(&(body.len() as u32).to_be_bytes())?;
-    control.write_all(&body)?;
-    let mut len = [0u8; 4];
-    control.read_exact(&mut len)?;
-    let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
-    control.read_exact(&mut reply)?;
-    Ok(serde_json::from_slice(&reply)?)
+    control
+        .round_trip(request, None)?
+        .context("the agent closed the control connection without answering")
 }

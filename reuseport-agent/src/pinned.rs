@@ -12,9 +12,9 @@ use reuseport_common::{PinnedState, STATE_CAPACITY, STATE_MAGIC, StateHeader};
 use serde::{Deserialize, Serialize};
 
 use super::registry::{Refusal, Registry};
-use crate::{
+use reuseport_proto::{
     addr::GroupKey,
-    protocol::{ErrorKind, RestartOutcome},
+    message::{ErrorKind, RestartOutcome},
 };
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -109,7 +109,7 @@ pub fn decode(state: &PinnedState) -> Result<GroupRecord, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::registry::Member;
+    use crate::registry::Member;
 
     #[test]
     fn record_round_trips() {
@@ -153,13 +153,13 @@ mod tests {
     /// Generations with the longest names a group's record holds for sure (README, "Limits").
     const GENERATIONS_WITH_LONGEST_NAMES: u32 = 100;
 
-    /// Names and error texts are capped (see `crate::text`), so a group holds at least
+    /// Names and error texts are capped (see `reuseport_proto::text`), so a group holds at least
     /// [`GENERATIONS_WITH_LONGEST_NAMES`] generations with the longest names, a restart error
     /// of the longest length and generous figures. Beyond what the record holds, a change is
     /// refused as a limit (and undone, see `Group::change`), never half made.
     #[test]
     fn the_record_holds_the_documented_generations_with_longest_names() {
-        use crate::text::{MAX_ERROR_LEN, MAX_NAME_LEN};
+        use reuseport_proto::text::{MAX_ERROR_LEN, MAX_NAME_LEN};
         let mut registry = Registry::default();
         let mut fitted = 0;
         let mut state = buffer();
@@ -180,7 +180,7 @@ mod tests {
                 member,
             );
             let g = registry.generations.get_mut(&generation).unwrap();
-            g.retired_counters = crate::protocol::Counters {
+            g.retired_counters = reuseport_proto::message::Counters {
                 selected: 1 << 40,
                 fallback: 1 << 30,
                 migrated: 1 << 30,
@@ -192,7 +192,7 @@ mod tests {
                 netns: 4_026_531_840,
                 owner_uid: 1_000_000,
                 serial: u32::MAX,
-                program: crate::agent::steering::program_id(crate::agent::Mode::SelectOrMigrate),
+                program: crate::steering::program_id(crate::steering::Mode::SelectOrMigrate),
                 registry: Registry {
                     generations: registry.generations.clone(),
                 },

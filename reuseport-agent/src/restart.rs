@@ -16,14 +16,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{
-    Agent, Peer,
+use crate::{
+    agent::{Agent, Peer, State},
     mailbox::{Full, MAX_WAITING_RESTARTS, Mailbox},
     registry::{Refusal, RegId},
 };
-use crate::{
+use reuseport_proto::{
     addr::{GroupAddr, GroupKey},
-    protocol::{ErrorKind, GenState, Reply, RestartOutcome, UNREQUESTED_RESTART},
+    message::{ErrorKind, GenState, Reply, RestartOutcome, UNREQUESTED_RESTART},
 };
 
 /// Default of `reuseport-agent --restart-timeout`: longer than a supervisor's default
@@ -342,7 +342,7 @@ impl Agent {
     }
 }
 
-impl super::State {
+impl State {
     /// Keeps outcomes the agent decided itself (a supervisor gone or silent) as their
     /// groups' last restart, for `status`.
     pub(super) fn record_restarts(&mut self, outcomes: Vec<(GroupKey, RestartOutcome)>) {

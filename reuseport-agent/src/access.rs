@@ -15,8 +15,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use nix::unistd::{Gid, Group};
 use tokio::net::UnixStream;
 
-use super::{Peer, registry::Refusal};
-use crate::{addr::GroupKey, protocol::ErrorKind};
+use crate::{agent::Peer, registry::Refusal};
+use reuseport_proto::{addr::GroupKey, message::ErrorKind};
 
 /// The group whose members may activate and drain every group (`--control-group`).
 #[derive(Clone, Debug, PartialEq, Eq)]

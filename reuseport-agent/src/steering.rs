@@ -24,11 +24,7 @@ use super::{
 };
 
 /// The object built from `reuseport-ebpf` by this crate's build script.
-#[cfg(not(fuzzing))]
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reuseport"));
-/// Fuzz builds skip the eBPF build (see build.rs): loading fails, which they never do.
-#[cfg(fuzzing)]
-static PROGRAM: &[u8] = &[];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use reuseport_common::SteeringConfig;
 
-use crate::protocol::{Counters, DrainStep, ErrorKind, GenState};
+use reuseport_proto::message::{Counters, DrainStep, ErrorKind, GenState};
 
 /// Identifies one registration connection (one registering process).
 pub type RegId = u64;

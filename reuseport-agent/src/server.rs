@@ -9,9 +9,9 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
-use super::{
-    Agent, Options, Peer,
+use crate::{
     access::{ControlGroup, Policy},
+    agent::{Agent, Options, Peer},
     bpffs,
     conns::{self, Admission, Slot},
     control_socket::ControlSocket,
@@ -20,9 +20,9 @@ use super::{
     registry::Refusal,
     steering, wake,
 };
-use crate::{
+use reuseport_proto::{
     frame::Conn,
-    protocol::{ErrorKind, Op, Reply, Request},
+    message::{ErrorKind, Op, Reply, Request},
 };
 
 /// How often registered slots are checked for listeners that closed.

@@ -22,9 +22,9 @@ use std::{
 use tokio::{io::Interest, sync::oneshot, time::Instant};
 
 use super::quota::{Quotas, Usage};
-use crate::{
+use reuseport_proto::{
     frame::{Conn, Frame, FrameError},
-    protocol::{ErrorKind, Reply},
+    message::{ErrorKind, Reply},
 };
 
 /// How long an unregistered connection may stay silent between requests.
@@ -420,8 +420,7 @@ mod tests {
     fn only_frame_errors_of_the_transport_go_unanswered() {
         let io = RecvError::Frame(FrameError::Io(std::io::ErrorKind::BrokenPipe.into()));
         assert!(io.reply().is_none());
-        let why =
-            Quotas::new(1, None, 3, None).connections_full(crate::agent::quota::Full::Table, 0);
+        let why = Quotas::new(1, None, 3, None).connections_full(crate::quota::Full::Table, 0);
         match RecvError::Evicted(why).reply() {
             Some(Reply::Error { kind, message }) => {
                 assert_eq!(kind, ErrorKind::Limit);

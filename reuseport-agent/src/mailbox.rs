@@ -14,7 +14,7 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::protocol::Reply;
+use reuseport_proto::message::Reply;
 
 /// Restarts that may wait for their supervisor at once, per group and per requesting
 /// connection (see [`restart`](super::restart)).
@@ -121,7 +121,7 @@ impl Mailbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{GenState, RestartOutcome};
+    use reuseport_proto::message::{GenState, RestartOutcome};
 
     fn state(state: GenState) -> Reply {
         Reply::State {

@@ -1,9 +1,61 @@
-//! `reuseport-agent`: the daemon that steers SO_REUSEPORT groups (see the README).
+//! `reuseport-agent`: the daemon that steers SO_REUSEPORT groups (see the README). It owns
+//! the kernel program of every group it manages and answers the control protocol.
+//!
+//! - [`agent`]: the state and the requests that read and change it.
+//!
+//! - [`registry`]: the model of a group (generations, states, slots) and the policy table.
+//! - [`group`]: one managed group: model, kernel objects, slot allocation, status.
+//! - [`steering`]: the kernel objects of a group and the atomic table flip.
+//! - [`pinned`]: the record pinned with a group's maps, and its adoption after a restart.
+//! - [`grace`]: RCU grace periods that make rewriting a retired table safe.
+//! - [`register`]: a socket joins its group; [`creation`]: a new group's turn to load;
+//!   [`lineage`]: which pid a launcher may name as its server.
+//! - [`quota`]: how much of the agent one user may take, and root's reserve.
+//! - [`sockcheck`]: validation of sockets passed for registration.
+//! - [`restart`]: `restart` requests relayed to a group's supervisor and back.
+//! - [`mailbox`]: what is pushed to a connection, bounded however slowly it reads.
+//! - [`server`]: the control socket.
+//! - [`access`]: who may do what (SO_PEERCRED, the control group).
+//! - [`conns`]: bounds on control connections (count, time, size).
+//! - [`control_socket`]: the control socket's file (mode, group, stale and live sockets).
+//! - [`wake`]: wake-ups for connections migrated to a listener without a wake-up.
+//! - [`live`]: live figures for `status` from the kernel ([`diag`]: sock_diag, [`owners`]:
+//!   which process holds which connection); [`drain`]: what launchers report of a drain.
+//! - [`fault`]: fault-injection points for the tests (a feature of test builds).
+
+mod access;
+mod agent;
+mod bpffs;
+mod conns;
+mod control_socket;
+mod creation;
+mod diag;
+mod drain;
+mod fault;
+mod grace;
+mod group;
+mod lineage;
+mod live;
+mod mailbox;
+mod owners;
+mod pinned;
+mod quota;
+mod register;
+mod registry;
+mod restart;
+mod server;
+mod sockcheck;
+mod steering;
+mod sys;
+mod wake;
 
 use std::path::PathBuf;
 
 use clap::Parser;
-use reuseport_agent::{DEFAULT_BPFFS_PATH, DEFAULT_CONTROL_PATH, agent};
+use reuseport_proto::DEFAULT_CONTROL_PATH;
+
+/// Default bpffs directory where the agent pins each group's program and maps.
+const DEFAULT_BPFFS_PATH: &str = "/sys/fs/bpf/reuseport";
 
 #[derive(Debug, Parser)]
 #[command(

@@ -10,8 +10,9 @@ use std::{
 use reuseport_common::{ABI_VERSION, ADOPTABLE_ABI};
 use tokio::sync::watch;
 
-use super::{
-    Agent, Peer, State, UNADOPTABLE_ADVICE, bpffs,
+use crate::{
+    agent::{Agent, Peer, State, UNADOPTABLE_ADVICE},
+    bpffs,
     creation::{Creating, Permit},
     fault,
     group::{Group, kernel_refusal},
@@ -21,9 +22,9 @@ use super::{
     sockcheck,
     steering::{self, GroupKernel, PinnedRecord},
 };
-use crate::{
+use reuseport_proto::{
     addr::GroupKey,
-    protocol::{ErrorKind, Register, Reply},
+    message::{ErrorKind, Register, Reply},
 };
 
 /// A socket arriving in a `register` request, checked, with who sent it and where its

@@ -7,7 +7,7 @@
 //! `/proc/PID/status`) and keeps the pid as the agent sees it, like `SO_PEERCRED`'s.
 
 use super::registry::Refusal;
-use crate::protocol::ErrorKind;
+use reuseport_proto::message::ErrorKind;
 
 /// How far up the parent chain a descendant may be: a launcher's server and its workers are
 /// a few levels down, never this many.

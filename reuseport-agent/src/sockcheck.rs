@@ -10,9 +10,9 @@ use nix::sys::stat::{SFlag, fstat};
 use socket2::{Domain, Protocol, SockRef, Type};
 
 use super::registry::Refusal;
-use crate::{
+use reuseport_proto::{
     addr::{GroupAddr, GroupKey},
-    protocol::ErrorKind,
+    message::ErrorKind,
 };
 
 /// What the agent keeps about a registered listener.

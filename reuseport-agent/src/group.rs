@@ -15,9 +15,9 @@ use super::{
     sockcheck::Listener,
     steering::{self, GroupKernel},
 };
-use crate::{
+use reuseport_proto::{
     addr::{GroupAddr, GroupKey},
-    protocol::{
+    message::{
         DrainPhase, DrainStep, ErrorKind, GenState, GenerationStatus, GroupStatus, RestartOutcome,
         SocketStatus,
     },

@@ -21,6 +21,10 @@ pub const PANIC_ENV: &str = "REUSEPORT_FAULT_PANIC";
 /// until the file [`RELEASE_ENV`] names exists (for good without it).
 pub const HOLD_ENV: &str = "REUSEPORT_FAULT_HOLD";
 /// The file whose creation lets a held thread go on (see [`HOLD_ENV`]).
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    expect(dead_code, reason = "only the hold points of test builds read it")
+)]
 pub const RELEASE_ENV: &str = "REUSEPORT_FAULT_RELEASE";
 
 /// `REUSEPORT_TEST_FOREIGN_PROGRAM=1` makes the agent record a program id that is not its

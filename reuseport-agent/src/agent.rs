@@ -1,50 +1,6 @@
-//! The agent daemon: owns the kernel program of every group it manages and answers the
-//! control protocol.
-//!
-//! - [`registry`]: the model of a group (generations, states, slots) and the policy table.
-//! - [`group`]: one managed group: model, kernel objects, slot allocation, status.
-//! - [`steering`]: the kernel objects of a group and the atomic table flip.
-//! - [`pinned`]: the record pinned with a group's maps, and its adoption after a restart.
-//! - [`grace`]: RCU grace periods that make rewriting a retired table safe.
-//! - [`register`]: a socket joins its group; [`creation`]: a new group's turn to load;
-//!   [`lineage`]: which pid a launcher may name as its server.
-//! - [`quota`]: how much of the agent one user may take, and root's reserve.
-//! - [`sockcheck`]: validation of sockets passed for registration.
-//! - [`restart`]: `restart` requests relayed to a group's supervisor and back.
-//! - [`mailbox`]: what is pushed to a connection, bounded however slowly it reads.
-//! - [`server`]: the control socket.
-//! - [`access`]: who may do what (SO_PEERCRED, the control group).
-//! - [`conns`]: bounds on control connections (count, time, size).
-//! - [`control_socket`]: the control socket's file (mode, group, stale and live sockets).
-//! - [`wake`]: wake-ups for connections migrated to a listener without a wake-up.
-//! - [`live`]: live figures for `status` from the kernel ([`diag`]: sock_diag, [`owners`]:
-//!   which process holds which connection); [`drain`]: what launchers report of a drain.
-//! - [`fault`]: fault-injection points for the tests (a feature of test builds).
-
-mod access;
-mod bpffs;
-mod conns;
-mod control_socket;
-mod creation;
-mod diag;
-mod drain;
-pub mod fault;
-mod grace;
-mod group;
-mod lineage;
-mod live;
-mod mailbox;
-mod owners;
-mod pinned;
-mod quota;
-mod register;
-mod registry;
-mod restart;
-mod server;
-mod sockcheck;
-mod steering;
-mod sys;
-mod wake;
+//! The agent's state: its groups, the registrations that push to clients, and the requests
+//! that look groups up and change them (`status`, `activate`, `drain`); registration,
+//! adoption, the slot scan and restarts add to it in their own modules.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -59,20 +15,23 @@ use std::{
 
 use reuseport_common::{ABI_VERSION, ADOPTABLE_ABI, MAX_SLOTS};
 
-pub use self::{
-    conns::DEFAULT_MAX_CONNECTIONS, restart::DEFAULT_RESTART_TIMEOUT, server::run, steering::Mode,
-};
-use self::{
+use crate::{
+    access, bpffs, creation, fault,
     grace::Grace,
     group::Group,
+    live,
     mailbox::Mailbox,
+    pinned,
     quota::Quotas,
     registry::{Refusal, RegId, Registry, StateChange},
+    restart, steering,
     steering::{GroupKernel, PinnedRecord},
+    wake,
 };
-use crate::{
+pub use crate::{conns::DEFAULT_MAX_CONNECTIONS, server::run, steering::Mode};
+use reuseport_proto::{
     addr::{GroupAddr, GroupKey},
-    protocol::{ErrorKind, GroupStatus, Limits, Reply},
+    message::{ErrorKind, GroupStatus, Limits, Reply},
 };
 
 /// Default of `reuseport-agent --max-groups`: each group costs a loaded program, its maps
@@ -118,18 +77,18 @@ pub struct Peer {
 }
 
 #[derive(Default)]
-struct State {
-    groups: BTreeMap<GroupKey, Group>,
+pub(crate) struct State {
+    pub(crate) groups: BTreeMap<GroupKey, Group>,
     /// Groups being created (see [`creation`]).
-    creating: HashMap<GroupKey, creation::Creating>,
+    pub(crate) creating: HashMap<GroupKey, creation::Creating>,
     /// Where to push state changes for each live registration.
-    subscribers: HashMap<RegId, Arc<Mailbox>>,
+    pub(crate) subscribers: HashMap<RegId, Arc<Mailbox>>,
     /// Supervised registrations and restarts waiting for their supervisor.
-    restarts: restart::Restarts,
+    pub(crate) restarts: restart::Restarts,
 }
 
 impl State {
-    fn find(&mut self, wanted: &GroupAddr) -> Result<&mut Group, Refusal> {
+    pub(crate) fn find(&mut self, wanted: &GroupAddr) -> Result<&mut Group, Refusal> {
         let matches: Vec<GroupKey> = self
             .groups
             .keys()
@@ -166,7 +125,7 @@ impl State {
     }
 
     /// Drops groups left without a socket, and their pins.
-    fn remove_groups(&mut self, keys: &[GroupKey]) {
+    pub(crate) fn remove_groups(&mut self, keys: &[GroupKey]) {
         for key in keys {
             if let Some(g) = self.groups.remove(key) {
                 g.kernel.unpin();
@@ -176,14 +135,14 @@ impl State {
     }
 
     /// Pushes state changes to `reg` from now on; a supervisor also gets restart requests.
-    fn subscribe(&mut self, reg: RegId, events: Arc<Mailbox>, supervisor: Option<i32>) {
+    pub(crate) fn subscribe(&mut self, reg: RegId, events: Arc<Mailbox>, supervisor: Option<i32>) {
         self.subscribers.insert(reg, events);
         if let Some(pid) = supervisor {
             self.restarts.add_supervisor(reg, pid);
         }
     }
 
-    fn notify(&self, group: &Group, changes: &[StateChange], own_netns: u64) {
+    pub(crate) fn notify(&self, group: &Group, changes: &[StateChange], own_netns: u64) {
         for ch in changes {
             let Some(g) = group.registry.generations.get(&ch.generation) else {
                 continue;
@@ -203,26 +162,31 @@ impl State {
 }
 
 pub struct Agent {
-    state: Mutex<State>,
+    pub(crate) state: Mutex<State>,
     /// Whose new group may load its program now (see [`creation`]).
-    creations: creation::Gate,
-    grace: Grace,
-    mode: Mode,
-    bpffs: PathBuf,
-    next_reg: AtomicU64,
+    pub(crate) creations: creation::Gate,
+    pub(crate) grace: Grace,
+    pub(crate) mode: Mode,
+    pub(crate) bpffs: PathBuf,
+    pub(crate) next_reg: AtomicU64,
     /// Inode of the agent's own network namespace.
-    own_netns: u64,
-    wake_ups: bool,
-    pin_abi: u32,
-    access: access::Policy,
+    pub(crate) own_netns: u64,
+    pub(crate) wake_ups: bool,
+    pub(crate) pin_abi: u32,
+    pub(crate) access: access::Policy,
     /// The group quotas are enforced here, the connection quotas by the server's
     /// admission; `status` reports both.
-    quotas: Quotas,
-    live: live::Live,
+    pub(crate) quotas: Quotas,
+    pub(crate) live: live::Live,
 }
 
 impl Agent {
-    fn new(mode: Mode, bpffs: PathBuf, wake_ups: bool, pin_abi: u32) -> std::io::Result<Self> {
+    pub(crate) fn new(
+        mode: Mode,
+        bpffs: PathBuf,
+        wake_ups: bool,
+        pin_abi: u32,
+    ) -> std::io::Result<Self> {
         use std::os::unix::fs::MetadataExt as _;
         let own_netns = std::fs::metadata("/proc/self/ns/net")?.ino();
         Ok(Self {
@@ -241,7 +205,7 @@ impl Agent {
         })
     }
 
-    fn limits(&self) -> Limits {
+    pub(crate) fn limits(&self) -> Limits {
         let mut limits = Limits {
             groups: self.quotas.max_groups,
             sockets_per_group: MAX_SLOTS,
@@ -254,7 +218,7 @@ impl Agent {
     }
 
     /// `live`: registrations with an open connection (see [`Group::status`]).
-    fn group_status(&self, group: &Group, live: &HashSet<RegId>) -> GroupStatus {
+    pub(crate) fn group_status(&self, group: &Group, live: &HashSet<RegId>) -> GroupStatus {
         GroupStatus {
             limits: Some(self.limits()),
             ..group.status(self.own_netns, |r| live.contains(&r))
@@ -264,7 +228,7 @@ impl Agent {
     /// NB: a panic aborts the agent (see the binary's panic hook), so the lock is never
     /// found poisoned: a restarted agent adopts the pinned state instead of a process that
     /// would answer "internal error" forever.
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("agent state poisoned")
     }
 
@@ -324,7 +288,7 @@ impl Agent {
     }
 
     /// Adopts one group; `Ok(false)` when none of its sockets is left (its pins go).
-    fn adopt_one(
+    pub(crate) fn adopt_one(
         &self,
         dir: &std::path::Path,
         state: &reuseport_common::PinnedState,
@@ -427,7 +391,7 @@ impl Agent {
         self.change(peer, group, |r| r.drain(generation), "drain")
     }
 
-    fn change(
+    pub(crate) fn change(
         &self,
         peer: Peer,
         wanted: &GroupAddr,
@@ -482,7 +446,7 @@ impl Agent {
 
     /// Looks for registered listeners that closed since the last scan; returns the wake-ups
     /// their groups need (see [`wake`]).
-    fn scan_closed(&self) -> Vec<wake::WakeUp> {
+    pub(crate) fn scan_closed(&self) -> Vec<wake::WakeUp> {
         let mut state = self.lock();
         let mut out = Vec::new();
         let State {
@@ -521,7 +485,7 @@ impl Agent {
     }
 }
 
-const UNADOPTABLE_ADVICE: &str = "finish the deploy with the agent version that pinned it, or \
+pub(crate) const UNADOPTABLE_ADVICE: &str = "finish the deploy with the agent version that pinned it, or \
     stop the group's servers (once no socket is left, this agent replaces the pins)";
 
 /// The network namespace of process `pid` if it is the group's (inode `netns`).

@@ -11,7 +11,7 @@
 //! can fill the shared part only up to the reserve.
 
 use super::registry::Refusal;
-use crate::protocol::{ErrorKind, Limits};
+use reuseport_proto::message::{ErrorKind, Limits};
 
 /// The agent's tables and what one user may take of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -18,7 +18,9 @@ use super::{
     diag::{DiagSocket, Snapshot},
     owners::{self, Roots},
 };
-use crate::protocol::{DrainPhase, GenState, GenerationLive, GroupLive, GroupStatus, ListenerLive};
+use reuseport_proto::message::{
+    DrainPhase, GenState, GenerationLive, GroupLive, GroupStatus, ListenerLive,
+};
 
 /// What the live figures of one group need from the agent's state (taken under its lock).
 pub struct Probe {
@@ -137,10 +139,9 @@ fn fill(status: &mut GroupStatus, snapshot: &Snapshot, drops_base: &HashMap<u64,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        agent::diag::Listener,
-        protocol::{Counters, GenerationStatus, SocketStatus},
-    };
+    use reuseport_proto::{Counters, GenerationStatus, SocketStatus};
+
+    use crate::diag::Listener;
 
     fn socket(cookie: u64, pid: i32) -> SocketStatus {
         SocketStatus {

@@ -5,10 +5,13 @@
 
 use std::collections::HashSet;
 
-use super::{Agent, Peer, registry::Refusal};
 use crate::{
+    agent::{Agent, Peer},
+    registry::Refusal,
+};
+use reuseport_proto::{
     addr::GroupAddr,
-    protocol::{DrainStep, Reply},
+    message::{DrainStep, Reply},
 };
 
 impl Agent {
