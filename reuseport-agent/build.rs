@@ -1,5 +1,5 @@
 //! Builds the kernel program from `reuseport-ebpf` and puts it in `OUT_DIR`, where
-//! `steering::program` embeds it. No prebuilt object is ever committed.
+//! `kernel::PROGRAM` embeds it. No prebuilt object is ever committed.
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {

@@ -3,8 +3,7 @@
 //! adoption, the slot scan and restarts add to it in their own modules.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    os::fd::OwnedFd,
+    collections::{BTreeMap, HashMap, HashSet},
     path::PathBuf,
     sync::{
         Arc, Mutex, MutexGuard,
@@ -13,22 +12,19 @@ use std::{
     time::Duration,
 };
 
-use reuseport_common::{ABI_VERSION, ADOPTABLE_ABI, MAX_SLOTS};
+use reuseport_common::MAX_SLOTS;
 
 use crate::{
-    access, bpffs, creation, fault,
+    access, creation, fault,
     grace::Grace,
     group::Group,
     live,
     mailbox::Mailbox,
-    pinned,
     quota::Quotas,
     registry::{Refusal, RegId, Registry, StateChange},
-    restart, steering,
-    steering::{GroupKernel, PinnedRecord},
-    wake,
+    restart,
 };
-pub use crate::{conns::DEFAULT_MAX_CONNECTIONS, server::run, steering::Mode};
+pub use crate::{admission::DEFAULT_MAX_CONNECTIONS, kernel::Mode, server::run};
 use reuseport_proto::{
     addr::{GroupAddr, GroupKey},
     message::{ErrorKind, GroupStatus, Limits, Reply},
@@ -128,7 +124,7 @@ impl State {
     pub(crate) fn remove_groups(&mut self, keys: &[GroupKey]) {
         for key in keys {
             if let Some(g) = self.groups.remove(key) {
-                g.kernel.unpin();
+                g.remove();
                 tracing::info!(group = %key, "group removed: no registered socket left");
             }
         }
@@ -144,11 +140,7 @@ impl State {
 
     pub(crate) fn notify(&self, group: &Group, changes: &[StateChange], own_netns: u64) {
         for ch in changes {
-            let Some(g) = group.registry.generations.get(&ch.generation) else {
-                continue;
-            };
-            let regs: BTreeSet<RegId> = g.sockets.values().map(|m| m.reg).collect();
-            for reg in regs {
+            for reg in group.registrations_of(ch.generation) {
                 if let Some(mailbox) = self.subscribers.get(&reg) {
                     mailbox.push_state(Reply::State {
                         group: group.addr(own_netns),
@@ -236,118 +228,6 @@ impl Agent {
         self.next_reg.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Takes over the groups that an earlier agent pinned in the bpffs directory (see
-    /// [`pinned`]). Their sockets keep their slots and are steered as before; clients that
-    /// register them again get them back. Returns how many groups were adopted.
-    pub fn adopt_pinned(&self) -> usize {
-        let Ok(entries) = std::fs::read_dir(&self.bpffs) else {
-            return 0;
-        };
-        let mut adopted = 0;
-        // NB: a link here is never followed (see bpffs): adoption would take another
-        // group's pins for this name's.
-        for dir in entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| bpffs::is_real_dir(p))
-        {
-            match steering::read_pinned(&dir) {
-                PinnedRecord::Adoptable(record) => match self.adopt_one(&dir, &record) {
-                    Ok(true) => adopted += 1,
-                    Ok(false) => {}
-                    Err(e) => tracing::error!(
-                        dir = %dir.display(), error = %e,
-                        "cannot adopt the pinned group; it keeps steering as it was, unmanaged"
-                    ),
-                },
-                PinnedRecord::Incompatible { abi_version } => tracing::error!(
-                    dir = %dir.display(),
-                    "pinned by an agent of ABI version {abi_version}, which this agent (ABI \
-                     {ABI_VERSION}, adopts {ADOPTABLE_ABI:?}) cannot adopt; the group keeps \
-                     steering on its old program, unmanaged: {}",
-                    UNADOPTABLE_ADVICE
-                ),
-                PinnedRecord::Missing if steering::pinned_sockets_live(&dir) => tracing::error!(
-                    dir = %dir.display(),
-                    "pinned without a group record (ABI version 1, or not ours); its sockets \
-                     keep being steered by the old program, unmanaged: {}",
-                    UNADOPTABLE_ADVICE
-                ),
-                PinnedRecord::Missing => {}
-                PinnedRecord::Unwritten => {
-                    steering::remove_pins(&dir);
-                    tracing::info!(
-                        dir = %dir.display(),
-                        "an agent died creating this group, before its first record: nothing \
-                         to adopt, its pins were removed (its sockets register afresh)"
-                    );
-                }
-            }
-        }
-        adopted
-    }
-
-    /// Adopts one group; `Ok(false)` when none of its sockets is left (its pins go).
-    pub(crate) fn adopt_one(
-        &self,
-        dir: &std::path::Path,
-        state: &reuseport_common::PinnedState,
-    ) -> Result<bool, String> {
-        let record = pinned::decode(state)?;
-        let key = record.key();
-        let kernel = GroupKernel::adopt(self.mode, dir, &record.program, &self.grace)
-            .map_err(|e| e.to_string())?;
-        let mut registry = record.registry;
-        // Registration ids of the dead agent mean nothing here: one fresh id per old one,
-        // none of them connected until its client registers again.
-        let mut fresh: HashMap<RegId, RegId> = HashMap::new();
-        let mut gone = Vec::new();
-        for g in registry.generations.values_mut() {
-            for (slot, m) in &mut g.sockets {
-                m.reg = *fresh.entry(m.reg).or_insert_with(|| self.next_reg_id());
-                if kernel.slot_cookie(*slot) != Some(m.cookie) {
-                    gone.push(*slot);
-                }
-            }
-        }
-        let dropped = registry.remove_slots(&gone);
-        for slot in &dropped {
-            let _ = kernel.clear_slot(*slot);
-        }
-        if registry.is_empty() {
-            kernel.unpin();
-            tracing::info!(group = %key, "pinned group has no socket left; its pins were removed");
-            return Ok(false);
-        }
-        let sockets = registry
-            .generations
-            .values()
-            .map(|g| g.sockets.len())
-            .sum::<usize>();
-        let netns = registry
-            .generations
-            .values()
-            .flat_map(|g| g.sockets.values())
-            .find_map(|m| netns_of(m.pid, key.netns));
-        let record = pinned::GroupRecord { registry, ..record };
-        let group = Group::adopt(record, kernel, netns, self.pin_abi, &self.grace)
-            .map_err(|r| r.message)?;
-        let generations: Vec<String> = group
-            .registry
-            .generations
-            .iter()
-            .map(|(n, g)| format!("{n}:{}", g.state))
-            .collect();
-        tracing::info!(
-            group = %key, generations = %generations.join(","), sockets,
-            dropped = dropped.len(), abi = state.header.abi_version,
-            program = if group.kernel.program_reused() { "reused" } else { "reloaded" },
-            "adopted pinned group; its clients re-register their sockets"
-        );
-        self.lock().groups.insert(key, group);
-        Ok(true)
-    }
-
     /// Removes the sockets of a closed registration and republishes the table.
     pub fn unregister(&self, reg: RegId) {
         let mut state = self.lock();
@@ -356,22 +236,19 @@ impl Agent {
         state.record_restarts(failed);
         let mut emptied = Vec::new();
         for (key, group) in &mut state.groups {
-            let had_active = group.registry.active();
+            let had_active = group.active();
             if !group.remove_registration(reg, &self.grace) {
                 continue;
             }
             tracing::info!(group = %key, reg, "registration closed; its sockets left the group");
-            if had_active.is_some()
-                && group.registry.active().is_none()
-                && !group.registry.is_empty()
-            {
+            if had_active.is_some() && group.active().is_none() && !group.is_empty() {
                 tracing::warn!(
                     group = %key,
                     "the active generation is gone; new connections fall back to the newest \
                      draining generation until another one is activated"
                 );
             }
-            if group.registry.is_empty() {
+            if group.is_empty() {
                 emptied.push(*key);
             }
         }
@@ -402,9 +279,9 @@ impl Agent {
         let live: HashSet<RegId> = state.subscribers.keys().copied().collect();
         let group = state.find(wanted)?;
         self.access
-            .may_change(&peer, &group.key, group.owner_uid, what)?;
+            .may_change(&peer, &group.key(), group.owner_uid(), what)?;
         let changes = group.change(&self.grace, op)?;
-        let key = group.key;
+        let key = group.key();
         let status = self.group_status(group, &live);
         let group = &state.groups[&key];
         state.notify(group, &changes, self.own_netns);
@@ -443,54 +320,4 @@ impl Agent {
         self.live.retain(&namespaces);
         Ok(Reply::Status { groups })
     }
-
-    /// Looks for registered listeners that closed since the last scan; returns the wake-ups
-    /// their groups need (see [`wake`]).
-    pub(crate) fn scan_closed(&self) -> Vec<wake::WakeUp> {
-        let mut state = self.lock();
-        let mut out = Vec::new();
-        let State {
-            groups,
-            subscribers,
-            ..
-        } = &mut *state;
-        let mut emptied = Vec::new();
-        for group in groups.values_mut() {
-            let scan = group.scan(|reg| subscribers.contains_key(&reg), &self.grace);
-            if group.registry.is_empty() {
-                emptied.push(group.key);
-                continue;
-            }
-            if scan.newly_closed
-                && scan.active_sockets > 0
-                && self.mode == Mode::SelectOrMigrate
-                && self.wake_ups
-            {
-                match group.netns.as_ref().map(OwnedFd::try_clone) {
-                    Some(Ok(netns)) => out.push(wake::WakeUp {
-                        group: (group.key.netns, group.key.addr),
-                        target: wake::target_for(group.key.addr),
-                        netns,
-                        connections: scan.active_sockets + 1,
-                    }),
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "wake-up: cannot duplicate the netns descriptor")
-                    }
-                    None => {}
-                }
-            }
-        }
-        state.remove_groups(&emptied);
-        out
-    }
-}
-
-pub(crate) const UNADOPTABLE_ADVICE: &str = "finish the deploy with the agent version that pinned it, or \
-    stop the group's servers (once no socket is left, this agent replaces the pins)";
-
-/// The network namespace of process `pid` if it is the group's (inode `netns`).
-fn netns_of(pid: i32, netns: u64) -> Option<OwnedFd> {
-    use std::os::unix::fs::MetadataExt as _;
-    let file = std::fs::File::open(format!("/proc/{pid}/ns/net")).ok()?;
-    (file.metadata().ok()?.ino() == netns).then(|| file.into())
 }

@@ -27,11 +27,15 @@ impl Agent {
         let mut state = self.lock();
         let live: HashSet<_> = state.subscribers.keys().copied().collect();
         let group = state.find(wanted)?;
-        self.access
-            .may_change(&peer, &group.key, group.owner_uid, "reporting a drain step")?;
+        self.access.may_change(
+            &peer,
+            &group.key(),
+            group.owner_uid(),
+            "reporting a drain step",
+        )?;
         // Pinned with the rest, so that `status` still shows it after an agent restart.
         group.set_drain_step(generation, step.clone())?;
-        tracing::info!(group = %group.key, generation, ?step, "drain step reported");
+        tracing::info!(group = %group.key(), generation, ?step, "drain step reported");
         Ok(Reply::Changed {
             group: self.group_status(group, &live),
         })

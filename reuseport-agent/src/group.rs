@@ -1,86 +1,41 @@
-//! One managed group: its model, its kernel objects, its slot allocation.
+//! One managed group: its model, its kernel objects and its slots, changed only through
+//! methods that keep its rules: a slot comes from the pool and goes back through the
+//! quarantine, the record is pinned before the table it describes, the table is published
+//! before a socket is attached, and a change that cannot be published is undone.
+
+mod status;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
+    io,
     os::fd::{BorrowedFd, OwnedFd},
 };
 
 use reuseport_common::MAX_SLOTS;
 
-use super::{
-    grace::{Grace, Ticket},
-    live,
+use crate::{
+    grace::Grace,
+    kernel::{self, GroupKernel},
     pinned::{self, GroupRecord},
     registry::{Generation, Member, Refusal, RegId, Registry, StateChange},
+    slots::SlotPool,
     sockcheck::Listener,
-    steering::{self, GroupKernel},
 };
 use reuseport_proto::{
     addr::{GroupAddr, GroupKey},
-    message::{
-        DrainPhase, DrainStep, ErrorKind, GenState, GenerationStatus, GroupStatus, RestartOutcome,
-        SocketStatus,
-    },
+    message::{DrainStep, ErrorKind, GenState, RestartOutcome},
 };
 
-/// Sockarray slots of a group: free ones, and freed ones that a program may still select
-/// until an RCU grace period has passed.
-struct SlotPool {
-    free: BTreeSet<u32>,
-    quarantine: Vec<(u32, Ticket)>,
-}
-
-impl SlotPool {
-    fn new() -> Self {
-        Self {
-            free: (0..MAX_SLOTS).collect(),
-            quarantine: Vec::new(),
-        }
-    }
-
-    /// The pool of an adopted group: `used` slots are taken; every other one may have been
-    /// freed by the dead agent less than a grace period ago, so it is quarantined until
-    /// `ticket` has passed.
-    fn adopted(used: &[u32], ticket: Ticket) -> Self {
-        Self {
-            free: BTreeSet::new(),
-            quarantine: (0..MAX_SLOTS)
-                .filter(|s| !used.contains(s))
-                .map(|s| (s, ticket))
-                .collect(),
-        }
-    }
-
-    fn alloc(&mut self, grace: &Grace) -> Option<u32> {
-        if self.free.is_empty() {
-            let oldest = self.quarantine.iter().map(|(_, t)| *t).min()?;
-            grace.wait(oldest);
-            self.quarantine.retain(|(slot, t)| {
-                let done = grace.passed(*t);
-                if done {
-                    self.free.insert(*slot);
-                }
-                !done
-            });
-        }
-        self.free.pop_first()
-    }
-
-    fn release(&mut self, slot: u32, ticket: Ticket) {
-        self.quarantine.push((slot, ticket));
-    }
-}
-
-pub(super) struct Group {
-    pub(super) key: GroupKey,
-    pub(super) owner_uid: u32,
-    pub(super) registry: Registry,
-    pub(super) kernel: GroupKernel,
+pub(crate) struct Group {
+    key: GroupKey,
+    owner_uid: u32,
+    registry: Registry,
+    kernel: GroupKernel,
     slots: SlotPool,
     serial: u32,
     /// The group's network namespace, for wake-ups. `None` for an adopted group until one
     /// of its sockets registers again.
-    pub(super) netns: Option<OwnedFd>,
+    netns: Option<OwnedFd>,
     /// ABI version written into the pinned record (the current one, except in tests that
     /// simulate an older agent).
     record_abi: u32,
@@ -114,23 +69,23 @@ struct Snapshot {
 }
 
 /// What [`Group::scan`] found.
-pub(super) struct Scan {
+pub(crate) struct Scan {
     /// A registered listener closed since the last scan.
-    pub(super) newly_closed: bool,
+    pub(crate) newly_closed: bool,
     /// Listening sockets of the active generation.
-    pub(super) active_sockets: usize,
+    pub(crate) active_sockets: usize,
 }
 
 impl Group {
     /// A new group on freshly loaded kernel objects. Its (empty) record is pinned at once,
     /// before any socket is in its socket array: an agent that dies later always leaves a
     /// record to adopt, never a group whose record is missing.
-    pub(super) fn create(
+    pub(crate) fn create(
         first: &Listener,
         mut kernel: GroupKernel,
         record_abi: u32,
     ) -> Result<Self, Refusal> {
-        let logger = kernel.take_logger().and_then(spawn_logger);
+        let logger = kernel.start_logger();
         let mut group = Self {
             key: first.key,
             owner_uid: first.uid,
@@ -157,7 +112,7 @@ impl Group {
     /// A group adopted from `record`, whose sockets hold the `used` slots (see
     /// [`SlotPool::adopted`]). The table is published again from the record, which completes
     /// a flip the dead agent may have been killed in the middle of.
-    pub(super) fn adopt(
+    pub(crate) fn adopt(
         record: GroupRecord,
         mut kernel: GroupKernel,
         netns: Option<OwnedFd>,
@@ -170,7 +125,7 @@ impl Group {
             .values()
             .flat_map(|g| g.sockets.keys().copied())
             .collect();
-        let logger = kernel.take_logger().and_then(spawn_logger);
+        let logger = kernel.start_logger();
         let mut group = Self {
             key: record.key(),
             owner_uid: record.owner_uid,
@@ -189,6 +144,88 @@ impl Group {
         };
         group.publish(grace)?;
         Ok(group)
+    }
+
+    pub(crate) fn key(&self) -> GroupKey {
+        self.key
+    }
+
+    /// The uid that owns the group's sockets (see `access`).
+    pub(crate) fn owner_uid(&self) -> u32 {
+        self.owner_uid
+    }
+
+    pub(crate) fn active(&self) -> Option<u32> {
+        self.registry.active()
+    }
+
+    /// No socket is left: the group goes ([`Group::remove`]).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.registry.is_empty()
+    }
+
+    pub(crate) fn state_of(&self, generation: u32) -> Option<GenState> {
+        self.registry.generations.get(&generation).map(|g| g.state)
+    }
+
+    /// Each generation and its state, oldest first.
+    pub(crate) fn generation_states(&self) -> impl Iterator<Item = (u32, GenState)> + '_ {
+        self.registry.generations.iter().map(|(n, g)| (*n, g.state))
+    }
+
+    /// The registrations that hold sockets of `generation`.
+    pub(crate) fn registrations_of(&self, generation: u32) -> BTreeSet<RegId> {
+        self.registry
+            .generations
+            .get(&generation)
+            .map(|g| g.sockets.values().map(|m| m.reg).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every registration that holds a socket here: those of the active generation first,
+    /// then the newest generation's first.
+    pub(crate) fn registrations_active_first(&self) -> Vec<RegId> {
+        let mut gens: Vec<_> = self.registry.generations.iter().collect();
+        gens.sort_by_key(|(n, g)| (g.state == GenState::Active, **n));
+        gens.iter()
+            .rev()
+            .flat_map(|(_, g)| g.sockets.values().map(|m| m.reg))
+            .collect()
+    }
+
+    /// Where the socket with `cookie` is registered: its generation, slot and member.
+    pub(crate) fn find_socket(&self, cookie: u64) -> Option<(u32, u32, &Member)> {
+        self.registry.generations.iter().find_map(|(n, g)| {
+            g.sockets
+                .iter()
+                .find(|(_, m)| m.cookie == cookie)
+                .map(|(slot, m)| (*n, *slot, m))
+        })
+    }
+
+    /// Takes the network namespace of a socket that registered again, for a group adopted
+    /// without one.
+    pub(crate) fn learn_netns(&mut self, netns: &OwnedFd) {
+        if self.netns.is_none() {
+            self.netns = netns.try_clone().ok();
+        }
+    }
+
+    /// A descriptor of the group's network namespace (for wake-up connections); `None`
+    /// while an adopted group does not know it yet.
+    pub(crate) fn netns(&self) -> Option<io::Result<OwnedFd>> {
+        self.netns.as_ref().map(OwnedFd::try_clone)
+    }
+
+    /// Whether an adopted group kept the pinned program as it was.
+    pub(crate) fn program_reused(&self) -> bool {
+        self.kernel.program_reused()
+    }
+
+    /// The group has no socket left: its pins go. The program stays attached to the
+    /// kernel's reuseport group while any socket still uses it.
+    pub(crate) fn remove(self) {
+        self.kernel.unpin();
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -216,7 +253,7 @@ impl Group {
     /// Applies `op` to the registry and publishes the result, all or nothing: on any
     /// failure the registry, the record and the kernel's table are as before and the error
     /// is returned.
-    pub(super) fn change(
+    pub(crate) fn change(
         &mut self,
         grace: &Grace,
         op: impl FnOnce(&mut Registry) -> Result<Vec<StateChange>, Refusal>,
@@ -236,7 +273,7 @@ impl Group {
     /// Adds `socket` to `generation` (see [`Registry::register`]) in a free slot, publishes
     /// the table and attaches the program through the socket. All or nothing: on failure
     /// the slot is free again (after a grace period) and nothing else changed.
-    pub(super) fn add_socket(
+    pub(crate) fn add_socket(
         &mut self,
         grace: &Grace,
         socket: BorrowedFd<'_>,
@@ -268,7 +305,7 @@ impl Group {
             release(self);
             return Err(kernel_refusal(e));
         }
-        super::fault::point("register.slot-set");
+        crate::fault::point("register.slot-set");
         let snap = self.snapshot();
         // NB: publish before attaching: a group that still runs an older program (or none)
         // must switch straight to a table that knows this socket.
@@ -286,7 +323,7 @@ impl Group {
     /// A socket the group already holds comes back on registration `reg` of process `pid`
     /// (its client reconnected after an agent restart). All or nothing, like
     /// [`Group::add_socket`]. Returns its generation and slot.
-    pub(super) fn reclaim(
+    pub(crate) fn reclaim(
         &mut self,
         grace: &Grace,
         socket: BorrowedFd<'_>,
@@ -311,7 +348,7 @@ impl Group {
     }
 
     /// Records how the supervisor's last restart ended; all or nothing.
-    pub(super) fn set_last_restart(&mut self, outcome: RestartOutcome) -> Result<(), Refusal> {
+    pub(crate) fn set_last_restart(&mut self, outcome: RestartOutcome) -> Result<(), Refusal> {
         let previous = self.last_restart.replace(outcome);
         if let Err(e) = self.save_record() {
             self.last_restart = previous;
@@ -322,7 +359,7 @@ impl Group {
 
     /// Records what a launcher did to a draining generation (see `drain_progress`); all or
     /// nothing.
-    pub(super) fn set_drain_step(
+    pub(crate) fn set_drain_step(
         &mut self,
         generation: u32,
         step: DrainStep,
@@ -343,8 +380,7 @@ impl Group {
     }
 
     fn attach(&self, socket: BorrowedFd<'_>) -> Result<(), Refusal> {
-        super::fault::fail("attach")
-            .map_err(|e| kernel_refusal(steering::injected("attach", e)))?;
+        crate::fault::fail("attach").map_err(|e| kernel_refusal(kernel::injected("attach", e)))?;
         self.kernel.attach(socket).map_err(kernel_refusal)
     }
 
@@ -357,9 +393,9 @@ impl Group {
         // either the old state or the new one, and the agent that adopts the group
         // republishes the table from the record.
         self.save_record()?;
-        super::fault::point(super::fault::BETWEEN_RECORD_AND_TABLE);
-        super::fault::fail("publish.table")
-            .map_err(|e| kernel_refusal(steering::injected("writing the steering table", e)))?;
+        crate::fault::point(crate::fault::BETWEEN_RECORD_AND_TABLE);
+        crate::fault::fail("publish.table")
+            .map_err(|e| kernel_refusal(kernel::injected("writing the steering table", e)))?;
         self.kernel.publish(&cfg, grace).map_err(kernel_refusal)?;
         self.stale = false;
         Ok(())
@@ -367,7 +403,7 @@ impl Group {
 
     /// Takes the sockets of registration `reg` out of the group (see
     /// [`Group::remove_slots`]); false if it had none here.
-    pub(super) fn remove_registration(&mut self, reg: RegId, grace: &Grace) -> bool {
+    pub(crate) fn remove_registration(&mut self, reg: RegId, grace: &Grace) -> bool {
         let mine: Vec<u32> = self
             .registry
             .generations
@@ -393,10 +429,7 @@ impl Group {
     fn remove_slots(&mut self, slots: &[u32], grace: &Grace) {
         for g in self.registry.generations.values_mut() {
             for slot in slots.iter().filter(|s| g.sockets.contains_key(s)) {
-                let c = self.kernel.counters(*slot);
-                g.retired_counters.selected += c.selected;
-                g.retired_counters.fallback += c.fallback;
-                g.retired_counters.migrated += c.migrated;
+                g.retired_counters.add(&self.kernel.counters(*slot));
             }
         }
         let freed = self.registry.remove_slots(slots);
@@ -415,7 +448,7 @@ impl Group {
     /// The periodic check of the group: publishes a [`Group::stale`] group again, drops
     /// adopted sockets whose client never came back once their listener closed (no
     /// connection close will ever unregister them), and reports listeners that closed.
-    pub(super) fn scan(&mut self, registered: impl Fn(RegId) -> bool, grace: &Grace) -> Scan {
+    pub(crate) fn scan(&mut self, registered: impl Fn(RegId) -> bool, grace: &Grace) -> Scan {
         if self.stale
             && let Err(e) = self.publish(grace)
         {
@@ -460,9 +493,8 @@ impl Group {
             return Ok(());
         }
         pinned::encode(&self.record(), self.record_abi, &mut self.record_buf)?;
-        super::fault::fail("publish.record").map_err(|e| {
-            kernel_refusal(steering::injected("writing the pinned group record", e))
-        })?;
+        crate::fault::fail("publish.record")
+            .map_err(|e| kernel_refusal(kernel::injected("writing the pinned group record", e)))?;
         self.kernel
             .write_record(&self.record_buf)
             .map_err(kernel_refusal)
@@ -474,7 +506,7 @@ impl Group {
             netns: self.key.netns,
             owner_uid: self.owner_uid,
             serial: self.serial,
-            program: super::fault::recorded_program_id(self.kernel.program_id()),
+            program: crate::fault::recorded_program_id(self.kernel.program_id()),
             // NB: a clone per publish (at most MAX_SLOTS members): simpler than a borrowing
             // twin of the record type, and publishes are not a hot path.
             registry: Registry {
@@ -489,7 +521,7 @@ impl Group {
     /// kernel keeps it in a reuseport group of its own, which this group's program never
     /// steers, so the agent would show as one group what the kernel treats as two. A group
     /// whose device is unknown takes the socket's.
-    pub(super) fn admit_device(&mut self, listener: &Listener) -> Result<(), Refusal> {
+    pub(crate) fn admit_device(&mut self, listener: &Listener) -> Result<(), Refusal> {
         let Some(ours) = &self.device else {
             self.device = Some(listener.device.clone());
             return Ok(());
@@ -514,124 +546,21 @@ impl Group {
         ))
     }
 
-    pub(super) fn listening(&self, slot: u32, m: &Member) -> bool {
+    pub(crate) fn listening(&self, slot: u32, m: &Member) -> bool {
         self.kernel.slot_cookie(slot) == Some(m.cookie)
     }
 
     /// The address users see: without `@NETNS` when the group lives in the agent's own
     /// network namespace (the common case), with it otherwise.
-    pub(super) fn addr(&self, own_netns: u64) -> GroupAddr {
+    pub(crate) fn addr(&self, own_netns: u64) -> GroupAddr {
         GroupAddr {
             addr: self.key.addr,
             netns: (self.key.netns != own_netns).then_some(self.key.netns),
         }
     }
-
-    pub(super) fn status(&self, own_netns: u64, registered: impl Fn(RegId) -> bool) -> GroupStatus {
-        let mut active_listening = false;
-        let generations = self
-            .registry
-            .generations
-            .iter()
-            .map(|(n, g)| {
-                let mut counters = g.retired_counters;
-                let sockets = g
-                    .sockets
-                    .iter()
-                    .map(|(slot, m)| {
-                        let c = self.kernel.counters(*slot);
-                        counters.selected += c.selected;
-                        counters.fallback += c.fallback;
-                        counters.migrated += c.migrated;
-                        let listening = self.listening(*slot, m);
-                        active_listening |= listening && g.state == GenState::Active;
-                        SocketStatus {
-                            slot: *slot,
-                            pid: m.pid,
-                            uid: m.uid,
-                            cookie: m.cookie,
-                            listening,
-                            registered: registered(m.reg),
-                            live: None,
-                        }
-                    })
-                    .collect();
-                GenerationStatus {
-                    generation: *n,
-                    name: g.name.clone(),
-                    state: g.state,
-                    sockets,
-                    counters,
-                    live: None,
-                    drain: g
-                        .drain_step
-                        .clone()
-                        .filter(|_| g.state == GenState::Draining)
-                        .map(DrainPhase::from),
-                }
-            })
-            .collect();
-        GroupStatus {
-            group: self.addr(own_netns),
-            mode: self.kernel.mode().as_str().into(),
-            active: self.registry.active(),
-            falling_back: !active_listening,
-            generations,
-            unsteered: self.kernel.group_counters().unsteered,
-            limits: None,
-            last_restart: self.last_restart.clone(),
-            live: None,
-        }
-    }
-
-    /// What [`live`](super::live) needs to read this group's figures from the kernel.
-    pub(super) fn probe(&self) -> live::Probe {
-        live::Probe {
-            netns: self.key.netns,
-            netns_fd: self.netns.as_ref().and_then(|fd| fd.try_clone().ok()),
-            addr: self.key.addr,
-            drops_base: self
-                .registry
-                .generations
-                .values()
-                .flat_map(|g| g.sockets.values())
-                .map(|m| (m.cookie, m.drops_base))
-                .collect(),
-        }
-    }
 }
 
-pub(super) fn kernel_refusal(e: steering::SteeringError) -> Refusal {
+pub(crate) fn kernel_refusal(e: kernel::KernelError) -> Refusal {
     // NB: the error's Display already ends with its source; no cause chain to append.
     Refusal::new(ErrorKind::Kernel, e.to_string())
-}
-
-/// Forwards the program's rare-event log lines (aya-log) while the group lives.
-fn spawn_logger(
-    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
-) -> Option<tokio::task::JoinHandle<()>> {
-    let handle = tokio::runtime::Handle::try_current().ok()?;
-    let _entered = handle.enter();
-    // SAFETY: the logger owns its ring buffer descriptor and keeps it open until dropped,
-    // which happens only with the AsyncFd.
-    let registered = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-    };
-    let fd = match registered {
-        Ok(fd) => fd,
-        Err(e) => {
-            tracing::debug!(error = %e, "program logger unavailable");
-            return None;
-        }
-    };
-    Some(handle.spawn(async move {
-        let mut fd = fd;
-        loop {
-            let Ok(mut guard) = fd.readable_mut().await else {
-                return;
-            };
-            guard.get_inner_mut().flush();
-            guard.clear_ready();
-        }
-    }))
 }

@@ -1,32 +1,35 @@
 //! `reuseport-agent`: the daemon that steers SO_REUSEPORT groups (see the README). It owns
 //! the kernel program of every group it manages and answers the control protocol.
 //!
-//! - [`agent`]: the state and the requests that read and change it.
-//!
-//! - [`registry`]: the model of a group (generations, states, slots) and the policy table.
-//! - [`group`]: one managed group: model, kernel objects, slot allocation, status.
-//! - [`steering`]: the kernel objects of a group and the atomic table flip.
-//! - [`pinned`]: the record pinned with a group's maps, and its adoption after a restart.
-//! - [`grace`]: RCU grace periods that make rewriting a retired table safe.
+//! - [`agent`]: the state, and the requests that look groups up and change them.
+//! - [`group`]: one managed group; it keeps its own rules (slots from [`slots`], record
+//!   before table, table before attach, undo on failure); [`registry`]: its generations,
+//!   states and slots, and the table the program follows.
+//! - [`kernel`]: a group's program and maps, their pins, and the atomic table flip;
+//!   [`grace`]: RCU grace periods before a retired table or slot is reused; [`sys`]: the
+//!   sockarray syscalls aya does not wrap; [`bpffs`]: the bpffs directory and its lock.
+//! - [`pinned`]: the record pinned with a group's maps; [`adopt`]: taking over pinned
+//!   groups at start.
 //! - [`register`]: a socket joins its group; [`creation`]: a new group's turn to load;
-//!   [`lineage`]: which pid a launcher may name as its server.
-//! - [`quota`]: how much of the agent one user may take, and root's reserve.
-//! - [`sockcheck`]: validation of sockets passed for registration.
-//! - [`restart`]: `restart` requests relayed to a group's supervisor and back.
-//! - [`mailbox`]: what is pushed to a connection, bounded however slowly it reads.
-//! - [`server`]: the control socket.
-//! - [`access`]: who may do what (SO_PEERCRED, the control group).
-//! - [`conns`]: bounds on control connections (count, time, size).
-//! - [`control_socket`]: the control socket's file (mode, group, stale and live sockets).
-//! - [`wake`]: wake-ups for connections migrated to a listener without a wake-up.
+//!   [`lineage`]: which pid a launcher may name as its server; [`sockcheck`]: what a
+//!   registered socket must be.
+//! - [`scan`]: the periodic scan for closed listeners; [`wake`]: the wake-ups it hands out
+//!   for connections migrated to a listener without a wake-up.
+//! - [`restart`]: `restart` requests relayed to a group's supervisor and back; [`drain`]:
+//!   what launchers report of a drain.
+//! - [`server`]: the control socket's connections; [`admission`]: their bounds (count,
+//!   time, size); [`quota`]: how much of the agent one user may take, and root's reserve;
+//!   [`mailbox`]: what is pushed to a connection, bounded however slowly it reads;
+//!   [`access`]: who may do what; [`control_socket`]: the socket's file.
 //! - [`live`]: live figures for `status` from the kernel ([`diag`]: sock_diag, [`owners`]:
-//!   which process holds which connection); [`drain`]: what launchers report of a drain.
+//!   which process holds which connection).
 //! - [`fault`]: fault-injection points for the tests (a feature of test builds).
 
 mod access;
+mod admission;
+mod adopt;
 mod agent;
 mod bpffs;
-mod conns;
 mod control_socket;
 mod creation;
 mod diag;
@@ -34,6 +37,7 @@ mod drain;
 mod fault;
 mod grace;
 mod group;
+mod kernel;
 mod lineage;
 mod live;
 mod mailbox;
@@ -43,9 +47,10 @@ mod quota;
 mod register;
 mod registry;
 mod restart;
+mod scan;
 mod server;
+mod slots;
 mod sockcheck;
-mod steering;
 mod sys;
 mod wake;
 

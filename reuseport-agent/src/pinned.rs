@@ -24,7 +24,7 @@ pub struct GroupRecord {
     pub owner_uid: u32,
     /// Serial of the table published with this record.
     pub serial: u32,
-    /// `steering::program_id` of the program the writer ran (empty: unknown).
+    /// `kernel::program_id` of the program the writer ran (empty: unknown).
     #[serde(default)]
     pub program: String,
     pub registry: Registry,
@@ -180,10 +180,11 @@ mod tests {
                 member,
             );
             let g = registry.generations.get_mut(&generation).unwrap();
-            g.retired_counters = reuseport_proto::message::Counters {
+            g.retired_counters = reuseport_common::SlotCounters {
                 selected: 1 << 40,
                 fallback: 1 << 30,
                 migrated: 1 << 30,
+                unsteered: 0,
             };
             let rec = GroupRecord {
                 addr: "[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
@@ -192,7 +193,7 @@ mod tests {
                 netns: 4_026_531_840,
                 owner_uid: 1_000_000,
                 serial: u32::MAX,
-                program: crate::steering::program_id(crate::steering::Mode::SelectOrMigrate),
+                program: crate::kernel::program_id(crate::kernel::Mode::SelectOrMigrate),
                 registry: Registry {
                     generations: registry.generations.clone(),
                 },

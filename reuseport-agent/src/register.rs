@@ -11,16 +11,17 @@ use reuseport_common::{ABI_VERSION, ADOPTABLE_ABI};
 use tokio::sync::watch;
 
 use crate::{
-    agent::{Agent, Peer, State, UNADOPTABLE_ADVICE},
+    adopt::UNADOPTABLE_ADVICE,
+    agent::{Agent, Peer, State},
     bpffs,
     creation::{Creating, Permit},
     fault,
     group::{Group, kernel_refusal},
+    kernel::{self, GroupKernel, PinnedRecord},
     lineage,
     mailbox::Mailbox,
     registry::{Member, Refusal, RegId},
     sockcheck,
-    steering::{self, GroupKernel, PinnedRecord},
 };
 use reuseport_proto::{
     addr::GroupKey,
@@ -145,7 +146,7 @@ impl Agent {
         let owners = state
             .groups
             .values()
-            .map(|g| g.owner_uid)
+            .map(|g| g.owner_uid())
             .chain(state.creating.values().map(|c| c.owner));
         self.quotas
             .room_for_group(incoming.peer.uid, incoming.listener.uid, owners)?;
@@ -203,7 +204,7 @@ impl Agent {
         let key = incoming.listener.key;
         let group = state.groups.get_mut(&key).expect("group exists");
         self.access
-            .may_join(&key, group.owner_uid, incoming.listener.uid)?;
+            .may_join(&key, group.owner_uid(), incoming.listener.uid)?;
         group.admit_device(&incoming.listener)?;
         let Incoming {
             peer,
@@ -242,7 +243,9 @@ impl Agent {
                 state.subscribe(reg, events.clone(), supervisor);
                 let group = &state.groups[&key];
                 state.notify(group, &changes, self.own_netns);
-                let gen_state = group.registry.generations[&req.generation].state;
+                let gen_state = group
+                    .state_of(req.generation)
+                    .expect("the socket joined this generation");
                 tracing::info!(
                     group = %key, generation = req.generation, slot, pid = peer.pid,
                     state = %gen_state, "socket registered"
@@ -257,7 +260,7 @@ impl Agent {
                 })
             }
             Err(e) => {
-                if created && state.groups[&key].registry.is_empty() {
+                if created && state.groups[&key].is_empty() {
                     state.remove_groups(&[key]);
                 }
                 Err(e)
@@ -281,7 +284,7 @@ impl Agent {
         let key = listener.key;
         let live = &state.subscribers;
         let group = state.groups.get_mut(&key)?;
-        let (generation, slot, member) = group.registry.find_cookie(listener.cookie)?;
+        let (generation, slot, member) = group.find_socket(listener.cookie)?;
         if live.contains_key(&member.reg) {
             return Some(Err(Refusal::new(
                 ErrorKind::Conflict,
@@ -302,15 +305,15 @@ impl Agent {
                 ),
             )));
         }
-        if group.netns.is_none() {
-            group.netns = listener.netns.try_clone().ok();
-        }
+        group.learn_netns(&listener.netns);
         let (generation, slot) =
             match group.reclaim(&self.grace, socket.as_fd(), listener.cookie, reg, pid) {
                 Ok(found) => found,
                 Err(e) => return Some(Err(e)),
             };
-        let gen_state = group.registry.generations[&generation].state;
+        let gen_state = group
+            .state_of(generation)
+            .expect("the socket is back in its generation");
         tracing::info!(group = %key, generation, slot, pid = peer.pid, "socket registered again");
         Some(Ok(Reply::Registered {
             group: key.to_addr(),
@@ -325,10 +328,10 @@ impl Agent {
 /// listening: a fresh program would not know those sockets.
 fn refuse_unadoptable(key: &GroupKey, pin_dir: &std::path::Path) -> Result<(), Refusal> {
     // NB: a link is not a group's pins, whatever it points at: creation removes it.
-    if !bpffs::is_real_dir(pin_dir) || !steering::pinned_sockets_live(pin_dir) {
+    if !bpffs::is_real_dir(pin_dir) || !kernel::pinned_sockets_live(pin_dir) {
         return Ok(());
     }
-    let version = match steering::read_pinned(pin_dir) {
+    let version = match kernel::read_pinned(pin_dir) {
         PinnedRecord::Incompatible { abi_version } => abi_version.to_string(),
         PinnedRecord::Missing => "1".into(),
         PinnedRecord::Adoptable(_) => "an adoptable version that failed to load".into(),

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use reuseport_common::SteeringConfig;
+use reuseport_common::{SlotCounters, SteeringConfig};
 
 use reuseport_proto::message::{Counters, DrainStep, ErrorKind, GenState};
 
@@ -34,11 +34,44 @@ pub struct Generation {
     pub name: Option<String>,
     /// Slot → socket registered in it.
     pub sockets: BTreeMap<u32, Member>,
-    /// Counters folded in from slots this generation no longer holds.
-    pub retired_counters: Counters,
+    /// Counters folded in from slots this generation no longer holds. Pinned as the
+    /// protocol's [`Counters`] (the group-wide `unsteered` has no place in a slot's).
+    #[serde(with = "retired")]
+    pub retired_counters: SlotCounters,
     /// What its launcher last did to it while it drained (see `DrainProgress`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_step: Option<DrainStep>,
+}
+
+/// A slot's counters as `status` reports them.
+pub fn reported(c: SlotCounters) -> Counters {
+    Counters {
+        selected: c.selected,
+        fallback: c.fallback,
+        migrated: c.migrated,
+    }
+}
+
+/// How [`Generation::retired_counters`] is pinned: as the protocol's [`Counters`], the form
+/// records of earlier agents have.
+mod retired {
+    use reuseport_common::SlotCounters;
+    use reuseport_proto::message::Counters;
+    use serde::{Deserialize as _, Deserializer, Serialize as _, Serializer};
+
+    pub fn serialize<S: Serializer>(c: &SlotCounters, s: S) -> Result<S::Ok, S::Error> {
+        super::reported(*c).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SlotCounters, D::Error> {
+        let c = Counters::deserialize(d)?;
+        Ok(SlotCounters {
+            selected: c.selected,
+            fallback: c.fallback,
+            migrated: c.migrated,
+            unsteered: 0,
+        })
+    }
 }
 
 /// A refused request: what kind, and a one-line actionable message.
@@ -104,7 +137,7 @@ impl Registry {
                 },
                 name: None,
                 sockets: BTreeMap::new(),
-                retired_counters: Counters::default(),
+                retired_counters: SlotCounters::default(),
                 drain_step: None,
             });
         if g.name.is_none() {

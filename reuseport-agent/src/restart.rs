@@ -23,7 +23,7 @@ use crate::{
 };
 use reuseport_proto::{
     addr::{GroupAddr, GroupKey},
-    message::{ErrorKind, GenState, Reply, RestartOutcome, UNREQUESTED_RESTART},
+    message::{ErrorKind, Reply, RestartOutcome, UNREQUESTED_RESTART},
 };
 
 /// Default of `reuseport-agent --restart-timeout`: longer than a supervisor's default
@@ -171,16 +171,10 @@ impl Agent {
         let (key, addr, regs) = {
             let group = state.find(wanted)?;
             self.access
-                .may_change(&peer, &group.key, group.owner_uid, "restart")?;
+                .may_change(&peer, &group.key(), group.owner_uid(), "restart")?;
             // The supervisor of the active generation first, then of the newest other one.
-            let mut gens: Vec<_> = group.registry.generations.iter().collect();
-            gens.sort_by_key(|(n, g)| (g.state == GenState::Active, **n));
-            let regs: Vec<RegId> = gens
-                .iter()
-                .rev()
-                .flat_map(|(_, g)| g.sockets.values().map(|m| m.reg))
-                .collect();
-            (group.key, group.addr(self.own_netns), regs)
+            let regs = group.registrations_active_first();
+            (group.key(), group.addr(self.own_netns), regs)
         };
         let target = regs
             .into_iter()
@@ -257,13 +251,7 @@ impl Agent {
         let state = &mut *state;
         let (key, regs) = {
             let group = state.find(wanted)?;
-            let regs: Vec<RegId> = group
-                .registry
-                .generations
-                .values()
-                .flat_map(|g| g.sockets.values().map(|m| m.reg))
-                .collect();
-            (group.key, regs)
+            (group.key(), group.registrations_active_first())
         };
         let supervises = regs
             .iter()

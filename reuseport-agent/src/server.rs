@@ -1,7 +1,7 @@
 //! The control socket: one task per connection; a connection that registers a socket
 //! stays open and carries pushed state changes.
 
-use std::{os::fd::OwnedFd, sync::Arc, time::Duration};
+use std::{os::fd::OwnedFd, sync::Arc};
 
 use anyhow::Context as _;
 use tokio::{
@@ -11,22 +11,20 @@ use tokio::{
 
 use crate::{
     access::{ControlGroup, Policy},
+    admission::{self, Admission, Admitted},
     agent::{Agent, Options, Peer},
     bpffs,
-    conns::{self, Admission, Slot},
     control_socket::ControlSocket,
+    kernel,
     mailbox::Mailbox,
     quota::Quotas,
     registry::Refusal,
-    steering, wake,
+    scan, wake,
 };
 use reuseport_proto::{
     frame::Conn,
     message::{ErrorKind, Op, Reply, Request},
 };
-
-/// How often registered slots are checked for listeners that closed.
-const SCAN_INTERVAL: Duration = Duration::from_millis(50);
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     // NB: first thing: a SIGTERM that arrives once the control socket exists must remove it
@@ -37,14 +35,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     super::fault::check_env()?;
     bpffs::ensure(&opts.bpffs)?;
     let force = opts.select_only;
-    let mode = tokio::task::spawn_blocking(move || steering::detect_mode(force)).await??;
+    let mode = tokio::task::spawn_blocking(move || kernel::detect_mode(force)).await??;
     let control_group = opts
         .control_group
         .as_deref()
         .map(ControlGroup::resolve)
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let max_connections = conns::fit_connections(opts.max_connections, opts.max_groups);
+    let max_connections = admission::fit_connections(opts.max_connections, opts.max_groups);
     let quotas = Quotas::new(
         opts.max_groups,
         opts.groups_per_uid,
@@ -69,13 +67,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         control = %opts.control.display(),
         bpffs = %opts.bpffs.display(),
         mode = mode.as_str(),
-        kernel = %steering::kernel_release(),
+        kernel = %kernel::kernel_release(),
         adopted,
         "reuseport-agent ready"
     );
 
     let waker = wake::Waker::start().context("starting the wake-up worker thread")?;
-    let scanner = tokio::spawn(scan_loop(agent.clone(), waker));
+    let scanner = tokio::spawn(scan::scan_loop(agent.clone(), waker));
     let mut exhausted = false;
     loop {
         tokio::select! {
@@ -132,9 +130,9 @@ async fn accept_failed(admission: &Admission, e: &std::io::Error, exhausted: &mu
         *exhausted = true;
     }
     let pause = if admission.evict_one() {
-        conns::EVICTION_PAUSE
+        admission::EVICTION_PAUSE
     } else {
-        conns::ACCEPT_BACKOFF
+        admission::ACCEPT_BACKOFF
     };
     tokio::time::sleep(pause).await;
 }
@@ -142,24 +140,7 @@ async fn accept_failed(admission: &Admission, e: &std::io::Error, exhausted: &mu
 /// Tells a client there is no room for its connection, then closes it.
 async fn refuse(stream: UnixStream, reply: Reply) {
     let conn = Conn::new(stream);
-    let _ = tokio::time::timeout(conns::SEND_TIMEOUT, conn.send(&reply, None)).await;
-}
-
-async fn scan_loop(agent: Arc<Agent>, waker: wake::Waker) {
-    let mut tick = tokio::time::interval(SCAN_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let a = agent.clone();
-        let scanned = tokio::task::spawn_blocking(move || {
-            a.expire_restarts();
-            a.scan_closed()
-        });
-        match scanned.await {
-            Ok(wakeups) => wakeups.into_iter().for_each(|w| waker.push(w)),
-            Err(e) => tracing::error!(error = %e, "slot scan failed"),
-        }
-    }
+    let _ = tokio::time::timeout(admission::SEND_TIMEOUT, conn.send(&reply, None)).await;
 }
 
 fn refusal_reply(r: Refusal) -> Reply {
@@ -176,7 +157,7 @@ fn bad_request(message: impl Into<String>) -> Reply {
     }
 }
 
-async fn serve(agent: Arc<Agent>, stream: UnixStream, mut slot: Slot, peer: Peer) {
+async fn serve(agent: Arc<Agent>, stream: UnixStream, mut admitted: Admitted, peer: Peer) {
     let mut conn = Conn::for_requests(stream);
     let reg = agent.next_reg_id();
     let mailbox = Mailbox::new();
@@ -186,9 +167,9 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream, mut slot: Slot, peer: Peer
         // time-out and eviction would take the outcome from it.
         let busy = registered || mailbox.awaits_outcome();
         let frame = tokio::select! {
-            frame = slot.next_frame(&mut conn, busy) => frame,
+            frame = admitted.next_frame(&mut conn, busy) => frame,
             event = mailbox.next() => {
-                if !slot.send(&conn, &event, registered).await {
+                if !admitted.send(&conn, &event, registered).await {
                     break;
                 }
                 continue;
@@ -201,7 +182,7 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream, mut slot: Slot, peer: Peer
                 // The stream cannot be resynchronised after a bad length, a cut frame or a
                 // time-out.
                 if let Some(reply) = e.reply() {
-                    let _ = slot.send(&conn, &reply, registered).await;
+                    let _ = admitted.send(&conn, &reply, registered).await;
                 }
                 break;
             }
@@ -219,7 +200,7 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream, mut slot: Slot, peer: Peer
                 reply
             }
         };
-        if !slot.send(&conn, &reply, registered).await {
+        if !admitted.send(&conn, &reply, registered).await {
             break;
         }
     }

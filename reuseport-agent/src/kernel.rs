@@ -59,7 +59,7 @@ impl Mode {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum SteeringError {
+pub enum KernelError {
     #[error("loading the reuseport program ({mode}): {source}")]
     Load {
         mode: &'static str,
@@ -74,21 +74,21 @@ pub enum SteeringError {
     },
 }
 
-fn kernel(what: impl Into<String>) -> impl FnOnce(io::Error) -> SteeringError {
+fn kernel(what: impl Into<String>) -> impl FnOnce(io::Error) -> KernelError {
     let what = what.into();
-    move |source| SteeringError::Kernel { what, source }
+    move |source| KernelError::Kernel { what, source }
 }
 
 /// A failure [`super::fault::fail`] injected at `what`, as the kernel's own would read.
-pub fn injected(what: &str, source: io::Error) -> SteeringError {
-    SteeringError::Kernel {
+pub fn injected(what: &str, source: io::Error) -> KernelError {
+    KernelError::Kernel {
         what: what.into(),
         source,
     }
 }
 
-fn load_err(mode: Mode) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> SteeringError {
-    move |source| SteeringError::Load {
+fn load_err(mode: Mode) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> KernelError {
+    move |source| KernelError::Load {
         mode: mode.as_str(),
         source,
     }
@@ -106,7 +106,7 @@ const PINNED_MAPS: [&str; 5] = [
 /// Loads the object and the program for `mode`. With `pin_dir`, every map is taken from
 /// its pin there, or created and pinned there if it has none yet; without, nothing is
 /// pinned (mode detection).
-fn load(mode: Mode, pin_dir: Option<&Path>) -> Result<Ebpf, SteeringError> {
+fn load(mode: Mode, pin_dir: Option<&Path>) -> Result<Ebpf, KernelError> {
     let mut loader = EbpfLoader::new();
     if let Some(dir) = pin_dir {
         for name in PINNED_MAPS {
@@ -236,7 +236,7 @@ pub struct GroupKernel {
 impl GroupKernel {
     /// Loads a fresh program and maps for a group and pins them in `pin_dir` (replacing
     /// stale pins a previous agent left there).
-    pub fn create(mode: Mode, pin_dir: &Path) -> Result<Self, SteeringError> {
+    pub fn create(mode: Mode, pin_dir: &Path) -> Result<Self, KernelError> {
         remove_pins(pin_dir);
         Self::open(mode, pin_dir, None)
     }
@@ -253,7 +253,7 @@ impl GroupKernel {
         pin_dir: &Path,
         pinned_program_id: &str,
         grace: &Grace,
-    ) -> Result<Self, SteeringError> {
+    ) -> Result<Self, KernelError> {
         let retired = Some(grace.retire());
         if pinned_program_id == program_id(mode) {
             match Self::from_pins(mode, pin_dir, retired) {
@@ -267,19 +267,15 @@ impl GroupKernel {
     }
 
     /// Everything from its pin, nothing loaded.
-    fn from_pins(
-        mode: Mode,
-        pin_dir: &Path,
-        retired: Option<Ticket>,
-    ) -> Result<Self, SteeringError> {
+    fn from_pins(mode: Mode, pin_dir: &Path, retired: Option<Ticket>) -> Result<Self, KernelError> {
         let map = |name: &'static str| {
-            MapData::from_pin(pin_dir.join(name)).map_err(|e| SteeringError::Kernel {
+            MapData::from_pin(pin_dir.join(name)).map_err(|e| KernelError::Kernel {
                 what: format!("opening the pinned map {name}"),
                 source: io::Error::other(e),
             })
         };
         let typed = |name: &'static str| {
-            move |e: aya::maps::MapError| SteeringError::Kernel {
+            move |e: aya::maps::MapError| KernelError::Kernel {
                 what: format!("pinned map {name}"),
                 source: io::Error::other(e),
             }
@@ -287,7 +283,7 @@ impl GroupKernel {
         let current: Array<MapData, u32> =
             Array::try_from(Map::Array(map(MapNames::CURRENT)?)).map_err(typed("CURRENT"))?;
         let program = SkReuseport::from_pin(pin_dir.join(mode.program()), mode.attach_type())
-            .map_err(|e| SteeringError::Kernel {
+            .map_err(|e| KernelError::Kernel {
                 what: format!("opening the pinned program {}", mode.program()),
                 source: io::Error::other(e),
             })?;
@@ -307,11 +303,11 @@ impl GroupKernel {
         })
     }
 
-    fn open(mode: Mode, pin_dir: &Path, retired: Option<Ticket>) -> Result<Self, SteeringError> {
+    fn open(mode: Mode, pin_dir: &Path, retired: Option<Ticket>) -> Result<Self, KernelError> {
         fs::create_dir_all(pin_dir).map_err(kernel(format!("creating {}", pin_dir.display())))?;
         let mut ebpf = load(mode, Some(pin_dir))?;
         let mut take = |name: &str| {
-            ebpf.take_map(name).ok_or_else(|| SteeringError::Kernel {
+            ebpf.take_map(name).ok_or_else(|| KernelError::Kernel {
                 what: format!("map {name} missing from the program object"),
                 source: io::ErrorKind::NotFound.into(),
             })
@@ -319,14 +315,14 @@ impl GroupKernel {
         let sockets = match take(MapNames::SOCKETS)? {
             Map::ReusePortSockArray(data) => data,
             other => {
-                return Err(SteeringError::Kernel {
+                return Err(KernelError::Kernel {
                     what: format!("map SOCKETS has an unexpected type: {other:?}"),
                     source: io::ErrorKind::InvalidData.into(),
                 });
             }
         };
         let map_err = |name: &'static str| {
-            move |e: aya::maps::MapError| SteeringError::Kernel {
+            move |e: aya::maps::MapError| KernelError::Kernel {
                 what: format!("map {name}"),
                 source: io::Error::other(e),
             }
@@ -345,7 +341,7 @@ impl GroupKernel {
         // attached (and alive) until the next attach replaces it.
         let prog_pin = pin_dir.join(name);
         let _ = fs::remove_file(&prog_pin);
-        prog.pin(&prog_pin).map_err(|e| SteeringError::Kernel {
+        prog.pin(&prog_pin).map_err(|e| KernelError::Kernel {
             what: format!("pinning {name} in {}", pin_dir.display()),
             source: io::Error::other(e),
         })?;
@@ -386,7 +382,7 @@ impl GroupKernel {
 
     /// Attaches the program to the kernel's reuseport group that `socket` belongs to.
     /// Idempotent: attaching again replaces the group's program with the same one.
-    pub fn attach(&self, socket: BorrowedFd<'_>) -> Result<(), SteeringError> {
+    pub fn attach(&self, socket: BorrowedFd<'_>) -> Result<(), KernelError> {
         let prog: &SkReuseport = match (&self.pinned_program, &self.ebpf) {
             (Some(p), _) => p,
             (None, Some(ebpf)) => ebpf
@@ -395,7 +391,7 @@ impl GroupKernel {
                 .expect("program was loaded in open()"),
             (None, None) => unreachable!("a group kernel has a program"),
         };
-        prog.attach(socket).map_err(|e| SteeringError::Kernel {
+        prog.attach(socket).map_err(|e| KernelError::Kernel {
             what:
                 "attaching the program to the socket's reuseport group (SO_ATTACH_REUSEPORT_EBPF)"
                     .into(),
@@ -407,13 +403,13 @@ impl GroupKernel {
         self.sockets.fd().as_fd()
     }
 
-    pub fn set_slot(&self, slot: u32, socket: BorrowedFd<'_>) -> Result<(), SteeringError> {
+    pub fn set_slot(&self, slot: u32, socket: BorrowedFd<'_>) -> Result<(), KernelError> {
         sys::sockarray_set(self.sockets_fd(), slot, socket).map_err(kernel(format!(
             "adding the socket to the sockarray at slot {slot}"
         )))
     }
 
-    pub fn clear_slot(&self, slot: u32) -> Result<(), SteeringError> {
+    pub fn clear_slot(&self, slot: u32) -> Result<(), KernelError> {
         sys::sockarray_clear(self.sockets_fd(), slot)
             .map_err(kernel(format!("clearing sockarray slot {slot}")))
     }
@@ -428,14 +424,14 @@ impl GroupKernel {
     /// Makes `cfg` the table the program follows, atomically: it is written into a buffer no
     /// program invocation can be reading (waiting for an RCU grace period only if every
     /// buffer retired too recently), then the 4-byte `CURRENT` word switches to it.
-    pub fn publish(&mut self, cfg: &SteeringConfig, grace: &Grace) -> Result<(), SteeringError> {
+    pub fn publish(&mut self, cfg: &SteeringConfig, grace: &Grace) -> Result<(), KernelError> {
         let next = (self.live + 1) % CONFIG_BUFFERS;
         if let Some(t) = self.retired[next as usize] {
             grace.wait(t);
         }
         self.config
             .set(next, cfg, 0)
-            .map_err(|e| SteeringError::Kernel {
+            .map_err(|e| KernelError::Kernel {
                 what: format!("writing steering table {next}"),
                 source: io::Error::other(e),
             })?;
@@ -443,7 +439,7 @@ impl GroupKernel {
         // even a byte-wise copy in the kernel's map update cannot expose a torn index.
         self.current
             .set(0, next, 0)
-            .map_err(|e| SteeringError::Kernel {
+            .map_err(|e| KernelError::Kernel {
                 what: "switching the live steering table".into(),
                 source: io::Error::other(e),
             })?;
@@ -453,10 +449,10 @@ impl GroupKernel {
     }
 
     /// Pins `record`, the agent's description of the group (see the `pinned` module).
-    pub fn write_record(&mut self, record: &PinnedState) -> Result<(), SteeringError> {
+    pub fn write_record(&mut self, record: &PinnedState) -> Result<(), KernelError> {
         self.state
             .set(0, record, 0)
-            .map_err(|e| SteeringError::Kernel {
+            .map_err(|e| KernelError::Kernel {
                 what: "writing the pinned group record".into(),
                 source: io::Error::other(e),
             })
@@ -483,9 +479,9 @@ impl GroupKernel {
     }
 
     /// Zeroes a slot's counters before the slot is handed to another socket.
-    pub fn reset_counters(&mut self, slot: u32) -> Result<(), SteeringError> {
+    pub fn reset_counters(&mut self, slot: u32) -> Result<(), KernelError> {
         debug_assert!(slot < COUNTER_ENTRIES);
-        let n = nr_cpus().map_err(|(what, e)| SteeringError::Kernel {
+        let n = nr_cpus().map_err(|(what, e)| KernelError::Kernel {
             what: what.into(),
             source: e,
         })?;
@@ -493,20 +489,52 @@ impl GroupKernel {
             .expect("one value per possible CPU");
         self.counters
             .set(slot, zeros, 0)
-            .map_err(|e| SteeringError::Kernel {
+            .map_err(|e| KernelError::Kernel {
                 what: format!("resetting counters of slot {slot}"),
                 source: io::Error::other(e),
             })
     }
 
-    /// Sets up aya-log for the program's rare-event messages.
-    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+    /// Forwards the program's rare-event messages (aya-log) to the agent's log, on a task
+    /// that the caller aborts when the group goes.
+    pub fn start_logger(&mut self) -> Option<tokio::task::JoinHandle<()>> {
         // NB: a program reused from its pin logs into a ring buffer of the dead agent's
         // object that nobody reads any more: its rare-event lines are lost.
-        aya_log::EbpfLogger::init(self.ebpf.as_mut()?)
+        let logger = aya_log::EbpfLogger::init(self.ebpf.as_mut()?)
             .inspect_err(|e| tracing::debug!(error = %e, "program logger unavailable"))
-            .ok()
+            .ok()?;
+        spawn_logger(logger)
     }
 }
 
 pub use super::bpffs::remove_pins;
+
+/// Forwards the program's rare-event log lines (aya-log) while the group lives.
+fn spawn_logger(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let handle = tokio::runtime::Handle::try_current().ok()?;
+    let _entered = handle.enter();
+    // SAFETY: the logger owns its ring buffer descriptor and keeps it open until dropped,
+    // which happens only with the AsyncFd.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::debug!(error = %e, "program logger unavailable");
+            return None;
+        }
+    };
+    Some(handle.spawn(async move {
+        let mut fd = fd;
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
+}

@@ -144,7 +144,7 @@ impl Admission {
     /// is full, the connection that has waited longest for a request among those whose
     /// place would do is closed to make room; the refusal to send (a `limit` error) when
     /// every such connection is registered or busy.
-    pub fn admit(self: &Arc<Self>, uid: u32) -> Result<Slot, String> {
+    pub fn admit(self: &Arc<Self>, uid: u32) -> Result<Admitted, String> {
         let mut t = self.lock();
         if let Some(full) = self.quotas.connection_full(t.usage(uid))
             && !t.evict_oldest(
@@ -156,7 +156,7 @@ impl Admission {
         }
         t.open += 1;
         *t.by_uid.entry(uid).or_default() += 1;
-        Ok(Slot {
+        Ok(Admitted {
             admission: self.clone(),
             uid,
             fresh: true,
@@ -173,14 +173,14 @@ impl Admission {
 }
 
 /// One admitted connection; gives its place back when dropped.
-pub struct Slot {
+pub struct Admitted {
     admission: Arc<Admission>,
     uid: u32,
     /// Nothing was read yet: the frame buffer is empty.
     fresh: bool,
 }
 
-impl Drop for Slot {
+impl Drop for Admitted {
     fn drop(&mut self) {
         let mut t = self.admission.lock();
         t.open -= 1;
@@ -205,7 +205,7 @@ impl Drop for Waiting<'_> {
     }
 }
 
-impl Slot {
+impl Admitted {
     /// The next request on `conn`, or `None` when the client closed it. Connections that
     /// are not `busy` (a registration, or one waiting for a restart's outcome) are bounded
     /// in time and may be evicted while they wait.
@@ -382,7 +382,7 @@ mod tests {
     fn a_user_at_its_quota_evicts_only_its_own_idle_connections() {
         // 16 places: 4 per uid, 1 kept for root.
         let a = Admission::new(Quotas::new(1, None, 16, None));
-        let mine: Vec<Slot> = (0..4).map(|_| a.admit(1000).expect("quota")).collect();
+        let mine: Vec<Admitted> = (0..4).map(|_| a.admit(1000).expect("quota")).collect();
         let (theirs_tx, mut theirs) = oneshot::channel();
         a.lock().waiting.insert(1, (2000, theirs_tx));
         match a.admit(1000) {
@@ -405,7 +405,7 @@ mod tests {
     #[test]
     fn users_filling_their_share_leave_roots_place() {
         let a = Admission::new(Quotas::new(1, None, 16, None));
-        let users: Vec<Slot> = (0..15)
+        let users: Vec<Admitted> = (0..15)
             .map(|i| a.admit(1000 + i / 4).expect("the users' share"))
             .collect();
         match a.admit(2000) {
