@@ -21,7 +21,7 @@ use nix::{
 };
 use tokio::{task::JoinHandle, time::Instant};
 
-use super::{launch::note, supervise::parse_duration};
+use super::{args::parse_duration, launch::note};
 use reuseport_client::{
     ControlClient,
     proto::{DrainStep, GroupAddr, GroupStatus},

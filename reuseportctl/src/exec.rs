@@ -15,8 +15,9 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use super::{
     GlobalOpts,
+    args::{parse_name, parse_signal},
     draining::{Drain, DrainOpts, DrainTask},
-    launch::{self, DEFAULT_FD_NAME, note, parse_name, parse_signal},
+    launch::{self, DEFAULT_FD_NAME, note},
     reaper::Reaper,
     spawn::{self, FORWARDED_SIGNALS},
 };
@@ -197,7 +198,7 @@ mod tests {
     use super::*;
     use reuseport_client::{
         self as client,
-        proto::{GenState, MAX_NAME_LEN, Op, Register, Reply, Request, frame::Conn},
+        proto::{GenState, Op, Register, Reply, Request, frame::Conn},
     };
 
     /// A directory of its own for a test's control socket and files.
@@ -350,23 +351,5 @@ mod tests {
             .downcast_ref::<spawn::SpawnError>()
             .expect("a SpawnError");
         assert_eq!(spawn_err.exit_code(), 127);
-    }
-
-    #[test]
-    fn signals_by_name_or_number() {
-        for s in ["TERM", "term", "SIGTERM", "15"] {
-            assert_eq!(parse_signal(s), Ok(Signal::SIGTERM), "{s}");
-        }
-        assert_eq!(parse_signal("quit"), Ok(Signal::SIGQUIT));
-        assert!(parse_signal("NOPE").unwrap_err().contains("unknown signal"));
-        assert!(parse_signal("99").unwrap_err().contains("not a signal"));
-    }
-
-    #[test]
-    fn names_fit_listen_fdnames() {
-        assert_eq!(parse_name("web v2").as_deref(), Ok("web v2"));
-        for bad in ["", "a:b", "tab\there", &"x".repeat(MAX_NAME_LEN + 1)] {
-            assert!(parse_name(bad).is_err(), "{bad:?} should be refused");
-        }
     }
 }

@@ -10,54 +10,18 @@ use std::{
 use anyhow::Context as _;
 use nix::{
     errno::Errno,
-    sys::{
-        signal::Signal,
-        wait::{WaitPidFlag, WaitStatus, waitpid},
-    },
+    sys::wait::{WaitPidFlag, WaitStatus, waitpid},
     unistd::Pid,
 };
 
 use super::spawn;
 use reuseport_client::{
     self as client, RegisterOptions, Registration,
-    proto::{GroupAddr, MAX_NAME_LEN, Register},
+    proto::{GroupAddr, Register},
 };
 
 /// LISTEN_FDNAMES when no --name is given.
 pub const DEFAULT_FD_NAME: &str = "reuseport";
-
-/// A signal by name (`TERM`, `sigterm`, `SIGTERM`) or number.
-pub fn parse_signal(s: &str) -> Result<Signal, String> {
-    if let Ok(n) = s.parse::<i32>() {
-        return Signal::try_from(n).map_err(|_| format!("{n} is not a signal number"));
-    }
-    let upper = s.to_ascii_uppercase();
-    let name = if upper.starts_with("SIG") {
-        upper
-    } else {
-        format!("SIG{upper}")
-    };
-    name.parse().map_err(|_| {
-        format!("unknown signal {s:?}: use a name such as TERM, QUIT, USR1, or a number")
-    })
-}
-
-/// The name must fit both the agent (length) and LISTEN_FDNAMES (no ':', which separates
-/// names there, and no control characters: systemd's rule).
-pub fn parse_name(s: &str) -> Result<String, String> {
-    let valid = !s.is_empty()
-        && s.len() <= MAX_NAME_LEN
-        && s.bytes()
-            .all(|b| b.is_ascii() && !b.is_ascii_control() && b != b':');
-    if valid {
-        Ok(s.to_owned())
-    } else {
-        Err(format!(
-            "use 1 to {MAX_NAME_LEN} ASCII characters, no ':' and no control characters \
-             (the name is passed in LISTEN_FDNAMES)"
-        ))
-    }
-}
 
 /// A message of the launcher on stderr. Unlike `eprintln!`, a broken stderr is ignored: a
 /// panic here would kill the launcher, unregister the socket and SIGTERM the server.
@@ -180,6 +144,8 @@ impl Bound {
 
 #[cfg(test)]
 mod tests {
+    use nix::sys::signal::Signal;
+
     use super::*;
 
     #[test]

@@ -9,6 +9,7 @@ use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 
 pub mod activate;
+mod args;
 mod check;
 pub mod drain;
 mod draining;

@@ -6,7 +6,7 @@ use std::{process::ExitCode, time::Duration};
 use anyhow::{Context as _, bail};
 use clap::Args;
 
-use super::{GlobalOpts, output, supervise::parse_duration};
+use super::{GlobalOpts, args::parse_duration, output};
 use reuseport_client::{
     ControlClient,
     proto::{GroupAddr, RestartOutcome},

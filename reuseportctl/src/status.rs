@@ -6,7 +6,7 @@ use std::{process::ExitCode, time::Duration};
 use anyhow::Context as _;
 use clap::Args;
 
-use super::{GlobalOpts, check, output, supervise::parse_duration};
+use super::{GlobalOpts, args::parse_duration, check, output};
 use reuseport_client::{ControlClient, proto::GroupAddr};
 
 /// Show groups, their generations, sockets, counters and live connections.
