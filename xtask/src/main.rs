@@ -3,6 +3,7 @@ mod bench;
 mod ci_fresh;
 mod demo;
 mod demo_server;
+mod deploy;
 mod fuzz;
 mod load;
 mod namespaces;

@@ -13,8 +13,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use super::{Control, Machine, Percentiles, control_request};
-use crate::stack::{Stack, wait_for};
+use super::{Machine, Percentiles};
+use crate::stack::{Control, Stack, control_request, wait_for};
 
 #[derive(clap::Args, Debug)]
 pub struct LiveOpts {

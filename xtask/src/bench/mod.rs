@@ -16,10 +16,9 @@ mod reference_prog;
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use serde::Serialize;
 
-pub use flip::{Deployer, Mode, short_flip_check};
+pub use flip::short_flip_check;
 
 use crate::stack::Stack;
 
@@ -141,17 +140,4 @@ fn write_json(name: &str, report: &impl Serialize) -> anyhow::Result<PathBuf> {
     let path = dir.join(format!("{name}.json"));
     std::fs::write(&path, serde_json::to_vec_pretty(report)?)?;
     Ok(path)
-}
-
-/// A control connection to the agent, on the protocol crate's blocking framing.
-type Control = reuseport_proto::frame::blocking::Conn;
-
-/// One request over an open control connection and its answer.
-fn control_request(
-    control: &mut Control,
-    request: &serde_json::Value,
-) -> anyhow::Result<serde_json::Value> {
-    control
-        .round_trip(request, None)?
-        .context("the agent closed the control connection without answering")
 }

@@ -27,12 +27,12 @@ use anyhow::{Context as _, bail};
 use serde::Serialize;
 
 use super::{
-    Control, Machine, Percentiles, Spread, control_request,
+    Machine, Percentiles, Spread,
     reference_prog::{Loaded, Reference},
 };
 use crate::{
     load::{Load, Record},
-    stack::{Stack, wait_for},
+    stack::{Control, Stack, control_request, wait_for},
 };
 
 #[derive(clap::Args, Debug)]
