@@ -9,6 +9,7 @@ mod load;
 mod namespaces;
 mod packages;
 mod setup;
+mod stable_client;
 mod stack;
 mod test;
 mod vm;
