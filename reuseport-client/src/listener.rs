@@ -48,6 +48,27 @@ pub fn listen_error(addr: SocketAddr, source: io::Error) -> ClientError {
 
 /// [`reuseport_listener`] on the group's address, then [`register`](crate::register). The returned
 /// [`Registration`] must live as long as the listener serves the group.
+///
+/// As the README shows it:
+///
+/// ```no_run
+/// # async fn serve() -> Result<(), Box<dyn std::error::Error>> {
+/// use reuseport_client::{ControlClient, RegisterOptions, bind_and_register};
+///
+/// let opts = RegisterOptions::new("tcp://127.0.0.1:8080".parse()?, 2);
+/// let (listener, registration) = bind_and_register(&opts).await?; // tokio TcpListener
+/// let mut state = registration.state(); // watch::Receiver<GenState>, pushed by the agent
+/// // … serve; when *state.borrow() becomes Draining, finish in-flight work and exit.
+/// # let _ = (listener, state.borrow_and_update());
+///
+/// let mut control = ControlClient::connect(reuseport_client::DEFAULT_CONTROL_PATH).await?;
+/// for g in &control.status(Some(opts.request.group)).await?[0].generations {
+///     // GenerationLive { connections, queued }; drain: Serving / Idle / Signalled / Killed
+///     println!("{} {:?} {:?}", g.generation, g.live.map(|l| l.in_flight()), g.drain);
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[cfg(feature = "tokio")]
 pub async fn bind_and_register(
     opts: &RegisterOptions,
