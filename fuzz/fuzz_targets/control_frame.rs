@@ -1,4 +1,4 @@
-//! The agent's reading of untrusted control-socket bytes, exactly as `agent::server::serve`
+//! The agent's reading of untrusted control-socket bytes, exactly as the agent's `server::serve`
 //! runs it: `frame::take_frame` (one request: at most MAX_FRAME bytes in one or more frames)
 //! on a stream arriving in pieces, then `Request::decode` on each body.
 //!
@@ -7,9 +7,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use reuseport_agent::{
+use reuseport_proto::{
+    MAX_FRAME, MAX_MESSAGE, Request,
     frame::{self, FrameError},
-    protocol::{MAX_FRAME, MAX_MESSAGE, Request},
 };
 
 fuzz_target!(|data: &[u8]| {

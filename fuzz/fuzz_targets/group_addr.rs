@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use reuseport_agent::addr::{GroupAddr, GroupKey};
+use reuseport_proto::{GroupAddr, GroupKey};
 
 /// The initial network namespace's usual inode, for addresses that name none.
 const SOME_NETNS: u64 = 4026531840;

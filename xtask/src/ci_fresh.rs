@@ -40,9 +40,11 @@ pub fn ci_fresh(opts: &CiFreshOpts) -> anyhow::Result<()> {
     let root = crate::workspace();
     warn_uncommitted(&root);
     let head = git(&root, &["rev-parse", "--short", "HEAD"])?;
-    let work = std::env::temp_dir().join(format!("reuseport-ci-fresh-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
-    let clone = work.join("p");
+    let work = tempfile::Builder::new()
+        .prefix("reuseport-ci-fresh-")
+        .tempdir()
+        .context("creating the work directory")?;
+    let clone = work.path().join("p");
     println!("ci-fresh: cloning HEAD {head} into {}", clone.display());
     crate::setup::run(
         Command::new("git")
@@ -52,9 +54,11 @@ pub fn ci_fresh(opts: &CiFreshOpts) -> anyhow::Result<()> {
     )?;
     let res = check_runs(opts, &clone);
     if opts.keep || res.is_err() {
+        // NB: kept on purpose (to look at a failure, or with --keep): not removed on drop.
+        let _ = work.keep();
         println!("ci-fresh: the clone stays in {}", clone.display());
     } else {
-        std::fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+        work.close().context("removing the work directory")?;
     }
     res
 }

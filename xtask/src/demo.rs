@@ -15,7 +15,7 @@ use std::{
 use anyhow::bail;
 
 use crate::{
-    bench::{Deployer, Mode},
+    deploy::{Deployer, Mode},
     load::{Load, Proto},
     stack::Stack,
 };

@@ -78,9 +78,7 @@ pub fn clippy() -> anyhow::Result<()> {
         .arg(root.join("fuzz/Cargo.toml"))
         .arg("--target-dir")
         .arg(root.join("target/fuzz/clippy"))
-        .args(["--", "-D", "warnings"])
-        // As cargo-fuzz builds it, so the agent's build script skips the eBPF build.
-        .env("RUSTFLAGS", "--cfg fuzzing");
+        .args(["--", "-D", "warnings"]);
     setup::run(&mut cmd)
 }
 

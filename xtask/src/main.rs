@@ -3,11 +3,13 @@ mod bench;
 mod ci_fresh;
 mod demo;
 mod demo_server;
+mod deploy;
 mod fuzz;
 mod load;
 mod namespaces;
 mod packages;
 mod setup;
+mod stable_client;
 mod stack;
 mod test;
 mod vm;
@@ -53,6 +55,13 @@ fn main() -> anyhow::Result<()> {
         Cli::DemoServer(opts) => demo_server::serve(&opts),
     }
 }
+
+/// `cargo build` arguments naming the packages of the two binaries (`reuseport-agent`,
+/// `reuseportctl`) that the tests, the demo and the benchmarks run.
+pub const BINARY_PACKAGES: [&str; 5] = ["-p", "reuseport-agent", "-p", "reuseportctl", "--bins"];
+/// `cargo build` arguments for the agent's test build: with the fault-injection points the
+/// crash and upgrade tests use (never in a release).
+pub const FAULT_INJECTION: [&str; 2] = ["--features", "reuseport-agent/fault-injection"];
 
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

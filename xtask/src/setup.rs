@@ -111,11 +111,11 @@ fn install_bpf_linker() -> anyhow::Result<()> {
         .and_then(|v| v.split('.').next())
         .context("cannot read the LLVM version from the library name")?
         .to_owned();
-    let prefix = std::env::temp_dir().join(format!("reuseport-llvm-prefix-{}", std::process::id()));
-    std::fs::create_dir_all(prefix.join("lib"))?;
-    let link = prefix.join("lib/libLLVM.so");
-    let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(&llvm, &link)?;
+    let prefix = tempfile::Builder::new()
+        .prefix("reuseport-llvm-prefix-")
+        .tempdir()?;
+    std::fs::create_dir_all(prefix.path().join("lib"))?;
+    std::os::unix::fs::symlink(&llvm, prefix.path().join("lib/libLLVM.so"))?;
     let res = run(Command::new("cargo")
         .args([
             "install",
@@ -127,7 +127,7 @@ fn install_bpf_linker() -> anyhow::Result<()> {
         ])
         .arg("--features")
         .arg(format!("llvm-{major}"))
-        .env("LLVM_PREFIX", &prefix));
-    let _ = std::fs::remove_dir_all(&prefix);
+        .env("LLVM_PREFIX", prefix.path()));
+    drop(prefix);
     res
 }

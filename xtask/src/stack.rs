@@ -20,7 +20,9 @@ pub struct Stack {
     bin: PathBuf,
     pub control: PathBuf,
     pub bpffs: PathBuf,
-    pub tmp: PathBuf,
+    /// The control socket, the agent's log and the benchmarks' files; removed with the
+    /// stack.
+    tmp: tempfile::TempDir,
     agent: Mutex<Option<Child>>,
     servers: Mutex<Vec<Child>>,
 }
@@ -35,18 +37,19 @@ impl Stack {
     /// Like [`Stack::start`], with binaries already built in `bin`.
     pub fn start_in(tag: &str, bin: &std::path::Path) -> anyhow::Result<Self> {
         namespaces::enter_private().context("entering private network and mount namespaces")?;
-        let pid = std::process::id();
-        let tmp = std::env::temp_dir().join(format!("reuseport-{tag}-{pid}"));
-        std::fs::create_dir_all(&tmp)?;
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("reuseport-{tag}-"))
+            .tempdir()
+            .context("creating the stack's temp dir")?;
         let stack = Self {
             bin: bin.to_owned(),
-            control: tmp.join("agent.sock"),
+            control: tmp.path().join("agent.sock"),
             bpffs: PathBuf::from("/sys/fs/bpf/reuseport"),
             tmp,
             agent: Mutex::new(None),
             servers: Mutex::new(Vec::new()),
         };
-        let log = std::fs::File::create(stack.tmp.join("agent.log"))?;
+        let log = std::fs::File::create(stack.agent_log())?;
         let agent =
             namespaces::die_with_parent(&mut Command::new(stack.bin.join("reuseport-agent")))
                 .arg("--control")
@@ -179,8 +182,13 @@ impl Stack {
         )
     }
 
+    /// The stack's temp dir (removed with the stack).
+    pub fn tmp(&self) -> &std::path::Path {
+        self.tmp.path()
+    }
+
     pub fn agent_log(&self) -> PathBuf {
-        self.tmp.join("agent.log")
+        self.tmp().join("agent.log")
     }
 
     pub fn stop(&self) {
@@ -190,8 +198,7 @@ impl Stack {
         if let Some(mut a) = self.agent.lock().expect("lock").take() {
             terminate(&mut a);
         }
-        // NB: the bpffs goes with the mount namespace.
-        let _ = std::fs::remove_dir_all(&self.tmp);
+        // NB: the bpffs goes with the mount namespace, the temp dir with the stack.
     }
 }
 
@@ -206,7 +213,8 @@ pub fn build_release(tag: &str) -> anyhow::Result<PathBuf> {
     setup::run(
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .current_dir(&root)
-            .args(["build", "--release", "-p", "reuseport-agent", "--bins"]),
+            .args(["build", "--release"])
+            .args(crate::BINARY_PACKAGES),
     )?;
     Ok(root.join("target/release"))
 }
@@ -284,4 +292,17 @@ pub fn wait_for(
         thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// A control connection to the agent, on the protocol crate's blocking framing.
+pub type Control = reuseport_proto::frame::blocking::Conn;
+
+/// One request over an open control connection and its answer.
+pub fn control_request(
+    control: &mut Control,
+    request: &serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    control
+        .round_trip(request, None)?
+        .context("the agent closed the control connection without answering")
 }

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{fuzz, setup, vm};
+use crate::{fuzz, setup, stable_client, vm};
 
 #[derive(clap::Args, Debug)]
 pub struct TestOpts {
@@ -51,6 +51,11 @@ pub fn test(opts: &TestOpts) -> anyhow::Result<()> {
             "cargo xtask test needs root: the integration tests load BPF programs and create network namespaces"
         );
     }
+    // NB: first, before setup installs nightly's rust-src and bpf-linker: what a server
+    // author's machine has is enough for the client library.
+    timed("client library on stable Rust alone", || {
+        stable_client::check(&root)
+    })?;
     timed("setup", setup::setup)?;
     timed("test tools (Debian packages)", || {
         crate::packages::ensure("test", crate::packages::TEST_TOOLS)
@@ -111,18 +116,11 @@ pub fn test(opts: &TestOpts) -> anyhow::Result<()> {
     }
     let mut host = None;
     timed("integration tests (host kernel)", || {
-        setup::run(&mut cargo(
-            &root,
-            // NB: with the fault-injection points the crash tests use (test builds only).
-            &[
-                "build",
-                "-p",
-                "reuseport-agent",
-                "--bins",
-                "--features",
-                "fault-injection",
-            ],
-        ))?;
+        setup::run(
+            cargo(&root, &["build"])
+                .args(crate::BINARY_PACKAGES)
+                .args(crate::FAULT_INJECTION),
+        )?;
         let mut cmd = cargo(
             &root,
             &[

@@ -18,7 +18,7 @@ use nix::{
     sys::signal::{Signal, killpg},
     unistd::Pid,
 };
-use reuseport_agent::client::{self, RegisterOptions};
+use reuseport_client::{self as client, Register, RegisterOptions};
 
 use super::{Server, ServerKind, TestEnv, group, patience};
 
@@ -131,10 +131,11 @@ pub fn child_server_main() {
         .expect("tokio runtime");
     let opts = RegisterOptions {
         control,
-        group: group(port),
-        generation,
-        name: Some(format!("child-gen{generation}")),
-        activate,
+        request: Register {
+            name: Some(format!("child-gen{generation}")),
+            activate,
+            ..Register::new(group(port), generation)
+        },
         reconnect: true,
     };
     let (listener, registration) = rt

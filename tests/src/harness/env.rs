@@ -6,13 +6,10 @@ use std::{
     io,
     net::TcpListener,
     os::fd::AsFd,
-    os::unix::process::CommandExt as _,
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::{
-        Mutex, MutexGuard,
-        atomic::{AtomicU32, Ordering},
-    },
+    sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -20,13 +17,14 @@ use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
-use reuseport_agent::{
-    addr::GroupAddr,
-    client::{self, ClientError, ControlClient, RegisterOptions, Registration},
-    protocol::{ErrorKind, GroupStatus},
-};
+use reuseport_client::{self as client, ClientError, ControlClient, RegisterOptions, Registration};
+use reuseport_proto::{ErrorKind, GroupAddr, GroupStatus, Register};
 
 use super::{Server, ServerKind, group, local, namespaces::enter_private_namespaces};
+
+/// Where each test's agent pins its groups: the agent's default directory, in the test's own
+/// bpffs (see [`enter_private_namespaces`]).
+const AGENT_BPFFS_DIR: &str = "/sys/fs/bpf/reuseport";
 
 /// How long the agent may take to accept connections on its control socket (stretched in a
 /// VM guest, where loading one program took 9 s on 6.1 under TCG: an agent that restarts
@@ -37,8 +35,6 @@ const AGENT_EXIT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Lines of the agent's log printed when a test fails.
 const LOG_TAIL_LINES: usize = 200;
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// Held by every live [`TestEnv`]: tests run one at a time even if someone forgets
 /// `--test-threads=1` (see the crate doc for why they must).
@@ -129,7 +125,7 @@ pub fn bin_path(name: &str) -> PathBuf {
 /// with the mount namespace when its last process exits.
 pub struct TestEnv {
     name: &'static str,
-    dir: PathBuf,
+    dir: tempfile::TempDir,
     control: PathBuf,
     bpffs: PathBuf,
     log: PathBuf,
@@ -158,16 +154,18 @@ impl TestEnv {
         enter_private_namespaces()
             .unwrap_or_else(|e| panic!("{name}: entering private namespaces: {e}"));
 
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
         // NB: the control socket's path must fit in sun_path (108 bytes): the name is cut.
         let short: String = name.chars().take(40).collect();
-        let dir = std::env::temp_dir().join(format!("reuseport-test-{pid}-{n}-{short}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the test's temp dir");
-        let bpffs = PathBuf::from(reuseport_agent::DEFAULT_BPFFS_PATH);
-        let control = dir.join("agent.sock");
-        let log = dir.join("agent.log");
+        // NB: 0755 as a directory made by hand would be: the tests of non-root users reach the
+        // control socket and the binaries copied here (tempfile's default is 0700).
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("reuseport-test-{short}-"))
+            .permissions(std::fs::Permissions::from_mode(0o755))
+            .tempdir()
+            .expect("create the test's temp dir");
+        let control = dir.path().join("agent.sock");
+        let log = dir.path().join("agent.log");
+        let bpffs = PathBuf::from(AGENT_BPFFS_DIR);
 
         // NB: created after unshare, so its worker threads live in the test's namespace.
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -270,7 +268,7 @@ impl TestEnv {
 
     /// The test's temp dir (removed on drop).
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
 
     pub fn control_path(&self) -> &Path {
@@ -498,10 +496,11 @@ impl TestEnv {
     ) -> RegisterOptions {
         RegisterOptions {
             control: self.control.clone(),
-            group,
-            generation,
-            name: Some(format!("gen{generation}")),
-            activate,
+            request: Register {
+                name: Some(format!("gen{generation}")),
+                activate,
+                ..Register::new(group, generation)
+            },
             reconnect: true,
         }
     }
@@ -653,7 +652,8 @@ impl Drop for TestEnv {
                 tail(&self.agent_log(), LOG_TAIL_LINES)
             );
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // NB: now, before a panic below: the agent is gone, nothing writes here any more.
+        let _ = std::fs::remove_dir_all(self.dir.path());
         if let Some(problem) = problem
             && !failing
         {

@@ -8,6 +8,7 @@
 
 pub mod bpf_prog;
 mod child;
+pub mod control;
 mod edge_server;
 mod env;
 mod namespaces;
@@ -32,10 +33,7 @@ pub use server::{Server, ServerKind, accept_queue_len};
 pub use tools::{AbResult, ApacheBench, SsSocket, ss, tool_missing};
 pub use traffic::{ClientConn, Slow, Tally, parse_reply, request_once, slow_bound, tally};
 
-use reuseport_agent::{
-    addr::GroupAddr,
-    protocol::{GenerationStatus, GroupStatus},
-};
+use reuseport_proto::{GenerationStatus, GroupAddr, GroupStatus};
 
 /// Checks a failed CLI run: non-zero exit, exactly one line on stderr; returns that line.
 pub fn one_line_error(what: &str, out: &std::process::Output) -> String {

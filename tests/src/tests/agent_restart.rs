@@ -9,11 +9,9 @@ use std::{
 
 use std::os::fd::AsFd as _;
 
-use reuseport_agent::{
-    client::{self, ControlClient},
-    protocol::{DrainPhase, GenState, GroupStatus},
-};
+use reuseport_client::{self as client, ControlClient};
 use reuseport_common::{ABI_VERSION, ADOPTABLE_ABI, ProgramNames};
+use reuseport_proto::{DrainPhase, GenState, GroupStatus};
 
 use super::supervise::{Load, Supervisor};
 use crate::harness::{

@@ -8,9 +8,9 @@ use std::{
     time::Duration,
 };
 
-use reuseport_agent::{
-    frame::Conn,
-    protocol::{ErrorKind, MAX_FRAME, Op, PROTOCOL_VERSION, Reply, Request},
+use reuseport_proto::{
+    ErrorKind, MAX_FRAME, Op, PROTOCOL_VERSION, Register, Reply, Request,
+    frame::{self, Conn},
 };
 use socket2::{Domain, Socket, Type};
 
@@ -26,14 +26,14 @@ fn bad_protocol_input_gets_clear_errors_and_agent_keeps_serving() {
     still_serving(&env, "before any bad input");
 
     let register = |port: u16, generation: u32| {
-        serde_json::to_vec(&Request::new(Op::Register {
+        serde_json::to_vec(&Request::new(Op::Register(Register {
             group: group(port),
             generation,
             name: None,
             activate: false,
             supervised: false,
             server_pid: None,
-        }))
+        })))
         .expect("encode register")
     };
 
@@ -225,7 +225,7 @@ fn cli_errors_are_one_clear_line() {
         "status --json should succeed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let groups: Vec<reuseport_agent::protocol::GroupStatus> = serde_json::from_slice(&out.stdout)
+    let groups: Vec<reuseport_proto::GroupStatus> = serde_json::from_slice(&out.stdout)
         .expect("status --json should print a list of GroupStatus");
     assert_eq!(
         groups.len(),
@@ -255,10 +255,9 @@ fn still_serving(env: &TestEnv, after: &str) {
     );
 }
 
+/// `body` framed as it is: these tests send bodies that are not requests on purpose.
 fn frame(body: &[u8]) -> Vec<u8> {
-    let mut out = (body.len() as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(body);
-    out
+    frame::encode_body(body).expect("a body within the message limit")
 }
 
 /// Sends `bytes` (with `fd`) on a fresh control connection and checks the error reply;

@@ -245,7 +245,7 @@ fn an_agent_that_loses_the_bpffs_lock_leaves_the_winners_control_socket_alone() 
         loser.log()
     );
     let status = env.block_on(async {
-        let mut c = reuseport_agent::client::ControlClient::connect(env.control_path()).await?;
+        let mut c = reuseport_client::ControlClient::connect(env.control_path()).await?;
         c.status(None).await
     });
     let groups = status.unwrap_or_else(|e| {

@@ -4,7 +4,8 @@
 
 use std::{net::TcpListener, os::fd::AsFd as _};
 
-use reuseport_agent::{client, protocol::ErrorKind};
+use reuseport_client as client;
+use reuseport_proto::ErrorKind;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::harness::{ServerKind, TestEnv, group, local, tally};

@@ -15,7 +15,7 @@ use std::{
 };
 
 use nix::sys::signal::{SigHandler, Signal, signal};
-use reuseport_agent::protocol::DrainPhase;
+use reuseport_proto::DrainPhase;
 
 use super::supervise::{Load, Supervisor};
 use crate::harness::{

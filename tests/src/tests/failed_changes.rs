@@ -5,10 +5,8 @@
 
 use std::{os::fd::AsFd as _, time::Duration};
 
-use reuseport_agent::{
-    client,
-    protocol::{ErrorKind, GenState},
-};
+use reuseport_client as client;
+use reuseport_proto::{ErrorKind, GenState};
 
 use crate::harness::{ServerKind, TestEnv, generation_status, group, local, tally};
 
@@ -118,7 +116,7 @@ fn a_panic_in_the_agent_ends_it_and_a_restart_adopts_its_groups() {
     );
     let _g1 = env.serve(PORT, 1, ServerKind::Tokio, false);
     let answer = env.block_on(async {
-        let mut c = reuseport_agent::client::ControlClient::connect(env.control_path()).await?;
+        let mut c = reuseport_client::ControlClient::connect(env.control_path()).await?;
         c.status(None).await
     });
     println!("status while the agent panics: {answer:?}");

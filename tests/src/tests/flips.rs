@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use reuseport_agent::client::ControlClient;
+use reuseport_client::ControlClient;
 
 use crate::harness::{
     ServerKind, Tally, TestEnv, group, load_size, local, request_once, slow_bound,

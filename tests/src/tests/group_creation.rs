@@ -3,7 +3,7 @@
 
 use std::os::fd::AsFd as _;
 
-use reuseport_agent::client;
+use reuseport_client as client;
 
 use crate::harness::{Server, ServerKind, TestEnv, local, tally, wait_until};
 

@@ -3,7 +3,8 @@
 
 use std::net::{Ipv6Addr, SocketAddr};
 
-use reuseport_agent::{addr::GroupAddr, client, protocol::GroupStatus};
+use reuseport_client as client;
+use reuseport_proto::{GroupAddr, GroupStatus};
 
 use crate::harness::{
     NetNs, ServerKind, TestEnv, current_netns_inode, generation_status, local, skip, tally,

@@ -11,10 +11,8 @@ use std::{
 };
 
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-use reuseport_agent::{
-    addr::GroupAddr,
-    frame::Conn,
-    protocol::{ErrorKind, MAX_ERROR_LEN, Op, Reply, Request, RestartOutcome},
+use reuseport_proto::{
+    ErrorKind, GroupAddr, MAX_ERROR_LEN, Op, Register, Reply, Request, RestartOutcome, frame::Conn,
 };
 
 use crate::harness::{ServerKind, TestEnv, group, load_size, local, tally, wait_until};
@@ -89,14 +87,14 @@ fn register_supervised(env: &TestEnv, listener: &std::net::TcpListener, group: G
             .await
             .expect("connect to the agent");
         let mut conn = Conn::new(stream);
-        let op = Op::Register {
+        let op = Op::Register(Register {
             group,
             generation: 1,
             name: None,
             activate: false,
             supervised: true,
             server_pid: None,
-        };
+        });
         conn.send(&Request::new(op), Some(listener.as_fd()))
             .await
             .expect("send register");
@@ -199,8 +197,8 @@ fn only_a_groups_supervisor_reports_its_restarts_in_bounded_escaped_text() {
     let named = |name: &str| {
         env.block_on(async {
             let mut opts = env.register_options(PORT + 2, 1, false);
-            opts.name = Some(name.into());
-            reuseport_agent::client::register(listener.as_fd(), &opts)
+            opts.request.name = Some(name.into());
+            reuseport_client::register(listener.as_fd(), &opts)
                 .await
                 .map(drop)
         })

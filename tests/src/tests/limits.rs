@@ -6,11 +6,9 @@
 
 use std::{os::fd::AsFd as _, time::Duration};
 
-use reuseport_agent::{
-    client,
-    protocol::{ErrorKind, MAX_NAME_LEN},
-};
+use reuseport_client as client;
 use reuseport_common::MAX_SLOTS;
+use reuseport_proto::{ErrorKind, MAX_NAME_LEN};
 
 use crate::harness::{ServerKind, TestEnv, group, load_size, local, patience, tally, wait_until};
 
@@ -122,9 +120,9 @@ fn status_is_delivered_at_the_limits() {
     for generation in 1..=sockets {
         let listener = env.listen(BIG);
         let mut opts = env.register_options(BIG, generation, false);
-        opts.name = Some(format!("{generation:0>width$}", width = MAX_NAME_LEN));
+        opts.request.name = Some(format!("{generation:0>width$}", width = MAX_NAME_LEN));
         let registration = env
-            .block_on(reuseport_agent::client::register(
+            .block_on(reuseport_client::register(
                 std::os::fd::AsFd::as_fd(&listener),
                 &opts,
             ))
@@ -158,4 +156,44 @@ fn status_is_delivered_at_the_limits() {
     );
     let changed = env.activate(BIG, sockets);
     assert_eq!(changed.active, Some(sockets));
+}
+
+#[test]
+fn group_limit_is_a_clear_error() {
+    const PORT: u16 = 8501;
+    let env = TestEnv::with_agent("group_limit_is_a_clear_error", &["--max-groups", "1"], &[]);
+    let _g1 = env.serve(PORT, 1, ServerKind::Tokio, false);
+    let listener = env.listen(PORT + 1);
+    let Err(err) = env.block_on(reuseport_client::register(
+        std::os::fd::AsFd::as_fd(&listener),
+        &env.register_options(PORT + 1, 1, false),
+    )) else {
+        panic!("a second group beyond --max-groups 1 should be refused");
+    };
+    println!("second group: {err}");
+    assert_eq!(
+        err.agent_kind(),
+        Some(ErrorKind::Limit),
+        "exceeding the group limit should be a limit error: {err}"
+    );
+    assert!(
+        err.to_string().contains("--max-groups"),
+        "the message should say how to raise the limit: {err}"
+    );
+    let groups = env.statuses();
+    assert_eq!(
+        groups.len(),
+        1,
+        "no group should have been added: {groups:?}"
+    );
+    assert_eq!(
+        groups[0].limits.map(|l| l.groups),
+        Some(1),
+        "status should report the group limit"
+    );
+    assert_eq!(
+        env.status_of(group(PORT)).active,
+        Some(1),
+        "the existing group should be untouched"
+    );
 }

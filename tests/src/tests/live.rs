@@ -10,7 +10,8 @@ use std::{
     time::Duration,
 };
 
-use reuseport_agent::{addr::GroupAddr, client, protocol::GroupStatus};
+use reuseport_client as client;
+use reuseport_proto::{GroupAddr, GroupStatus};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::harness::{

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use reuseport_agent::client::Registration;
+use reuseport_client::Registration;
 use socket2::{Domain, Socket, Type};
 
 use crate::harness::{

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use reuseport_agent::addr::GroupAddr;
+use reuseport_proto::GroupAddr;
 
 use super::supervise::Supervisor;
 use crate::harness::{NetNs, TestEnv, current_netns_inode, local, wait_until};

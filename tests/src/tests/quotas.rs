@@ -15,11 +15,9 @@ use std::{
     time::Duration,
 };
 
-use reuseport_agent::{
-    addr::GroupAddr,
-    client::{self, ControlClient},
-    frame::Conn,
-    protocol::{ErrorKind, GroupStatus, Op, Reply, Request},
+use reuseport_client::{self as client, ControlClient};
+use reuseport_proto::{
+    ErrorKind, GroupAddr, GroupStatus, Op, Register, Reply, Request, frame::Conn,
 };
 
 use crate::harness::{ServerKind, TestEnv, group, load_size, local, wait_until};
@@ -100,14 +98,14 @@ fn register(
 async fn send_register(stream: UnixStream, listener: &TcpListener, group: GroupAddr) -> Conn {
     stream.set_nonblocking(true).expect("non-blocking");
     let conn = Conn::new(tokio::net::UnixStream::from_std(stream).expect("tokio stream"));
-    let op = Op::Register {
+    let op = Op::Register(Register {
         group,
         generation: 1,
         name: None,
         activate: false,
         supervised: false,
         server_pid: None,
-    };
+    });
     // NB: a connection the agent refused at once may be closed already: its refusal is
     // still there to read.
     let _ = conn.send(&Request::new(op), Some(listener.as_fd())).await;
@@ -245,25 +243,27 @@ fn users_filling_the_group_table_leave_room_for_root() {
     drop(held);
 }
 
-/// A file the agent waits for at its held fault point (see `fault::hold`).
-struct Release(PathBuf);
+/// A file the agent waits for at its held fault point (see `fault::hold`), in a directory
+/// of its own that goes with it.
+struct Release {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
 
 impl Release {
     fn new(test: &str) -> Self {
-        let path =
-            std::env::temp_dir().join(format!("reuseport-release-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        Self(path)
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("reuseport-release-{test}-"))
+            .tempdir()
+            .expect("create the release file's directory");
+        Self {
+            path: dir.path().join("release"),
+            _dir: dir,
+        }
     }
 
     fn now(&self) {
-        std::fs::write(&self.0, b"").expect("create the release file");
-    }
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        std::fs::write(&self.path, b"").expect("create the release file");
     }
 }
 
@@ -272,7 +272,7 @@ fn a_slow_group_creation_stalls_nobody_else() {
     const PORT: u16 = 9841;
     const BURST_PORT: u16 = 20000;
     let release = Release::new("a_slow_group_creation_stalls_nobody_else");
-    let release_path = release.0.to_string_lossy().into_owned();
+    let release_path = release.path.to_string_lossy().into_owned();
     // The second program load (the first is the group of port PORT) waits until released,
     // as a verifier run that takes minutes would.
     let env = TestEnv::with_agent(

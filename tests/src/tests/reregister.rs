@@ -8,10 +8,8 @@ use std::{
     process::{Command, Stdio},
 };
 
-use reuseport_agent::{
-    client::{self, ClientError, RegisterOptions, Registration},
-    protocol::{ErrorKind, GenState},
-};
+use reuseport_client::{self as client, ClientError, RegisterOptions, Registration};
+use reuseport_proto::{ErrorKind, GenState};
 
 use crate::harness::{
     Server, ServerKind, TestEnv, bin_path, generation_status, local, one_line_error, tally,
@@ -103,15 +101,10 @@ fn registering_again_gives_the_slot_back_only_to_its_own_generation() {
         "registering the socket again as another generation",
         "register it again as generation 1",
     );
-    let back = register(
-        &env,
-        &l1,
-        &RegisterOptions {
-            name: Some("renamed".into()),
-            ..once(&env, PORT, 1, true)
-        },
-    )
-    .expect("the socket should get its slot back as its own generation");
+    let mut renamed = once(&env, PORT, 1, true);
+    renamed.request.name = Some("renamed".into());
+    let back = register(&env, &l1, &renamed)
+        .expect("the socket should get its slot back as its own generation");
     assert_eq!(
         (back.slot(), *back.state().borrow()),
         (slot1, GenState::Draining),

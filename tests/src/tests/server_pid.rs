@@ -3,10 +3,7 @@
 
 use std::{net::TcpListener, os::fd::AsFd as _, process::Command};
 
-use reuseport_agent::{
-    frame::Conn,
-    protocol::{ErrorKind, Op, Reply, Request},
-};
+use reuseport_proto::{ErrorKind, Op, Register, Reply, Request, frame::Conn};
 
 use crate::harness::{TestEnv, group};
 
@@ -23,14 +20,14 @@ fn register_for(
             .await
             .expect("connect to the agent");
         let mut conn = Conn::new(stream);
-        let op = Op::Register {
+        let op = Op::Register(Register {
             group: group(port),
             generation: 1,
             name: None,
             activate: false,
             supervised: false,
             server_pid: Some(server_pid),
-        };
+        });
         conn.send(&Request::new(op), Some(listener.as_fd()))
             .await
             .expect("send register");

@@ -3,11 +3,9 @@
 
 use std::{net::TcpListener, os::fd::AsFd as _, time::Duration};
 
-use reuseport_agent::{
-    addr::GroupAddr,
-    client::ControlClient,
-    frame::Conn,
-    protocol::{ErrorKind, GenState, Op, Reply, Request, RestartOutcome},
+use reuseport_client::ControlClient;
+use reuseport_proto::{
+    ErrorKind, GenState, GroupAddr, Op, Register, Reply, Request, RestartOutcome, frame::Conn,
 };
 
 use crate::harness::{ServerKind, TestEnv, group, load_size, one_line_error};
@@ -23,14 +21,14 @@ fn register_supervised(env: &TestEnv, listener: &TcpListener, group: GroupAddr) 
             .await
             .expect("connect to the agent");
         let mut conn = Conn::new(stream);
-        let op = Op::Register {
+        let op = Op::Register(Register {
             group,
             generation: 1,
             name: None,
             activate: false,
             supervised: true,
             server_pid: None,
-        };
+        });
         conn.send(&Request::new(op), Some(listener.as_fd()))
             .await
             .expect("send register");

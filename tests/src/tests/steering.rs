@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use reuseport_agent::protocol::GenState;
+use reuseport_proto::GenState;
 
 use crate::harness::{ClientConn, ServerKind, TestEnv, generation_status, load_size, local, tally};
 

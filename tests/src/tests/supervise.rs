@@ -33,7 +33,7 @@ use nix::{
     unistd::Pid,
 };
 
-use reuseport_agent::protocol::RestartOutcome;
+use reuseport_proto::RestartOutcome;
 
 use crate::harness::{
     ServerKind, Tally, TestEnv, generation_status, local, patience, request_once, wait_until,
@@ -239,7 +239,7 @@ fn supervise_keeps_a_new_generation_standby_until_it_is_ready() {
         if let Some(g2) = status.generations.iter().find(|g| g.generation == 2) {
             assert_eq!(
                 (g2.state, g2.counters.selected + g2.counters.fallback),
-                (reuseport_agent::protocol::GenState::Standby, 0),
+                (reuseport_proto::GenState::Standby, 0),
                 "generation 2 should be standby and get no connection before it is ready: \
                  {status:?}"
             );

@@ -7,15 +7,14 @@
 
 use std::{
     net::{SocketAddr, TcpStream},
-    os::unix::net::UnixStream,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use super::{Machine, Percentiles, control_request};
-use crate::stack::{Stack, wait_for};
+use super::{Machine, Percentiles};
+use crate::stack::{Control, Stack, control_request, wait_for};
 
 #[derive(clap::Args, Debug)]
 pub struct LiveOpts {
@@ -63,7 +62,7 @@ pub fn live(stack: &Stack, o: &LiveOpts) -> anyhow::Result<()> {
         "bench live: {} sockets over {} generations, {} held connections each, {} status requests per variant; {} CPUs, kernel {}",
         o.sockets, o.generations, o.connections, o.requests, machine.cpus, machine.kernel
     );
-    let mut control = UnixStream::connect(&stack.control).context("connecting to the agent")?;
+    let mut control = Control::connect(&stack.control).context("connecting to the agent")?;
     let mut held: Vec<TcpStream> = Vec::new();
     let mut started = 0;
     for generation in 1..=o.generations {
@@ -146,7 +145,7 @@ pub fn live(stack: &Stack, o: &LiveOpts) -> anyhow::Result<()> {
 }
 
 /// The group's first answer in a `status` reply.
-fn the_group(control: &mut UnixStream, group: &str) -> anyhow::Result<serde_json::Value> {
+fn the_group(control: &mut Control, group: &str) -> anyhow::Result<serde_json::Value> {
     let v = control_request(
         control,
         &serde_json::json!({"v": 1, "op": "status", "group": group}),
@@ -159,7 +158,7 @@ fn the_group(control: &mut UnixStream, group: &str) -> anyhow::Result<serde_json
 }
 
 /// Sockets registered in the group.
-fn sockets(control: &mut UnixStream, group: &str) -> anyhow::Result<u32> {
+fn sockets(control: &mut Control, group: &str) -> anyhow::Result<u32> {
     let g = the_group(control, group)?;
     Ok(g["generations"]
         .as_array()
@@ -170,7 +169,7 @@ fn sockets(control: &mut UnixStream, group: &str) -> anyhow::Result<u32> {
 }
 
 /// Connections the group's generations hold, per the live figures.
-fn held_connections(control: &mut UnixStream, group: &str) -> anyhow::Result<u64> {
+fn held_connections(control: &mut Control, group: &str) -> anyhow::Result<u64> {
     let g = the_group(control, group)?;
     Ok(g["generations"]
         .as_array()

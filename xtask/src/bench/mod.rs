@@ -14,15 +14,11 @@ mod live;
 mod overhead;
 mod reference_prog;
 
-use std::{
-    io::{Read as _, Write as _},
-    os::unix::net::UnixStream,
-    path::PathBuf,
-};
+use std::path::PathBuf;
 
 use serde::Serialize;
 
-pub use flip::{Deployer, Mode, short_flip_check};
+pub use flip::short_flip_check;
 
 use crate::stack::Stack;
 
@@ -144,20 +140,4 @@ fn write_json(name: &str, report: &impl Serialize) -> anyhow::Result<PathBuf> {
     let path = dir.join(format!("{name}.json"));
     std::fs::write(&path, serde_json::to_vec_pretty(report)?)?;
     Ok(path)
-}
-
-/// One request over an open control connection and its answer (the framing of
-/// docs/protocol.md: a 4-byte big-endian length, then JSON).
-fn control_request(
-    control: &mut UnixStream,
-    request: &serde_json::Value,
-) -> anyhow::Result<serde_json::Value> {
-    let body = serde_json::to_vec(request)?;
-    control.write_all(&(body.len() as u32).to_be_bytes())?;
-    control.write_all(&body)?;
-    let mut len = [0u8; 4];
-    control.read_exact(&mut len)?;
-    let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
-    control.read_exact(&mut reply)?;
-    Ok(serde_json::from_slice(&reply)?)
 }

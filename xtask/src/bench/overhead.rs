@@ -18,7 +18,6 @@
 
 use std::{
     net::SocketAddr,
-    os::unix::net::UnixStream,
     path::Path,
     thread,
     time::{Duration, Instant},
@@ -28,12 +27,12 @@ use anyhow::{Context as _, bail};
 use serde::Serialize;
 
 use super::{
-    Machine, Percentiles, Spread, control_request,
+    Machine, Percentiles, Spread,
     reference_prog::{Loaded, Reference},
 };
 use crate::{
     load::{Load, Record},
-    stack::{Stack, wait_for},
+    stack::{Control, Stack, control_request, wait_for},
 };
 
 #[derive(clap::Args, Debug)]
@@ -272,7 +271,7 @@ struct Flips {
 /// Flips between generations 1 and 2 under recorded load (see the module doc).
 fn flip_latency(stack: &Stack, addr: SocketAddr, o: &OverheadOpts) -> anyhow::Result<Flips> {
     stack.start_generation(addr, 2, false)?;
-    let mut control = UnixStream::connect(&stack.control).context("connecting to the agent")?;
+    let mut control = Control::connect(&stack.control).context("connecting to the agent")?;
     let load = Load::start(addr, o.clients, true);
     let started = Instant::now();
     let mut flips: Vec<(Instant, u32)> = Vec::new();
@@ -332,7 +331,7 @@ fn bounds(flips: &[(Instant, u32)], records: &[Record]) -> (Vec<f64>, Vec<f64>) 
 }
 
 /// One `activate` over an open control connection (the protocol in docs/protocol.md).
-fn activate(control: &mut UnixStream, addr: SocketAddr, generation: u32) -> anyhow::Result<()> {
+fn activate(control: &mut Control, addr: SocketAddr, generation: u32) -> anyhow::Result<()> {
     let v = control_request(
         control,
         &serde_json::json!({

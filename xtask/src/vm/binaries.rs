@@ -10,7 +10,6 @@ use anyhow::{Context as _, anyhow, bail};
 
 use super::tools::MUSL_TARGET;
 
-const AGENT_PACKAGE: &str = "reuseport-agent";
 const TESTS_PACKAGE: &str = "reuseport-tests";
 const GNU_TARGET: &str = "x86_64-unknown-linux-gnu";
 
@@ -61,22 +60,21 @@ impl Target {
 }
 
 fn build_for(workspace: &Path, target: Target) -> anyhow::Result<GuestBinaries> {
-    let bins = cargo_artifacts(
-        workspace,
-        target,
-        // NB: with the fault-injection points the crash and upgrade tests use, as on the host.
-        &[
-            "build",
-            "--release",
-            "-p",
-            AGENT_PACKAGE,
-            "--bins",
-            "--features",
-            "fault-injection",
-        ],
-        |a| a.kind.iter().any(|k| k == "bin"),
-    )
-    .with_context(|| format!("building {AGENT_PACKAGE} for {}", target.triple()))?;
+    // NB: with the fault-injection points the crash and upgrade tests use, as on the host.
+    let build: Vec<&str> = ["build", "--release"]
+        .into_iter()
+        .chain(crate::BINARY_PACKAGES)
+        .chain(crate::FAULT_INJECTION)
+        .collect();
+    let bins = cargo_artifacts(workspace, target, &build, |a| {
+        a.kind.iter().any(|k| k == "bin")
+    })
+    .with_context(|| {
+        format!(
+            "building reuseport-agent and reuseportctl for {}",
+            target.triple()
+        )
+    })?;
     let tests = cargo_artifacts(
         workspace,
         target,

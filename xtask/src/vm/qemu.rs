@@ -205,11 +205,9 @@ mod tests {
         if eof {
             tx.send(Event::Eof).expect("receiver alive");
         }
-        let path = std::env::temp_dir().join(format!("xtask-vm-watch-{}", std::process::id()));
-        let mut log = File::create(&path).expect("temp log");
+        let mut log = tempfile::tempfile().expect("temp log");
         let console = watch(&rx, &mut log, Duration::from_millis(200)).expect("watch");
         drop(tx);
-        let _ = std::fs::remove_file(&path);
         console
     }
 

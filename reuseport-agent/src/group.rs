@@ -1,0 +1,566 @@
+//! One managed group: its model, its kernel objects and its slots, changed only through
+//! methods that keep its rules: a slot comes from the pool and goes back through the
+//! quarantine, the record is pinned before the table it describes, the table is published
+//! before a socket is attached, and a change that cannot be published is undone.
+
+mod status;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    io,
+    os::fd::{BorrowedFd, OwnedFd},
+};
+
+use reuseport_common::MAX_SLOTS;
+
+use crate::{
+    grace::Grace,
+    kernel::{self, GroupKernel},
+    pinned::{self, GroupRecord},
+    registry::{Generation, Member, Refusal, RegId, Registry, StateChange},
+    slots::SlotPool,
+    sockcheck::Listener,
+};
+use reuseport_proto::{
+    addr::{GroupAddr, GroupKey},
+    message::{DrainStep, ErrorKind, GenState, RestartOutcome},
+};
+
+pub(crate) struct Group {
+    key: GroupKey,
+    owner_uid: u32,
+    registry: Registry,
+    kernel: GroupKernel,
+    slots: SlotPool,
+    serial: u32,
+    /// The group's network namespace, for wake-ups. `None` for an adopted group until one
+    /// of its sockets registers again.
+    netns: Option<OwnedFd>,
+    /// ABI version written into the pinned record (the current one, except in tests that
+    /// simulate an older agent).
+    record_abi: u32,
+    /// Where the pinned record is encoded (see [`pinned::buffer`]).
+    record_buf: Box<reuseport_common::PinnedState>,
+    /// Registered slots whose listener was seen closed (edge detection for wake-ups).
+    closed: HashSet<u32>,
+    logger: Option<tokio::task::JoinHandle<()>>,
+    /// What its supervisor last reported about a restart (see `restart`).
+    last_restart: Option<RestartOutcome>,
+    /// The record and the kernel's table lag behind the registry: a removal (which cannot be
+    /// refused) failed to publish. Retried by [`Group::scan`] until it succeeds.
+    stale: bool,
+    /// The device its sockets are bound to (`SO_BINDTODEVICE`), `Some(None)` for none;
+    /// `None` while unknown (adopted from an agent that did not keep it).
+    device: Option<Option<String>>,
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Some(task) = self.logger.take() {
+            task.abort();
+        }
+    }
+}
+
+/// What a change may alter, kept to put it back if publishing the change fails.
+struct Snapshot {
+    generations: BTreeMap<u32, Generation>,
+    last_restart: Option<RestartOutcome>,
+}
+
+/// What [`Group::scan`] found.
+pub(crate) struct Scan {
+    /// A registered listener closed since the last scan.
+    pub(crate) newly_closed: bool,
+    /// Listening sockets of the active generation.
+    pub(crate) active_sockets: usize,
+}
+
+impl Group {
+    /// A new group on freshly loaded kernel objects. Its (empty) record is pinned at once,
+    /// before any socket is in its socket array: an agent that dies later always leaves a
+    /// record to adopt, never a group whose record is missing.
+    pub(crate) fn create(
+        first: &Listener,
+        mut kernel: GroupKernel,
+        record_abi: u32,
+    ) -> Result<Self, Refusal> {
+        let logger = kernel.start_logger();
+        let mut group = Self {
+            key: first.key,
+            owner_uid: first.uid,
+            registry: Registry::default(),
+            kernel,
+            slots: SlotPool::new(),
+            serial: 0,
+            netns: first.netns.try_clone().ok(),
+            record_abi,
+            record_buf: pinned::buffer(),
+            closed: HashSet::new(),
+            logger,
+            last_restart: None,
+            stale: false,
+            device: Some(first.device.clone()),
+        };
+        if let Err(e) = group.save_record() {
+            group.kernel.unpin();
+            return Err(e);
+        }
+        Ok(group)
+    }
+
+    /// A group adopted from `record`, whose sockets hold the `used` slots (see
+    /// [`SlotPool::adopted`]). The table is published again from the record, which completes
+    /// a flip the dead agent may have been killed in the middle of.
+    pub(crate) fn adopt(
+        record: GroupRecord,
+        mut kernel: GroupKernel,
+        netns: Option<OwnedFd>,
+        record_abi: u32,
+        grace: &Grace,
+    ) -> Result<Self, Refusal> {
+        let used: Vec<u32> = record
+            .registry
+            .generations
+            .values()
+            .flat_map(|g| g.sockets.keys().copied())
+            .collect();
+        let logger = kernel.start_logger();
+        let mut group = Self {
+            key: record.key(),
+            owner_uid: record.owner_uid,
+            registry: record.registry,
+            kernel,
+            slots: SlotPool::adopted(&used, grace.retire()),
+            serial: record.serial,
+            netns,
+            record_abi,
+            record_buf: pinned::buffer(),
+            closed: HashSet::new(),
+            logger,
+            last_restart: record.last_restart,
+            stale: false,
+            device: record.bound_device,
+        };
+        group.publish(grace)?;
+        Ok(group)
+    }
+
+    pub(crate) fn key(&self) -> GroupKey {
+        self.key
+    }
+
+    /// The uid that owns the group's sockets (see `access`).
+    pub(crate) fn owner_uid(&self) -> u32 {
+        self.owner_uid
+    }
+
+    pub(crate) fn active(&self) -> Option<u32> {
+        self.registry.active()
+    }
+
+    /// No socket is left: the group goes ([`Group::remove`]).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.registry.is_empty()
+    }
+
+    pub(crate) fn state_of(&self, generation: u32) -> Option<GenState> {
+        self.registry.generations.get(&generation).map(|g| g.state)
+    }
+
+    /// Each generation and its state, oldest first.
+    pub(crate) fn generation_states(&self) -> impl Iterator<Item = (u32, GenState)> + '_ {
+        self.registry.generations.iter().map(|(n, g)| (*n, g.state))
+    }
+
+    /// The registrations that hold sockets of `generation`.
+    pub(crate) fn registrations_of(&self, generation: u32) -> BTreeSet<RegId> {
+        self.registry
+            .generations
+            .get(&generation)
+            .map(|g| g.sockets.values().map(|m| m.reg).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every registration that holds a socket here: those of the active generation first,
+    /// then the newest generation's first.
+    pub(crate) fn registrations_active_first(&self) -> Vec<RegId> {
+        let mut gens: Vec<_> = self.registry.generations.iter().collect();
+        gens.sort_by_key(|(n, g)| (g.state == GenState::Active, **n));
+        gens.iter()
+            .rev()
+            .flat_map(|(_, g)| g.sockets.values().map(|m| m.reg))
+            .collect()
+    }
+
+    /// Where the socket with `cookie` is registered: its generation, slot and member.
+    pub(crate) fn find_socket(&self, cookie: u64) -> Option<(u32, u32, &Member)> {
+        self.registry.generations.iter().find_map(|(n, g)| {
+            g.sockets
+                .iter()
+                .find(|(_, m)| m.cookie == cookie)
+                .map(|(slot, m)| (*n, *slot, m))
+        })
+    }
+
+    /// Takes the network namespace of a socket that registered again, for a group adopted
+    /// without one.
+    pub(crate) fn learn_netns(&mut self, netns: &OwnedFd) {
+        if self.netns.is_none() {
+            self.netns = netns.try_clone().ok();
+        }
+    }
+
+    /// A descriptor of the group's network namespace (for wake-up connections); `None`
+    /// while an adopted group does not know it yet.
+    pub(crate) fn netns(&self) -> Option<io::Result<OwnedFd>> {
+        self.netns.as_ref().map(OwnedFd::try_clone)
+    }
+
+    /// Whether an adopted group kept the pinned program as it was.
+    pub(crate) fn program_reused(&self) -> bool {
+        self.kernel.program_reused()
+    }
+
+    /// The group has no socket left: its pins go. The program stays attached to the
+    /// kernel's reuseport group while any socket still uses it.
+    pub(crate) fn remove(self) {
+        self.kernel.unpin();
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            generations: self.registry.generations.clone(),
+            last_restart: self.last_restart.clone(),
+        }
+    }
+
+    /// Puts the group back as `snap` describes it and republishes that, so that the record
+    /// and the kernel show the old state again whatever step of the failed change had
+    /// already been written. If even that fails, the group is left [`Group::stale`].
+    fn undo(&mut self, snap: Snapshot, grace: &Grace) {
+        self.registry.generations = snap.generations;
+        self.last_restart = snap.last_restart;
+        if let Err(e) = self.publish(grace) {
+            self.stale = true;
+            tracing::error!(
+                group = %self.key, error = %e,
+                "restoring the group after a failed change failed too; retrying"
+            );
+        }
+    }
+
+    /// Applies `op` to the registry and publishes the result, all or nothing: on any
+    /// failure the registry, the record and the kernel's table are as before and the error
+    /// is returned.
+    pub(crate) fn change(
+        &mut self,
+        grace: &Grace,
+        op: impl FnOnce(&mut Registry) -> Result<Vec<StateChange>, Refusal>,
+    ) -> Result<Vec<StateChange>, Refusal> {
+        let snap = self.snapshot();
+        let changes = op(&mut self.registry)?;
+        if changes.is_empty() && !self.stale {
+            return Ok(changes);
+        }
+        if let Err(e) = self.publish(grace) {
+            self.undo(snap, grace);
+            return Err(e);
+        }
+        Ok(changes)
+    }
+
+    /// Adds `socket` to `generation` (see [`Registry::register`]) in a free slot, publishes
+    /// the table and attaches the program through the socket. All or nothing: on failure
+    /// the slot is free again (after a grace period) and nothing else changed.
+    pub(crate) fn add_socket(
+        &mut self,
+        grace: &Grace,
+        socket: BorrowedFd<'_>,
+        generation: u32,
+        name: Option<String>,
+        activate: bool,
+        member: Member,
+    ) -> Result<(u32, Vec<StateChange>), Refusal> {
+        let slot = self.slots.alloc(grace).ok_or_else(|| {
+            Refusal::new(
+                ErrorKind::Limit,
+                format!(
+                    "group {} is full: it already holds {MAX_SLOTS} sockets",
+                    self.key
+                ),
+            )
+        })?;
+        // NB: back through the quarantine, not straight to the free list: a failed attach
+        // happens after a table naming this slot was published.
+        let release = |group: &mut Self| {
+            let _ = group.kernel.clear_slot(slot);
+            group.slots.release(slot, grace.retire());
+        };
+        if let Err(e) = self
+            .kernel
+            .reset_counters(slot)
+            .and_then(|()| self.kernel.set_slot(slot, socket))
+        {
+            release(self);
+            return Err(kernel_refusal(e));
+        }
+        crate::fault::point("register.slot-set");
+        let snap = self.snapshot();
+        // NB: publish before attaching: a group that still runs an older program (or none)
+        // must switch straight to a table that knows this socket.
+        let changes = self
+            .registry
+            .register(generation, name, activate, slot, member);
+        if let Err(e) = self.publish(grace).and_then(|()| self.attach(socket)) {
+            self.undo(snap, grace);
+            release(self);
+            return Err(e);
+        }
+        Ok((slot, changes))
+    }
+
+    /// A socket the group already holds comes back on registration `reg` of process `pid`
+    /// (its client reconnected after an agent restart). All or nothing, like
+    /// [`Group::add_socket`]. Returns its generation and slot.
+    pub(crate) fn reclaim(
+        &mut self,
+        grace: &Grace,
+        socket: BorrowedFd<'_>,
+        cookie: u64,
+        reg: RegId,
+        pid: i32,
+    ) -> Result<(u32, u32), Refusal> {
+        let snap = self.snapshot();
+        let (generation, slot, member) = self
+            .registry
+            .find_cookie(cookie)
+            .expect("the caller checked the cookie");
+        member.reg = reg;
+        member.pid = pid;
+        // NB: attaching replaces an adopted group's program (possibly an older build) with
+        // this agent's, atomically for the kernel; the maps stay the same.
+        if let Err(e) = self.publish(grace).and_then(|()| self.attach(socket)) {
+            self.undo(snap, grace);
+            return Err(e);
+        }
+        Ok((generation, slot))
+    }
+
+    /// Records how the supervisor's last restart ended; all or nothing.
+    pub(crate) fn set_last_restart(&mut self, outcome: RestartOutcome) -> Result<(), Refusal> {
+        let previous = self.last_restart.replace(outcome);
+        if let Err(e) = self.save_record() {
+            self.last_restart = previous;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Records what a launcher did to a draining generation (see `drain_progress`); all or
+    /// nothing.
+    pub(crate) fn set_drain_step(
+        &mut self,
+        generation: u32,
+        step: DrainStep,
+    ) -> Result<(), Refusal> {
+        let previous = self
+            .registry
+            .generations
+            .get(&generation)
+            .and_then(|g| g.drain_step.clone());
+        self.registry.drain_step(generation, step)?;
+        if let Err(e) = self.save_record() {
+            if let Some(g) = self.registry.generations.get_mut(&generation) {
+                g.drain_step = previous;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn attach(&self, socket: BorrowedFd<'_>) -> Result<(), Refusal> {
+        crate::fault::fail("attach").map_err(|e| kernel_refusal(kernel::injected("attach", e)))?;
+        self.kernel.attach(socket).map_err(kernel_refusal)
+    }
+
+    /// Pins the group's record and makes the kernel follow the table for the registry as it
+    /// is now (see [`GroupKernel::publish`]).
+    fn publish(&mut self, grace: &Grace) -> Result<(), Refusal> {
+        self.serial = self.serial.wrapping_add(1);
+        let cfg = self.registry.steering_config(self.serial);
+        // NB: the record first: an agent killed anywhere in here leaves a record that is
+        // either the old state or the new one, and the agent that adopts the group
+        // republishes the table from the record.
+        self.save_record()?;
+        crate::fault::point(crate::fault::BETWEEN_RECORD_AND_TABLE);
+        crate::fault::fail("publish.table")
+            .map_err(|e| kernel_refusal(kernel::injected("writing the steering table", e)))?;
+        self.kernel.publish(&cfg, grace).map_err(kernel_refusal)?;
+        self.stale = false;
+        Ok(())
+    }
+
+    /// Takes the sockets of registration `reg` out of the group (see
+    /// [`Group::remove_slots`]); false if it had none here.
+    pub(crate) fn remove_registration(&mut self, reg: RegId, grace: &Grace) -> bool {
+        let mine: Vec<u32> = self
+            .registry
+            .generations
+            .values()
+            .flat_map(|g| g.sockets.iter().filter(|(_, m)| m.reg == reg))
+            .map(|(slot, _)| *slot)
+            .collect();
+        if mine.is_empty() {
+            return false;
+        }
+        self.remove_slots(&mine, grace);
+        true
+    }
+
+    /// Takes the sockets in `slots` out of the group: what they counted stays with their
+    /// generation (if it lives on), the table is republished, and the slots return to the
+    /// pool once no program invocation can still pick them.
+    ///
+    /// NB: a removal cannot be refused (the socket's registration or listener is gone): if
+    /// publishing fails, the group is left [`Group::stale`] and [`Group::scan`] publishes it
+    /// again until that succeeds. Until then the old table may still name the slots, whose
+    /// sockets the kernel stops selecting once they close.
+    fn remove_slots(&mut self, slots: &[u32], grace: &Grace) {
+        for g in self.registry.generations.values_mut() {
+            for slot in slots.iter().filter(|s| g.sockets.contains_key(s)) {
+                g.retired_counters.add(&self.kernel.counters(*slot));
+            }
+        }
+        let freed = self.registry.remove_slots(slots);
+        if let Err(e) = self.publish(grace) {
+            self.stale = true;
+            tracing::error!(group = %self.key, error = %e, "republishing after sockets left failed; retrying");
+        }
+        let ticket = grace.retire();
+        for slot in freed {
+            let _ = self.kernel.clear_slot(slot);
+            self.slots.release(slot, ticket);
+            self.closed.remove(&slot);
+        }
+    }
+
+    /// The periodic check of the group: publishes a [`Group::stale`] group again, drops
+    /// adopted sockets whose client never came back once their listener closed (no
+    /// connection close will ever unregister them), and reports listeners that closed.
+    pub(crate) fn scan(&mut self, registered: impl Fn(RegId) -> bool, grace: &Grace) -> Scan {
+        if self.stale
+            && let Err(e) = self.publish(grace)
+        {
+            tracing::debug!(group = %self.key, error = %e, "republishing a stale group failed again");
+        }
+        let orphans: Vec<u32> = self
+            .registry
+            .generations
+            .values()
+            .flat_map(|g| g.sockets.iter())
+            .filter(|(slot, m)| !registered(m.reg) && !self.listening(**slot, m))
+            .map(|(slot, _)| *slot)
+            .collect();
+        if !orphans.is_empty() {
+            self.remove_slots(&orphans, grace);
+            tracing::info!(group = %self.key, slots = ?orphans, "closed sockets that were not registered again left the group");
+        }
+        let mut scan = Scan {
+            newly_closed: false,
+            active_sockets: 0,
+        };
+        let mut closed = std::mem::take(&mut self.closed);
+        for g in self.registry.generations.values() {
+            for (slot, m) in &g.sockets {
+                if self.listening(*slot, m) {
+                    closed.remove(slot);
+                    scan.active_sockets += usize::from(g.state == GenState::Active);
+                } else {
+                    scan.newly_closed |= closed.insert(*slot);
+                }
+            }
+        }
+        self.closed = closed;
+        scan
+    }
+
+    /// Pins the record alone (for what the kernel program does not read).
+    fn save_record(&mut self) -> Result<(), Refusal> {
+        if self.record_abi < reuseport_common::FIRST_ABI_WITH_RECORD {
+            // An agent asked to write as ABI 1 (tests) pins no record at all, as ABI 1 did.
+            self.kernel.remove_record_pin();
+            return Ok(());
+        }
+        pinned::encode(&self.record(), self.record_abi, &mut self.record_buf)?;
+        crate::fault::fail("publish.record")
+            .map_err(|e| kernel_refusal(kernel::injected("writing the pinned group record", e)))?;
+        self.kernel
+            .write_record(&self.record_buf)
+            .map_err(kernel_refusal)
+    }
+
+    fn record(&self) -> GroupRecord {
+        GroupRecord {
+            addr: self.key.addr,
+            netns: self.key.netns,
+            owner_uid: self.owner_uid,
+            serial: self.serial,
+            program: crate::fault::recorded_program_id(self.kernel.program_id()),
+            // NB: a clone per publish (at most MAX_SLOTS members): simpler than a borrowing
+            // twin of the record type, and publishes are not a hot path.
+            registry: Registry {
+                generations: self.registry.generations.clone(),
+            },
+            last_restart: self.last_restart.clone(),
+            bound_device: self.device.clone(),
+        }
+    }
+
+    /// Refuses a socket bound to another device than the group's (`SO_BINDTODEVICE`): the
+    /// kernel keeps it in a reuseport group of its own, which this group's program never
+    /// steers, so the agent would show as one group what the kernel treats as two. A group
+    /// whose device is unknown takes the socket's.
+    pub(crate) fn admit_device(&mut self, listener: &Listener) -> Result<(), Refusal> {
+        let Some(ours) = &self.device else {
+            self.device = Some(listener.device.clone());
+            return Ok(());
+        };
+        if *ours == listener.device {
+            return Ok(());
+        }
+        let name = |d: &Option<String>| match d {
+            Some(d) => format!("device {d:?}"),
+            None => "no device".to_owned(),
+        };
+        Err(Refusal::new(
+            ErrorKind::InvalidSocket,
+            format!(
+                "the socket is bound to {} (SO_BINDTODEVICE) and the sockets of {} to {}: the \
+                 kernel keeps them in separate reuseport groups; bind every socket of a group \
+                 to the same device, or to none",
+                name(&listener.device),
+                self.key,
+                name(ours)
+            ),
+        ))
+    }
+
+    pub(crate) fn listening(&self, slot: u32, m: &Member) -> bool {
+        self.kernel.slot_cookie(slot) == Some(m.cookie)
+    }
+
+    /// The address users see: without `@NETNS` when the group lives in the agent's own
+    /// network namespace (the common case), with it otherwise.
+    pub(crate) fn addr(&self, own_netns: u64) -> GroupAddr {
+        GroupAddr {
+            addr: self.key.addr,
+            netns: (self.key.netns != own_netns).then_some(self.key.netns),
+        }
+    }
+}
+
+pub(crate) fn kernel_refusal(e: kernel::KernelError) -> Refusal {
+    // NB: the error's Display already ends with its source; no cause chain to append.
+    Refusal::new(ErrorKind::Kernel, e.to_string())
+}

@@ -1,0 +1,540 @@
+//! The kernel side of one group: the loaded program, its maps, their pins, and the two
+//! writes that change steering (a slot, and a published [`SteeringConfig`]).
+
+use std::{
+    fs, io,
+    os::fd::{AsFd, BorrowedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, Map, MapData, PerCpuArray, PerCpuValues},
+    programs::{SkReuseport, SkReuseportAttachType},
+    util::nr_cpus,
+};
+use reuseport_common::{
+    ADOPTABLE_ABI, CONFIG_BUFFERS, COUNTER_ENTRIES, GROUP_COUNTER_INDEX, MAX_SLOTS, MapNames,
+    PinnedState, ProgramNames, STATE_MAGIC, SlotCounters, StateHeader, SteeringConfig,
+};
+
+use super::{
+    grace::{Grace, Ticket},
+    sys,
+};
+
+/// The object built from `reuseport-ebpf` by this crate's build script.
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reuseport"));
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE` (5.14+): the program also places the queued
+    /// connections of a closing listener.
+    SelectOrMigrate,
+    /// `BPF_SK_REUSEPORT_SELECT` (4.19+): new connections only.
+    SelectOnly,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SelectOrMigrate => "select-or-migrate",
+            Self::SelectOnly => "select-only",
+        }
+    }
+
+    fn attach_type(self) -> SkReuseportAttachType {
+        match self {
+            Self::SelectOrMigrate => SkReuseportAttachType::SelectOrMigrate,
+            Self::SelectOnly => SkReuseportAttachType::Select,
+        }
+    }
+
+    fn program(self) -> &'static str {
+        match self {
+            Self::SelectOrMigrate => ProgramNames::SELECT_OR_MIGRATE,
+            Self::SelectOnly => ProgramNames::SELECT,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("loading the reuseport program ({mode}): {source}")]
+    Load {
+        mode: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{what}: {source}")]
+    Kernel {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn kernel(what: impl Into<String>) -> impl FnOnce(io::Error) -> KernelError {
+    let what = what.into();
+    move |source| KernelError::Kernel { what, source }
+}
+
+/// A failure [`super::fault::fail`] injected at `what`, as the kernel's own would read.
+pub fn injected(what: &str, source: io::Error) -> KernelError {
+    KernelError::Kernel {
+        what: what.into(),
+        source,
+    }
+}
+
+fn load_err(mode: Mode) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> KernelError {
+    move |source| KernelError::Load {
+        mode: mode.as_str(),
+        source,
+    }
+}
+
+/// Every map of a group, each pinned in the group's directory under its own name.
+const PINNED_MAPS: [&str; 5] = [
+    MapNames::SOCKETS,
+    MapNames::CONFIG,
+    MapNames::CURRENT,
+    MapNames::COUNTERS,
+    MapNames::STATE,
+];
+
+/// Loads the object and the program for `mode`. With `pin_dir`, every map is taken from
+/// its pin there, or created and pinned there if it has none yet; without, nothing is
+/// pinned (mode detection).
+fn load(mode: Mode, pin_dir: Option<&Path>) -> Result<Ebpf, KernelError> {
+    let mut loader = EbpfLoader::new();
+    if let Some(dir) = pin_dir {
+        for name in PINNED_MAPS {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    let mut ebpf = loader.load(PROGRAM).map_err(|e| load_err(mode)(e.into()))?;
+    let prog: &mut SkReuseport = ebpf
+        .program_mut(mode.program())
+        .ok_or_else(|| load_err(mode)(format!("program {} missing", mode.program()).into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| load_err(mode)(e.into()))?;
+    prog.load().map_err(|e| load_err(mode)(e.into()))?;
+    Ok(ebpf)
+}
+
+/// Identifies the program this agent build loads in `mode`: an adopted group whose pinned
+/// program has the same id is reused as it is (no new load: verification takes seconds on
+/// some kernels), any other is replaced.
+pub fn program_id(mode: Mode) -> String {
+    // NB: computed once: hashing the whole object took ~50 µs, on every flip.
+    static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let hash = HASH.get_or_init(|| {
+        use std::hash::{DefaultHasher, Hash as _, Hasher as _};
+        let mut h = DefaultHasher::new();
+        PROGRAM.hash(&mut h);
+        h.finish()
+    });
+    format!("{}-{hash:016x}", mode.as_str())
+}
+
+/// What a group directory in bpffs holds.
+pub enum PinnedRecord {
+    /// A record this agent can adopt.
+    Adoptable(Box<PinnedState>),
+    /// Pinned by an agent of an ABI version this one cannot adopt.
+    Incompatible { abi_version: u32 },
+    /// No record at all (pinned by a version 1 agent) or not one of ours.
+    Missing,
+    /// Our `STATE` map, never written: an agent died while creating the group, before its
+    /// first publish. Nothing was attached yet, so there is nothing to adopt.
+    Unwritten,
+}
+
+/// Reads the `STATE` record pinned in `pin_dir` without touching anything else.
+pub fn read_pinned(pin_dir: &Path) -> PinnedRecord {
+    let Ok(data) = MapData::from_pin(pin_dir.join(MapNames::STATE)) else {
+        return PinnedRecord::Missing;
+    };
+    let Ok(state) = Array::<_, PinnedState>::try_from(Map::Array(data)) else {
+        return PinnedRecord::Missing;
+    };
+    let Ok(record) = state.get(&0, 0) else {
+        return PinnedRecord::Missing;
+    };
+    if record.header == StateHeader::default() {
+        PinnedRecord::Unwritten
+    } else if record.header.magic != STATE_MAGIC {
+        PinnedRecord::Missing
+    } else if ADOPTABLE_ABI.contains(&record.header.abi_version) {
+        PinnedRecord::Adoptable(Box::new(record))
+    } else {
+        PinnedRecord::Incompatible {
+            abi_version: record.header.abi_version,
+        }
+    }
+}
+
+/// Whether any slot of the sockarray pinned in `pin_dir` still holds a socket.
+pub fn pinned_sockets_live(pin_dir: &Path) -> bool {
+    let Ok(data) = MapData::from_pin(pin_dir.join(MapNames::SOCKETS)) else {
+        return false;
+    };
+    (0..MAX_SLOTS).any(|slot| matches!(sys::sockarray_cookie(data.fd().as_fd(), slot), Ok(Some(_))))
+}
+
+/// Picks the best mode this kernel supports (or select-only if forced). Fails with a
+/// message naming the kernel requirement when not even select-only loads.
+pub fn detect_mode(force_select_only: bool) -> anyhow::Result<Mode> {
+    if !force_select_only {
+        match load(Mode::SelectOrMigrate, None) {
+            Ok(_) => return Ok(Mode::SelectOrMigrate),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "select-or-migrate is not available (needs Linux 5.14+): falling back to \
+                 select-only; queued connections of a closing listener are then not steered \
+                 (old generations must keep accepting until they have drained)"
+            ),
+        }
+    }
+    load(Mode::SelectOnly, None)
+        .map(|_| Mode::SelectOnly)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{e}: reuseport needs Linux 4.19+ with BPF (REUSEPORT_SOCKARRAY, SK_REUSEPORT \
+             programs) and CAP_BPF/CAP_NET_ADMIN (kernel here: {})",
+                kernel_release()
+            )
+        })
+}
+
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// One group's program and maps.
+pub struct GroupKernel {
+    /// The loaded object, unless the program was taken from its pin as it is.
+    ebpf: Option<Ebpf>,
+    /// The program taken from its pin (see [`program_id`]).
+    pinned_program: Option<SkReuseport>,
+    sockets: MapData,
+    config: Array<MapData, SteeringConfig>,
+    current: Array<MapData, u32>,
+    counters: PerCpuArray<MapData, SlotCounters>,
+    state: Array<MapData, PinnedState>,
+    mode: Mode,
+    pin_dir: PathBuf,
+    /// Buffer the program reads now.
+    live: u32,
+    /// For each buffer that was live once: when it stopped being live.
+    retired: [Option<Ticket>; CONFIG_BUFFERS as usize],
+}
+
+impl GroupKernel {
+    /// Loads a fresh program and maps for a group and pins them in `pin_dir` (replacing
+    /// stale pins a previous agent left there).
+    pub fn create(mode: Mode, pin_dir: &Path) -> Result<Self, KernelError> {
+        remove_pins(pin_dir);
+        Self::open(mode, pin_dir, None)
+    }
+
+    /// Takes over the maps pinned in `pin_dir` by an earlier agent. If the pinned program is
+    /// the one this build would load (`pinned_program_id`), it is reused from its pin;
+    /// otherwise a fresh program is loaded on the same maps, and the kernel keeps running
+    /// the old one until [`GroupKernel::attach`].
+    ///
+    /// NB: the crashed agent may have retired buffers less than a grace period ago, so
+    /// every buffer starts out retired "now".
+    pub fn adopt(
+        mode: Mode,
+        pin_dir: &Path,
+        pinned_program_id: &str,
+        grace: &Grace,
+    ) -> Result<Self, KernelError> {
+        let retired = Some(grace.retire());
+        if pinned_program_id == program_id(mode) {
+            match Self::from_pins(mode, pin_dir, retired) {
+                Ok(k) => return Ok(k),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reusing the pinned program failed; loading it again")
+                }
+            }
+        }
+        Self::open(mode, pin_dir, retired)
+    }
+
+    /// Everything from its pin, nothing loaded.
+    fn from_pins(mode: Mode, pin_dir: &Path, retired: Option<Ticket>) -> Result<Self, KernelError> {
+        let map = |name: &'static str| {
+            MapData::from_pin(pin_dir.join(name)).map_err(|e| KernelError::Kernel {
+                what: format!("opening the pinned map {name}"),
+                source: io::Error::other(e),
+            })
+        };
+        let typed = |name: &'static str| {
+            move |e: aya::maps::MapError| KernelError::Kernel {
+                what: format!("pinned map {name}"),
+                source: io::Error::other(e),
+            }
+        };
+        let current: Array<MapData, u32> =
+            Array::try_from(Map::Array(map(MapNames::CURRENT)?)).map_err(typed("CURRENT"))?;
+        let program = SkReuseport::from_pin(pin_dir.join(mode.program()), mode.attach_type())
+            .map_err(|e| KernelError::Kernel {
+                what: format!("opening the pinned program {}", mode.program()),
+                source: io::Error::other(e),
+            })?;
+        Ok(Self {
+            ebpf: None,
+            pinned_program: Some(program),
+            sockets: map(MapNames::SOCKETS)?,
+            config: Array::try_from(Map::Array(map(MapNames::CONFIG)?)).map_err(typed("CONFIG"))?,
+            live: current.get(&0, 0).unwrap_or(0) % CONFIG_BUFFERS,
+            current,
+            counters: PerCpuArray::try_from(Map::PerCpuArray(map(MapNames::COUNTERS)?))
+                .map_err(typed("COUNTERS"))?,
+            state: Array::try_from(Map::Array(map(MapNames::STATE)?)).map_err(typed("STATE"))?,
+            mode,
+            pin_dir: pin_dir.to_owned(),
+            retired: [retired; CONFIG_BUFFERS as usize],
+        })
+    }
+
+    fn open(mode: Mode, pin_dir: &Path, retired: Option<Ticket>) -> Result<Self, KernelError> {
+        fs::create_dir_all(pin_dir).map_err(kernel(format!("creating {}", pin_dir.display())))?;
+        let mut ebpf = load(mode, Some(pin_dir))?;
+        let mut take = |name: &str| {
+            ebpf.take_map(name).ok_or_else(|| KernelError::Kernel {
+                what: format!("map {name} missing from the program object"),
+                source: io::ErrorKind::NotFound.into(),
+            })
+        };
+        let sockets = match take(MapNames::SOCKETS)? {
+            Map::ReusePortSockArray(data) => data,
+            other => {
+                return Err(KernelError::Kernel {
+                    what: format!("map SOCKETS has an unexpected type: {other:?}"),
+                    source: io::ErrorKind::InvalidData.into(),
+                });
+            }
+        };
+        let map_err = |name: &'static str| {
+            move |e: aya::maps::MapError| KernelError::Kernel {
+                what: format!("map {name}"),
+                source: io::Error::other(e),
+            }
+        };
+        let config = Array::try_from(take(MapNames::CONFIG)?).map_err(map_err("CONFIG"))?;
+        let current = Array::try_from(take(MapNames::CURRENT)?).map_err(map_err("CURRENT"))?;
+        let counters =
+            PerCpuArray::try_from(take(MapNames::COUNTERS)?).map_err(map_err("COUNTERS"))?;
+        let state = Array::try_from(take(MapNames::STATE)?).map_err(map_err("STATE"))?;
+        let name = mode.program();
+        let prog: &mut SkReuseport = ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .expect("program was loaded by load()");
+        // The pin only keeps the program findable; an adopted group's old program stays
+        // attached (and alive) until the next attach replaces it.
+        let prog_pin = pin_dir.join(name);
+        let _ = fs::remove_file(&prog_pin);
+        prog.pin(&prog_pin).map_err(|e| KernelError::Kernel {
+            what: format!("pinning {name} in {}", pin_dir.display()),
+            source: io::Error::other(e),
+        })?;
+        let live = current.get(&0, 0).unwrap_or(0) % CONFIG_BUFFERS;
+        Ok(Self {
+            ebpf: Some(ebpf),
+            pinned_program: None,
+            sockets,
+            config,
+            current,
+            counters,
+            state,
+            mode,
+            pin_dir: pin_dir.to_owned(),
+            live,
+            retired: [retired; CONFIG_BUFFERS as usize],
+        })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Whether the program was taken from its pin as it was (see [`GroupKernel::adopt`]).
+    pub fn program_reused(&self) -> bool {
+        self.pinned_program.is_some()
+    }
+
+    /// [`program_id`] of this agent's program, which a publish records.
+    pub fn program_id(&self) -> String {
+        program_id(self.mode)
+    }
+
+    /// Removes the pins (the program stays attached to the kernel group while sockets use it).
+    pub fn unpin(&self) {
+        remove_pins(&self.pin_dir);
+    }
+
+    /// Attaches the program to the kernel's reuseport group that `socket` belongs to.
+    /// Idempotent: attaching again replaces the group's program with the same one.
+    pub fn attach(&self, socket: BorrowedFd<'_>) -> Result<(), KernelError> {
+        let prog: &SkReuseport = match (&self.pinned_program, &self.ebpf) {
+            (Some(p), _) => p,
+            (None, Some(ebpf)) => ebpf
+                .program(self.mode.program())
+                .and_then(|p| p.try_into().ok())
+                .expect("program was loaded in open()"),
+            (None, None) => unreachable!("a group kernel has a program"),
+        };
+        prog.attach(socket).map_err(|e| KernelError::Kernel {
+            what:
+                "attaching the program to the socket's reuseport group (SO_ATTACH_REUSEPORT_EBPF)"
+                    .into(),
+            source: io::Error::other(e),
+        })
+    }
+
+    fn sockets_fd(&self) -> BorrowedFd<'_> {
+        self.sockets.fd().as_fd()
+    }
+
+    pub fn set_slot(&self, slot: u32, socket: BorrowedFd<'_>) -> Result<(), KernelError> {
+        sys::sockarray_set(self.sockets_fd(), slot, socket).map_err(kernel(format!(
+            "adding the socket to the sockarray at slot {slot}"
+        )))
+    }
+
+    pub fn clear_slot(&self, slot: u32) -> Result<(), KernelError> {
+        sys::sockarray_clear(self.sockets_fd(), slot)
+            .map_err(kernel(format!("clearing sockarray slot {slot}")))
+    }
+
+    /// Cookie of the socket in `slot`, `None` once that socket closed.
+    pub fn slot_cookie(&self, slot: u32) -> Option<u64> {
+        sys::sockarray_cookie(self.sockets_fd(), slot)
+            .ok()
+            .flatten()
+    }
+
+    /// Makes `cfg` the table the program follows, atomically: it is written into a buffer no
+    /// program invocation can be reading (waiting for an RCU grace period only if every
+    /// buffer retired too recently), then the 4-byte `CURRENT` word switches to it.
+    pub fn publish(&mut self, cfg: &SteeringConfig, grace: &Grace) -> Result<(), KernelError> {
+        let next = (self.live + 1) % CONFIG_BUFFERS;
+        if let Some(t) = self.retired[next as usize] {
+            grace.wait(t);
+        }
+        self.config
+            .set(next, cfg, 0)
+            .map_err(|e| KernelError::Kernel {
+                what: format!("writing steering table {next}"),
+                source: io::Error::other(e),
+            })?;
+        // NB: buffer indices are < 256, so consecutive values differ only in their low byte:
+        // even a byte-wise copy in the kernel's map update cannot expose a torn index.
+        self.current
+            .set(0, next, 0)
+            .map_err(|e| KernelError::Kernel {
+                what: "switching the live steering table".into(),
+                source: io::Error::other(e),
+            })?;
+        self.retired[self.live as usize] = Some(grace.retire());
+        self.live = next;
+        Ok(())
+    }
+
+    /// Pins `record`, the agent's description of the group (see the `pinned` module).
+    pub fn write_record(&mut self, record: &PinnedState) -> Result<(), KernelError> {
+        self.state
+            .set(0, record, 0)
+            .map_err(|e| KernelError::Kernel {
+                what: "writing the pinned group record".into(),
+                source: io::Error::other(e),
+            })
+    }
+
+    /// Unpins the record map (the map itself lives on while the agent holds it).
+    pub fn remove_record_pin(&self) {
+        let _ = fs::remove_file(self.pin_dir.join(MapNames::STATE));
+    }
+
+    /// Counters of `slot` summed over CPUs.
+    pub fn counters(&self, slot: u32) -> SlotCounters {
+        let mut total = SlotCounters::default();
+        if let Ok(values) = self.counters.get(&slot, 0) {
+            for v in values.iter() {
+                total.add(v);
+            }
+        }
+        total
+    }
+
+    pub fn group_counters(&self) -> SlotCounters {
+        self.counters(GROUP_COUNTER_INDEX)
+    }
+
+    /// Zeroes a slot's counters before the slot is handed to another socket.
+    pub fn reset_counters(&mut self, slot: u32) -> Result<(), KernelError> {
+        debug_assert!(slot < COUNTER_ENTRIES);
+        let n = nr_cpus().map_err(|(what, e)| KernelError::Kernel {
+            what: what.into(),
+            source: e,
+        })?;
+        let zeros = PerCpuValues::try_from(vec![SlotCounters::default(); n])
+            .expect("one value per possible CPU");
+        self.counters
+            .set(slot, zeros, 0)
+            .map_err(|e| KernelError::Kernel {
+                what: format!("resetting counters of slot {slot}"),
+                source: io::Error::other(e),
+            })
+    }
+
+    /// Forwards the program's rare-event messages (aya-log) to the agent's log, on a task
+    /// that the caller aborts when the group goes.
+    pub fn start_logger(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        // NB: a program reused from its pin logs into a ring buffer of the dead agent's
+        // object that nobody reads any more: its rare-event lines are lost.
+        let logger = aya_log::EbpfLogger::init(self.ebpf.as_mut()?)
+            .inspect_err(|e| tracing::debug!(error = %e, "program logger unavailable"))
+            .ok()?;
+        spawn_logger(logger)
+    }
+}
+
+pub use super::bpffs::remove_pins;
+
+/// Forwards the program's rare-event log lines (aya-log) while the group lives.
+fn spawn_logger(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let handle = tokio::runtime::Handle::try_current().ok()?;
+    let _entered = handle.enter();
+    // SAFETY: the logger owns its ring buffer descriptor and keeps it open until dropped,
+    // which happens only with the AsyncFd.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::debug!(error = %e, "program logger unavailable");
+            return None;
+        }
+    };
+    Some(handle.spawn(async move {
+        let mut fd = fd;
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
+}

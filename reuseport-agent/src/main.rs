@@ -1,0 +1,169 @@
+//! `reuseport-agent`: the daemon that steers SO_REUSEPORT groups (see the README). It owns
+//! the kernel program of every group it manages and answers the control protocol.
+//!
+//! - [`agent`]: the state, and the requests that look groups up and change them.
+//! - [`group`]: one managed group; it keeps its own rules (slots from [`slots`], record
+//!   before table, table before attach, undo on failure); [`registry`]: its generations,
+//!   states and slots, and the table the program follows.
+//! - [`kernel`]: a group's program and maps, their pins, and the atomic table flip;
+//!   [`grace`]: RCU grace periods before a retired table or slot is reused; [`sys`]: the
+//!   sockarray syscalls aya does not wrap; [`bpffs`]: the bpffs directory and its lock.
+//! - [`pinned`]: the record pinned with a group's maps; [`adopt`]: taking over pinned
+//!   groups at start.
+//! - [`register`]: a socket joins its group; [`creation`]: a new group's turn to load;
+//!   [`lineage`]: which pid a launcher may name as its server; [`sockcheck`]: what a
+//!   registered socket must be.
+//! - [`scan`]: the periodic scan for closed listeners; [`wake`]: the wake-ups it hands out
+//!   for connections migrated to a listener without a wake-up.
+//! - [`restart`]: `restart` requests relayed to a group's supervisor and back; [`drain`]:
+//!   what launchers report of a drain.
+//! - [`server`]: the control socket's connections; [`admission`]: their bounds (count,
+//!   time, size); [`quota`]: how much of the agent one user may take, and root's reserve;
+//!   [`mailbox`]: what is pushed to a connection, bounded however slowly it reads;
+//!   [`access`]: who may do what; [`control_socket`]: the socket's file.
+//! - [`live`]: live figures for `status` from the kernel ([`diag`]: sock_diag, [`owners`]:
+//!   which process holds which connection).
+//! - [`fault`]: fault-injection points for the tests (a feature of test builds).
+
+mod access;
+mod admission;
+mod adopt;
+mod agent;
+mod bpffs;
+mod control_socket;
+mod creation;
+mod diag;
+mod drain;
+mod fault;
+mod grace;
+mod group;
+mod kernel;
+mod lineage;
+mod live;
+mod mailbox;
+mod owners;
+mod pinned;
+mod quota;
+mod register;
+mod registry;
+mod restart;
+mod scan;
+mod server;
+mod slots;
+mod sockcheck;
+mod sys;
+mod wake;
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use reuseport_proto::DEFAULT_CONTROL_PATH;
+
+/// Default bpffs directory where the agent pins each group's program and maps.
+const DEFAULT_BPFFS_PATH: &str = "/sys/fs/bpf/reuseport";
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Steers new connections of SO_REUSEPORT groups to the active generation"
+)]
+struct Cli {
+    /// Control socket path.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_PATH, env = "REUSEPORT_CONTROL")]
+    control: PathBuf,
+    /// bpffs directory for the pinned programs and maps (bpffs is mounted if needed).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_BPFFS_PATH)]
+    bpffs: PathBuf,
+    /// Use the select-only program even where select-or-migrate is available (testing the
+    /// 4.19–5.13 code path).
+    #[arg(long, env = "REUSEPORT_SELECT_ONLY", value_parser = clap::builder::FalseyValueParser::new())]
+    select_only: bool,
+    /// Do not make wake-up connections after a listener closes (tests use this to see what
+    /// the kernel does by itself with migrated connections).
+    #[arg(long, hide = true, env = "REUSEPORT_NO_WAKE_UPS", value_parser = clap::builder::FalseyValueParser::new())]
+    no_wake_ups: bool,
+    /// ABI version written into pinned group records (tests simulate an older agent with it;
+    /// 1 pins no record at all, as agents of ABI 1 did).
+    #[arg(long, hide = true, env = "REUSEPORT_TEST_PIN_ABI", default_value_t = reuseport_common::ABI_VERSION)]
+    pin_abi_version: u32,
+    /// Group (name or numeric gid) that owns the control socket; its members may activate and
+    /// drain every group. Without it, only root and each group's owner may.
+    #[arg(long, value_name = "GROUP", env = "REUSEPORT_CONTROL_GROUP")]
+    control_group: Option<String>,
+    /// Most groups this agent manages; registering a socket for one more is refused.
+    #[arg(long, value_name = "N", default_value_t = agent::DEFAULT_MAX_GROUPS,
+          value_parser = clap::value_parser!(u32).range(1..), env = "REUSEPORT_MAX_GROUPS")]
+    max_groups: u32,
+    /// Most groups one non-root uid may own (default: a quarter of --max-groups). Users
+    /// together never take the last sixteenth of --max-groups: it is kept for root.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..),
+          env = "REUSEPORT_MAX_GROUPS_PER_UID")]
+    max_groups_per_uid: Option<u32>,
+    /// Most control connections open at once, registrations included. At the limit the
+    /// connection idle the longest is closed; registrations never are.
+    #[arg(long, value_name = "N", default_value_t = agent::DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..), env = "REUSEPORT_MAX_CONNECTIONS")]
+    max_connections: u32,
+    /// Most control connections one non-root uid may hold, registrations included
+    /// (default: a quarter of --max-connections). Users together never take the last
+    /// sixteenth of --max-connections: it is kept for root.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..),
+          env = "REUSEPORT_MAX_CONNECTIONS_PER_UID")]
+    max_connections_per_uid: Option<u32>,
+    /// A `reuseportctl restart` whose supervisor reports no outcome this long after the
+    /// agent forwarded it fails (for its requester and in `status`).
+    #[arg(long, value_name = "DUR", default_value = "10m", env = "REUSEPORT_RESTART_TIMEOUT",
+          value_parser = humantime::parse_duration)]
+    restart_timeout: std::time::Duration,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    // NB: a panic with the state lock held would leave a process that answers "internal
+    // error" forever; aborting lets it be restarted, and the new agent adopts the pinned
+    // groups (steering never stops meanwhile).
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
+    let cli = Cli::parse();
+    let opts = agent::Options {
+        control: cli.control,
+        bpffs: cli.bpffs,
+        select_only: cli.select_only,
+        wake_ups: !cli.no_wake_ups,
+        pin_abi: cli.pin_abi_version,
+        control_group: cli.control_group,
+        max_groups: cli.max_groups,
+        groups_per_uid: cli.max_groups_per_uid,
+        max_connections: cli.max_connections,
+        connections_per_uid: cli.max_connections_per_uid,
+        restart_timeout: cli.restart_timeout,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("reuseport-agent: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(agent::run(opts)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("reuseport-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

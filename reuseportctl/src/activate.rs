@@ -1,0 +1,36 @@
+//! `reuseportctl activate`: switch a group's active generation.
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::{GlobalOpts, output};
+use reuseport_client::{ControlClient, proto::GroupAddr};
+
+/// Make a generation the active one; the previously active generation drains.
+#[derive(Debug, Args)]
+#[command(
+    long_about = "Make a generation the active one; the previously active generation \
+    drains.\n\n\
+    From the moment the agent answers, every new connection goes to GEN's sockets. The \
+    draining generation keeps its listeners and established connections; with a 5.14+ kernel \
+    (select-or-migrate), connections still queued on a listener it closes move to GEN."
+)]
+pub struct ActivateArgs {
+    /// The group: IP:PORT or tcp://IP:PORT[@NETNS].
+    #[arg(value_name = "GROUP")]
+    pub group: GroupAddr,
+    /// The generation to activate; it must have a registered socket.
+    #[arg(value_name = "GEN")]
+    pub generation: u32,
+}
+
+pub async fn run(global: &GlobalOpts, args: ActivateArgs) -> anyhow::Result<ExitCode> {
+    let mut client = ControlClient::connect(&global.control).await?;
+    let group = client.activate(args.group, args.generation).await?;
+    output::print(&format!(
+        "{}\n",
+        output::change_summary(&group, args.generation)
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}

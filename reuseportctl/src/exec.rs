@@ -1,0 +1,355 @@
+//! `reuseportctl exec`: the language-agnostic launcher. It binds and registers the
+//! listener, hands it to the server as fd 3 (systemd socket activation and Server::Starter
+//! conventions), keeps the registration open while the server runs and exits with the
+//! server's status.
+
+use std::{ffi::OsString, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::Args;
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::{
+    GlobalOpts,
+    args::{parse_name, parse_signal},
+    draining::{Drain, DrainOpts, DrainTask},
+    launch::{self, DEFAULT_FD_NAME, note},
+    reaper::Reaper,
+    spawn::{self, FORWARDED_SIGNALS},
+};
+use reuseport_client::{
+    Registration,
+    proto::{GenState, GroupAddr},
+};
+
+/// Run a server on a registered SO_REUSEPORT listener passed as fd 3.
+#[derive(Debug, Args)]
+#[command(
+    long_about = "Run a server on a registered SO_REUSEPORT listener passed as fd 3.\n\n\
+        For servers that can take a listening socket from their parent (systemd socket \
+        activation, Server::Starter, or a plain `fd 3` option) and do not link the client \
+        library. The launcher:\n\
+        \n  1. creates a TCP listener on ADDR:PORT with SO_REUSEPORT and registers it with \
+        the agent as a socket of generation N;\
+        \n  2. starts COMMAND with the listener as fd 3 and LISTEN_FDS=1, LISTEN_PID=<its \
+        pid>, LISTEN_FDNAMES=<--name or \"reuseport\">, SERVER_STARTER_PORT=<ADDR:PORT>=3 \
+        (IPv6 as [::1]:8080=3);\
+        \n  3. closes its own copy of the listener, so the listener lives exactly as long as \
+        the server keeps it;\
+        \n  4. stays alive while COMMAND runs, keeping the registration open, and forwards \
+        SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to it;\
+        \n  5. with --on-drain, once the generation drains: waits until it is idle (no \
+        connection in flight, empty accept queue; at most --drain-timeout), sends SIGNAL, \
+        and SIGKILL if COMMAND still runs --kill-timeout later;\
+        \n  6. exits with COMMAND's exit status, or 128+N if signal N killed it.\n\n\
+        COMMAND runs in its own session (Ctrl-C in a terminal reaches it once, through the \
+        launcher) and gets SIGTERM if the launcher itself dies.",
+    after_long_help = "Exit status: COMMAND's status; 127 if COMMAND was not found, 126 if \
+        it could not be executed, 1 for any other failure of the launcher.\n\n\
+        Example, a blue/green deploy:\n\
+        \x20 reuseportctl exec --listen 0.0.0.0:8080 --generation 1 --activate --on-drain TERM -- ./server-v1\n\
+        \x20 reuseportctl exec --listen 0.0.0.0:8080 --generation 2 --on-drain TERM -- ./server-v2\n\
+        \x20 reuseportctl activate 0.0.0.0:8080 2   # v1 drains and gets SIGTERM"
+)]
+pub struct ExecArgs {
+    /// Address to listen on, the group's address: IP:PORT or tcp://IP:PORT (IPv6 in
+    /// brackets, e.g. [::]:443).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: GroupAddr,
+    /// Generation of this server, e.g. a deploy counter.
+    #[arg(long, short = 'g', value_name = "N")]
+    pub generation: u32,
+    /// Make the generation active as soon as the listener is registered (the active one
+    /// drains).
+    #[arg(long)]
+    pub activate: bool,
+    /// Name of the generation, shown by `status` and passed in LISTEN_FDNAMES.
+    #[arg(long, value_name = "NAME", value_parser = parse_name)]
+    pub name: Option<String>,
+    /// Send SIGNAL to COMMAND, once, when its generation drains and is idle (e.g. TERM,
+    /// SIGQUIT, 3); SIGKILL follows after --kill-timeout. Without it, COMMAND is left to
+    /// exit on its own.
+    #[arg(long, value_name = "SIGNAL", value_parser = parse_signal)]
+    pub on_drain: Option<Signal>,
+    #[command(flatten)]
+    pub drain: DrainOpts,
+    /// The server and its arguments (after `--` if they start with `-`).
+    #[arg(
+        value_name = "COMMAND",
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub command: Vec<OsString>,
+}
+
+pub async fn run(global: &GlobalOpts, args: ExecArgs) -> anyhow::Result<ExitCode> {
+    launch(global, args).await.map(ExitCode::from)
+}
+
+/// The whole launcher; returns the status to exit with.
+async fn launch(global: &GlobalOpts, args: ExecArgs) -> anyhow::Result<u8> {
+    // Resolved first: a typo in COMMAND should not touch the agent.
+    let program = spawn::resolve_program(&args.command[0], std::env::var_os("PATH").as_deref())?;
+    let addr = args.listen.addr;
+    let bound = launch::bind(
+        &global.control,
+        args.listen,
+        args.generation,
+        args.name.clone(),
+        args.activate,
+    )?;
+
+    let fd_name = args.name.as_deref().unwrap_or(DEFAULT_FD_NAME);
+    let env = spawn::child_env(std::env::vars_os(), addr, fd_name);
+    let mut plan = spawn::Plan::new(&program, &args.command, env)
+        .context("the command line contains a NUL byte")?;
+    // Watched before fork, so that neither an early exit nor an early signal is lost.
+    let sigchld = signal(SignalKind::child()).context("cannot watch SIGCHLD")?;
+    let mut forwarded = Vec::with_capacity(FORWARDED_SIGNALS.len());
+    for sig in FORWARDED_SIGNALS {
+        let stream = signal(SignalKind::from_raw(sig as i32))
+            .with_context(|| format!("cannot watch {sig}"))?;
+        forwarded.push((sig, stream));
+    }
+    // The server owns the listener now; a copy kept here would outlive the server.
+    let (pid, registration) = bound.register_and_start(&mut plan).await?;
+    drop(plan);
+
+    for (sig, mut stream) in forwarded {
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                // ESRCH only when the child is already gone, which the SIGCHLD arm handles.
+                let _ = kill(pid, sig);
+            }
+        });
+    }
+    let drain = args.on_drain.map(|signal| Drain {
+        control: global.control.clone(),
+        group: registration.group(),
+        generation: registration.generation(),
+        pid,
+        signal,
+        opts: args.drain,
+    });
+    supervise(pid, registration, drain, sigchld).await
+}
+
+/// Waits for the child, signalling it when its generation drains, and returns the exit
+/// status to exit with. The registration stays open until this returns. As PID 1 or a
+/// subreaper, it also reaps the orphans it inherits (see [`Reaper`]).
+async fn supervise(
+    pid: Pid,
+    mut registration: Registration,
+    mut drain: Option<Drain>,
+    mut sigchld: tokio::signal::unix::Signal,
+) -> anyhow::Result<u8> {
+    let mut reaper = Reaper::new();
+    reaper.track(pid);
+    let mut state = registration.state();
+    let mut watching_state = true;
+    let mut registered = true;
+    let group = registration.group();
+    let mut draining: Option<DrainTask> = None;
+    let mut on_state = |state: GenState| {
+        if state == GenState::Draining
+            && let Some(d) = drain.take()
+        {
+            draining = Some(d.start());
+        }
+    };
+    // A socket can join a generation that is already draining.
+    on_state(*state.borrow_and_update());
+
+    loop {
+        tokio::select! {
+            _ = sigchld.recv() => {
+                if let Some(status) = reaper.try_reap(pid)?.and_then(launch::exit_code) {
+                    return Ok(status);
+                }
+            }
+            changed = state.changed(), if watching_state => match changed {
+                Ok(()) => on_state(*state.borrow_and_update()),
+                Err(_) => watching_state = false,
+            },
+            closed = registration.closed(), if registered => {
+                registered = false;
+                let why = match closed {
+                    Ok(()) => String::new(),
+                    Err(e) => format!(" ({e})"),
+                };
+                note(format_args!(
+                    "warning: the agent closed the control connection{why}: pid {pid} keeps \
+                     running, but its listener is no longer registered in {group}"
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{path::Path, time::Duration};
+
+    use super::*;
+    use reuseport_client::{
+        self as client,
+        proto::{GenState, Op, Register, Reply, Request, frame::Conn},
+    };
+
+    /// A directory of its own for a test's control socket and files.
+    fn tempdir(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("reuseportctl-exec-{tag}-"))
+            .tempdir()
+            .expect("create temp dir")
+    }
+
+    async fn wait_for_line(path: &Path, line: &str) {
+        for _ in 0..500 {
+            if std::fs::read_to_string(path).is_ok_and(|s| s.lines().any(|l| l == line)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "child should write {line:?} to {} within 5 s",
+            path.display()
+        );
+    }
+
+    /// The launcher against a fake agent: the child gets the listener as fd 3 and the
+    /// activation variables, the drain signal arrives once the pushed state is draining,
+    /// and the launcher exits with the child's status and then closes the registration.
+    ///
+    /// NB: tokio's handlers for the forwarded signals stay installed in the test process
+    /// afterwards (tokio never uninstalls them), so Ctrl-C no longer stops this test binary.
+    #[tokio::test]
+    async fn launcher_hands_over_the_listener_and_signals_on_drain() {
+        let dir = tempdir("drain");
+        let control = dir.path().join("agent.sock");
+        let out = dir.path().join("out");
+        // A free port, kept bound (with SO_REUSEPORT) so no one else takes it meanwhile.
+        let probe = client::reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let group: GroupAddr = format!("tcp://{}", probe.local_addr().unwrap())
+            .parse()
+            .unwrap();
+
+        let agent_listener = tokio::net::UnixListener::bind(&control).expect("bind control");
+        let agent_out = out.clone();
+        let agent = tokio::spawn(async move {
+            let (stream, _) = agent_listener.accept().await.expect("accept");
+            let mut conn = Conn::new(stream);
+            let (req, fds) = conn.recv_msg::<Request>().await.unwrap().unwrap();
+            let Op::Register(Register {
+                group: g,
+                generation: 5,
+                name,
+                activate: true,
+                ..
+            }) = req.op
+            else {
+                panic!("expected a register of generation 5 with activate: {req:?}");
+            };
+            assert_eq!(name.as_deref(), Some("web"));
+            assert_eq!(
+                fds.len(),
+                1,
+                "the listener should come with the register request"
+            );
+            drop(fds);
+            let state = |state| Reply::State {
+                group: g,
+                generation: 5,
+                state,
+            };
+            let reply = Reply::Registered {
+                group: g,
+                generation: 5,
+                slot: 0,
+                state: GenState::Active,
+            };
+            conn.send(&reply, None).await.unwrap();
+            wait_for_line(&agent_out, "ready").await;
+            conn.send(&state(GenState::Draining), None).await.unwrap();
+            let end = tokio::time::timeout(Duration::from_secs(5), conn.recv()).await;
+            assert!(
+                matches!(end, Ok(Ok(None))),
+                "the launcher should close the registration after the child exited: {end:?}"
+            );
+        });
+
+        let script = r#"
+            echo "$LISTEN_PID $$ $LISTEN_FDS $LISTEN_FDNAMES $SERVER_STARTER_PORT" > "$0"
+            [ -S /proc/self/fd/3 ] && echo socket >> "$0"
+            trap 'echo drained >> "$0"; exit 7' TERM
+            echo ready >> "$0"
+            while :; do sleep 0.01; done
+        "#;
+        let args = ExecArgs {
+            listen: group,
+            generation: 5,
+            activate: true,
+            name: Some("web".into()),
+            on_drain: Some(Signal::SIGTERM),
+            drain: DrainOpts {
+                immediate_signal: true,
+                ..DrainOpts::default()
+            },
+            command: ["sh", "-c", script, out.to_str().unwrap()]
+                .map(OsString::from)
+                .to_vec(),
+        };
+        let global = GlobalOpts { control };
+        let status = tokio::time::timeout(Duration::from_secs(10), launch(&global, args))
+            .await
+            .expect("the child should exit within 10 s of the drain")
+            .expect("launcher");
+        agent.await.unwrap();
+        assert_eq!(
+            status, 7,
+            "the launcher should exit with the child's status"
+        );
+
+        let out = std::fs::read_to_string(&out).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        let vars: Vec<&str> = lines[0].split(' ').collect();
+        assert_eq!(
+            vars[0], vars[1],
+            "LISTEN_PID should be the child's pid: {out}"
+        );
+        assert_eq!(
+            vars[2..],
+            ["1", "web", &format!("{}=3", group.addr)],
+            "{out}"
+        );
+        assert_eq!(lines[1..], ["socket", "ready", "drained"], "{out}");
+    }
+
+    #[tokio::test]
+    async fn missing_command_fails_before_the_agent_is_asked() {
+        let dir = tempdir("missing");
+        let args = ExecArgs {
+            listen: "127.0.0.1:9".parse().unwrap(),
+            generation: 1,
+            activate: false,
+            name: None,
+            on_drain: None,
+            drain: DrainOpts::default(),
+            command: vec!["no-such-command-anywhere".into()],
+        };
+        // No agent listens on this path: the error must still be about the command.
+        let global = GlobalOpts {
+            control: dir.path().join("agent.sock"),
+        };
+        let err = launch(&global, args).await.unwrap_err();
+        let spawn_err = err
+            .downcast_ref::<spawn::SpawnError>()
+            .expect("a SpawnError");
+        assert_eq!(spawn_err.exit_code(), 127);
+    }
+}

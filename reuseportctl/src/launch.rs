@@ -1,0 +1,161 @@
+//! What `exec` and `supervise` share: option parsers, binding and registering a listener,
+//! starting a server on it as fd 3, and reporting how a server exited.
+
+use std::{
+    net::TcpListener,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use nix::{
+    errno::Errno,
+    sys::wait::{WaitPidFlag, WaitStatus, waitpid},
+    unistd::Pid,
+};
+
+use super::spawn;
+use reuseport_client::{
+    self as client, RegisterOptions, Registration,
+    proto::{GroupAddr, Register},
+};
+
+/// LISTEN_FDNAMES when no --name is given.
+pub const DEFAULT_FD_NAME: &str = "reuseport";
+
+/// A message of the launcher on stderr. Unlike `eprintln!`, a broken stderr is ignored: a
+/// panic here would kill the launcher, unregister the socket and SIGTERM the server.
+///
+/// NB: one `write` per line: `writeln!` with arguments writes piece by piece, and lines of
+/// several supervisors (or of their servers) sharing a terminal would interleave.
+pub fn note(msg: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let line = format!("reuseportctl: {msg}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
+/// How a server ended, as a shell reports it: its exit code, or 128+N if signal N killed
+/// it. `None` while it runs (or is merely stopped).
+pub fn exit_code(status: WaitStatus) -> Option<u8> {
+    match status {
+        WaitStatus::Exited(_, code) => Some(code as u8),
+        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as u8),
+        _ => None,
+    }
+}
+
+/// `status 1` or `signal SIGKILL`, for log lines.
+pub fn describe_exit(status: WaitStatus) -> String {
+    match status {
+        WaitStatus::Signaled(_, sig, _) => format!("signal {sig}"),
+        WaitStatus::Exited(_, code) => format!("status {code}"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The wait status of `pid` if it has exited (it is reaped then), `None` while it runs.
+pub fn try_reap(pid: Pid) -> anyhow::Result<Option<WaitStatus>> {
+    match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+        Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => Ok(Some(status)),
+        Ok(_) | Err(Errno::EINTR) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot wait for pid {pid}")),
+    }
+}
+
+/// A listener bound for a generation, neither registered nor served yet.
+pub struct Bound {
+    listener: TcpListener,
+    opts: RegisterOptions,
+}
+
+/// Creates the SO_REUSEPORT listener on `group`'s address, to be registered as
+/// `generation` by [`Bound::register_and_start`].
+pub fn bind(
+    control: &Path,
+    group: GroupAddr,
+    generation: u32,
+    name: Option<String>,
+    activate: bool,
+) -> anyhow::Result<Bound> {
+    bind_for(control, group, generation, name, activate, false)
+}
+
+/// [`bind`], saying whether the launcher is a supervisor (it takes `restart` requests).
+pub fn bind_for(
+    control: &Path,
+    group: GroupAddr,
+    generation: u32,
+    name: Option<String>,
+    activate: bool,
+    supervised: bool,
+) -> anyhow::Result<Bound> {
+    let addr = group.addr;
+    let group = group
+        .in_caller_netns()
+        .context("reading the network namespace (/proc/thread-self/ns/net)")?;
+    let listener = client::reuseport_listener(addr).map_err(|e| client::listen_error(addr, e))?;
+    // NB: systemd hands over listeners in blocking mode (unless NonBlocking=true), and
+    // servers rely on it: Python's socket(fileno=3).accept() fails on a non-blocking one.
+    listener
+        .set_nonblocking(false)
+        .context("cannot make the listener blocking for the server")?;
+    let opts = RegisterOptions {
+        control: PathBuf::from(control),
+        request: Register {
+            name,
+            activate,
+            supervised,
+            ..Register::new(group, generation)
+        },
+        reconnect: true,
+    };
+    Ok(Bound { listener, opts })
+}
+
+impl Bound {
+    /// Forks the server held at a gate, registers the listener with the server's pid (so
+    /// `status` shows the server, not the launcher), then lets the server run `plan` with
+    /// the listener as fd 3, and closes the launcher's own copy: the listener lives exactly
+    /// as long as the server keeps it. If the agent refuses the registration, the program
+    /// never runs. After an agent restart the registration fetches the listener from the
+    /// server (`pidfd_getfd`) to register it again.
+    ///
+    /// NB: watch SIGCHLD before calling this, or an early exit of the server is missed.
+    pub async fn register_and_start(
+        mut self,
+        plan: &mut spawn::Plan,
+    ) -> anyhow::Result<(Pid, Registration)> {
+        let gated = spawn::spawn_gated(plan, self.listener.as_fd())?;
+        self.opts.request.server_pid = Some(gated.pid().as_raw());
+        let registration = client::register(self.listener.as_fd(), &self.opts)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot register generation {}",
+                    self.opts.request.generation
+                )
+            })?;
+        let pid = gated.release()?;
+        drop(self.listener);
+        registration.follow_child(pid.as_raw(), spawn::LISTEN_FD);
+        Ok((pid, registration))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nix::sys::signal::Signal;
+
+    use super::*;
+
+    #[test]
+    fn exits_are_reported_like_a_shell() {
+        let pid = Pid::from_raw(1);
+        assert_eq!(exit_code(WaitStatus::Exited(pid, 3)), Some(3));
+        let killed = WaitStatus::Signaled(pid, Signal::SIGKILL, false);
+        assert_eq!(exit_code(killed), Some(137));
+        assert_eq!(describe_exit(killed), "signal SIGKILL");
+        assert_eq!(describe_exit(WaitStatus::Exited(pid, 1)), "status 1");
+        assert_eq!(exit_code(WaitStatus::StillAlive), None);
+    }
+}

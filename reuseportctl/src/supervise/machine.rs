@@ -1,0 +1,472 @@
+//! The supervisor's state machine: its generations and where each is in its life, and what
+//! it does on each event of the main loop (signals, exits, the agent's pushes, readiness,
+//! timers). Starting a generation and activating it are in [`super::generation`].
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use nix::{
+    sys::{
+        signal::{Signal, kill, killpg},
+        wait::WaitStatus,
+    },
+    unistd::Pid,
+};
+use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
+
+use super::SuperviseArgs;
+use crate::{
+    draining::{Drain, DrainTask},
+    launch::{self, describe_exit, note},
+    reaper::Reaper,
+};
+use reuseport_client::{
+    ClientError, ControlClient, Registration,
+    proto::{GenState, GroupAddr, RestartOutcome, UNREQUESTED_RESTART},
+};
+
+/// What the agent pushed on a generation's registration, forwarded into the main loop.
+pub(super) enum Event {
+    State(u32, GenState),
+    Closed(u32),
+    /// `reuseportctl restart`, forwarded by the agent with its id.
+    Restart(u64),
+}
+
+/// Where a generation is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Registered as standby, not ready yet. `ready_at`: when `--ready delay=…` elapses.
+    Starting {
+        ready_at: Option<Instant>,
+        give_up_at: Instant,
+    },
+    Active,
+    /// Waiting until idle, signalled or killed: see its [`DrainTask`].
+    Draining {
+        since: Instant,
+    },
+    /// Did not get ready; SIGKILLed, its exit is not news.
+    Failed,
+}
+
+/// One running generation. Dropping it closes its registration.
+pub(super) struct Gen {
+    pub(super) pid: Pid,
+    pub(super) group: GroupAddr,
+    pub(super) phase: Phase,
+    pub(super) drain: Option<DrainTask>,
+    pub(super) forwarder: JoinHandle<()>,
+    pub(super) _registration: Registration,
+}
+
+impl Drop for Gen {
+    fn drop(&mut self) {
+        self.forwarder.abort();
+    }
+}
+
+pub(super) struct Shutdown {
+    /// The supervisor's exit status once every generation is gone.
+    pub(super) code: u8,
+    pub(super) kill_at: Instant,
+    pub(super) killed: bool,
+}
+
+pub(super) struct Supervisor {
+    pub(super) control: PathBuf,
+    pub(super) program: PathBuf,
+    /// NOTIFY_SOCKET for the children, with `--ready notify`.
+    pub(super) notify_socket: Option<String>,
+    pub(super) args: SuperviseArgs,
+    pub(super) gens: BTreeMap<u32, Gen>,
+    pub(super) next_generation: u32,
+    /// The generation that serves: the last one activated.
+    pub(super) current: Option<u32>,
+    /// A SIGHUP came while a generation was starting.
+    pub(super) restart_pending: bool,
+    /// Restarts requested through the agent, by the generation started for them; they are
+    /// answered when it is active or has failed.
+    pub(super) waiters: BTreeMap<u32, Vec<u64>>,
+    /// Requested restarts no generation was started for yet.
+    pub(super) unattached: Vec<u64>,
+    pub(super) events: mpsc::UnboundedSender<Event>,
+    pub(super) shutdown: Option<Shutdown>,
+    /// Waits for the generations, and for the orphans it inherits as PID 1 or a subreaper.
+    pub(super) reaper: Reaper,
+    // NB: no Drop needed for the children: they get SIGTERM through PR_SET_PDEATHSIG if the
+    // supervisor dies.
+}
+
+impl Supervisor {
+    /// The exit status, once there is nothing left to supervise.
+    pub(super) fn finished(&self) -> Option<u8> {
+        if !self.gens.is_empty() {
+            return None;
+        }
+        Some(self.shutdown.as_ref().map_or(1, |s| s.code))
+    }
+
+    pub(super) fn starting(&self) -> Option<u32> {
+        self.gens
+            .iter()
+            .find(|(_, g)| matches!(g.phase, Phase::Starting { .. }))
+            .map(|(n, _)| *n)
+    }
+
+    /// `; generation 2 stays active`, for failure lines.
+    pub(super) fn stays_active(&self) -> String {
+        self.current
+            .map(|n| format!("; generation {n} stays active"))
+            .unwrap_or_default()
+    }
+
+    /// Logs why `generation` (or, with `None`, the next one) did not take over, and tells
+    /// the restart requests waiting for it.
+    pub(super) fn restart_failed(
+        &mut self,
+        generation: Option<u32>,
+        what: std::fmt::Arguments<'_>,
+    ) {
+        let verb = if self.current.is_some() {
+            "restart"
+        } else {
+            "start"
+        };
+        let why = format!("{what}{}", self.stays_active());
+        note(format_args!("{verb} failed: {why}"));
+        let ids = match generation {
+            Some(n) => self.waiters.remove(&n).unwrap_or_default(),
+            None => std::mem::take(&mut self.unattached),
+        };
+        self.report(ids, RestartOutcome::Failed { error: why });
+    }
+
+    /// Reports the outcome of a restart to the agent, in the background (the loop must not
+    /// wait on the agent): to the requests waiting for it, or, for a SIGHUP, just for
+    /// `status`.
+    pub(super) fn report(&self, ids: Vec<u64>, outcome: RestartOutcome) {
+        let ids = if ids.is_empty() {
+            vec![UNREQUESTED_RESTART]
+        } else {
+            ids
+        };
+        let (control, group) = (self.control.clone(), self.args.listen);
+        tokio::spawn(async move {
+            let res = async {
+                let mut client = ControlClient::connect(&control).await?;
+                for id in ids {
+                    client.report_restart(group, id, outcome.clone()).await?;
+                }
+                Ok::<_, ClientError>(())
+            }
+            .await;
+            if let Err(e) = res {
+                note(format_args!(
+                    "warning: cannot report a restart's outcome to the agent: {e}"
+                ));
+            }
+        });
+    }
+
+    pub(super) async fn restart(&mut self) {
+        if let Some(starting) = self.starting() {
+            self.restart_pending = true;
+            note(format_args!(
+                "SIGHUP: generation {starting} is still starting; restarting again once it is \
+                 ready"
+            ));
+            return;
+        }
+        let generation = self.next_generation;
+        match self.start_generation().await {
+            Ok(()) => {
+                let ids = std::mem::take(&mut self.unattached);
+                if !ids.is_empty() {
+                    self.waiters.insert(generation, ids);
+                }
+            }
+            Err(e) => self.restart_failed(
+                None,
+                format_args!(
+                    "cannot start generation {generation}: {}",
+                    crate::one_line(&e)
+                ),
+            ),
+        }
+    }
+
+    pub(super) async fn on_hangup(&mut self) {
+        if self.shutdown.is_some() {
+            note(format_args!("SIGHUP ignored: stopping"));
+            return;
+        }
+        self.restart().await;
+    }
+
+    pub(super) fn on_state(&mut self, generation: u32, state: GenState) {
+        let Some(g) = self.gens.get_mut(&generation) else {
+            return;
+        };
+        match state {
+            GenState::Active => {
+                g.phase = Phase::Active;
+                self.current = Some(generation);
+            }
+            GenState::Draining => {
+                if !matches!(g.phase, Phase::Draining { .. }) {
+                    g.phase = Phase::Draining {
+                        since: Instant::now(),
+                    };
+                    g.drain = Some(
+                        Drain {
+                            control: self.control.clone(),
+                            group: g.group,
+                            generation,
+                            pid: g.pid,
+                            signal: self.args.on_drain,
+                            opts: self.args.drain.clone(),
+                        }
+                        .start(),
+                    );
+                }
+                if self.current == Some(generation) {
+                    // Someone else activated another generation (reuseportctl activate).
+                    self.current = None;
+                }
+            }
+            GenState::Standby => {}
+        }
+    }
+
+    pub(super) async fn on_event(&mut self, event: Event) {
+        match event {
+            Event::State(generation, state) => self.on_state(generation, state),
+            Event::Restart(id) => {
+                if self.shutdown.is_some() {
+                    note(format_args!("restart request ignored: stopping"));
+                    self.report(
+                        vec![id],
+                        RestartOutcome::Failed {
+                            error: "the supervisor is stopping".into(),
+                        },
+                    );
+                    return;
+                }
+                note(format_args!("restart requested through the agent"));
+                self.unattached.push(id);
+                self.restart().await;
+            }
+            Event::Closed(generation) => {
+                if let Some(g) = self.gens.get(&generation) {
+                    note(format_args!(
+                        "warning: the agent closed the control connection of generation \
+                         {generation}: pid {} keeps running, but its listener is no longer \
+                         registered",
+                        g.pid
+                    ));
+                }
+            }
+        }
+    }
+
+    pub(super) async fn on_notify(&mut self, pid: Option<Pid>, text: &[u8]) {
+        let ready = text.split(|b| *b == b'\n').any(|line| line == b"READY=1");
+        let Some(pid) = pid else { return };
+        let starting = self
+            .gens
+            .iter()
+            .find(|(_, g)| g.pid == pid && matches!(g.phase, Phase::Starting { .. }));
+        if let (true, Some((&generation, _))) = (ready, starting) {
+            self.activate(generation).await;
+        }
+    }
+
+    /// Reaps every generation that exited (SIGCHLDs coalesce: one may stand for several).
+    pub(super) async fn reap(&mut self) -> anyhow::Result<()> {
+        let mut exited = Vec::new();
+        for (&generation, g) in &self.gens {
+            if let Some(status) = self.reaper.try_reap(g.pid)? {
+                exited.push((generation, status));
+            }
+        }
+        for (generation, status) in exited {
+            self.on_exit(generation, status);
+        }
+        if self.restart_pending && self.shutdown.is_none() && self.starting().is_none() {
+            self.restart_pending = false;
+            self.restart().await;
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_exit(&mut self, generation: u32, status: WaitStatus) {
+        let Some(g) = self.gens.remove(&generation) else {
+            return;
+        };
+        let how = describe_exit(status);
+        let pid = g.pid;
+        if self.shutdown.is_some() {
+            note(format_args!(
+                "generation {generation} (pid {pid}) exited with {how}"
+            ));
+            return;
+        }
+        match g.phase {
+            Phase::Starting { .. } => self.restart_failed(
+                Some(generation),
+                format_args!("generation {generation} exited with {how} before it was ready"),
+            ),
+            Phase::Failed => {}
+            Phase::Draining { since, .. } => note(format_args!(
+                "generation {generation} (pid {pid}) exited with {how} after draining for \
+                 {:.1}s",
+                since.elapsed().as_secs_f64()
+            )),
+            Phase::Active => {
+                note(format_args!(
+                    "generation {generation} (pid {pid}), the active one, exited with {how}: \
+                     stopping"
+                ));
+                self.current = None;
+                self.begin_shutdown(Signal::SIGTERM, launch::exit_code(status).unwrap_or(1));
+                return;
+            }
+        }
+        if self.current.is_none() && self.starting().is_none() && !self.gens.is_empty() {
+            note(format_args!(
+                "warning: no generation of this supervisor is active; send SIGHUP to start one"
+            ));
+        }
+        // Nothing left (the first start failed): exit with that generation's status, or 1
+        // if it was killed for not getting ready.
+        if self.gens.is_empty() {
+            let code = match g.phase {
+                Phase::Failed => None,
+                _ => launch::exit_code(status),
+            };
+            self.shutdown = Some(Shutdown {
+                code: code.unwrap_or(1),
+                kill_at: Instant::now(),
+                killed: true,
+            });
+        }
+    }
+
+    /// Forwards `sig` to every generation; once all have exited (or were SIGKILLed after
+    /// `--kill-timeout`) the supervisor exits with `code`.
+    pub(super) fn begin_shutdown(&mut self, sig: Signal, code: u8) {
+        if self.shutdown.is_none() {
+            self.shutdown = Some(Shutdown {
+                code,
+                kill_at: Instant::now() + self.args.drain.kill_timeout,
+                killed: false,
+            });
+            self.restart_pending = false;
+            let mut ids = std::mem::take(&mut self.unattached);
+            ids.extend(std::mem::take(&mut self.waiters).into_values().flatten());
+            self.report(
+                ids,
+                RestartOutcome::Failed {
+                    error: "the supervisor is stopping".into(),
+                },
+            );
+            if !self.gens.is_empty() {
+                let gens: Vec<String> = self.gens.keys().map(u32::to_string).collect();
+                note(format_args!(
+                    "sending {sig} to generation(s) {} and waiting up to {:?}",
+                    gens.join(", "),
+                    self.args.drain.kill_timeout
+                ));
+            }
+        }
+        for g in self.gens.values() {
+            let _ = kill(g.pid, sig);
+        }
+    }
+
+    pub(super) fn forward_to_current(&self, sig: Signal) {
+        match self.current.and_then(|n| self.gens.get(&n)) {
+            Some(g) => {
+                let _ = kill(g.pid, sig);
+            }
+            None => note(format_args!("{sig} not forwarded: no generation is active")),
+        }
+    }
+
+    /// The next time [`Self::on_timers`] has something to do.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        if let Some(s) = &self.shutdown
+            && !s.killed
+        {
+            consider(s.kill_at);
+        }
+        for g in self.gens.values() {
+            if let Phase::Starting {
+                ready_at,
+                give_up_at,
+            } = g.phase
+            {
+                consider(give_up_at);
+                if let Some(t) = ready_at {
+                    consider(t);
+                }
+            }
+        }
+        next
+    }
+
+    pub(super) async fn on_timers(&mut self) {
+        let now = Instant::now();
+        let timeout = self.args.drain.kill_timeout;
+        if let Some(s) = &mut self.shutdown
+            && !s.killed
+            && s.kill_at <= now
+        {
+            s.killed = true;
+            for (generation, g) in &self.gens {
+                note(format_args!(
+                    "generation {generation} (pid {}) still runs {timeout:?} after the \
+                     signal: SIGKILL",
+                    g.pid
+                ));
+                let _ = killpg(g.pid, Signal::SIGKILL);
+            }
+        }
+        let mut ready = Vec::new();
+        let mut late = Vec::new();
+        for (&generation, g) in &self.gens {
+            match &g.phase {
+                Phase::Starting { give_up_at, .. } if *give_up_at <= now => late.push(generation),
+                Phase::Starting {
+                    ready_at: Some(t), ..
+                } if *t <= now => ready.push(generation),
+                _ => {}
+            }
+        }
+        for generation in late {
+            let limit = self.args.ready_timeout;
+            self.restart_failed(
+                Some(generation),
+                format_args!("generation {generation} was not ready within {limit:?}"),
+            );
+            self.give_up(generation);
+        }
+        for generation in ready {
+            // NB: the generation may have exited since; its SIGCHLD is handled next.
+            if self.shutdown.is_none() {
+                self.activate(generation).await;
+            }
+        }
+    }
+}
+
+pub(super) async fn recv_restart(
+    restarts: Option<&mut mpsc::UnboundedReceiver<u64>>,
+) -> Option<u64> {
+    match restarts {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
