@@ -69,15 +69,25 @@ impl ApacheBench {
     ///
     /// [`stop`]: ApacheBench::stop
     pub fn start(addr: SocketAddr, concurrency: usize) -> Self {
-        let child = Command::new("ab")
-            .args(["-q", "-r", "-s", "30", "-t", "3600", "-n", "100000000"])
+        Self::start_with(addr, concurrency, |_| {})
+    }
+
+    /// [`start`](Self::start), with `adjust` applied to the command first (e.g. to run it in
+    /// another network namespace).
+    pub fn start_with(
+        addr: SocketAddr,
+        concurrency: usize,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Self {
+        let mut cmd = Command::new("ab");
+        cmd.args(["-q", "-r", "-s", "30", "-t", "3600", "-n", "100000000"])
             .args(["-c", &concurrency.to_string()])
             .arg(format!("http://{addr}/"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start ab");
+            .stderr(Stdio::piped());
+        adjust(&mut cmd);
+        let child = cmd.spawn().expect("start ab");
         Self { child: Some(child) }
     }
 
