@@ -29,3 +29,4 @@ mod server_pid;
 mod slow_clients;
 mod steering;
 mod supervise;
+mod systemd;
