@@ -8,6 +8,7 @@
 
 pub mod bpf_prog;
 mod child;
+mod container;
 mod edge_server;
 mod env;
 mod namespaces;
@@ -24,6 +25,7 @@ use std::{
 };
 
 pub use child::{CHILD_SERVER_ENV, ChildServer, child_server_main};
+pub use container::{CONTAINER_GID, CONTAINER_UID, Container, shared_fifo};
 pub use edge_server::EdgeServer;
 pub use env::{
     Generation, SELECT_ONLY, SELECT_OR_MIGRATE, TestEnv, bin_path, expected_mode,

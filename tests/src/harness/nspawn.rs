@@ -35,7 +35,10 @@ use nix::{
     unistd::Pid,
 };
 
-use super::{namespaces::enter_private_namespaces, tool_missing, wait_until};
+use super::{
+    namespaces::{enter_private_namespaces, pid1_child_of},
+    tool_missing, wait_until,
+};
 
 /// How long the container may take to boot, and to shut down.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -139,7 +142,8 @@ impl BootedSystem {
                         console.unwrap_or_default()
                     );
                 }
-                leader = container_init(nspawn.id());
+                // NB: nspawn forks an intermediate child first.
+                leader = pid1_child_of(nspawn.id());
                 leader.is_some()
             },
         );
@@ -317,23 +321,6 @@ impl Drop for BootedSystem {
             panic!("{}: {problem}", self.name);
         }
     }
-}
-
-/// The container's PID 1 among `nspawn`'s children: the one that is pid 1 of its own pid
-/// namespace (nspawn forks an intermediate child first).
-fn container_init(nspawn: u32) -> Option<Pid> {
-    let children =
-        std::fs::read_to_string(format!("/proc/{nspawn}/task/{nspawn}/children")).ok()?;
-    children.split_whitespace().find_map(|pid| {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let nspid = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
-        let ids: Vec<&str> = nspid.split_whitespace().collect();
-        if ids.len() == 2 && ids[1] == "1" {
-            pid.parse().ok().map(Pid::from_raw)
-        } else {
-            None
-        }
-    })
 }
 
 fn tmpfs(at: &Path) -> nix::Result<()> {

@@ -5,6 +5,7 @@ mod agent_restart;
 mod bad_input;
 mod bpffs_trust;
 mod child_process;
+mod containers;
 mod devices;
 mod drain;
 mod examples;
