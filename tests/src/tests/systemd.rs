@@ -98,6 +98,18 @@ fn systemd_reload_and_agent_restart_under_load_lose_nothing() {
         system.sh("journalctl --no-pager -n 60 -u reuseport-agent -u 'reuseport-supervise@*'")
     );
 
+    // Nothing the agent does may be refused for want of a capability or by the sandbox.
+    let log = system.ok(&["journalctl", "--no-pager", "--output=cat", "-u", "reuseport-agent"]);
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(
+        warnings.is_empty(),
+        "the agent should run without warnings under its unit's sandbox:\n{}",
+        warnings.join("\n")
+    );
+
     let agent = system_status(&system, "reuseport-agent.service");
     assert!(
         agent.contains("Active: active (running)"),
