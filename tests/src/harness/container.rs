@@ -5,8 +5,9 @@
 //! bind-mounted at `/run/reuseport` (the default control path works unchanged). The network
 //! namespace is the caller's (`--net=host`) or one it names (a pod's).
 //!
-//! The namespaces come from util-linux `unshare`, started as the container's host uid: an
-//! unprivileged user may create a user namespace and map itself to root in it.
+//! The namespaces come from `unshare` (util-linux, or busybox in the VM guests), started as the
+//! container's host uid: an unprivileged user may create a user namespace and map itself to
+//! root in it.
 
 use std::{
     fs::File,
@@ -35,7 +36,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 const SETUP: &str = r#"set -e
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir /run/reuseport
-mount --bind "$0" /run/reuseport
+mount -o bind "$0" /run/reuseport
 exec "$@""#;
 
 /// A running container; killed (all of its pid namespace) on drop.
@@ -61,15 +62,17 @@ impl Container {
         let log = log_dir.join(format!("{name}.log"));
         let out = File::create(&log).expect("create the container's log");
         let mut cmd = Command::new("unshare");
+        // NB: the options util-linux and busybox (the VM guests') both know: user namespace
+        // with root mapped to the caller, mount, pid, fork, /proc.
         cmd.args([
-            "--user",
-            "--map-root-user",
-            "--mount",
-            "--propagation=private",
-            "--pid",
-            "--fork",
+            "-U",
+            "-r",
+            "-m",
+            "--propagation",
+            "private",
+            "-p",
+            "-f",
             "--mount-proc",
-            "--kill-child",
             "--",
             "sh",
             "-c",

@@ -99,7 +99,13 @@ fn systemd_reload_and_agent_restart_under_load_lose_nothing() {
     );
 
     // Nothing the agent does may be refused for want of a capability or by the sandbox.
-    let log = system.ok(&["journalctl", "--no-pager", "--output=cat", "-u", "reuseport-agent"]);
+    let log = system.ok(&[
+        "journalctl",
+        "--no-pager",
+        "--output=cat",
+        "-u",
+        "reuseport-agent",
+    ]);
     let warnings: Vec<&str> = log
         .lines()
         .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
