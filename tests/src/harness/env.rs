@@ -244,7 +244,11 @@ impl TestEnv {
                 );
             }
             match std::os::unix::net::UnixStream::connect(&self.control) {
-                Ok(_) => return,
+                // NB: the socket accepts as soon as it is bound, at mode 0600; its final
+                // mode (0660, and the control group) follows. A test that changes the mode
+                // before that would see the agent's chmod undo its own.
+                Ok(_) if final_mode(&self.control) => return,
+                Ok(_) => {}
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -683,4 +687,10 @@ fn tail(text: &str, n: usize) -> String {
         lines.len() - n,
         lines[lines.len() - n..].join("\n")
     )
+}
+
+/// True once the control socket file has the mode the agent gives it after binding.
+fn final_mode(control: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(control).is_ok_and(|m| m.permissions().mode() & 0o777 == 0o660)
 }
