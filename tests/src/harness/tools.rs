@@ -91,6 +91,18 @@ impl ApacheBench {
         Self { child: Some(child) }
     }
 
+    /// Panics with ab's output if it has exited (it gives up on a refused connection).
+    pub fn assert_running(&mut self) {
+        let child = self.child.as_mut().expect("ab running");
+        if let Some(status) = child.try_wait().expect("wait for ab") {
+            let mut out = String::new();
+            let mut err = String::new();
+            let _ = child.stdout.take().expect("piped").read_to_string(&mut out);
+            let _ = child.stderr.take().expect("piped").read_to_string(&mut err);
+            panic!("ab exited ({status}) before it was stopped:\n{out}\n{err}");
+        }
+    }
+
     /// SIGINT, on which ab prints its results and exits; returns them.
     pub fn stop(mut self) -> AbResult {
         let mut child = self.child.take().expect("ab running");

@@ -63,12 +63,12 @@ fn systemd_reload_and_agent_restart_under_load_lose_nothing() {
     system.ok(&["systemctl", "start", "reuseport-supervise@demo.service"]);
     wait_for_generation(&system, 1);
 
-    let ab = ApacheBench::start_with(local(PORT), 8, |cmd| system.in_network(cmd));
-    wait_selected(&system, 1, REQUESTS_PER_STEP);
+    let mut ab = ApacheBench::start_with(local(PORT), 8, |cmd| system.in_network(cmd));
+    wait_selected(&system, &mut ab, 1, REQUESTS_PER_STEP);
 
     system.ok(&["systemctl", "reload", "reuseport-supervise@demo.service"]);
     wait_for_generation(&system, 2);
-    wait_selected(&system, 2, REQUESTS_PER_STEP);
+    wait_selected(&system, &mut ab, 2, REQUESTS_PER_STEP);
 
     let before = selected(&status(&system), 2);
     system.ok(&["systemctl", "restart", "reuseport-agent.service"]);
@@ -85,7 +85,7 @@ fn systemd_reload_and_agent_restart_under_load_lose_nothing() {
             }
         },
     );
-    wait_selected(&system, 2, before + REQUESTS_PER_STEP);
+    wait_selected(&system, &mut ab, 2, before + REQUESTS_PER_STEP);
 
     let result = ab.stop();
     println!("{NAME}: {result}");
@@ -258,12 +258,15 @@ fn wait_for_generation(system: &BootedSystem, generation: u64) {
     );
 }
 
-fn wait_selected(system: &BootedSystem, generation: u64, at_least: u64) {
+fn wait_selected(system: &BootedSystem, ab: &mut ApacheBench, generation: u64, at_least: u64) {
     wait_until_every(
         &format!("generation {generation} was selected for {at_least} connections"),
         STEP_TIMEOUT,
         POLL,
-        || selected(&status(system), generation) >= at_least,
+        || {
+            ab.assert_running();
+            selected(&status(system), generation) >= at_least
+        },
     );
 }
 
