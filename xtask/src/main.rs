@@ -1,10 +1,12 @@
-//! Project tasks: `cargo xtask setup | test | ci-fresh | fuzz | vm-test | bench | demo`.
+//! Project tasks: `cargo xtask setup | test | ci-fresh | fuzz | vm-test | bench | demo |
+//! lint-docs`.
 mod bench;
 mod ci_fresh;
 mod demo;
 mod demo_server;
 mod deploy;
 mod fuzz;
+mod lint_docs;
 mod load;
 mod namespaces;
 mod packages;
@@ -38,6 +40,9 @@ enum Cli {
     Bench(bench::Bench),
     /// Live demo: generations of a server replace each other under load (needs root).
     Demo(demo::DemoOpts),
+    /// Check the container examples in docs/containers/ with hadolint, yamllint,
+    /// docker-compose and kubernetes-validate (installed on first use).
+    LintDocs,
     /// The demo's LISTEN_FDS server (started by the demo through `reuseportctl exec`).
     #[command(hide = true)]
     DemoServer(demo_server::ServerOpts),
@@ -53,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Cli::Bench(b) => bench::bench(&b),
         Cli::Demo(opts) => demo::demo(&opts),
         Cli::DemoServer(opts) => demo_server::serve(&opts),
+        Cli::LintDocs => lint_docs::lint_docs(),
     }
 }
 

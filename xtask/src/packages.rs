@@ -17,6 +17,11 @@ pub const TEST_TOOLS: &[Tool] = &[
     ("wrk", "wrk"),
     ("python3", "python3"),
     ("ss", "iproute2"),
+    // The systemd test builds a Debian root file system and boots it (tests/src/harness/
+    // rootfs.rs, nspawn.rs).
+    ("debootstrap", "debootstrap"),
+    ("systemd-nspawn", "systemd-container"),
+    ("nsenter", "util-linux"),
 ];
 
 /// Installs the packages of every tool in `tools` that is not on PATH (`who` names the task in

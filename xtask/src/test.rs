@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{fuzz, setup, stable_client, vm};
+use crate::{fuzz, lint_docs, setup, stable_client, vm};
 
 #[derive(clap::Args, Debug)]
 pub struct TestOpts {
@@ -77,6 +77,7 @@ pub fn test(opts: &TestOpts) -> anyhow::Result<()> {
             ))
         })?;
         timed("clippy (fuzz targets)", fuzz::clippy)?;
+        timed("container examples (docs/containers)", lint_docs::lint_docs)?;
         timed("clippy (eBPF)", || {
             // NB: separately and for the BPF target: in one run, feature unification would
             // pull std into the eBPF crate.

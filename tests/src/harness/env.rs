@@ -40,6 +40,13 @@ const LOG_TAIL_LINES: usize = 200;
 /// `--test-threads=1` (see the crate doc for why they must).
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// Held by tests that run without a [`TestEnv`] (it takes it itself), so that they too run
+/// one at a time.
+pub fn one_at_a_time() -> MutexGuard<'static, ()> {
+    // A test that panicked poisons the lock; its Drop has cleaned up all the same.
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The agent's mode for groups with migration at close (Linux 5.14+).
 pub const SELECT_OR_MIGRATE: &str = "select-or-migrate";
 /// The agent's mode for groups without it (4.19–5.13, or forced).
@@ -149,8 +156,7 @@ impl TestEnv {
             nix::unistd::geteuid().is_root(),
             "{name}: the integration tests need root (network namespaces, bpffs, BPF programs)"
         );
-        // A test that panicked poisons the lock; its Drop has cleaned up all the same.
-        let one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let one_at_a_time = one_at_a_time();
         enter_private_namespaces()
             .unwrap_or_else(|e| panic!("{name}: entering private namespaces: {e}"));
 

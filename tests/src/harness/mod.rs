@@ -8,11 +8,14 @@
 
 pub mod bpf_prog;
 mod child;
+mod container;
 pub mod control;
 mod edge_server;
 mod env;
 mod namespaces;
 mod netns;
+mod nspawn;
+mod rootfs;
 mod server;
 mod tools;
 mod traffic;
@@ -23,12 +26,15 @@ use std::{
 };
 
 pub use child::{CHILD_SERVER_ENV, ChildServer, child_server_main};
+pub use container::{CONTAINER_GID, CONTAINER_UID, Container, shared_fifo};
 pub use edge_server::EdgeServer;
 pub use env::{
     Generation, SELECT_ONLY, SELECT_OR_MIGRATE, TestEnv, bin_path, expected_mode,
-    expects_migration, in_vm, patience, select_only_env,
+    expects_migration, in_vm, one_at_a_time, patience, select_only_env,
 };
 pub use netns::{NetNs, current_netns_inode};
+pub use nspawn::BootedSystem;
+pub use rootfs::debian_rootfs;
 pub use server::{Server, ServerKind, accept_queue_len};
 pub use tools::{AbResult, ApacheBench, SsSocket, ss, tool_missing};
 pub use traffic::{ClientConn, Slow, Tally, parse_reply, request_once, slow_bound, tally};
@@ -84,7 +90,17 @@ pub fn group(port: u16) -> GroupAddr {
 }
 
 /// Polls `cond` every few milliseconds until it holds; panics with `what` after `timeout`.
-pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    wait_until_every(what, timeout, Duration::from_millis(5), cond);
+}
+
+/// [`wait_until`] polling every `interval`: for conditions that cost a process or two each.
+pub fn wait_until_every(
+    what: &str,
+    timeout: Duration,
+    interval: Duration,
+    mut cond: impl FnMut() -> bool,
+) {
     let deadline = Instant::now() + timeout;
     loop {
         if cond() {
@@ -94,7 +110,7 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
             Instant::now() < deadline,
             "timed out after {timeout:?} waiting until {what}"
         );
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(interval);
     }
 }
 

@@ -74,3 +74,20 @@ pub(super) fn bring_lo_up() -> io::Result<()> {
         if res < 0 { Err(err) } else { Ok(()) }
     }
 }
+
+/// The child of `parent` that is PID 1 of a pid namespace of its own (a container's init, as
+/// `unshare --pid --fork` or systemd-nspawn start it), by its host pid.
+pub(super) fn pid1_child_of(parent: u32) -> Option<nix::unistd::Pid> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).ok()?;
+    children.split_whitespace().find_map(|pid| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let nspid = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+        let ids: Vec<&str> = nspid.split_whitespace().collect();
+        if ids.len() >= 2 && ids.last() == Some(&"1") {
+            pid.parse().ok().map(nix::unistd::Pid::from_raw)
+        } else {
+            None
+        }
+    })
+}

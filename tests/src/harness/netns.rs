@@ -41,6 +41,11 @@ impl NetNs {
         self.inode
     }
 
+    /// The descriptor that holds the namespace (for `setns` in a child process).
+    pub fn file(&self) -> &File {
+        &self.fd
+    }
+
     /// Runs `f` on a thread that has entered this namespace: sockets it creates live here.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         std::thread::scope(|s| {

@@ -69,16 +69,38 @@ impl ApacheBench {
     ///
     /// [`stop`]: ApacheBench::stop
     pub fn start(addr: SocketAddr, concurrency: usize) -> Self {
-        let child = Command::new("ab")
-            .args(["-q", "-r", "-s", "30", "-t", "3600", "-n", "100000000"])
+        Self::start_with(addr, concurrency, |_| {})
+    }
+
+    /// [`start`](Self::start), with `adjust` applied to the command first (e.g. to run it in
+    /// another network namespace).
+    pub fn start_with(
+        addr: SocketAddr,
+        concurrency: usize,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Self {
+        let mut cmd = Command::new("ab");
+        cmd.args(["-q", "-r", "-s", "30", "-t", "3600", "-n", "100000000"])
             .args(["-c", &concurrency.to_string()])
             .arg(format!("http://{addr}/"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start ab");
+            .stderr(Stdio::piped());
+        adjust(&mut cmd);
+        let child = cmd.spawn().expect("start ab");
         Self { child: Some(child) }
+    }
+
+    /// Panics with ab's output if it has exited (it gives up on a refused connection).
+    pub fn assert_running(&mut self) {
+        let child = self.child.as_mut().expect("ab running");
+        if let Some(status) = child.try_wait().expect("wait for ab") {
+            let mut out = String::new();
+            let mut err = String::new();
+            let _ = child.stdout.take().expect("piped").read_to_string(&mut out);
+            let _ = child.stderr.take().expect("piped").read_to_string(&mut err);
+            panic!("ab exited ({status}) before it was stopped:\n{out}\n{err}");
+        }
     }
 
     /// SIGINT, on which ab prints its results and exits; returns them.

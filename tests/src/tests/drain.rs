@@ -24,10 +24,10 @@ use crate::harness::{
 };
 
 /// Set (to anything) in the server processes these tests start.
-const SERVER_ENV: &str = "REUSEPORT_TEST_ABRUPT_SERVER";
+pub(crate) const SERVER_ENV: &str = "REUSEPORT_TEST_ABRUPT_SERVER";
 /// The generation whose server ignores SIGTERM (it has to be killed).
 const IGNORE_TERM_ENV: &str = "REUSEPORT_TEST_IGNORE_TERM_GENERATION";
-const SERVER_TEST: &str = "tests::drain::abrupt_server";
+pub(crate) const SERVER_TEST: &str = "tests::drain::abrupt_server";
 /// What each request takes the server.
 const REQUEST_TIME: Duration = Duration::from_millis(50);
 /// Requests of our client each generation answers before the next deploy.
