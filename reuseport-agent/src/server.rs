@@ -73,8 +73,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         "reuseport-agent ready"
     );
 
-    let waker = wake::Waker::start(agent.own_netns)
-        .context("starting the wake-up worker thread")?;
+    let waker =
+        wake::Waker::start(agent.own_netns).context("starting the wake-up worker thread")?;
     let scanner = tokio::spawn(scan::scan_loop(agent.clone(), waker));
     // NB: the socket is listening (bound above) and adoption is over: a client that connects
     // once systemd calls the agent started finds every adopted group.

@@ -88,7 +88,8 @@ mod async_client {
     use std::{os::fd::BorrowedFd, path::Path};
 
     use reuseport_proto::{
-        AgentInfo, DrainStep, GroupAddr, GroupStatus, Op, Reply, Request, RestartOutcome, frame::Conn,
+        AgentInfo, DrainStep, GroupAddr, GroupStatus, Op, Reply, Request, RestartOutcome,
+        frame::Conn,
     };
     use tokio::net::UnixStream;
 

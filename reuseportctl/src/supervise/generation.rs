@@ -140,6 +140,7 @@ impl Supervisor {
             Ok(_) => {
                 let waiting = self.waiters.remove(&generation).unwrap_or_default();
                 self.report(waiting, RestartOutcome::Active { generation });
+                self.service.succeeded();
                 let previous = self.current.replace(generation);
                 if let Some(g) = self.gens.get_mut(&generation) {
                     g.phase = Phase::Active;
