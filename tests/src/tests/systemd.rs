@@ -185,7 +185,7 @@ fn install(root: &Path) {
     write(
         &root.join("etc/reuseport/supervise/demo.env"),
         &format!(
-            "SUPERVISE_OPTS=--listen 127.0.0.1:{PORT} --ready notify\n\
+            "LISTEN=127.0.0.1:{PORT}\nSUPERVISE_OPTS=--ready notify\n\
              SERVER={SERVER_EXE} --exact {SERVER_TEST} --ignored --nocapture --test-threads=1\n\
              {SERVER_ENV}=1\n"
         ),
