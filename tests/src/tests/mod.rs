@@ -33,4 +33,5 @@ mod server_pid;
 mod slow_clients;
 mod steering;
 mod supervise;
+mod supervise_service;
 mod systemd;

@@ -42,7 +42,7 @@ use crate::harness::{
 /// Set (to anything) in the server processes the supervisor starts.
 pub(crate) const SERVER_ENV: &str = "REUSEPORT_TEST_LISTEN_FDS_SERVER";
 /// A generation whose server exits with status 1 at once (a broken release).
-const FAIL_GENERATION_ENV: &str = "REUSEPORT_TEST_FAIL_GENERATION";
+pub(crate) const FAIL_GENERATION_ENV: &str = "REUSEPORT_TEST_FAIL_GENERATION";
 /// A directory where the server leaves `started-<gen>` when it starts, `ready-<gen>` just
 /// before it reports ready, and `sigterm-<gen>` when it got SIGTERM.
 pub(crate) const MARKER_DIR_ENV: &str = "REUSEPORT_TEST_MARKER_DIR";
