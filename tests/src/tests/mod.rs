@@ -12,6 +12,7 @@ mod devices;
 mod drain;
 mod examples;
 mod exec;
+mod exit_codes;
 mod failed_changes;
 mod flips;
 mod floods;

@@ -48,7 +48,7 @@ pub(crate) const FAIL_GENERATION_ENV: &str = "REUSEPORT_TEST_FAIL_GENERATION";
 pub(crate) const MARKER_DIR_ENV: &str = "REUSEPORT_TEST_MARKER_DIR";
 /// `<generation>:<ms>`: the server of that generation takes that long before it accepts and
 /// reports READY=1 (loading, warming up).
-const READY_DELAY_ENV: &str = "REUSEPORT_TEST_READY_DELAY";
+pub(crate) const READY_DELAY_ENV: &str = "REUSEPORT_TEST_READY_DELAY";
 /// Exit status after SIGTERM (default 0).
 pub(crate) const TERM_EXIT_ENV: &str = "REUSEPORT_TEST_TERM_EXIT";
 pub(crate) const SERVER_TEST: &str = "tests::supervise::listen_fds_server";
