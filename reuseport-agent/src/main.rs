@@ -123,6 +123,9 @@ struct Cli {
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text,
           env = "REUSEPORT_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Print the man page, reuseport-agent(8), and exit (the package's build runs it).
+    #[arg(long, hide = true)]
+    man_page: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -154,6 +157,9 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if cli.man_page {
+        return print_man_page();
+    }
     init_logging(cli.log_format);
     // NB: a panic with the state lock held would leave a process that answers "internal
     // error" forever; aborting lets it be restarted, and the new agent adopts the pinned
@@ -196,6 +202,22 @@ fn main() -> std::process::ExitCode {
         }
         Err(e) => {
             eprintln!("reuseport-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// reuseport-agent(8), from the CLI definition.
+fn print_man_page() -> std::process::ExitCode {
+    let man = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).section("8");
+    let mut page = Vec::new();
+    match man.render(&mut page).and_then(|()| {
+        use std::io::Write as _;
+        std::io::stdout().write_all(&page)
+    }) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("reuseport-agent: cannot write the man page: {e}");
             std::process::ExitCode::FAILURE
         }
     }

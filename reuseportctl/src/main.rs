@@ -16,6 +16,7 @@ mod draining;
 pub mod exec;
 mod exit;
 mod launch;
+mod manual;
 mod output;
 mod reaper;
 pub mod restart;
@@ -67,6 +68,9 @@ pub enum Command {
     Exec(exec::ExecArgs),
     Supervise(supervise::SuperviseArgs),
     Version(version::VersionArgs),
+    Completions(manual::CompletionsArgs),
+    #[command(hide = true)]
+    ManPages(manual::ManPagesArgs),
 }
 
 fn main() -> ExitCode {
@@ -118,6 +122,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Exec(args) => exec::run(&cli.global, args).await,
         Command::Supervise(args) => supervise::run(&cli.global, args).await,
         Command::Version(args) => version::run(&cli.global, args).await,
+        Command::Completions(args) => manual::completions(&args),
+        Command::ManPages(args) => manual::man_pages(&args),
     }
 }
 

@@ -371,8 +371,8 @@ fn restart_command_without_a_supervisor_says_what_to_do() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
-        Some(1),
-        "restart of a group nobody supervises should fail: {stderr}"
+        Some(6),
+        "restart of a group nobody supervises should be refused (exit 6): {stderr}"
     );
     assert!(
         stderr.contains("no `reuseportctl supervise` manages tcp://127.0.0.1:7805")

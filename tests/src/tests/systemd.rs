@@ -40,6 +40,10 @@ const REQUESTS_PER_STEP: u64 = 50;
 const POLL: Duration = Duration::from_millis(50);
 /// Where the test executable is bound in the container.
 const SERVER_EXE: &str = "/usr/local/lib/reuseport-tests/server";
+/// The `.deb` of `cargo xtask package`, installed in the container when set (`cargo xtask
+/// test` sets it); otherwise the files of the tree and the binaries under test are.
+const DEB_ENV: &str = "REUSEPORT_DEB";
+const DEB_IN_CONTAINER: &str = "/var/cache/reuseport.deb";
 
 #[test]
 fn systemd_reload_and_agent_restart_under_load_lose_nothing() {
@@ -53,10 +57,34 @@ fn systemd_reload_and_agent_restart_under_load_lose_nothing() {
     }
     let rootfs = debian_rootfs();
     let _one = one_at_a_time();
-    let system = BootedSystem::boot(NAME, &rootfs, install);
-    // What the package's maintainer scripts do.
-    system.ok(&["systemd-sysusers", "reuseport.conf"]);
-    system.ok(&["systemctl", "daemon-reload"]);
+    let deb = std::env::var_os(DEB_ENV).map(PathBuf::from);
+    let system = BootedSystem::boot(NAME, &rootfs, |root| install(root, deb.as_deref()));
+    if deb.is_some() {
+        // Its maintainer scripts create the control group, enable and start the agent.
+        system.ok(&["dpkg", "--install", DEB_IN_CONTAINER]);
+        let listed = system.ok(&["dpkg-query", "--listfiles", "reuseport"]);
+        for file in [
+            "/usr/share/man/man8/reuseport-agent.8.gz",
+            "/usr/share/bash-completion/completions/reuseportctl",
+        ] {
+            assert!(
+                listed.lines().any(|l| l == file),
+                "the package should install {file}:\n{listed}"
+            );
+        }
+        assert_eq!(
+            system
+                .ok(&["systemctl", "is-enabled", "reuseport-agent.service"])
+                .trim(),
+            "enabled",
+            "the package should enable the agent's unit"
+        );
+    } else {
+        println!("{NAME}: {DEB_ENV} unset: the files of the tree are installed, not the .deb");
+        // What the package's maintainer scripts do.
+        system.ok(&["systemd-sysusers", "reuseport.conf"]);
+        system.ok(&["systemctl", "daemon-reload"]);
+    }
 
     // Type=notify: each systemctl returns once the unit said READY=1, so what it promises
     // holds as soon as it returns, without waiting.
@@ -154,9 +182,16 @@ fn systemd_reload_and_agent_restart_under_load_lose_nothing() {
     println!("{NAME}: systemctl status:\n{agent}\n{demo}");
 }
 
-/// What the package installs, from the tree and the binaries under test; the executables are
-/// bound, not copied (debug builds are large).
-fn install(root: &Path) {
+/// The package, or what it installs from the tree and the binaries under test (the
+/// executables are bound, not copied: debug builds are large); the demo server either way.
+fn install(root: &Path, deb: Option<&Path>) {
+    let exe = std::env::current_exe().expect("current_exe");
+    bind_file(&exe, &root.join(SERVER_EXE.trim_start_matches('/')));
+    demo_unit(root);
+    if let Some(deb) = deb {
+        copy(deb, &root.join(DEB_IN_CONTAINER.trim_start_matches('/')));
+        return;
+    }
     let packaging = workspace().join("packaging");
     bind_file(
         &bin_path("reuseport-agent"),
@@ -166,8 +201,6 @@ fn install(root: &Path) {
         &bin_path("reuseportctl"),
         &root.join("usr/bin/reuseportctl"),
     );
-    let exe = std::env::current_exe().expect("current_exe");
-    bind_file(&exe, &root.join(SERVER_EXE.trim_start_matches('/')));
     for unit in ["reuseport-agent.service", "reuseport-supervise@.service"] {
         copy(
             &packaging.join("systemd").join(unit),
@@ -182,6 +215,10 @@ fn install(root: &Path) {
         &packaging.join("sysusers/reuseport.conf"),
         &root.join("usr/lib/sysusers.d/reuseport.conf"),
     );
+}
+
+/// The demo server's instance of the template unit.
+fn demo_unit(root: &Path) {
     write(
         &root.join("etc/reuseport/supervise/demo.env"),
         &format!(
