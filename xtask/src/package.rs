@@ -108,9 +108,7 @@ fn generate_assets(bins: &Path, assets: &Path) -> anyhow::Result<()> {
         assets.join("man/man8"),
         assets.join("completions"),
     );
-    for dir in [&man8, &completions] {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+    std::fs::create_dir_all(&man8).with_context(|| format!("creating {}", man8.display()))?;
     let ctl = bins.join("reuseportctl");
     run_quiet(Command::new(&ctl).arg("man-pages").arg(&man1))?;
     let agent_page = output_of(Command::new(bins.join("reuseport-agent")).arg("--man-page"))?;
@@ -123,19 +121,22 @@ fn generate_assets(bins: &Path, assets: &Path) -> anyhow::Result<()> {
                 .current_dir(dir),
         )?;
     }
+    // Named as each shell looks them up.
     for (shell, file) in [
-        ("bash", "reuseportctl.bash"),
+        ("bash", "reuseportctl"),
         ("zsh", "_reuseportctl"),
         ("fish", "reuseportctl.fish"),
     ] {
         let script = output_of(Command::new(&ctl).args(["completions", shell]))?;
-        write(&completions.join(file), &script)?;
+        let dir = completions.join(shell);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        write(&dir.join(file), &script)?;
     }
     Ok(())
 }
 
 /// `reuseport-VERSION-x86_64-linux-musl.tar.gz`: what the .deb installs, laid out as a
-/// prefix (`bin/`, `sbin/`, `share/man/`, …) with the units and defaults beside it.
+/// prefix (`bin/`, `sbin/`, `share/`, `lib/`) with `etc/default/` beside it.
 fn tarball(root: &Path, bins: &Path, assets: &Path) -> anyhow::Result<PathBuf> {
     let name = format!("reuseport-{}-x86_64-linux-musl", env!("CARGO_PKG_VERSION"));
     let stage = root.join(OUT).join("stage");
@@ -144,20 +145,30 @@ fn tarball(root: &Path, bins: &Path, assets: &Path) -> anyhow::Result<PathBuf> {
         std::fs::remove_dir_all(&stage).context("removing the old tarball stage")?;
     }
     let packaging = root.join("packaging");
-    let copies: [(PathBuf, &str); 10] = [
-        (bins.join("reuseport-agent"), "sbin/"),
-        (bins.join("reuseportctl"), "bin/"),
-        (assets.join("man/man1"), "share/man/"),
-        (assets.join("man/man8"), "share/man/"),
-        (assets.join("completions"), "share/"),
-        (packaging.join("systemd"), "lib/"),
-        (packaging.join("default"), "etc/"),
-        (packaging.join("sysusers"), "lib/"),
-        (root.join("README.md"), "share/doc/reuseport/"),
-        (root.join("docs/operations.md"), "share/doc/reuseport/"),
+    let completions = assets.join("completions");
+    // (source, directory under the prefix): the .deb's layout without `usr/`; `DIR/.`
+    // copies a directory's contents.
+    let copies: [(PathBuf, &str); 11] = [
+        (bins.join("reuseport-agent"), "sbin"),
+        (bins.join("reuseportctl"), "bin"),
+        (assets.join("man/."), "share/man"),
+        (
+            completions.join("bash/."),
+            "share/bash-completion/completions",
+        ),
+        (completions.join("zsh/."), "share/zsh/vendor-completions"),
+        (
+            completions.join("fish/."),
+            "share/fish/vendor_completions.d",
+        ),
+        (packaging.join("systemd/."), "lib/systemd/system"),
+        (packaging.join("sysusers/."), "lib/sysusers.d"),
+        (packaging.join("default/."), "etc/default"),
+        (root.join("README.md"), "share/doc/reuseport"),
+        (root.join("docs/operations.md"), "share/doc/reuseport"),
     ];
-    for (from, to) in &copies {
-        let dir = top.join(to);
+    for (from, dir) in &copies {
+        let dir = top.join(dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         run_quiet(Command::new("cp").arg("-a").arg(from).arg(&dir))?;
     }
