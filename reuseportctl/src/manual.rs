@@ -61,3 +61,42 @@ pub fn man_pages(args: &ManPagesArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot write the man pages into {}", args.dir.display()))?;
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_visible_verb_has_a_man_page() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        man_pages(&ManPagesArgs {
+            dir: dir.path().to_owned(),
+        })
+        .expect("write the man pages");
+        let mut pages: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("list the pages")
+            .map(|e| e.expect("an entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        pages.sort();
+        let mut wanted: Vec<String> = Cli::command()
+            .get_subcommands()
+            .filter(|c| !c.is_hide_set())
+            .map(|c| format!("reuseportctl-{}.1", c.get_name()))
+            .chain(["reuseportctl.1".to_owned()])
+            .collect();
+        wanted.sort();
+        assert_eq!(pages, wanted);
+    }
+
+    #[test]
+    fn completions_know_every_verb() {
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "reuseportctl", &mut script);
+            let script = String::from_utf8(script).expect("UTF-8");
+            for verb in ["status", "activate", "supervise", "version"] {
+                assert!(script.contains(verb), "{shell}: no {verb}");
+            }
+        }
+    }
+}
