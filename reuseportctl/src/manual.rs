@@ -75,7 +75,12 @@ mod tests {
         .expect("write the man pages");
         let mut pages: Vec<String> = std::fs::read_dir(dir.path())
             .expect("list the pages")
-            .map(|e| e.expect("an entry").file_name().to_string_lossy().into_owned())
+            .map(|e| {
+                e.expect("an entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
             .collect();
         pages.sort();
         let mut wanted: Vec<String> = Cli::command()

@@ -22,6 +22,7 @@ mod harness_clients;
 mod hostile;
 mod limits;
 mod live;
+mod log_format;
 mod migration;
 mod netns_launchers;
 mod policy;
