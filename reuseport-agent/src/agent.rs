@@ -27,7 +27,7 @@ use crate::{
 pub use crate::{admission::DEFAULT_MAX_CONNECTIONS, kernel::Mode, server::run};
 use reuseport_proto::{
     addr::{GroupAddr, GroupKey},
-    message::{ErrorKind, GroupStatus, Limits, Reply},
+    message::{AgentInfo, ErrorKind, GroupStatus, Limits, Reply},
 };
 
 /// Default of `reuseport-agent --max-groups`: each group costs a loaded program, its maps
@@ -197,6 +197,16 @@ impl Agent {
         })
     }
 
+    /// Who answers a `status`.
+    pub(crate) fn info(&self) -> AgentInfo {
+        AgentInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            abi: reuseport_common::ABI_VERSION,
+            mode: self.mode.as_str().into(),
+            kernel: crate::kernel::kernel_release(),
+        }
+    }
+
     pub(crate) fn limits(&self) -> Limits {
         let mut limits = Limits {
             groups: self.quotas.max_groups,
@@ -285,9 +295,15 @@ impl Agent {
         let status = self.group_status(group, &live);
         let group = &state.groups[&key];
         state.notify(group, &changes, self.own_netns);
-        for ch in &changes {
-            tracing::info!(group = %key, generation = ch.generation, state = %ch.state, "state changed");
-        }
+        // One line per change of the table (a flip is two state changes).
+        let changed: Vec<String> = changes
+            .iter()
+            .map(|ch| format!("{} {}", ch.generation, ch.state))
+            .collect();
+        tracing::info!(
+            group = %key, op = what, active = group.active(), changes = %changed.join(", "),
+            pid = peer.pid, uid = peer.uid, "state changed"
+        );
         Ok(Reply::Changed { group: status })
     }
 
@@ -318,6 +334,9 @@ impl Agent {
             }
         }
         self.live.retain(&namespaces);
-        Ok(Reply::Status { groups })
+        Ok(Reply::Status {
+            groups,
+            agent: Some(self.info()),
+        })
     }
 }

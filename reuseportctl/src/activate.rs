@@ -23,14 +23,21 @@ pub struct ActivateArgs {
     /// The generation to activate; it must have a registered socket.
     #[arg(value_name = "GEN")]
     pub generation: u32,
+    /// Print the group after the change as JSON (the protocol's GroupStatus).
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub async fn run(global: &GlobalOpts, args: ActivateArgs) -> anyhow::Result<ExitCode> {
     let mut client = ControlClient::connect(&global.control).await?;
     let group = client.activate(args.group, args.generation).await?;
-    output::print(&format!(
-        "{}\n",
-        output::change_summary(&group, args.generation)
-    ))?;
+    if args.json {
+        output::print_json(&group)?;
+    } else {
+        output::print(&format!(
+            "{}\n",
+            output::change_summary(&group, args.generation)
+        ))?;
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -20,14 +20,21 @@ pub struct DrainArgs {
     /// The generation to drain.
     #[arg(value_name = "GEN")]
     pub generation: u32,
+    /// Print the group after the change as JSON (the protocol's GroupStatus).
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub async fn run(global: &GlobalOpts, args: DrainArgs) -> anyhow::Result<ExitCode> {
     let mut client = ControlClient::connect(&global.control).await?;
     let group = client.drain(args.group, args.generation).await?;
-    output::print(&format!(
-        "{}\n",
-        output::change_summary(&group, args.generation)
-    ))?;
+    if args.json {
+        output::print_json(&group)?;
+    } else {
+        output::print(&format!(
+            "{}\n",
+            output::change_summary(&group, args.generation)
+        ))?;
+    }
     Ok(ExitCode::SUCCESS)
 }
