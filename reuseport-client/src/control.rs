@@ -126,12 +126,13 @@ mod async_client {
             round_trip(&mut self.conn, op, None).await
         }
 
-        /// All groups, or only `group`.
+        /// All groups, or only `group`; with the live figures for one group, without them
+        /// for all groups (the agent's default, see [`Op::Status`]).
         pub async fn status(
             &mut self,
             group: Option<GroupAddr>,
         ) -> Result<Vec<GroupStatus>, ClientError> {
-            self.status_with(group, true).await
+            groups(self.request(Op::Status { group, live: None }).await?)
         }
 
         /// [`ControlClient::status`]; `live: false` leaves out the figures the agent reads
@@ -142,7 +143,13 @@ mod async_client {
             group: Option<GroupAddr>,
             live: bool,
         ) -> Result<Vec<GroupStatus>, ClientError> {
-            groups(self.request(Op::Status { group, live }).await?)
+            groups(
+                self.request(Op::Status {
+                    group,
+                    live: Some(live),
+                })
+                .await?,
+            )
         }
 
         /// Makes `generation` the active one; returns the group after the change.
@@ -274,7 +281,7 @@ mod tests {
                 req,
                 Request::new(Op::Status {
                     group: None,
-                    live: true
+                    live: None
                 })
             );
             conn.send(
