@@ -127,6 +127,8 @@ pub struct Adoption {
     pub seconds: f64,
     pub load_requests: u64,
     pub failures: u64,
+    /// The failures by kind (slower than `load::SLOW` included).
+    pub failure_kinds: String,
 }
 
 #[derive(Serialize)]
@@ -520,14 +522,16 @@ fn adopt(stack: &Stack, o: &ScaleOpts, n: usize) -> anyhow::Result<Adoption> {
     let seconds = t0.elapsed().as_secs_f64();
     // Load keeps running a little after adoption, so losses at its end are seen too.
     thread::sleep(Duration::from_millis(500));
-    let (mut requests, mut failures) = (0, 0);
+    let (mut requests, mut failures, mut kinds) = (0, 0, Vec::new());
     for l in loads {
         let (t, _) = l.stop();
         requests += t.requests();
         failures += t.failures();
+        kinds.push(t.failure_line());
     }
     println!(
-        "bench scale: adoption of {n} groups: {seconds:.2} s, {requests} requests, {failures} failed; load {}",
+        "bench scale: adoption of {n} groups: {seconds:.2} s, {requests} requests, {failures} failed ({}); load {}",
+        kinds.join("; "),
         load_average()
     );
     Ok(Adoption {
@@ -535,6 +539,7 @@ fn adopt(stack: &Stack, o: &ScaleOpts, n: usize) -> anyhow::Result<Adoption> {
         seconds,
         load_requests: requests,
         failures,
+        failure_kinds: kinds.join("; "),
     })
 }
 

@@ -86,11 +86,12 @@ pub fn print(r: &ScaleReport) {
     }
     if let Some(a) = &r.adoption {
         println!(
-            "| agent restart | adoption of 4,096 groups ≤ 5 s, 0 connections lost | {} groups in {:.2} s; {} of {} requests failed | {} |",
+            "| agent restart | adoption of 4,096 groups ≤ 5 s, 0 connections lost | {} groups in {:.2} s; {} of {} requests failed ({}) | {} |",
             a.groups,
             a.seconds,
             a.failures,
             a.load_requests,
+            a.failure_kinds,
             met(a.groups >= 4096 && a.seconds <= 5.0 && a.failures == 0)
         );
     }
