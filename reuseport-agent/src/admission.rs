@@ -43,9 +43,10 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub const EVICTION_PAUSE: Duration = Duration::from_millis(2);
 
 /// Descriptors the agent needs besides control connections: its own (runtime, grace
-/// helper, listener, logs) and, per group, the program, its maps, the netns and the logger.
+/// helper, listener, logs) and, per group, the program, its 5 maps and the netns, plus one
+/// for a map or pin opened while the group changes.
 const RESERVED_FDS: u64 = 64;
-const FDS_PER_GROUP: u64 = 12;
+const FDS_PER_GROUP: u64 = 8;
 
 /// Why a connection is closed before its next request.
 #[derive(Debug, thiserror::Error)]

@@ -10,6 +10,7 @@ use reuseport_common::{ABI_VERSION, ADOPTABLE_ABI};
 use crate::{
     agent::Agent,
     bpffs,
+    grace::Ticket,
     group::Group,
     kernel::{self, GroupKernel, PinnedRecord},
     pinned,
@@ -25,6 +26,11 @@ impl Agent {
             return 0;
         };
         let mut adopted = 0;
+        // NB: one ticket for every group: what the dead agent retired, it retired before
+        // this point, so one grace period covers all of them. A ticket per group made every
+        // group's republish wait a grace period of its own (≈30 ms each, one after the
+        // other: 42 s for 1,300 groups).
+        let retired = self.grace.retire();
         // NB: a link here is never followed (see bpffs): adoption would take another
         // group's pins for this name's.
         for dir in entries
@@ -33,7 +39,7 @@ impl Agent {
             .filter(|p| bpffs::is_real_dir(p))
         {
             match kernel::read_pinned(&dir) {
-                PinnedRecord::Adoptable(record) => match self.adopt_one(&dir, &record) {
+                PinnedRecord::Adoptable(record) => match self.adopt_one(&dir, &record, retired) {
                     Ok(true) => adopted += 1,
                     Ok(false) => {}
                     Err(e) => tracing::error!(
@@ -73,10 +79,11 @@ impl Agent {
         &self,
         dir: &std::path::Path,
         state: &reuseport_common::PinnedState,
+        retired: Ticket,
     ) -> Result<bool, String> {
         let record = pinned::decode(state)?;
         let key = record.key();
-        let kernel = GroupKernel::adopt(self.mode, dir, &record.program, &self.grace)
+        let kernel = GroupKernel::adopt(self.mode, dir, &record.program, retired)
             .map_err(|e| e.to_string())?;
         let mut registry = record.registry;
         // Registration ids of the dead agent mean nothing here: one fresh id per old one,
@@ -111,7 +118,7 @@ impl Agent {
             .flat_map(|g| g.sockets.values())
             .find_map(|m| netns_of(m.pid, key.netns));
         let record = pinned::GroupRecord { registry, ..record };
-        let group = Group::adopt(record, kernel, netns, self.pin_abi, &self.grace)
+        let group = Group::adopt(record, kernel, netns, self.pin_abi, retired, &self.grace)
             .map_err(|r| r.message)?;
         let generations: Vec<String> = group
             .generation_states()

@@ -14,7 +14,7 @@ use std::{
 use reuseport_common::MAX_SLOTS;
 
 use crate::{
-    grace::Grace,
+    grace::{Grace, Ticket},
     kernel::{self, GroupKernel},
     pinned::{self, GroupRecord},
     registry::{Generation, Member, Refusal, RegId, Registry, StateChange},
@@ -39,11 +39,8 @@ pub(crate) struct Group {
     /// ABI version written into the pinned record (the current one, except in tests that
     /// simulate an older agent).
     record_abi: u32,
-    /// Where the pinned record is encoded (see [`pinned::buffer`]).
-    record_buf: Box<reuseport_common::PinnedState>,
     /// Registered slots whose listener was seen closed (edge detection for wake-ups).
     closed: HashSet<u32>,
-    logger: Option<tokio::task::JoinHandle<()>>,
     /// What its supervisor last reported about a restart (see `restart`).
     last_restart: Option<RestartOutcome>,
     /// The record and the kernel's table lag behind the registry: a removal (which cannot be
@@ -52,14 +49,6 @@ pub(crate) struct Group {
     /// The device its sockets are bound to (`SO_BINDTODEVICE`), `Some(None)` for none;
     /// `None` while unknown (adopted from an agent that did not keep it).
     device: Option<Option<String>>,
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        if let Some(task) = self.logger.take() {
-            task.abort();
-        }
-    }
 }
 
 /// What a change may alter, kept to put it back if publishing the change fails.
@@ -82,10 +71,9 @@ impl Group {
     /// record to adopt, never a group whose record is missing.
     pub(crate) fn create(
         first: &Listener,
-        mut kernel: GroupKernel,
+        kernel: GroupKernel,
         record_abi: u32,
     ) -> Result<Self, Refusal> {
-        let logger = kernel.start_logger();
         let mut group = Self {
             key: first.key,
             owner_uid: first.uid,
@@ -95,9 +83,7 @@ impl Group {
             serial: 0,
             netns: first.netns.try_clone().ok(),
             record_abi,
-            record_buf: pinned::buffer(),
             closed: HashSet::new(),
-            logger,
             last_restart: None,
             stale: false,
             device: Some(first.device.clone()),
@@ -114,9 +100,10 @@ impl Group {
     /// a flip the dead agent may have been killed in the middle of.
     pub(crate) fn adopt(
         record: GroupRecord,
-        mut kernel: GroupKernel,
+        kernel: GroupKernel,
         netns: Option<OwnedFd>,
         record_abi: u32,
+        retired: Ticket,
         grace: &Grace,
     ) -> Result<Self, Refusal> {
         let used: Vec<u32> = record
@@ -125,19 +112,16 @@ impl Group {
             .values()
             .flat_map(|g| g.sockets.keys().copied())
             .collect();
-        let logger = kernel.start_logger();
         let mut group = Self {
             key: record.key(),
             owner_uid: record.owner_uid,
             registry: record.registry,
             kernel,
-            slots: SlotPool::adopted(&used, grace.retire()),
+            slots: SlotPool::adopted(&used, retired),
             serial: record.serial,
             netns,
             record_abi,
-            record_buf: pinned::buffer(),
             closed: HashSet::new(),
-            logger,
             last_restart: record.last_restart,
             stale: false,
             device: record.bound_device,
@@ -492,12 +476,15 @@ impl Group {
             self.kernel.remove_record_pin();
             return Ok(());
         }
-        pinned::encode(&self.record(), self.record_abi, &mut self.record_buf)?;
-        crate::fault::fail("publish.record")
-            .map_err(|e| kernel_refusal(kernel::injected("writing the pinned group record", e)))?;
-        self.kernel
-            .write_record(&self.record_buf)
-            .map_err(kernel_refusal)
+        let (record, record_abi) = (self.record(), self.record_abi);
+        let group_kernel = &mut self.kernel;
+        pinned::with_buffer(|buf| {
+            pinned::encode(&record, record_abi, buf)?;
+            crate::fault::fail("publish.record").map_err(|e| {
+                kernel_refusal(kernel::injected("writing the pinned group record", e))
+            })?;
+            group_kernel.write_record(buf).map_err(kernel_refusal)
+        })
     }
 
     fn record(&self) -> GroupRecord {

@@ -221,10 +221,11 @@ pub fn kernel_release() -> String {
 
 /// One group's program and maps.
 pub struct GroupKernel {
-    /// The loaded object, unless the program was taken from its pin as it is.
-    ebpf: Option<Ebpf>,
-    /// The program taken from its pin (see [`program_id`]).
-    pinned_program: Option<SkReuseport>,
+    /// The program, opened from its pin: the parsed object it was loaded from is dropped
+    /// at once (aya keeps the whole ELF, BTF included, per object).
+    program: SkReuseport,
+    /// Whether the program was taken from its pin as it was (see [`program_id`]).
+    reused: bool,
     sockets: MapData,
     config: Array<MapData, SteeringConfig>,
     current: Array<MapData, u32>,
@@ -252,14 +253,14 @@ impl GroupKernel {
     /// the old one until [`GroupKernel::attach`].
     ///
     /// NB: the crashed agent may have retired buffers less than a grace period ago, so
-    /// every buffer starts out retired "now".
+    /// every buffer starts out retired at `retired`, taken before adoption began.
     pub fn adopt(
         mode: Mode,
         pin_dir: &Path,
         pinned_program_id: &str,
-        grace: &Grace,
+        retired: Ticket,
     ) -> Result<Self, KernelError> {
-        let retired = Some(grace.retire());
+        let retired = Some(retired);
         if pinned_program_id == program_id(mode) {
             match Self::from_pins(mode, pin_dir, retired) {
                 Ok(k) => return Ok(k),
@@ -293,8 +294,8 @@ impl GroupKernel {
                 source: io::Error::other(e),
             })?;
         Ok(Self {
-            ebpf: None,
-            pinned_program: Some(program),
+            program,
+            reused: true,
             sockets: map(MapNames::SOCKETS)?,
             config: Array::try_from(Map::Array(map(MapNames::CONFIG)?)).map_err(typed("CONFIG"))?,
             live: current.get(&0, 0).unwrap_or(0) % CONFIG_BUFFERS,
@@ -350,10 +351,18 @@ impl GroupKernel {
             what: format!("pinning {name} in {}", pin_dir.display()),
             source: io::Error::other(e),
         })?;
+        let program = SkReuseport::from_pin(&prog_pin, mode.attach_type()).map_err(|e| {
+            KernelError::Kernel {
+                what: format!("opening the program just pinned at {}", prog_pin.display()),
+                source: io::Error::other(e),
+            }
+        })?;
+        drop(ebpf);
+        trim_heap();
         let live = current.get(&0, 0).unwrap_or(0) % CONFIG_BUFFERS;
         Ok(Self {
-            ebpf: Some(ebpf),
-            pinned_program: None,
+            program,
+            reused: false,
             sockets,
             config,
             current,
@@ -372,7 +381,7 @@ impl GroupKernel {
 
     /// Whether the program was taken from its pin as it was (see [`GroupKernel::adopt`]).
     pub fn program_reused(&self) -> bool {
-        self.pinned_program.is_some()
+        self.reused
     }
 
     /// [`program_id`] of this agent's program, which a publish records.
@@ -388,20 +397,16 @@ impl GroupKernel {
     /// Attaches the program to the kernel's reuseport group that `socket` belongs to.
     /// Idempotent: attaching again replaces the group's program with the same one.
     pub fn attach(&self, socket: BorrowedFd<'_>) -> Result<(), KernelError> {
-        let prog: &SkReuseport = match (&self.pinned_program, &self.ebpf) {
-            (Some(p), _) => p,
-            (None, Some(ebpf)) => ebpf
-                .program(self.mode.program())
-                .and_then(|p| p.try_into().ok())
-                .expect("program was loaded in open()"),
-            (None, None) => unreachable!("a group kernel has a program"),
-        };
-        prog.attach(socket).map_err(|e| KernelError::Kernel {
+        self.program
+            .attach(socket)
+            .map_err(|e| {
+                KernelError::Kernel {
             what:
                 "attaching the program to the socket's reuseport group (SO_ATTACH_REUSEPORT_EBPF)"
                     .into(),
             source: io::Error::other(e),
-        })
+        }
+            })
     }
 
     fn sockets_fd(&self) -> BorrowedFd<'_> {
@@ -499,47 +504,20 @@ impl GroupKernel {
                 source: io::Error::other(e),
             })
     }
-
-    /// Forwards the program's rare-event messages (aya-log) to the agent's log, on a task
-    /// that the caller aborts when the group goes.
-    pub fn start_logger(&mut self) -> Option<tokio::task::JoinHandle<()>> {
-        // NB: a program reused from its pin logs into a ring buffer of the dead agent's
-        // object that nobody reads any more: its rare-event lines are lost.
-        let logger = aya_log::EbpfLogger::init(self.ebpf.as_mut()?)
-            .inspect_err(|e| tracing::debug!(error = %e, "program logger unavailable"))
-            .ok()?;
-        spawn_logger(logger)
-    }
 }
 
 pub use super::bpffs::remove_pins;
 
-/// Forwards the program's rare-event log lines (aya-log) while the group lives.
-fn spawn_logger(
-    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
-) -> Option<tokio::task::JoinHandle<()>> {
-    let handle = tokio::runtime::Handle::try_current().ok()?;
-    let _entered = handle.enter();
-    // SAFETY: the logger owns its ring buffer descriptor and keeps it open until dropped,
-    // which happens only with the AsyncFd.
-    let registered = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-    };
-    let fd = match registered {
-        Ok(fd) => fd,
-        Err(e) => {
-            tracing::debug!(error = %e, "program logger unavailable");
-            return None;
-        }
-    };
-    Some(handle.spawn(async move {
-        let mut fd = fd;
-        loop {
-            let Ok(mut guard) = fd.readable_mut().await else {
-                return;
-            };
-            guard.get_inner_mut().flush();
-            guard.clear_ready();
-        }
-    }))
+/// Returns the memory the allocator keeps free to the system.
+///
+/// NB: loading a group's object allocates megabytes (its BTF, relocations, instructions),
+/// freed right after on whichever blocking thread created the group. glibc keeps freed
+/// memory in that thread's arena: with a dozen blocking threads, about 20 MiB each stayed
+/// resident, most of the agent's RSS.
+fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only hands free pages back; it touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

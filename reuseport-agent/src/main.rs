@@ -155,7 +155,23 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// One malloc arena for every thread.
+///
+/// NB: glibc gives each thread that allocates under contention an arena of its own and
+/// keeps what is freed there. Requests run on tokio's blocking threads (a hundred and more
+/// under load), so every flip, status and registration left memory resident in a different
+/// arena: RSS grew to 165 MiB at 64 groups after a few hundred flips. The agent serialises
+/// its work on one state lock anyway; one arena costs it nothing measurable.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt before any other thread exists; it only changes allocator policy.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     if cli.man_page {
         return print_man_page();

@@ -55,8 +55,17 @@ impl GroupRecord {
     }
 }
 
-/// A zeroed record buffer, allocated once per group (encoding reuses it: a fresh 32 KiB
-/// allocation per flip cost tens of microseconds in page faults).
+/// Runs `f` on this thread's record buffer. Every group encodes into it: a buffer per group
+/// made 32 KiB of every group's memory, and a fresh 32 KiB allocation per flip cost tens of
+/// microseconds in page faults. [`encode`] zeroes what a longer record left behind.
+pub fn with_buffer<R>(f: impl FnOnce(&mut PinnedState) -> R) -> R {
+    thread_local! {
+        static BUFFER: std::cell::RefCell<Box<PinnedState>> = std::cell::RefCell::new(buffer());
+    }
+    BUFFER.with_borrow_mut(|b| f(b))
+}
+
+/// A zeroed record buffer.
 pub fn buffer() -> Box<PinnedState> {
     Box::new(PinnedState {
         header: StateHeader::default(),

@@ -267,6 +267,7 @@ async fn answer(
             Ok(a.register(peer, reg, socket, req, mailbox.clone()).await)
         }
         Op::Status { group, live } => {
+            let live = live.unwrap_or(group.is_some());
             tokio::task::spawn_blocking(move || a.status(group.as_ref(), live)).await
         }
         Op::Activate { group, generation } => {

@@ -46,9 +46,10 @@ impl ControlClient {
         answer(self.conn.round_trip(&Request::new(op), None)?)
     }
 
-    /// All groups, or only `group`.
+    /// All groups, or only `group`; with the live figures for one group, without them for
+    /// all groups (the agent's default, see [`Op::Status`]).
     pub fn status(&mut self, group: Option<GroupAddr>) -> Result<Vec<GroupStatus>, ClientError> {
-        self.status_with(group, true)
+        groups(self.request(Op::Status { group, live: None })?)
     }
 
     /// [`ControlClient::status`]; `live: false` leaves out the figures the agent reads from
@@ -58,7 +59,10 @@ impl ControlClient {
         group: Option<GroupAddr>,
         live: bool,
     ) -> Result<Vec<GroupStatus>, ClientError> {
-        groups(self.request(Op::Status { group, live })?)
+        groups(self.request(Op::Status {
+            group,
+            live: Some(live),
+        })?)
     }
 
     /// Makes `generation` the active one; returns the group after the change.

@@ -135,12 +135,13 @@ mod async_client {
             round_trip(&mut self.conn, op, None).await
         }
 
-        /// All groups, or only `group`.
+        /// All groups, or only `group`; with the live figures for one group, without them
+        /// for all groups (the agent's default, see [`Op::Status`]).
         pub async fn status(
             &mut self,
             group: Option<GroupAddr>,
         ) -> Result<Vec<GroupStatus>, ClientError> {
-            self.status_with(group, true).await
+            groups(self.request(Op::Status { group, live: None }).await?)
         }
 
         /// [`ControlClient::status`]; `live: false` leaves out the figures the agent reads
@@ -151,7 +152,13 @@ mod async_client {
             group: Option<GroupAddr>,
             live: bool,
         ) -> Result<Vec<GroupStatus>, ClientError> {
-            groups(self.request(Op::Status { group, live }).await?)
+            groups(
+                self.request(Op::Status {
+                    group,
+                    live: Some(live),
+                })
+                .await?,
+            )
         }
 
         /// Which agent answers (version, ABI, mode, kernel); `None` from an agent that
@@ -159,7 +166,7 @@ mod async_client {
         pub async fn agent_info(&mut self) -> Result<Option<AgentInfo>, ClientError> {
             let op = Op::Status {
                 group: None,
-                live: false,
+                live: Some(false),
             };
             agent_info(self.request(op).await?)
         }
@@ -293,7 +300,7 @@ mod tests {
                 req,
                 Request::new(Op::Status {
                     group: None,
-                    live: true
+                    live: None
                 })
             );
             conn.send(

@@ -21,7 +21,6 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
     programs::SkReuseportContext,
 };
-use aya_log_ebpf::warn;
 use reuseport_common::{
     CONFIG_BUFFERS, COUNTER_ENTRIES, GROUP_COUNTER_INDEX, MAX_SLOTS, PinnedState, SlotCounters,
     SteeringConfig,
@@ -126,14 +125,10 @@ fn steer(ctx: &SkReuseportContext, migrating: bool) -> u32 {
         return SK_PASS;
     }
     // No registered socket is left: hand the choice back to the kernel's hash over whatever
-    // sockets remain in the group. That is never worse than refusing the connection.
+    // sockets remain in the group. That is never worse than refusing the connection. Counted
+    // (`unsteered` in status), not logged: a log ring buffer would cost every group 128 KiB
+    // of kernel memory and the agent a reader per group.
     count(GROUP_COUNTER_INDEX, |c| c.unsteered += 1);
-    if first_on_this_cpu(GROUP_COUNTER_INDEX) {
-        warn!(
-            ctx,
-            "no registered socket left in the group; connection handed to the kernel's hash"
-        );
-    }
     SK_PASS
 }
 
@@ -186,13 +181,6 @@ fn count(index: u32, f: impl FnOnce(&mut SlotCounters)) {
         // SAFETY: per-CPU value, only this CPU writes it while the program runs.
         f(unsafe { &mut *c });
     }
-}
-
-/// True the first time this CPU counts a group-wide event: logs rare events once instead of
-/// once per connection.
-#[inline(always)]
-fn first_on_this_cpu(index: u32) -> bool {
-    COUNTERS.get(index).is_some_and(|c| c.unsteered == 1)
 }
 
 #[cfg(not(test))]

@@ -85,9 +85,11 @@ pub enum Op {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         group: Option<GroupAddr>,
         /// Read the live figures from the kernel (sock_diag): connections per generation,
-        /// accept queues. `false` answers from the agent's own state only.
-        #[serde(default = "yes", skip_serializing_if = "is_true")]
-        live: bool,
+        /// accept queues. `false` answers from the agent's own state only. Absent: yes for
+        /// one named group, no for all groups (they cost a sock_diag query and a process
+        /// walk per group: seconds at thousands of groups).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        live: Option<bool>,
     },
     /// Make `generation` the only active generation; the previously active one drains.
     Activate { group: GroupAddr, generation: u32 },
@@ -207,10 +209,6 @@ pub enum RestartOutcome {
 
 fn is_false(b: &bool) -> bool {
     !*b
-}
-
-fn is_true(b: &bool) -> bool {
-    *b
 }
 
 /// State of a generation, as the kernel program treats it.

@@ -56,7 +56,7 @@ pub async fn run(global: &GlobalOpts, args: StatusArgs) -> anyhow::Result<ExitCo
         return watch(global, &args, every).await;
     }
     let mut client = ControlClient::connect(&global.control).await?;
-    let groups = client.status(args.group).await?;
+    let groups = client.status_with(args.group, true).await?;
     if args.check {
         let problems = check::problems(&groups);
         if problems.is_empty() {
@@ -95,7 +95,7 @@ async fn watch(
                 Some(c) => c,
                 None => client.insert(ControlClient::connect(&global.control).await?),
             };
-            c.status(args.group).await
+            c.status_with(args.group, true).await
         }
         .await;
         if answer.is_err() {

@@ -23,6 +23,7 @@ pub struct Stack {
     /// The control socket, the agent's log and the benchmarks' files; removed with the
     /// stack.
     tmp: tempfile::TempDir,
+    agent_args: Vec<String>,
     agent: Mutex<Option<Child>>,
     servers: Mutex<Vec<Child>>,
 }
@@ -36,6 +37,15 @@ impl Stack {
 
     /// Like [`Stack::start`], with binaries already built in `bin`.
     pub fn start_in(tag: &str, bin: &std::path::Path) -> anyhow::Result<Self> {
+        Self::start_with(tag, bin, &[])
+    }
+
+    /// Like [`Stack::start_in`], with `agent_args` added to the agent's command line.
+    pub fn start_with(
+        tag: &str,
+        bin: &std::path::Path,
+        agent_args: &[String],
+    ) -> anyhow::Result<Self> {
         namespaces::enter_private().context("entering private network and mount namespaces")?;
         let tmp = tempfile::Builder::new()
             .prefix(&format!("reuseport-{tag}-"))
@@ -46,26 +56,61 @@ impl Stack {
             control: tmp.path().join("agent.sock"),
             bpffs: PathBuf::from("/sys/fs/bpf/reuseport"),
             tmp,
+            agent_args: agent_args.to_vec(),
             agent: Mutex::new(None),
             servers: Mutex::new(Vec::new()),
         };
-        let log = std::fs::File::create(stack.agent_log())?;
-        let agent =
-            namespaces::die_with_parent(&mut Command::new(stack.bin.join("reuseport-agent")))
-                .arg("--control")
-                .arg(&stack.control)
-                .arg("--bpffs")
-                .arg(&stack.bpffs)
-                .stderr(log)
-                .spawn()
-                .context("starting reuseport-agent")?;
-        *stack.agent.lock().expect("lock") = Some(agent);
+        stack.spawn_agent()?;
         wait_for(
             Duration::from_secs(30),
             "the agent's control socket",
             || std::os::unix::net::UnixStream::connect(&stack.control).is_ok(),
         )?;
         Ok(stack)
+    }
+
+    fn spawn_agent(&self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.agent_log())?;
+        let agent =
+            namespaces::die_with_parent(&mut Command::new(self.bin.join("reuseport-agent")))
+                .arg("--control")
+                .arg(&self.control)
+                .arg("--bpffs")
+                .arg(&self.bpffs)
+                .args(&self.agent_args)
+                .stderr(log)
+                .spawn()
+                .context("starting reuseport-agent")?;
+        *self.agent.lock().expect("lock") = Some(agent);
+        Ok(())
+    }
+
+    /// Stops the agent (SIGTERM: its pins stay) and starts a new one, which adopts the pinned
+    /// groups before it answers. Returns when the new agent's control socket accepts.
+    pub fn restart_agent(&self) -> anyhow::Result<()> {
+        if let Some(mut a) = self.agent.lock().expect("lock").take() {
+            terminate(&mut a);
+        }
+        // NB: the old agent removes its socket file on SIGTERM; a stale one would make the
+        // wait below return at once.
+        let _ = std::fs::remove_file(&self.control);
+        self.spawn_agent()?;
+        let until = Instant::now() + Duration::from_secs(600);
+        while std::os::unix::net::UnixStream::connect(&self.control).is_err() {
+            if Instant::now() > until {
+                bail!("timed out waiting for the restarted agent's control socket");
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
+    /// The agent's process id.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.lock().expect("lock").as_ref().map(Child::id)
     }
 
     pub fn ctl(&self) -> Command {

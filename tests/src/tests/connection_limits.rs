@@ -83,7 +83,7 @@ fn connection_limit_closes_the_longest_idle_never_a_registration() {
 fn ping(conn: &mut Conn, i: usize) {
     let status = Request::new(Op::Status {
         group: None,
-        live: true,
+        live: Some(true),
     });
     conn.send(&status, None)
         .unwrap_or_else(|e| panic!("connection {i} should send: {e}"));

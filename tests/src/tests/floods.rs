@@ -210,7 +210,7 @@ impl Garbage {
             Self::HalfFrame => {
                 let body = serde_json::to_vec(&Request::new(Op::Status {
                     group: None,
-                    live: true,
+                    live: Some(true),
                 }))
                 .expect("encode status");
                 let mut f = frame::encode_body(&body).expect("frame");

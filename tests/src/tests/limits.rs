@@ -1,16 +1,26 @@
 //! The documented limits: a group holds 128 sockets (the sockarray) and as many
 //! generations, one more is a clear `limit` error that changes nothing, and room made by a
-//! leaving socket can be used again; every reply the agent can produce is delivered at its
+//! leaving socket can be used again; a full group flips under load without a failed
+//! connection; every reply the agent can produce is delivered at its
 //! configured limits (`status` of the most groups, one of them with the most generations and
 //! the longest names).
 
-use std::{os::fd::AsFd as _, time::Duration};
+use std::{
+    os::fd::AsFd as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use reuseport_client as client;
 use reuseport_common::MAX_SLOTS;
 use reuseport_proto::{ErrorKind, MAX_NAME_LEN};
 
-use crate::harness::{ServerKind, TestEnv, group, load_size, local, patience, tally, wait_until};
+use crate::harness::{
+    ServerKind, Tally, TestEnv, group, load_size, local, patience, request_once, tally, wait_until,
+};
 
 #[test]
 fn a_group_holds_128_sockets_in_128_generations_and_refuses_one_more() {
@@ -195,5 +205,80 @@ fn group_limit_is_a_clear_error() {
         env.status_of(group(PORT)).active,
         Some(1),
         "the existing group should be untouched"
+    );
+}
+
+/// A group at its socket limit, half the sockets in each of two generations (the shape of a
+/// host's workers during a deploy), flips both ways under load: every connection is
+/// answered, after each flip only by the new active generation, and the program placed
+/// every one (nothing handed back to the kernel's hash).
+#[test]
+fn a_full_group_of_two_generations_flips_under_load_without_a_failed_connection() {
+    const PORT: u16 = 8711;
+    const CLIENT_THREADS: usize = 2;
+    let env = TestEnv::new(
+        "a_full_group_of_two_generations_flips_under_load_without_a_failed_connection",
+    );
+    let half = MAX_SLOTS / 2;
+    let servers: Vec<_> = (0..MAX_SLOTS)
+        .map(|i| env.serve(PORT, 1 + i / half, ServerKind::Tokio, false))
+        .collect();
+    let status = env.status(PORT);
+    assert_eq!(
+        status
+            .generations
+            .iter()
+            .map(|g| g.sockets.len() as u32)
+            .collect::<Vec<_>>(),
+        vec![half, half],
+        "the group should hold {MAX_SLOTS} sockets, half in each generation: {status:?}"
+    );
+
+    let done = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENT_THREADS)
+        .map(|_| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let (mut t, mut n) = (Tally::default(), 0);
+                while !done.load(Ordering::Relaxed) {
+                    t.record(request_once(local(PORT), n));
+                    n += 1;
+                }
+                t
+            })
+        })
+        .collect();
+    for (flip, target) in [2, 1, 2].into_iter().enumerate() {
+        env.activate(PORT, target);
+        let after = tally(local(PORT), 100);
+        assert_eq!(
+            (after.of(target), after.failed),
+            (100, 0),
+            "flip {flip}: every new connection should reach generation {target}: {after}"
+        );
+    }
+    done.store(true, Ordering::Relaxed);
+    let mut t = Tally::default();
+    for c in clients {
+        t.merge(&c.join().expect("client thread"));
+    }
+    println!("{MAX_SLOTS} sockets, 3 flips under load: {t}");
+    assert!(
+        t.answered() > 0,
+        "the clients should have made connections during the flips: {t}"
+    );
+    assert_eq!(
+        (t.failed, t.answered()),
+        (0, t.of(1) + t.of(2)),
+        "no connection should fail through the flips; each is answered by generation 1 or 2: {t}"
+    );
+    let status = env.status(PORT);
+    assert_eq!(
+        status.unsteered, 0,
+        "the program should place every connection itself: {status:?}"
+    );
+    assert!(
+        servers.iter().filter(|s| s.server.accepted() > 0).count() > MAX_SLOTS as usize / 4,
+        "connections should spread over the sockets, not pile on a few"
     );
 }

@@ -8,11 +8,14 @@
 //!   one after a delay) against `reuseportctl supervise` (with our demo server, and with a slow
 //!   one that exits at once on SIGTERM), with our client and with `wrk`.
 //! - `live`: what the live figures (sock_diag, process walk) add to a `status` answer.
+//! - `scale`: what the agent costs as groups and sockets per group grow (memory, descriptors,
+//!   registrations, `status`, adoption, flips), plotted to `docs/scale.png`.
 
 mod flip;
 mod live;
 mod overhead;
 mod reference_prog;
+mod scale;
 
 use std::path::PathBuf;
 
@@ -32,6 +35,9 @@ pub enum Bench {
     /// What the live figures cost `status`: a group of 128 listeners with held connections,
     /// status timed with and without them.
     Live(live::LiveOpts),
+    /// Cost against size: groups per agent (RSS, descriptors, registrations/s, `status` of
+    /// all groups, kernel memory, adoption) and sockets per group (flips, program cost).
+    Scale(scale::ScaleOpts),
     /// The short correctness check `cargo xtask test` runs: 50 quick deploys through
     /// `reuseportctl supervise` under load, failing on any failed request.
     FlipCheck,
@@ -42,6 +48,7 @@ pub fn bench(b: &Bench) -> anyhow::Result<()> {
         Bench::Overhead(o) => with_stack(|stack| overhead::overhead(stack, o)),
         Bench::Flip(o) => with_stack(|stack| flip::flip(stack, o)),
         Bench::Live(o) => with_stack(|stack| live::live(stack, o)),
+        Bench::Scale(o) => scale::scale(o),
         Bench::FlipCheck => short_flip_check(&crate::stack::build_release("flip-check")?),
     }
 }

@@ -306,7 +306,7 @@ fn flip_latency(stack: &Stack, addr: SocketAddr, o: &OverheadOpts) -> anyhow::Re
 /// Per flip (until the next one): the lower bound, if a connection that started after
 /// `activate` still reached the old generation, and the upper bound, if one reached the new
 /// generation; µs after `activate` was sent.
-fn bounds(flips: &[(Instant, u32)], records: &[Record]) -> (Vec<f64>, Vec<f64>) {
+pub(super) fn bounds(flips: &[(Instant, u32)], records: &[Record]) -> (Vec<f64>, Vec<f64>) {
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let (mut lower, mut upper) = (Vec::new(), Vec::new());
     for (k, (t0, target)) in flips.iter().enumerate() {
@@ -331,7 +331,11 @@ fn bounds(flips: &[(Instant, u32)], records: &[Record]) -> (Vec<f64>, Vec<f64>) 
 }
 
 /// One `activate` over an open control connection (the protocol in docs/protocol.md).
-fn activate(control: &mut Control, addr: SocketAddr, generation: u32) -> anyhow::Result<()> {
+pub(super) fn activate(
+    control: &mut Control,
+    addr: SocketAddr,
+    generation: u32,
+) -> anyhow::Result<()> {
     let v = control_request(
         control,
         &serde_json::json!({
@@ -345,12 +349,12 @@ fn activate(control: &mut Control, addr: SocketAddr, generation: u32) -> anyhow:
 }
 
 /// `kernel.bpf_stats_enabled` on for the measurement, restored on drop.
-struct BpfStats(String);
+pub(super) struct BpfStats(String);
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 impl BpfStats {
-    fn enable() -> anyhow::Result<Self> {
+    pub(super) fn enable() -> anyhow::Result<Self> {
         let old =
             std::fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
         std::fs::write(BPF_STATS, "1").with_context(|| format!("enabling {BPF_STATS}"))?;
@@ -366,7 +370,7 @@ impl Drop for BpfStats {
 
 /// Mean ns per run of program `what` between two (run_time_ns, run_cnt) readings; an error
 /// if it did not run (a figure of 0 ns would look like a result).
-fn ns_per_run(what: &str, before: (u64, u64), after: (u64, u64)) -> anyhow::Result<f64> {
+pub(super) fn ns_per_run(what: &str, before: (u64, u64), after: (u64, u64)) -> anyhow::Result<f64> {
     let runs = after.1 - before.1;
     if runs == 0 {
         bail!("the {what} program did not run during the measurement (run_cnt unchanged)");
@@ -375,7 +379,7 @@ fn ns_per_run(what: &str, before: (u64, u64), after: (u64, u64)) -> anyhow::Resu
 }
 
 /// (run_time_ns, run_cnt) of a pinned program, from its fdinfo.
-fn prog_stats(pin: &Path) -> anyhow::Result<(u64, u64)> {
+pub(super) fn prog_stats(pin: &Path) -> anyhow::Result<(u64, u64)> {
     let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())?;
     #[repr(C)]
     struct ObjGet {
