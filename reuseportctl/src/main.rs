@@ -15,6 +15,7 @@ pub mod drain;
 mod draining;
 pub mod exec;
 mod launch;
+mod listeners;
 mod output;
 mod reaper;
 pub mod restart;

@@ -22,6 +22,7 @@ mod hostile;
 mod limits;
 mod live;
 mod migration;
+mod multi_listener;
 mod netns_launchers;
 mod policy;
 mod process_death;
