@@ -51,6 +51,7 @@ mod scan;
 mod server;
 mod slots;
 mod sockcheck;
+mod span;
 mod sys;
 mod wake;
 

@@ -229,6 +229,7 @@ impl Agent {
             uid: listener.uid,
             cookie: listener.cookie,
             drops_base: listener.drops,
+            server: req.server_pid.is_some(),
         };
         let result = group.add_socket(
             &self.grace,

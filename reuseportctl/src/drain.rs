@@ -24,10 +24,13 @@ pub struct DrainArgs {
 
 pub async fn run(global: &GlobalOpts, args: DrainArgs) -> anyhow::Result<ExitCode> {
     let mut client = ControlClient::connect(&global.control).await?;
-    let group = client.drain(args.group, args.generation).await?;
-    output::print(&format!(
-        "{}\n",
-        output::change_summary(&group, args.generation)
-    ))?;
+    // One line per group: a generation of a server with several listeners changes in
+    // each of their groups.
+    let groups = client.drain_all(args.group, args.generation).await?;
+    let lines: String = groups
+        .iter()
+        .map(|g| format!("{}\n", output::change_summary(g, args.generation)))
+        .collect();
+    output::print(&lines)?;
     Ok(ExitCode::SUCCESS)
 }

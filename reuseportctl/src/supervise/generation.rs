@@ -143,10 +143,16 @@ impl Supervisor {
             Ok(None) => {}
             Err(e) => note(format_args!("warning: {}", crate::one_line(&e))),
         }
+        // One request: the agent switches the generation in every group it spans (all its
+        // listeners were registered with this server's pid), or in none.
         let changed = async {
             let mut client = ControlClient::connect(&self.control).await?;
-            for group in groups {
-                client.activate(group, generation).await?;
+            let switched = client.activate_all(groups[0], generation).await?;
+            // NB: an agent that predates generations across groups switches one group.
+            for group in groups.iter().skip(1) {
+                if !switched.iter().any(|s| s.group.addr == group.addr) {
+                    client.activate(*group, generation).await?;
+                }
             }
             Ok::<_, reuseport_client::ClientError>(())
         }

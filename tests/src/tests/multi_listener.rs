@@ -3,18 +3,33 @@
 //! the activation variables naming both), is deployed as one unit in both groups, and is
 //! signalled only once it is idle in both; deploys under load on both ports lose nothing.
 //!
+//!
+//! Such a generation spans both groups in the agent: one `activate` switches it in both, or,
+//! when one group refuses (an injected kernel failure), in neither.
+//!
 //! The server is this test executable again ([`two_port_server`]): the drain tests' server
 //! (no SIGTERM handler, 50 ms per request, our line protocol and HTTP), on two listeners.
 
-use std::{net::TcpListener, os::fd::FromRawFd, time::Duration};
+use std::{
+    net::TcpListener,
+    os::{fd::FromRawFd, unix::process::CommandExt as _},
+    process::{Child, Stdio},
+    time::Duration,
+};
 
-use nix::sys::signal::Signal;
+use nix::{
+    sys::signal::{Signal, killpg},
+    unistd::Pid,
+};
+use reuseport_proto::ErrorKind;
 
 use super::{
     drain::serve_slowly,
     supervise::{Load, Supervisor},
 };
-use crate::harness::{ApacheBench, TestEnv, load_size, local, skip, tool_missing, wait_until};
+use crate::harness::{
+    ApacheBench, TestEnv, load_size, local, skip, tally, tool_missing, wait_until,
+};
 
 /// Set (to anything) in the server processes this test starts.
 const SERVER_ENV: &str = "REUSEPORT_TEST_TWO_PORT_SERVER";
@@ -118,6 +133,155 @@ fn supervise_deploys_a_two_port_server_under_load_on_both_ports() {
             "generation {generation} should have been signalled once idle in both groups; \
              log:\n{log}"
         );
+    }
+}
+
+/// `reuseportctl exec --listen http=127.0.0.1:HTTP --listen admin=127.0.0.1:ADMIN -g N
+/// [--activate] -- <two_port_server>`; killed with its server when dropped.
+struct TwoPortExec(Child);
+
+impl TwoPortExec {
+    fn spawn(env: &TestEnv, ports: [u16; 2], generation: u32, activate: bool) -> Self {
+        let mut cmd = env.ctl_command();
+        cmd.arg("exec")
+            .args(["--listen", &format!("http={}", local(ports[0]))])
+            .args(["--listen", &format!("admin={}", local(ports[1]))])
+            .args(["-g", &generation.to_string()])
+            .args(activate.then_some("--activate"))
+            .arg("--")
+            .arg(std::env::current_exe().expect("current_exe"))
+            .args(["--exact", SERVER_TEST, "--ignored", "--test-threads=1"])
+            .env(SERVER_ENV, "1")
+            .env("REUSEPORT_GENERATION", generation.to_string())
+            .stdout(Stdio::null())
+            .process_group(0);
+        let child = cmd.spawn().expect("spawn reuseportctl exec");
+        let exec = Self(child);
+        wait_until(
+            &format!("generation {generation} is registered on both ports"),
+            DEPLOY_TIMEOUT,
+            || {
+                ports.iter().all(|port| {
+                    env.try_status(*port)
+                        .is_some_and(|s| s.generations.iter().any(|g| g.generation == generation))
+                })
+            },
+        );
+        exec
+    }
+}
+
+impl Drop for TwoPortExec {
+    fn drop(&mut self) {
+        // The server goes with it (PR_SET_PDEATHSIG), and its own session with killpg.
+        let _ = killpg(Pid::from_raw(self.0.id() as i32), Signal::SIGKILL);
+        let _ = self.0.wait();
+    }
+}
+
+/// Every one of `n` requests on `port` is answered by `generation`.
+fn all_answered_by(port: u16, generation: u32, n: u64) -> bool {
+    tally(local(port), n).of(generation) == n
+}
+
+#[test]
+fn one_activate_switches_a_generation_in_every_group_it_spans() {
+    const NAME: &str = "one_activate_switches_a_generation_in_every_group_it_spans";
+    const PORTS: [u16; 2] = [7843, 7844];
+    let env = TestEnv::new(NAME);
+    let _v1 = TwoPortExec::spawn(&env, PORTS, 1, true);
+    let _v2 = TwoPortExec::spawn(&env, PORTS, 2, false);
+    let status = env.status(PORTS[0]);
+    let g2 = status
+        .generations
+        .iter()
+        .find(|g| g.generation == 2)
+        .unwrap();
+    assert_eq!(
+        g2.also_in.iter().map(|g| g.addr).collect::<Vec<_>>(),
+        [local(PORTS[1])],
+        "status should name the admin group as the other group generation 2 spans: {g2:?}"
+    );
+
+    let out = env.ctl(&["activate", &local(PORTS[0]).to_string(), "2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "activate: {out:?}");
+    assert_eq!(
+        stdout.lines().count(),
+        2,
+        "activate should print a line for each group it switched: {stdout}"
+    );
+    for port in PORTS {
+        assert_eq!(
+            env.status(port).active,
+            Some(2),
+            "one activate on the HTTP port should make generation 2 active on port {port} too"
+        );
+        assert!(
+            all_answered_by(port, 2, 10),
+            "generation 2 should get every new connection on port {port}"
+        );
+    }
+    let table = env.ctl(&["status"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("generation 2 spans") && table.contains("generation 1 spans"),
+        "status should show each generation's other group: {table}"
+    );
+
+    // drain acts on both groups too: generation 1 is already draining in both, and
+    // generation 2, active, cannot be drained in either.
+    let out = env.ctl(&["drain", &local(PORTS[1]).to_string(), "2"]);
+    assert!(
+        !out.status.success(),
+        "draining the active generation should be refused"
+    );
+    for port in PORTS {
+        assert_eq!(
+            env.status(port).active,
+            Some(2),
+            "a refused drain changes nothing"
+        );
+    }
+}
+
+#[test]
+fn a_switch_refused_in_one_group_switches_no_group() {
+    const NAME: &str = "a_switch_refused_in_one_group_switches_no_group";
+    const PORTS: [u16; 2] = [7845, 7846];
+    // The second table switch of a spanning change fails: the first group is switched by
+    // then and must be switched back. (Registrations publish without this point.)
+    let env = TestEnv::with_agent(NAME, &[], &[("REUSEPORT_FAULT_FAIL", "switch.table:2")]);
+    let _v1 = TwoPortExec::spawn(&env, PORTS, 1, true);
+    let _v2 = TwoPortExec::spawn(&env, PORTS, 2, false);
+
+    let err = env
+        .try_activate_group(crate::harness::group(PORTS[0]), 2)
+        .expect_err("activate should fail when one group's switch fails");
+    println!("{NAME}: {err}");
+    assert_eq!(err.agent_kind(), Some(ErrorKind::Kernel), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&local(PORTS[1]).to_string()) && message.contains("unchanged in all 2"),
+        "the error should name the group that refused and say nothing changed: {message}"
+    );
+    for port in PORTS {
+        assert_eq!(
+            env.status(port).active,
+            Some(1),
+            "after the refused activate generation 1 should still be active on port {port}"
+        );
+        assert!(
+            all_answered_by(port, 1, 10),
+            "the kernel should still steer every connection on port {port} to generation 1"
+        );
+    }
+
+    // Nothing is left half done: the same request succeeds once nothing fails.
+    env.activate_group(crate::harness::group(PORTS[0]), 2);
+    for port in PORTS {
+        assert_eq!(env.status(port).active, Some(2), "port {port}");
+        assert!(all_answered_by(port, 2, 10), "port {port}");
     }
 }
 
