@@ -18,6 +18,7 @@ mod launch;
 mod listeners;
 mod output;
 mod reaper;
+pub mod register;
 pub mod restart;
 mod spawn;
 pub mod status;
@@ -64,6 +65,7 @@ pub enum Command {
     Restart(restart::RestartArgs),
     Exec(exec::ExecArgs),
     Supervise(supervise::SuperviseArgs),
+    Register(register::RegisterArgs),
 }
 
 fn main() -> ExitCode {
@@ -117,6 +119,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restart(args) => restart::run(&cli.global, args).await,
         Command::Exec(args) => exec::run(&cli.global, args).await,
         Command::Supervise(args) => supervise::run(&cli.global, args).await,
+        Command::Register(args) => register::run(&cli.global, args).await,
     }
 }
 

@@ -30,6 +30,7 @@ mod quotas;
 mod reaping;
 mod reregister;
 mod reregistration;
+mod running_servers;
 mod server_pid;
 mod slow_clients;
 mod steering;
