@@ -60,7 +60,9 @@ pub struct RegisterArgs {
     /// The socket's descriptor number in PID.
     #[arg(long, value_name = "N", required_unless_present = "all_listeners")]
     pub fd: Option<RawFd>,
-    /// Every listening TCP socket of PID that has SO_REUSEPORT set.
+    /// Every listening TCP socket of PID that has SO_REUSEPORT set; if PID watches some of
+    /// them with epoll, only those (an nginx worker holds every worker's socket and watches
+    /// its own).
     #[arg(long, conflicts_with = "fd")]
     pub all_listeners: bool,
     /// The generation the sockets join.
