@@ -179,9 +179,10 @@ impl Drop for TwoPortExec {
     }
 }
 
-/// Every one of `n` requests on `port` is answered by `generation`.
-fn all_answered_by(port: u16, generation: u32, n: u64) -> bool {
-    tally(local(port), n).of(generation) == n
+/// Asserts that every one of `n` new connections on `port` is answered by `generation`.
+fn assert_all_answered_by(port: u16, generation: u32, n: u64, why: &str) {
+    let t = tally(local(port), n);
+    assert_eq!(t.of(generation), n, "{why} (port {port}): {t}");
 }
 
 #[test]
@@ -217,10 +218,7 @@ fn one_activate_switches_a_generation_in_every_group_it_spans() {
             Some(2),
             "one activate on the HTTP port should make generation 2 active on port {port} too"
         );
-        assert!(
-            all_answered_by(port, 2, 10),
-            "generation 2 should get every new connection on port {port}"
-        );
+        assert_all_answered_by(port, 2, 10, "generation 2 should get every new connection");
     }
     let table = env.ctl(&["status"]);
     let table = String::from_utf8_lossy(&table.stdout);
@@ -271,17 +269,14 @@ fn a_switch_refused_in_one_group_switches_no_group() {
             Some(1),
             "after the refused activate generation 1 should still be active on port {port}"
         );
-        assert!(
-            all_answered_by(port, 1, 10),
-            "the kernel should still steer every connection on port {port} to generation 1"
-        );
+        assert_all_answered_by(port, 1, 10, "the kernel should still steer to generation 1");
     }
 
     // Nothing is left half done: the same request succeeds once nothing fails.
     env.activate_group(crate::harness::group(PORTS[0]), 2);
     for port in PORTS {
         assert_eq!(env.status(port).active, Some(2), "port {port}");
-        assert!(all_answered_by(port, 2, 10), "port {port}");
+        assert_all_answered_by(port, 2, 10, "a later activate should take effect");
     }
 }
 
