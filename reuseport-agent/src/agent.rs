@@ -27,7 +27,7 @@ use crate::{
 pub use crate::{admission::DEFAULT_MAX_CONNECTIONS, kernel::Mode, server::run};
 use reuseport_proto::{
     addr::{GroupAddr, GroupKey},
-    message::{ErrorKind, GroupStatus, Limits, Reply},
+    message::{AgentInfo, ErrorKind, GroupStatus, Limits, Reply},
 };
 
 /// Default of `reuseport-agent --max-groups`: each group costs a loaded program, its maps
@@ -197,6 +197,16 @@ impl Agent {
         })
     }
 
+    /// Who answers a `status`.
+    pub(crate) fn info(&self) -> AgentInfo {
+        AgentInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            abi: reuseport_common::ABI_VERSION,
+            mode: self.mode.as_str().into(),
+            kernel: crate::kernel::kernel_release(),
+        }
+    }
+
     pub(crate) fn limits(&self) -> Limits {
         let mut limits = Limits {
             groups: self.quotas.max_groups,
@@ -306,6 +316,9 @@ impl Agent {
             }
         }
         self.live.retain(&namespaces);
-        Ok(Reply::Status { groups })
+        Ok(Reply::Status {
+            groups,
+            agent: Some(self.info()),
+        })
     }
 }

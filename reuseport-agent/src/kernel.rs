@@ -183,6 +183,11 @@ pub fn pinned_sockets_live(pin_dir: &Path) -> bool {
     (0..MAX_SLOTS).any(|slot| matches!(sys::sockarray_cookie(data.fd().as_fd(), slot), Ok(Some(_))))
 }
 
+/// What loading, pinning and attaching the program takes; the unit and docs/operations.md
+/// list the rest (live figures, the control group).
+pub const CAPABILITIES: &str = "CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (CAP_SYS_ADMIN for \
+    the first two before Linux 5.8)";
+
 /// Picks the best mode this kernel supports (or select-only if forced). Fails with a
 /// message naming the kernel requirement when not even select-only loads.
 pub fn detect_mode(force_select_only: bool) -> anyhow::Result<Mode> {
@@ -202,7 +207,7 @@ pub fn detect_mode(force_select_only: bool) -> anyhow::Result<Mode> {
         .map_err(|e| {
             anyhow::anyhow!(
                 "{e}: reuseport needs Linux 4.19+ with BPF (REUSEPORT_SOCKARRAY, SK_REUSEPORT \
-             programs) and CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (kernel here: {})",
+                 programs) and the capabilities {CAPABILITIES} (kernel here: {})",
                 kernel_release()
             )
         })

@@ -23,6 +23,7 @@
 //!   [`access`]: who may do what; [`control_socket`]: the socket's file.
 //! - [`live`]: live figures for `status` from the kernel ([`diag`]: sock_diag, [`owners`]:
 //!   which process holds which connection).
+//! - [`notify`]: sd_notify for systemd (`Type=notify`: ready, status, stopping).
 //! - [`fault`]: fault-injection points for the tests (a feature of test builds).
 
 mod access;
@@ -41,6 +42,7 @@ mod kernel;
 mod lineage;
 mod live;
 mod mailbox;
+mod notify;
 mod owners;
 mod pinned;
 mod quota;
@@ -116,17 +118,50 @@ struct Cli {
     #[arg(long, value_name = "DUR", default_value = "10m", env = "REUSEPORT_RESTART_TIMEOUT",
           value_parser = humantime::parse_duration)]
     restart_timeout: std::time::Duration,
+    /// How log lines look on stderr: `text` for people, `json` for log collectors (one
+    /// object per line: timestamp, level, message and fields such as group, generation,
+    /// pid; one line per flip, registration and refused request).
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text,
+          env = "REUSEPORT_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Print the man page, reuseport-agent(8), and exit (the package's build runs it).
+    #[arg(long, hide = true)]
+    man_page: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // NB: flattened: a collector finds `group` and `generation` at the top level, next
+        // to `message`, instead of inside a `fields` object.
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let cli = Cli::parse();
+    if cli.man_page {
+        return print_man_page();
+    }
+    init_logging(cli.log_format);
     // NB: a panic with the state lock held would leave a process that answers "internal
     // error" forever; aborting lets it be restarted, and the new agent adopts the pinned
     // groups (steering never stops meanwhile).
@@ -135,7 +170,7 @@ fn main() -> std::process::ExitCode {
         report(info);
         std::process::abort();
     }));
-    let cli = Cli::parse();
+    let log_format = cli.log_format;
     let opts = agent::Options {
         control: cli.control,
         bpffs: cli.bpffs,
@@ -162,8 +197,28 @@ fn main() -> std::process::ExitCode {
     };
     match rt.block_on(agent::run(opts)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if log_format == LogFormat::Json => {
+            tracing::error!(error = %format!("{e:#}"), "reuseport-agent stopped");
+            std::process::ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("reuseport-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// reuseport-agent(8), from the CLI definition.
+fn print_man_page() -> std::process::ExitCode {
+    let man = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).section("8");
+    let mut page = Vec::new();
+    match man.render(&mut page).and_then(|()| {
+        use std::io::Write as _;
+        std::io::stdout().write_all(&page)
+    }) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("reuseport-agent: cannot write the man page: {e}");
             std::process::ExitCode::FAILURE
         }
     }

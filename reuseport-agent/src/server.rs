@@ -17,6 +17,7 @@ use crate::{
     control_socket::ControlSocket,
     kernel,
     mailbox::Mailbox,
+    notify,
     quota::Quotas,
     registry::Refusal,
     scan, wake,
@@ -72,8 +73,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         "reuseport-agent ready"
     );
 
-    let waker = wake::Waker::start().context("starting the wake-up worker thread")?;
+    let waker =
+        wake::Waker::start(agent.own_netns).context("starting the wake-up worker thread")?;
     let scanner = tokio::spawn(scan::scan_loop(agent.clone(), waker));
+    // NB: the socket is listening (bound above) and adoption is over: a client that connects
+    // once systemd calls the agent started finds every adopted group.
+    let summary = agent.summary();
+    notify::ready(&summary);
+    let status = tokio::spawn(notify::status_loop(agent.clone(), summary));
     let mut exhausted = false;
     loop {
         tokio::select! {
@@ -101,7 +108,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             _ = int.recv() => break,
         }
     }
+    notify::stopping();
     scanner.abort();
+    status.abort();
     // NB: pinned maps and attached programs stay: the data path does not depend on the
     // agent running.
     control.remove();
@@ -210,7 +219,28 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream, mut admitted: Admitted, pe
     }
 }
 
+/// Answers one request; a refusal is logged, one line with who asked and why.
 async fn handle(
+    agent: &Arc<Agent>,
+    peer: Peer,
+    reg: u64,
+    op: Op,
+    fds: Vec<OwnedFd>,
+    registered: bool,
+    mailbox: &Arc<Mailbox>,
+) -> Reply {
+    let name = op.name();
+    let reply = answer(agent, peer, reg, op, fds, registered, mailbox).await;
+    if let Reply::Error { kind, message } = &reply {
+        tracing::info!(
+            op = name, kind = kind.as_str(), pid = peer.pid, uid = peer.uid, reason = %message,
+            "request refused"
+        );
+    }
+    reply
+}
+
+async fn answer(
     agent: &Arc<Agent>,
     peer: Peer,
     reg: u64,

@@ -153,8 +153,17 @@ impl Agent {
         for (key, s) in &staged {
             let group = &state.groups[key];
             state.notify(group, &s.changes, self.own_netns);
-            for ch in &s.changes {
-                tracing::info!(group = %key, generation = ch.generation, state = %ch.state, "state changed");
+            if !s.changes.is_empty() {
+                // One line per change of a group's table (a flip is two state changes).
+                let changed: Vec<String> = s
+                    .changes
+                    .iter()
+                    .map(|ch| format!("{} {}", ch.generation, ch.state))
+                    .collect();
+                tracing::info!(
+                    group = %key, op = what, active = group.active(), changes = %changed.join(", "),
+                    pid = peer.pid, uid = peer.uid, "state changed"
+                );
             }
             statuses.push(self.group_status(group, &live));
         }

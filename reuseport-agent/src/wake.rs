@@ -10,6 +10,9 @@
 //! a few short connections of its own to the group: each lands on an active listener
 //! through the program, wakes it, and the server's accept loop then finds the migrated
 //! connections too. Servers see these as connections that close without sending anything.
+//!
+//! The worker enters a group's network namespace (`setns`, which takes `CAP_SYS_ADMIN`) only
+//! when it is not in it already: groups in the agent's own namespace never need it.
 
 use std::{
     collections::HashMap,
@@ -69,14 +72,15 @@ pub struct Waker {
 }
 
 impl Waker {
-    pub fn start() -> std::io::Result<Self> {
+    /// `own_netns`: the inode of the namespace the worker starts in (the agent's).
+    pub fn start(own_netns: u64) -> std::io::Result<Self> {
         let waker = Self {
             queue: Arc::default(),
         };
         let worker = waker.clone();
         thread::Builder::new()
             .name("wake-up".into())
-            .spawn(move || worker.run())?;
+            .spawn(move || worker.run(own_netns))?;
         Ok(waker)
     }
 
@@ -102,7 +106,8 @@ impl Waker {
         ready.notify_one();
     }
 
-    fn run(&self) {
+    /// `netns`: the inode of the namespace the worker thread is in.
+    fn run(&self, mut netns: u64) {
         let (lock, ready) = &*self.queue;
         let mut q = lock.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
@@ -126,14 +131,18 @@ impl Waker {
             let p = q.pending.get_mut(&key).expect("key from the map");
             let round = p.round;
             let (target, connections) = (p.wake.target, p.wake.connections);
-            let netns = p.wake.netns.try_clone();
+            let (group_netns, fd) = (p.wake.group.0, p.wake.netns.try_clone());
             p.round += 1;
             if p.round == ROUNDS.len() {
                 q.pending.remove(&key);
             }
             drop(q);
-            match netns {
-                Ok(netns) => poke(&netns, target, connections, round),
+            match fd {
+                Ok(fd) => {
+                    if enter(&mut netns, group_netns, &fd) {
+                        poke(target, connections, round);
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "wake-up: cannot duplicate the netns descriptor")
                 }
@@ -143,12 +152,30 @@ impl Waker {
     }
 }
 
-/// One round of wake-up connections to `target`, from the namespace `netns`.
-fn poke(netns: &OwnedFd, target: SocketAddr, connections: usize, round: usize) {
-    if let Err(e) = setns(netns, CloneFlags::CLONE_NEWNET) {
-        tracing::warn!(error = %e, "wake-up: cannot enter the group's network namespace");
-        return;
+/// Moves the worker thread into the group's namespace (inode `wanted`, descriptor `fd`)
+/// unless it is there (`current`) already. False if it cannot.
+fn enter(current: &mut u64, wanted: u64, fd: &OwnedFd) -> bool {
+    if *current == wanted {
+        return true;
     }
+    match setns(fd, CloneFlags::CLONE_NEWNET) {
+        Ok(()) => {
+            *current = wanted;
+            true
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                netns = wanted,
+                "wake-up: cannot enter the group's network namespace (needs CAP_SYS_ADMIN)"
+            );
+            false
+        }
+    }
+}
+
+/// One round of wake-up connections to `target`, from the worker's namespace.
+fn poke(target: SocketAddr, connections: usize, round: usize) {
     for _ in 0..connections {
         // NB: short: one worker serves every group, and a listener whose backlog is full
         // would hold it for the whole time-out.

@@ -2,7 +2,7 @@
 //! launchers report): the async [`ControlClient`], and what each request expects back,
 //! which [`crate::blocking::ControlClient`] shares.
 
-use reuseport_proto::{GroupStatus, Reply, RestartOutcome};
+use reuseport_proto::{AgentInfo, GroupStatus, Reply, RestartOutcome};
 
 use crate::ClientError;
 
@@ -26,7 +26,15 @@ fn unexpected(request: &'static str, reply: &Reply) -> ClientError {
 /// What `status` expects: every group asked for.
 pub(crate) fn groups(reply: Reply) -> Result<Vec<GroupStatus>, ClientError> {
     match reply {
-        Reply::Status { groups } => Ok(groups),
+        Reply::Status { groups, .. } => Ok(groups),
+        other => Err(unexpected("status", &other)),
+    }
+}
+
+/// Which agent answered a `status`; `None` from agents that predate the field.
+pub(crate) fn agent_info(reply: Reply) -> Result<Option<AgentInfo>, ClientError> {
+    match reply {
+        Reply::Status { agent, .. } => Ok(agent),
         other => Err(unexpected("status", &other)),
     }
 }
@@ -94,11 +102,14 @@ mod async_client {
     use std::{os::fd::BorrowedFd, path::Path};
 
     use reuseport_proto::{
-        DrainStep, GroupAddr, GroupStatus, Op, Reply, Request, RestartOutcome, frame::Conn,
+        AgentInfo, DrainStep, GroupAddr, GroupStatus, Op, Reply, Request, RestartOutcome,
+        frame::Conn,
     };
     use tokio::net::UnixStream;
 
-    use super::{answer, changed, changed_all, groups, outcome_of, restart_reported, restarting};
+    use super::{
+        agent_info, answer, changed, changed_all, groups, outcome_of, restart_reported, restarting,
+    };
     use crate::{ClientError, connect_error};
 
     pub(crate) async fn connect_conn(path: &Path) -> Result<Conn, ClientError> {
@@ -157,6 +168,16 @@ mod async_client {
             live: bool,
         ) -> Result<Vec<GroupStatus>, ClientError> {
             groups(self.request(Op::Status { group, live }).await?)
+        }
+
+        /// Which agent answers (version, ABI, mode, kernel); `None` from an agent that
+        /// predates it.
+        pub async fn agent_info(&mut self) -> Result<Option<AgentInfo>, ClientError> {
+            let op = Op::Status {
+                group: None,
+                live: false,
+            };
+            agent_info(self.request(op).await?)
         }
 
         /// Makes `generation` the active one; returns the group after the change.
@@ -317,6 +338,7 @@ mod tests {
             conn.send(
                 &Reply::Status {
                     groups: vec![status_of(g, 1)],
+                    agent: None,
                 },
                 None,
             )

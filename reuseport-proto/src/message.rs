@@ -170,6 +170,19 @@ impl Op {
     }
 }
 
+/// The agent that answers a `status`: its build and what it runs with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// The agent's package version (`0.1.0`).
+    pub version: String,
+    /// The ABI version of the objects it pins (see `reuseport-common`).
+    pub abi: u32,
+    /// `select-or-migrate` or `select-only`.
+    pub mode: String,
+    /// The kernel release it runs on.
+    pub kernel: String,
+}
+
 /// What a launcher did to a draining generation's server.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "step", rename_all = "snake_case")]
@@ -237,6 +250,9 @@ pub enum Reply {
     },
     Status {
         groups: Vec<GroupStatus>,
+        /// Which agent answers; absent from agents that predate it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent: Option<AgentInfo>,
     },
     /// Answer to `activate` and `drain`: the group as it is after the change.
     Changed {
@@ -317,6 +333,21 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// The kind as it is on the wire (`unknown_group`), for messages and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::UnknownGroup => "unknown_group",
+            Self::UnknownGeneration => "unknown_generation",
+            Self::InvalidSocket => "invalid_socket",
+            Self::PermissionDenied => "permission_denied",
+            Self::Limit => "limit",
+            Self::Conflict => "conflict",
+            Self::Kernel => "kernel",
+        }
+    }
+
     /// A refusal that may not hold at the next try, without anything changing in the
     /// request: a [`ErrorKind::Limit`] (someone else may close what fills it) or a
     /// [`ErrorKind::Kernel`] failure. Clients retry these with backoff; every other kind
@@ -521,6 +552,26 @@ pub struct Counters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_kind_names_are_the_wire_names() {
+        for kind in [
+            ErrorKind::BadRequest,
+            ErrorKind::UnsupportedVersion,
+            ErrorKind::UnknownGroup,
+            ErrorKind::UnknownGeneration,
+            ErrorKind::InvalidSocket,
+            ErrorKind::PermissionDenied,
+            ErrorKind::Limit,
+            ErrorKind::Conflict,
+            ErrorKind::Kernel,
+        ] {
+            assert_eq!(
+                serde_json::to_value(kind).unwrap(),
+                serde_json::Value::from(kind.as_str())
+            );
+        }
+    }
 
     #[test]
     fn request_wire_form_is_stable() {

@@ -26,17 +26,24 @@ pub struct ActivateArgs {
     /// The generation to activate; it must have a registered socket.
     #[arg(value_name = "GEN")]
     pub generation: u32,
+    /// Print the group after the change as JSON (the protocol's GroupStatus).
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub async fn run(global: &GlobalOpts, args: ActivateArgs) -> anyhow::Result<ExitCode> {
     let mut client = ControlClient::connect(&global.control).await?;
     // One line per group: a generation of a server with several listeners changes in
-    // each of their groups.
+    // each of their groups. --json keeps its one object: the group named.
     let groups = client.activate_all(args.group, args.generation).await?;
-    let lines: String = groups
-        .iter()
-        .map(|g| format!("{}\n", output::change_summary(g, args.generation)))
-        .collect();
-    output::print(&lines)?;
+    if args.json {
+        output::print_json(&groups[0])?;
+    } else {
+        let lines: String = groups
+            .iter()
+            .map(|g| format!("{}\n", output::change_summary(g, args.generation)))
+            .collect();
+        output::print(&lines)?;
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,8 +5,8 @@
 
 use reuseport_client::proto::{GroupStatus, RestartOutcome};
 
-/// Exit status of `status --check` when it found problems (1 stays "could not check", e.g.
-/// no agent).
+/// Exit status of `status --check` when it found problems; a check that could not be made
+/// exits with its failure's status (3: no agent, …; see [`crate::exit`]).
 pub const PROBLEMS_EXIT: u8 = 2;
 
 /// One line per problem, in group order; empty when every group is healthy.

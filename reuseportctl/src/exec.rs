@@ -48,7 +48,9 @@ use reuseport_client::proto::GenState;
         COMMAND runs in its own session (Ctrl-C in a terminal reaches it once, through the \
         launcher) and gets SIGTERM if the launcher itself dies.",
     after_long_help = "Exit status: COMMAND's status; 127 if COMMAND was not found, 126 if \
-        it could not be executed, 1 for any other failure of the launcher.\n\n\
+        it could not be executed; before COMMAND starts, the statuses of `reuseportctl \
+        --help` (3: the agent is not running, 4: permission denied, 6: refused, 1: any other \
+        failure).\n\n\
         Example, a blue/green deploy:\n\
         \x20 reuseportctl exec --listen 0.0.0.0:8080 --generation 1 --activate --on-drain TERM -- ./server-v1\n\
         \x20 reuseportctl exec --listen 0.0.0.0:8080 --generation 2 --on-drain TERM -- ./server-v2\n\

@@ -1,7 +1,7 @@
 //! The operator CLI, `reuseportctl`: one module per subcommand.
 //!
 //! Errors are printed as one line, `reuseportctl: <message>: <cause>: …`, and make the
-//! process exit non-zero (1, or what [`exec`] documents for its own failures).
+//! process exit with the status of their kind ([`exit`]).
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -14,8 +14,10 @@ mod check;
 pub mod drain;
 mod draining;
 pub mod exec;
+mod exit;
 mod launch;
 mod listeners;
+mod manual;
 mod output;
 mod reaper;
 pub mod register;
@@ -23,6 +25,7 @@ pub mod restart;
 mod spawn;
 pub mod status;
 pub mod supervise;
+pub mod version;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,7 +37,8 @@ pub mod supervise;
         generation (one deploy of a server). New connections go to the active generation only; \
         the others drain. `activate` switches generations without refusing a connection, \
         `exec` starts a server of any language on a registered listener, and `supervise` \
-        replaces generations of a server on SIGHUP (like start_server)."
+        replaces generations of a server on SIGHUP (like start_server).",
+    after_long_help = exit::HELP
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -66,6 +70,10 @@ pub enum Command {
     Exec(exec::ExecArgs),
     Supervise(supervise::SuperviseArgs),
     Register(register::RegisterArgs),
+    Version(version::VersionArgs),
+    Completions(manual::CompletionsArgs),
+    #[command(hide = true)]
+    ManPages(manual::ManPagesArgs),
 }
 
 fn main() -> ExitCode {
@@ -82,7 +90,7 @@ fn main() -> ExitCode {
             let rendered = e.render().to_string();
             let first = rendered.lines().next().unwrap_or_default();
             report(first.strip_prefix("error: ").unwrap_or(first));
-            return ExitCode::from(2);
+            return ExitCode::from(exit::USAGE);
         }
         Err(e) => e.exit(),
     };
@@ -103,10 +111,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             report(&one_line(&e));
-            ExitCode::from(
-                e.downcast_ref::<spawn::SpawnError>()
-                    .map_or(1, spawn::SpawnError::exit_code),
-            )
+            ExitCode::from(exit::code_of(&e))
         }
     }
 }
@@ -120,6 +125,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Exec(args) => exec::run(&cli.global, args).await,
         Command::Supervise(args) => supervise::run(&cli.global, args).await,
         Command::Register(args) => register::run(&cli.global, args).await,
+        Command::Version(args) => version::run(&cli.global, args).await,
+        Command::Completions(args) => manual::completions(&args),
+        Command::ManPages(args) => manual::man_pages(&args),
     }
 }
 

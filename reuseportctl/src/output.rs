@@ -24,6 +24,14 @@ pub fn print(text: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Writes `value` as pretty JSON, for `--json` (JSON escapes what a terminal would
+/// interpret, so no [`escape`] here).
+pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let json = serde_json::to_string_pretty(value)
+        .map_err(|e| anyhow::anyhow!("cannot encode JSON: {e}"))?;
+    print(&format!("{json}\n"))
+}
+
 /// Left-aligned columns separated by two spaces; the last column is not padded.
 struct Table {
     headers: &'static [&'static str],

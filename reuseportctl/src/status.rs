@@ -23,7 +23,8 @@ use reuseport_client::{ControlClient, proto::GroupAddr};
     registered), and the connections it received as the active generation (SELECTED), as a \
     fallback (FALLBACK) and from a closing listener's queue (MIGRATED). The live figures are \
     read from the kernel (sock_diag) for each answer.",
-    after_long_help = "Exit status: 0; 1 if the agent cannot be asked. With --check: 0 when \
+    after_long_help = "Exit status: 0; 3 if the agent is not running, 4 if it may not be \
+    asked, 5 if GROUP is unknown (see `reuseportctl --help`). With --check: 0 when \
     every group has an active generation with a listening socket, its last restart did not \
     fail and no listener's accept queue overflowed since it registered; 2 otherwise, with one \
     line per problem on stdout."

@@ -1,5 +1,5 @@
 //! Project tasks: `cargo xtask setup | test | ci-fresh | fuzz | vm-test | bench | demo |
-//! lint-docs`.
+//! lint-docs | package`.
 mod bench;
 mod ci_fresh;
 mod demo;
@@ -9,6 +9,7 @@ mod fuzz;
 mod lint_docs;
 mod load;
 mod namespaces;
+mod package;
 mod packages;
 mod setup;
 mod stable_client;
@@ -43,6 +44,9 @@ enum Cli {
     /// Check the container examples in docs/containers/ with hadolint, yamllint,
     /// docker-compose and kubernetes-validate (installed on first use).
     LintDocs,
+    /// The Debian package and a tarball of static binaries, units, man pages and
+    /// completions, in target/package/ (installs cargo-deb on first use).
+    Package,
     /// The demo's LISTEN_FDS server (started by the demo through `reuseportctl exec`).
     #[command(hide = true)]
     DemoServer(demo_server::ServerOpts),
@@ -59,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         Cli::Demo(opts) => demo::demo(&opts),
         Cli::DemoServer(opts) => demo_server::serve(&opts),
         Cli::LintDocs => lint_docs::lint_docs(),
+        Cli::Package => package::package().map(drop),
     }
 }
 

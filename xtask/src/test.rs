@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{fuzz, lint_docs, setup, stable_client, vm};
+use crate::{fuzz, lint_docs, package, setup, stable_client, vm};
 
 #[derive(clap::Args, Debug)]
 pub struct TestOpts {
@@ -115,6 +115,12 @@ pub fn test(opts: &TestOpts) -> anyhow::Result<()> {
     if opts.fuzz_seconds > 0 {
         timed("fuzz", || fuzz::run(fuzz::TARGETS, opts.fuzz_seconds))?;
     }
+    // NB: before the host's integration tests: the systemd test installs the .deb.
+    let mut deb = None;
+    timed("package (.deb and tarball, static musl binaries)", || {
+        deb = Some(package::package()?.deb);
+        Ok(())
+    })?;
     let mut host = None;
     timed("integration tests (host kernel)", || {
         setup::run(
@@ -136,6 +142,10 @@ pub fn test(opts: &TestOpts) -> anyhow::Result<()> {
         let release = kernel_release();
         let mode = vm::Mode::for_kernel(vm::expect::series_of_release(&release), false);
         cmd.env("REUSEPORT_BIN_DIR", root.join("target/debug"))
+            .env(
+                "REUSEPORT_DEB",
+                deb.as_ref().expect("set by the package step"),
+            )
             .env(vm::EXPECT_MODE_ENV, mode.as_str());
         let out = run_tee(cmd)?;
         host = Some(vm::Column::from_output(

@@ -32,7 +32,7 @@ mod initramfs;
 mod kernel;
 mod qemu;
 mod results;
-mod tools;
+pub mod tools;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

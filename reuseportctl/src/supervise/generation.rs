@@ -160,7 +160,11 @@ impl Supervisor {
         match changed {
             Ok(_) => {
                 let waiting = self.waiters.remove(&generation).unwrap_or_default();
+                // NB: the report goes out once the loop yields, after it told systemd
+                // (current-thread runtime): a `systemctl reload` that waits for this outcome
+                // finds the unit's STATUS= up to date.
                 self.report(waiting, RestartOutcome::Active { generation });
+                self.service.succeeded();
                 let previous = self.current.replace(generation);
                 if let Some(g) = self.gens.get_mut(&generation) {
                     g.phase = Phase::Active;

@@ -13,7 +13,10 @@ use nix::{
 };
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 
-use super::SuperviseArgs;
+use super::{
+    SuperviseArgs,
+    service::{Service, Snapshot},
+};
 use crate::{
     draining::{Drain, DrainTask},
     launch::{self, describe_exit, note},
@@ -95,11 +98,29 @@ pub(super) struct Supervisor {
     pub(super) shutdown: Option<Shutdown>,
     /// Waits for the generations, and for the orphans it inherits as PID 1 or a subreaper.
     pub(super) reaper: Reaper,
+    /// What systemd is told, when supervise is a unit's main process.
+    pub(super) service: Service,
     // NB: no Drop needed for the children: they get SIGTERM through PR_SET_PDEATHSIG if the
     // supervisor dies.
 }
 
 impl Supervisor {
+    /// Brings systemd up to date after an event (see [`Service::update`]).
+    pub(super) fn tell_service(&mut self) {
+        let now = Snapshot {
+            current: self.current,
+            starting: self.starting(),
+            restart_pending: self.restart_pending,
+            draining: self
+                .gens
+                .values()
+                .filter(|g| matches!(g.phase, Phase::Draining { .. }))
+                .count(),
+            running: self.gens.len(),
+        };
+        self.service.update(now);
+    }
+
     /// The exit status, once there is nothing left to supervise.
     pub(super) fn finished(&self) -> Option<u8> {
         if !self.gens.is_empty() {
@@ -136,6 +157,7 @@ impl Supervisor {
         };
         let why = format!("{what}{}", self.stays_active());
         note(format_args!("{verb} failed: {why}"));
+        self.service.failed(&why);
         let ids = match generation {
             Some(n) => self.waiters.remove(&n).unwrap_or_default(),
             None => std::mem::take(&mut self.unattached),
@@ -173,6 +195,7 @@ impl Supervisor {
     }
 
     pub(super) async fn restart(&mut self) {
+        self.service.reloading();
         if let Some(starting) = self.starting() {
             self.restart_pending = true;
             note(format_args!(
@@ -359,6 +382,7 @@ impl Supervisor {
     /// Forwards `sig` to every generation; once all have exited (or were SIGKILLed after
     /// `--kill-timeout`) the supervisor exits with `code`.
     pub(super) fn begin_shutdown(&mut self, sig: Signal, code: u8) {
+        self.service.stopping();
         if self.shutdown.is_none() {
             self.shutdown = Some(Shutdown {
                 code,

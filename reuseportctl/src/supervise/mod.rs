@@ -22,6 +22,7 @@ use tokio::{
 use self::{
     machine::Supervisor,
     notify::{Notifier, recv_notify},
+    service::Service,
 };
 use crate::{
     GlobalOpts,
@@ -40,6 +41,7 @@ use reuseport_client::{
 mod generation;
 mod machine;
 mod notify;
+mod service;
 
 /// Tells each server its generation number (the test servers answer with it).
 pub const GENERATION_VAR: &str = "REUSEPORT_GENERATION";
@@ -174,9 +176,11 @@ pub async fn run(global: &GlobalOpts, mut args: SuperviseArgs) -> anyhow::Result
         events: events_tx,
         shutdown: None,
         reaper: Reaper::new(),
+        service: Service::from_env(),
     };
     sup.start_generation().await?;
     loop {
+        sup.tell_service();
         if let Some(code) = sup.finished() {
             return Ok(ExitCode::from(code));
         }

@@ -50,6 +50,11 @@ fn non_root_users_cannot_steer_or_join_groups_they_do_not_own() {
     // The file mode is the first gate: outside the control group, connect() itself fails.
     let out = users.outsider.ctl(&env, &["status"]);
     let err = one_line_error("status by a user outside the control group", &out);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "refused at the socket: the exit status for permission denied ({err})"
+    );
     assert!(
         err.to_lowercase().contains("permission denied")
             && err.contains(&env.control_path().display().to_string()),
@@ -73,6 +78,11 @@ fn non_root_users_cannot_steer_or_join_groups_they_do_not_own() {
     ] {
         let out = users.outsider.ctl(&env, &args);
         let err = one_line_error(&format!("{what} by uid {}", users.outsider.uid), &out);
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "refused by the agent: the exit status for permission denied ({err})"
+        );
         assert!(
             err.contains("permission denied:")
                 && err.contains(&format!("{what} of group"))

@@ -43,13 +43,13 @@ use crate::harness::{
 /// Set (to anything) in the server processes the supervisor starts.
 pub(crate) const SERVER_ENV: &str = "REUSEPORT_TEST_LISTEN_FDS_SERVER";
 /// A generation whose server exits with status 1 at once (a broken release).
-const FAIL_GENERATION_ENV: &str = "REUSEPORT_TEST_FAIL_GENERATION";
+pub(crate) const FAIL_GENERATION_ENV: &str = "REUSEPORT_TEST_FAIL_GENERATION";
 /// A directory where the server leaves `started-<gen>` when it starts, `ready-<gen>` just
 /// before it reports ready, and `sigterm-<gen>` when it got SIGTERM.
 pub(crate) const MARKER_DIR_ENV: &str = "REUSEPORT_TEST_MARKER_DIR";
 /// `<generation>:<ms>`: the server of that generation takes that long before it accepts and
 /// reports READY=1 (loading, warming up).
-const READY_DELAY_ENV: &str = "REUSEPORT_TEST_READY_DELAY";
+pub(crate) const READY_DELAY_ENV: &str = "REUSEPORT_TEST_READY_DELAY";
 /// Exit status after SIGTERM (default 0).
 pub(crate) const TERM_EXIT_ENV: &str = "REUSEPORT_TEST_TERM_EXIT";
 pub(crate) const SERVER_TEST: &str = "tests::supervise::listen_fds_server";
@@ -372,8 +372,8 @@ fn restart_command_without_a_supervisor_says_what_to_do() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
-        Some(1),
-        "restart of a group nobody supervises should fail: {stderr}"
+        Some(6),
+        "restart of a group nobody supervises should be refused (exit 6): {stderr}"
     );
     assert!(
         stderr.contains("no `reuseportctl supervise` manages tcp://127.0.0.1:7805")

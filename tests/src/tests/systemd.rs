@@ -2,7 +2,9 @@
 //! under systemd-nspawn, see [`BootedSystem`]), the agent as `reuseport-agent.service`, a
 //! server as `reuseport-supervise@demo.service` (the units of `packaging/`, as installed),
 //! and under ApacheBench load: `systemctl reload` deploys a new generation and `systemctl
-//! restart reuseport-agent` restarts the agent, each without a failed request.
+//! restart reuseport-agent` restarts the agent, each without a failed request. Both units are
+//! `Type=notify`: `systemctl start` returns once the agent answers and the first generation is
+//! active, `systemctl reload` once the new generation is active.
 //!
 //! The server is this test executable again (the drain tests' HTTP server: 50 ms per request
 //! and no SIGTERM handler, so every flip has requests in flight and a server signalled before
@@ -38,6 +40,10 @@ const REQUESTS_PER_STEP: u64 = 50;
 const POLL: Duration = Duration::from_millis(50);
 /// Where the test executable is bound in the container.
 const SERVER_EXE: &str = "/usr/local/lib/reuseport-tests/server";
+/// The `.deb` of `cargo xtask package`, installed in the container when set (`cargo xtask
+/// test` sets it); otherwise the files of the tree and the binaries under test are.
+const DEB_ENV: &str = "REUSEPORT_DEB";
+const DEB_IN_CONTAINER: &str = "/var/cache/reuseport.deb";
 
 #[test]
 fn systemd_reload_and_agent_restart_under_load_lose_nothing() {
@@ -51,22 +57,53 @@ fn systemd_reload_and_agent_restart_under_load_lose_nothing() {
     }
     let rootfs = debian_rootfs();
     let _one = one_at_a_time();
-    let system = BootedSystem::boot(NAME, &rootfs, install);
-    // What the package's maintainer scripts do.
-    system.ok(&["systemd-sysusers", "reuseport.conf"]);
-    system.ok(&["systemctl", "daemon-reload"]);
+    let deb = std::env::var_os(DEB_ENV).map(PathBuf::from);
+    let system = BootedSystem::boot(NAME, &rootfs, |root| install(root, deb.as_deref()));
+    if deb.is_some() {
+        // Its maintainer scripts create the control group, enable and start the agent.
+        system.ok(&["dpkg", "--install", DEB_IN_CONTAINER]);
+        let listed = system.ok(&["dpkg-query", "--listfiles", "reuseport"]);
+        for file in [
+            "/usr/share/man/man8/reuseport-agent.8.gz",
+            "/usr/share/bash-completion/completions/reuseportctl",
+        ] {
+            assert!(
+                listed.lines().any(|l| l == file),
+                "the package should install {file}:\n{listed}"
+            );
+        }
+        assert_eq!(
+            system
+                .ok(&["systemctl", "is-enabled", "reuseport-agent.service"])
+                .trim(),
+            "enabled",
+            "the package should enable the agent's unit"
+        );
+    } else {
+        println!("{NAME}: {DEB_ENV} unset: the files of the tree are installed, not the .deb");
+        // What the package's maintainer scripts do.
+        system.ok(&["systemd-sysusers", "reuseport.conf"]);
+        system.ok(&["systemctl", "daemon-reload"]);
+    }
 
+    // Type=notify: each systemctl returns once the unit said READY=1, so what it promises
+    // holds as soon as it returns, without waiting.
     system.ok(&["systemctl", "start", "reuseport-agent.service"]);
-    wait_until_every("the agent answers status", STEP_TIMEOUT, POLL, || {
-        system.exec(&["reuseportctl", "status"]).status.success()
-    });
+    let out = system.exec(&["reuseportctl", "status"]);
+    assert!(
+        out.status.success(),
+        "the agent should answer once systemctl start returns (READY=1 after the control \
+         socket listens): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     system.ok(&["systemctl", "start", "reuseport-supervise@demo.service"]);
-    wait_for_generation(&system, 1);
+    assert_active(&system, 1, "systemctl start");
 
     let mut ab = ApacheBench::start_with(local(PORT), 8, |cmd| system.in_network(cmd));
     wait_selected(&system, &mut ab, 1, REQUESTS_PER_STEP);
 
     system.ok(&["systemctl", "reload", "reuseport-supervise@demo.service"]);
+    assert_active(&system, 2, "systemctl reload");
     wait_for_generation(&system, 2);
     wait_selected(&system, &mut ab, 2, REQUESTS_PER_STEP);
 
@@ -131,15 +168,30 @@ fn systemd_reload_and_agent_restart_under_load_lose_nothing() {
         "the server's unit should be running after its reload:\n{demo}"
     );
     assert!(
+        agent.contains("Status: \"1 group"),
+        "the agent's unit should show what it manages (STATUS=):\n{agent}"
+    );
+    assert!(
+        demo.contains("Status: \"generation 2 active"),
+        "the server's unit should show the generation that serves (STATUS=):\n{demo}"
+    );
+    assert!(
         demo.contains("generation 2 is ready and active"),
         "the server's unit should show the deploy of generation 2:\n{demo}"
     );
     println!("{NAME}: systemctl status:\n{agent}\n{demo}");
 }
 
-/// What the package installs, from the tree and the binaries under test; the executables are
-/// bound, not copied (debug builds are large).
-fn install(root: &Path) {
+/// The package, or what it installs from the tree and the binaries under test (the
+/// executables are bound, not copied: debug builds are large); the demo server either way.
+fn install(root: &Path, deb: Option<&Path>) {
+    let exe = std::env::current_exe().expect("current_exe");
+    bind_file(&exe, &root.join(SERVER_EXE.trim_start_matches('/')));
+    demo_unit(root);
+    if let Some(deb) = deb {
+        copy(deb, &root.join(DEB_IN_CONTAINER.trim_start_matches('/')));
+        return;
+    }
     let packaging = workspace().join("packaging");
     bind_file(
         &bin_path("reuseport-agent"),
@@ -149,8 +201,6 @@ fn install(root: &Path) {
         &bin_path("reuseportctl"),
         &root.join("usr/bin/reuseportctl"),
     );
-    let exe = std::env::current_exe().expect("current_exe");
-    bind_file(&exe, &root.join(SERVER_EXE.trim_start_matches('/')));
     for unit in ["reuseport-agent.service", "reuseport-supervise@.service"] {
         copy(
             &packaging.join("systemd").join(unit),
@@ -165,10 +215,14 @@ fn install(root: &Path) {
         &packaging.join("sysusers/reuseport.conf"),
         &root.join("usr/lib/sysusers.d/reuseport.conf"),
     );
+}
+
+/// The demo server's instance of the template unit.
+fn demo_unit(root: &Path) {
     write(
         &root.join("etc/reuseport/supervise/demo.env"),
         &format!(
-            "SUPERVISE_OPTS=--listen 127.0.0.1:{PORT} --ready notify\n\
+            "LISTEN=127.0.0.1:{PORT}\nSUPERVISE_OPTS=--ready notify\n\
              SERVER={SERVER_EXE} {}\n\
              {SERVER_ENV}=1\n",
             helper_args(SERVER_TEST).join(" ")
@@ -179,17 +233,6 @@ fn install(root: &Path) {
         &root.join("etc/systemd/system/reuseport-supervise@demo.service.d/user.conf"),
         "[Service]\nUser=nobody\nSupplementaryGroups=reuseport\n",
     );
-    // NB: until the agent and supervise speak sd_notify, their units are started as
-    // Type=exec and the test waits for the control socket and the status instead.
-    for unit in [
-        "reuseport-agent.service",
-        "reuseport-supervise@demo.service",
-    ] {
-        write(
-            &root.join(format!("etc/systemd/system/{unit}.d/type.conf")),
-            "[Service]\nType=exec\n",
-        );
-    }
 }
 
 fn workspace() -> PathBuf {
@@ -242,6 +285,28 @@ fn selected(groups: &Value, generation: u64) -> u64 {
         .find(|g| g["generation"] == generation)
         .and_then(|g| g["counters"]["selected"].as_u64())
         .unwrap_or(0)
+}
+
+/// `generation` serves, in the agent's view and in the unit's `STATUS=` line, right after
+/// `what` returned.
+fn assert_active(system: &BootedSystem, generation: u64, what: &str) {
+    let groups = status(system);
+    assert_eq!(
+        groups[0]["active"], generation,
+        "generation {generation} should be active once {what} returns: {groups}"
+    );
+    let text = system.ok(&[
+        "systemctl",
+        "show",
+        "--property=StatusText",
+        "--value",
+        "reuseport-supervise@demo.service",
+    ]);
+    assert!(
+        text.contains(&format!("generation {generation} active")),
+        "the unit's status should say generation {generation} is active once {what} returns: \
+         {text}"
+    );
 }
 
 /// Until `generation` is the only one left in the group, and active.
