@@ -21,7 +21,7 @@ use crate::{
     live,
     mailbox::Mailbox,
     quota::Quotas,
-    registry::{Refusal, RegId, Registry, StateChange},
+    registry::{Refusal, RegId, StateChange},
     restart,
 };
 pub use crate::{admission::DEFAULT_MAX_CONNECTIONS, kernel::Mode, server::run};
@@ -271,40 +271,17 @@ impl Agent {
         group: &GroupAddr,
         generation: u32,
     ) -> Result<Reply, Refusal> {
-        self.change(peer, group, |r| r.activate(generation), "activate")
+        self.change_spanning(
+            peer,
+            group,
+            generation,
+            |r| r.activate(generation),
+            "activate",
+        )
     }
 
     pub fn drain(&self, peer: Peer, group: &GroupAddr, generation: u32) -> Result<Reply, Refusal> {
-        self.change(peer, group, |r| r.drain(generation), "drain")
-    }
-
-    pub(crate) fn change(
-        &self,
-        peer: Peer,
-        wanted: &GroupAddr,
-        op: impl FnOnce(&mut Registry) -> Result<Vec<StateChange>, Refusal>,
-        what: &str,
-    ) -> Result<Reply, Refusal> {
-        let mut state = self.lock();
-        let live: HashSet<RegId> = state.subscribers.keys().copied().collect();
-        let group = state.find(wanted)?;
-        self.access
-            .may_change(&peer, &group.key(), group.owner_uid(), what)?;
-        let changes = group.change(&self.grace, op)?;
-        let key = group.key();
-        let status = self.group_status(group, &live);
-        let group = &state.groups[&key];
-        state.notify(group, &changes, self.own_netns);
-        // One line per change of the table (a flip is two state changes).
-        let changed: Vec<String> = changes
-            .iter()
-            .map(|ch| format!("{} {}", ch.generation, ch.state))
-            .collect();
-        tracing::info!(
-            group = %key, op = what, active = group.active(), changes = %changed.join(", "),
-            pid = peer.pid, uid = peer.uid, "state changed"
-        );
-        Ok(Reply::Changed { group: status })
+        self.change_spanning(peer, group, generation, |r| r.drain(generation), "drain")
     }
 
     /// `with_live`: add the figures read from the kernel (see [`live`]), after the state
@@ -325,6 +302,11 @@ impl Agent {
             } else {
                 Vec::new()
             };
+            let keys: Vec<GroupKey> = chosen.iter().map(|g| g.key()).collect();
+            let mut groups = groups;
+            let mut spans: Vec<(GroupKey, &mut GroupStatus)> =
+                keys.into_iter().zip(groups.iter_mut()).collect();
+            state.fill_spans(&mut spans, self.own_netns);
             let namespaces: HashSet<u64> = state.groups.keys().map(|k| k.netns).collect();
             (groups, probes, namespaces)
         };

@@ -38,6 +38,7 @@ impl Agent {
         tracing::info!(group = %group.key(), generation, ?step, "drain step reported");
         Ok(Reply::Changed {
             group: self.group_status(group, &live),
+            others: Vec::new(),
         })
     }
 }

@@ -26,6 +26,14 @@ use reuseport_proto::{
     message::{DrainStep, ErrorKind, GenState, RestartOutcome},
 };
 
+/// A change staged by [`Group::stage`].
+pub(crate) struct Staged {
+    snap: Snapshot,
+    pub(crate) changes: Vec<StateChange>,
+    /// The buffer holding the new table; `None` when nothing changed.
+    table: Option<u32>,
+}
+
 pub(crate) struct Group {
     key: GroupKey,
     owner_uid: u32,
@@ -234,24 +242,65 @@ impl Group {
         }
     }
 
-    /// Applies `op` to the registry and publishes the result, all or nothing: on any
-    /// failure the registry, the record and the kernel's table are as before and the error
-    /// is returned.
-    pub(crate) fn change(
+    /// The first half of a change that must happen in several groups or in none (a
+    /// generation that spans groups, see `span`): applies `op` to the registry, pins the
+    /// record and writes the table into a spare buffer, but leaves the live table alone.
+    /// On failure nothing is changed. Follow with [`Group::switch`] or [`Group::unstage`].
+    pub(crate) fn stage(
         &mut self,
         grace: &Grace,
         op: impl FnOnce(&mut Registry) -> Result<Vec<StateChange>, Refusal>,
-    ) -> Result<Vec<StateChange>, Refusal> {
+    ) -> Result<Staged, Refusal> {
         let snap = self.snapshot();
         let changes = op(&mut self.registry)?;
         if changes.is_empty() && !self.stale {
-            return Ok(changes);
+            return Ok(Staged {
+                snap,
+                changes,
+                table: None,
+            });
         }
-        if let Err(e) = self.publish(grace) {
-            self.undo(snap, grace);
-            return Err(e);
+        match self.stage_table(grace) {
+            Ok(table) => Ok(Staged {
+                snap,
+                changes,
+                table: Some(table),
+            }),
+            Err(e) => {
+                self.undo(snap, grace);
+                Err(e)
+            }
         }
-        Ok(changes)
+    }
+
+    /// Makes a staged change live (one write in the kernel). On failure the live table is
+    /// the old one still: [`Group::unstage`] puts the record back too.
+    pub(crate) fn switch(&mut self, staged: &Staged, grace: &Grace) -> Result<(), Refusal> {
+        crate::fault::fail("switch.table")
+            .map_err(|e| kernel_refusal(kernel::injected("switching the steering table", e)))?;
+        match staged.table {
+            Some(table) => self.switch_table(table, grace),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes back a staged change, switched or not: the registry, the record and the live
+    /// table show the state before it again (see [`Group::undo`]).
+    pub(crate) fn unstage(&mut self, staged: Staged, grace: &Grace) {
+        if staged.table.is_some() {
+            self.undo(staged.snap, grace);
+        }
+    }
+
+    /// The server pids that named themselves (`server_pid`) for sockets of `generation`.
+    pub(crate) fn servers_of(&self, generation: u32) -> impl Iterator<Item = i32> + '_ {
+        self.registry
+            .generations
+            .get(&generation)
+            .into_iter()
+            .flat_map(|g| g.sockets.values())
+            .filter(|m| m.server)
+            .map(|m| m.pid)
     }
 
     /// Adds `socket` to `generation` (see [`Registry::register`]) in a free slot, publishes
@@ -369,8 +418,15 @@ impl Group {
     }
 
     /// Pins the group's record and makes the kernel follow the table for the registry as it
-    /// is now (see [`GroupKernel::publish`]).
+    /// is now (see [`GroupKernel::stage`] and [`GroupKernel::switch`]).
     fn publish(&mut self, grace: &Grace) -> Result<(), Refusal> {
+        let table = self.stage_table(grace)?;
+        self.switch_table(table, grace)
+    }
+
+    /// Pins the record of the registry as it is now and writes its table into a spare
+    /// buffer (see [`GroupKernel::stage`]); returns the buffer for [`Group::switch_table`].
+    fn stage_table(&mut self, grace: &Grace) -> Result<u32, Refusal> {
         self.serial = self.serial.wrapping_add(1);
         let cfg = self.registry.steering_config(self.serial);
         // NB: the record first: an agent killed anywhere in here leaves a record that is
@@ -380,7 +436,11 @@ impl Group {
         crate::fault::point(crate::fault::BETWEEN_RECORD_AND_TABLE);
         crate::fault::fail("publish.table")
             .map_err(|e| kernel_refusal(kernel::injected("writing the steering table", e)))?;
-        self.kernel.publish(&cfg, grace).map_err(kernel_refusal)?;
+        self.kernel.stage(&cfg, grace).map_err(kernel_refusal)
+    }
+
+    fn switch_table(&mut self, table: u32, grace: &Grace) -> Result<(), Refusal> {
+        self.kernel.switch(table, grace).map_err(kernel_refusal)?;
         self.stale = false;
         Ok(())
     }

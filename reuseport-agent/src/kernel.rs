@@ -431,10 +431,12 @@ impl GroupKernel {
             .flatten()
     }
 
-    /// Makes `cfg` the table the program follows, atomically: it is written into a buffer no
-    /// program invocation can be reading (waiting for an RCU grace period only if every
-    /// buffer retired too recently), then the 4-byte `CURRENT` word switches to it.
-    pub fn publish(&mut self, cfg: &SteeringConfig, grace: &Grace) -> Result<(), KernelError> {
+    /// The first half of making `cfg` the table the program follows, atomically: writes it
+    /// into a buffer no program invocation can be reading (waiting for an RCU grace period
+    /// only if every buffer retired too recently) and returns it; the program follows it
+    /// once [`GroupKernel::switch`] is called. Until then the live table is untouched, and
+    /// staging again overwrites the same buffer.
+    pub fn stage(&mut self, cfg: &SteeringConfig, grace: &Grace) -> Result<u32, KernelError> {
         let next = (self.live + 1) % CONFIG_BUFFERS;
         if let Some(t) = self.retired[next as usize] {
             grace.wait(t);
@@ -445,6 +447,11 @@ impl GroupKernel {
                 what: format!("writing steering table {next}"),
                 source: io::Error::other(e),
             })?;
+        Ok(next)
+    }
+
+    /// Makes the staged buffer `next` the live one: one 4-byte write of `CURRENT`.
+    pub fn switch(&mut self, next: u32, grace: &Grace) -> Result<(), KernelError> {
         // NB: buffer indices are < 256, so consecutive values differ only in their low byte:
         // even a byte-wise copy in the kernel's map update cannot expose a torn index.
         self.current

@@ -1,6 +1,9 @@
 //! `server_pid`: which process a launcher may name as the server behind the socket it
-//! registers. Only itself or one of its descendants: `status` shows that pid as the
-//! socket's, and a registering process must not be able to put any process's pid there.
+//! registers. Itself or one of its descendants; or, for `reuseportctl register --pid` (a
+//! running server adopted from outside), a process that holds the very socket and that the
+//! registrant may trace (root, or the process's owner: what `pidfd_getfd` itself demands).
+//! `status` shows that pid as the socket's, and a registering process must not be able to
+//! put any other process's pid there.
 //!
 //! The launcher names the pid as it sees it, in its own pid namespace (a launcher in a
 //! container); the agent finds the descendant with that pid there (`NSpid` in
@@ -71,11 +74,37 @@ pub fn server_pid(peer: i32, claimed: i32, procs: &impl Procs) -> Result<i32, Re
             ErrorKind::PermissionDenied,
             format!(
                 "permission denied: server_pid {claimed} is neither the registering process \
-                 (pid {peer}) nor one of its descendants: a launcher names the server it \
-                 started, as its own pid namespace numbers it"
+                 (pid {peer}) nor one of its descendants, nor a process that holds this socket \
+                 and that the registrant owns: a launcher names the server it started, as its \
+                 own pid namespace numbers it"
             ),
         )
     })
+}
+
+/// `claimed`, as the agent numbers pids, if it holds the socket whose inode is `socket_ino`
+/// among its descriptors and `peer_uid` is root or its owner (real uid): the registrant took
+/// the socket from it. Read from `/proc`.
+pub fn holder_pid(peer_uid: u32, claimed: i32, socket_ino: u64) -> Option<i32> {
+    if claimed <= 0 {
+        return None;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{claimed}/status")).ok()?;
+    let owner: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    if peer_uid != 0 && peer_uid != owner {
+        return None;
+    }
+    let wanted = format!("socket:[{socket_ino}]");
+    let fds = std::fs::read_dir(format!("/proc/{claimed}/fd")).ok()?;
+    fds.flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == wanted.as_str()))
+        .then_some(claimed)
 }
 
 fn find(peer: i32, claimed: i32, procs: &impl Procs) -> Option<i32> {
@@ -123,6 +152,24 @@ mod tests {
     };
 
     use super::*;
+
+    #[test]
+    fn a_holder_of_the_socket_is_found_for_root_and_its_owner_only() {
+        use std::os::{fd::AsFd as _, unix::fs::MetadataExt as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ino = nix::sys::stat::fstat(listener.as_fd()).unwrap().st_ino;
+        let me = std::process::id() as i32;
+        let owner = std::fs::metadata(format!("/proc/{me}")).unwrap().uid();
+        assert_eq!(holder_pid(0, me, ino), Some(me), "root");
+        assert_eq!(holder_pid(owner, me, ino), Some(me), "its owner");
+        assert_eq!(holder_pid(owner + 4242, me, ino), None, "another user");
+        assert_eq!(
+            holder_pid(0, me, ino + 1_000_000_000),
+            None,
+            "a socket it does not hold"
+        );
+        assert_eq!(holder_pid(0, 0, ino), None);
+    }
 
     #[test]
     fn a_child_and_a_grandchild_are_found_an_unrelated_process_is_not() {

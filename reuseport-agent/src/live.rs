@@ -164,6 +164,7 @@ mod tests {
             counters: Counters::default(),
             live: None,
             drain: None,
+            also_in: Vec::new(),
         }
     }
 

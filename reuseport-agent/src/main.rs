@@ -53,6 +53,7 @@ mod scan;
 mod server;
 mod slots;
 mod sockcheck;
+mod span;
 mod sys;
 mod wake;
 

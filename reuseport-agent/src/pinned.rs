@@ -129,6 +129,7 @@ mod tests {
             uid: 0,
             cookie,
             drops_base: 3,
+            server: true,
         };
         registry.register(1, Some("v1".into()), false, 0, m(1, 100));
         registry.register(2, None, true, 5, m(2, 200));
@@ -179,6 +180,7 @@ mod tests {
                 uid: 1_000_000,
                 cookie: 1 << 40,
                 drops_base: u32::MAX,
+                server: true,
             };
             let generation = 1_000_000 + slot;
             registry.register(

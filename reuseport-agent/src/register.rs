@@ -91,10 +91,15 @@ impl Agent {
         let listener = sockcheck::check(socket.as_fd(), &req.group)?;
         self.access.may_register(&peer, listener.uid)?;
         // NB: the agent's view of the server's pid; the launcher's may be a container's.
+        let socket_ino = nix::sys::stat::fstat(socket.as_fd())
+            .map_err(|e| Refusal::new(ErrorKind::Kernel, format!("fstat of the socket: {e}")))?
+            .st_ino;
         let pid = match req.server_pid {
             None => peer.pid,
             Some(claimed) => tokio::task::spawn_blocking(move || {
-                lineage::server_pid(peer.pid, claimed, &lineage::ProcFs)
+                lineage::server_pid(peer.pid, claimed, &lineage::ProcFs).or_else(|refusal| {
+                    lineage::holder_pid(peer.uid, claimed, socket_ino).ok_or(refusal)
+                })
             })
             .await
             .map_err(|e| Refusal::new(ErrorKind::Kernel, format!("internal error: {e}")))??,
@@ -229,6 +234,7 @@ impl Agent {
             uid: listener.uid,
             cookie: listener.cookie,
             drops_base: listener.drops,
+            server: req.server_pid.is_some(),
         };
         let result = group.add_socket(
             &self.grace,

@@ -22,6 +22,13 @@ pub struct Member {
     /// The listener's `sk_drops` when it registered: `status` reports drops since then.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub drops_base: u32,
+    /// `pid` is the server its registrant named (`server_pid`): with the sockets of the same
+    /// server and generation in other groups, this one makes one generation across groups
+    /// (see `span`).
+    /// NB: pinned as `"s"`: every byte of a member counts against the record's size (see
+    /// `pinned`), which must hold 100 generations with the longest names.
+    #[serde(rename = "s", default, skip_serializing_if = "std::ops::Not::not")]
+    pub server: bool,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -310,6 +317,7 @@ mod tests {
             uid: 0,
             cookie: reg,
             drops_base: 0,
+            server: false,
         }
     }
 

@@ -170,8 +170,14 @@ mod tests {
                     generation: 2
                 }
             );
-            conn.send(&Reply::Changed { group: status(2) }, None)
-                .unwrap();
+            conn.send(
+                &Reply::Changed {
+                    group: status(2),
+                    others: Vec::new(),
+                },
+                None,
+            )
+            .unwrap();
             let mut next = || conn.recv_msg::<Request>().unwrap().expect("a request").0.op;
             assert_eq!(next(), Op::Restart { group: group() });
             let refusal = Reply::Error {

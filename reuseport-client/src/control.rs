@@ -41,8 +41,22 @@ pub(crate) fn agent_info(reply: Reply) -> Result<Option<AgentInfo>, ClientError>
 
 /// What a change (`activate`, `drain`, `drain_progress`) expects: the group after it.
 pub(crate) fn changed(request: &'static str, reply: Reply) -> Result<GroupStatus, ClientError> {
+    changed_all(request, reply).map(|mut groups| groups.swap_remove(0))
+}
+
+/// What `activate` and `drain` expect: every group the generation spans after the change,
+/// the requested one first.
+pub(crate) fn changed_all(
+    request: &'static str,
+    reply: Reply,
+) -> Result<Vec<GroupStatus>, ClientError> {
     match reply {
-        Reply::Changed { group } => Ok(group),
+        Reply::Changed { group, others } => {
+            let mut groups = Vec::with_capacity(1 + others.len());
+            groups.push(group);
+            groups.extend(others);
+            Ok(groups)
+        }
         other => Err(unexpected(request, &other)),
     }
 }
@@ -93,7 +107,9 @@ mod async_client {
     };
     use tokio::net::UnixStream;
 
-    use super::{agent_info, answer, changed, groups, outcome_of, restart_reported, restarting};
+    use super::{
+        agent_info, answer, changed, changed_all, groups, outcome_of, restart_reported, restarting,
+    };
     use crate::{ClientError, connect_error};
 
     pub(crate) async fn connect_conn(path: &Path) -> Result<Conn, ClientError> {
@@ -194,6 +210,29 @@ mod async_client {
                 step,
             })
             .await
+        }
+
+        /// Makes `generation` the active one in `group` and in every other group it spans
+        /// (the groups of a server with several listeners), all or none; returns every group
+        /// after the change, `group` first.
+        pub async fn activate_all(
+            &mut self,
+            group: GroupAddr,
+            generation: u32,
+        ) -> Result<Vec<GroupStatus>, ClientError> {
+            let reply = self.request(Op::Activate { group, generation }).await?;
+            changed_all("activate", reply)
+        }
+
+        /// [`ControlClient::drain`] that returns every group the generation spans, as
+        /// [`ControlClient::activate_all`] does.
+        pub async fn drain_all(
+            &mut self,
+            group: GroupAddr,
+            generation: u32,
+        ) -> Result<Vec<GroupStatus>, ClientError> {
+            let reply = self.request(Op::Drain { group, generation }).await?;
+            changed_all("drain", reply)
         }
 
         /// Stops sending new connections to `generation`; returns the group after the
@@ -323,6 +362,7 @@ mod tests {
             conn.send(
                 &Reply::Changed {
                     group: status_of(g, 2),
+                    others: Vec::new(),
                 },
                 None,
             )
@@ -375,6 +415,7 @@ mod tests {
             conn.send(
                 &Reply::Changed {
                     group: status_of(g, 1),
+                    others: Vec::new(),
                 },
                 None,
             )

@@ -40,6 +40,7 @@ pub(crate) fn status_of(group: GroupAddr, active: u32) -> GroupStatus {
             counters: Counters::default(),
             live: None,
             drain: None,
+            also_in: Vec::new(),
         }],
         unsteered: 0,
         limits: None,

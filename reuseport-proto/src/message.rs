@@ -255,6 +255,11 @@ pub enum Reply {
     /// Answer to `activate` and `drain`: the group as it is after the change.
     Changed {
         group: GroupStatus,
+        /// The other groups the generation spans (see [`GenerationStatus::also_in`]), which
+        /// the same request changed, as they are after it. Absent from agents that predate
+        /// generations across groups.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        others: Vec<GroupStatus>,
     },
     /// Pushed on a registration connection when its generation changes state.
     State {
@@ -497,6 +502,11 @@ pub struct GenerationStatus {
     /// the live figures).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<DrainPhase>,
+    /// The other groups this generation spans: those where the same servers (registered
+    /// with `server_pid`) have sockets of the same generation number. `activate` and
+    /// `drain` act on all of them at once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also_in: Vec<GroupAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

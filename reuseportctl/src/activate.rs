@@ -14,7 +14,10 @@ use reuseport_client::{ControlClient, proto::GroupAddr};
     drains.\n\n\
     From the moment the agent answers, every new connection goes to GEN's sockets. The \
     draining generation keeps its listeners and established connections; with a 5.14+ kernel \
-    (select-or-migrate), connections still queued on a listener it closes move to GEN."
+    (select-or-migrate), connections still queued on a listener it closes move to GEN.\n\n\
+    A generation of a server with several listeners (exec or supervise with several \
+    --listen) spans their groups: it is activated in all of them at once, or in none (the \
+    error names the group that refused); one line per group is printed."
 )]
 pub struct ActivateArgs {
     /// The group: IP:PORT or tcp://IP:PORT[@NETNS].
@@ -30,14 +33,17 @@ pub struct ActivateArgs {
 
 pub async fn run(global: &GlobalOpts, args: ActivateArgs) -> anyhow::Result<ExitCode> {
     let mut client = ControlClient::connect(&global.control).await?;
-    let group = client.activate(args.group, args.generation).await?;
+    // One line per group: a generation of a server with several listeners changes in
+    // each of their groups. --json keeps its one object: the group named.
+    let groups = client.activate_all(args.group, args.generation).await?;
     if args.json {
-        output::print_json(&group)?;
+        output::print_json(&groups[0])?;
     } else {
-        output::print(&format!(
-            "{}\n",
-            output::change_summary(&group, args.generation)
-        ))?;
+        let lines: String = groups
+            .iter()
+            .map(|g| format!("{}\n", output::change_summary(g, args.generation)))
+            .collect();
+        output::print(&lines)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -79,6 +79,7 @@ mod tests {
                 counters: Counters::default(),
                 live: None,
                 drain: None,
+                also_in: Vec::new(),
             }],
             unsteered: 0,
             limits: None,

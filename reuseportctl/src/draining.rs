@@ -21,7 +21,7 @@ use nix::{
 };
 use tokio::{task::JoinHandle, time::Instant};
 
-use super::{args::parse_duration, launch::note};
+use super::{args::parse_duration, launch::note, listeners::groups_named};
 use reuseport_client::{
     ControlClient,
     proto::{DrainStep, GroupAddr, GroupStatus},
@@ -58,10 +58,10 @@ impl Default for DrainOpts {
     }
 }
 
-/// One server whose generation drains.
+/// One server whose generation drains (in every group it has a listener in).
 pub struct Drain {
     pub control: PathBuf,
-    pub group: GroupAddr,
+    pub groups: Vec<GroupAddr>,
     pub generation: u32,
     pub pid: Pid,
     pub signal: Signal,
@@ -85,7 +85,8 @@ impl Drain {
     }
 
     async fn run(self) {
-        let (generation, group, pid, sig) = (self.generation, self.group, self.pid, self.signal);
+        let (generation, pid, sig) = (self.generation, self.pid, self.signal);
+        let group = groups_named(&self.groups);
         let why = if self.opts.immediate_signal {
             "is draining".to_string()
         } else {
@@ -159,8 +160,8 @@ impl Drain {
         }
     }
 
-    /// Connections in flight in the generation (`None`: the agent has no live figures for
-    /// it).
+    /// Connections in flight in the generation, in all its groups (`None`: the agent has no
+    /// live figures for it in one of them).
     async fn in_flight(
         &self,
         client: &mut Option<ControlClient>,
@@ -169,14 +170,26 @@ impl Drain {
             Some(c) => c,
             None => client.insert(ControlClient::connect(&self.control).await?),
         };
-        let groups = c.status(Some(self.group)).await?;
-        Ok(in_flight(&groups, self.generation))
+        let mut total = 0;
+        for group in &self.groups {
+            let groups = c.status(Some(*group)).await?;
+            match in_flight(&groups, self.generation) {
+                Some(n) => total += n,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(total))
     }
 
     async fn report(&self, step: DrainStep) {
         let res = async {
             let mut client = ControlClient::connect(&self.control).await?;
-            client.report_drain(self.group, self.generation, step).await
+            for group in &self.groups {
+                client
+                    .report_drain(*group, self.generation, step.clone())
+                    .await?;
+            }
+            Ok::<_, reuseport_client::ClientError>(())
         }
         .await;
         if let Err(e) = res {

@@ -1,7 +1,7 @@
 //! `reuseportctl exec`: the language-agnostic launcher. It binds and registers the
-//! listener, hands it to the server as fd 3 (systemd socket activation and Server::Starter
-//! conventions), keeps the registration open while the server runs and exits with the
-//! server's status.
+//! listeners, hands them to the server as fds 3, 4, … (systemd socket activation and
+//! Server::Starter conventions), keeps the registrations open while the server runs and
+//! exits with the server's status.
 
 use std::{ffi::OsString, process::ExitCode};
 
@@ -18,31 +18,30 @@ use super::{
     args::{parse_name, parse_signal},
     draining::{Drain, DrainOpts, DrainTask},
     launch::{self, DEFAULT_FD_NAME, note},
+    listeners::{Listen, Registrations, check_listens, fd_names, parse_listen},
     reaper::Reaper,
     spawn::{self, FORWARDED_SIGNALS},
 };
-use reuseport_client::{
-    Registration,
-    proto::{GenState, GroupAddr},
-};
+use reuseport_client::proto::GenState;
 
-/// Run a server on a registered SO_REUSEPORT listener passed as fd 3.
+/// Run a server on registered SO_REUSEPORT listeners passed as fds 3, 4, ….
 #[derive(Debug, Args)]
 #[command(
-    long_about = "Run a server on a registered SO_REUSEPORT listener passed as fd 3.\n\n\
-        For servers that can take a listening socket from their parent (systemd socket \
+    long_about = "Run a server on registered SO_REUSEPORT listeners passed as fds 3, 4, ….\n\n\
+        For servers that can take listening sockets from their parent (systemd socket \
         activation, Server::Starter, or a plain `fd 3` option) and do not link the client \
         library. The launcher:\n\
-        \n  1. creates a TCP listener on ADDR:PORT with SO_REUSEPORT and registers it with \
-        the agent as a socket of generation N;\
-        \n  2. starts COMMAND with the listener as fd 3 and LISTEN_FDS=1, LISTEN_PID=<its \
-        pid>, LISTEN_FDNAMES=<--name or \"reuseport\">, SERVER_STARTER_PORT=<ADDR:PORT>=3 \
-        (IPv6 as [::1]:8080=3);\
-        \n  3. closes its own copy of the listener, so the listener lives exactly as long as \
+        \n  1. creates a TCP listener with SO_REUSEPORT on each --listen ADDR:PORT (each its \
+        own group) and registers it with the agent as a socket of generation N;\
+        \n  2. starts COMMAND with the listeners as fds 3, 4, … in --listen order and \
+        LISTEN_FDS=<how many>, LISTEN_PID=<its pid>, LISTEN_FDNAMES=<one name per listener: \
+        its NAME=, else --name, else \"reuseport\"; joined with ':'>, \
+        SERVER_STARTER_PORT=<ADDR:PORT>=3[;<ADDR:PORT>=4…] (IPv6 as [::1]:8080=3);\
+        \n  3. closes its own copies of the listeners, so each lives exactly as long as \
         the server keeps it;\
         \n  4. stays alive while COMMAND runs, keeping the registration open, and forwards \
         SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to it;\
-        \n  5. with --on-drain, once the generation drains: waits until it is idle (no \
+        \n  5. with --on-drain, once the generation drains in every group: waits until it is idle (no \
         connection in flight, empty accept queue; at most --drain-timeout), sends SIGNAL, \
         and SIGKILL if COMMAND still runs --kill-timeout later;\
         \n  6. exits with COMMAND's exit status, or 128+N if signal N killed it.\n\n\
@@ -55,13 +54,16 @@ use reuseport_client::{
         Example, a blue/green deploy:\n\
         \x20 reuseportctl exec --listen 0.0.0.0:8080 --generation 1 --activate --on-drain TERM -- ./server-v1\n\
         \x20 reuseportctl exec --listen 0.0.0.0:8080 --generation 2 --on-drain TERM -- ./server-v2\n\
-        \x20 reuseportctl activate 0.0.0.0:8080 2   # v1 drains and gets SIGTERM"
+        \x20 reuseportctl activate 0.0.0.0:8080 2   # v1 drains and gets SIGTERM\n\n\
+        Several listeners (fd 3 and fd 4, LISTEN_FDNAMES=http:admin):\n\
+        \x20 reuseportctl exec --listen http=0.0.0.0:8080 --listen admin=127.0.0.1:9090 -g 1 --activate -- ./server"
 )]
 pub struct ExecArgs {
     /// Address to listen on, the group's address: IP:PORT or tcp://IP:PORT (IPv6 in
-    /// brackets, e.g. [::]:443).
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub listen: GroupAddr,
+    /// brackets, e.g. [::]:443), optionally with the listener's LISTEN_FDNAMES entry before
+    /// it (http=0.0.0.0:80). Repeat it for several listeners: fds 3, 4, … in this order.
+    #[arg(long, value_name = "[NAME=]ADDR:PORT", required = true, value_parser = parse_listen)]
+    pub listen: Vec<Listen>,
     /// Generation of this server, e.g. a deploy counter.
     #[arg(long, short = 'g', value_name = "N")]
     pub generation: u32,
@@ -69,7 +71,8 @@ pub struct ExecArgs {
     /// drains).
     #[arg(long)]
     pub activate: bool,
-    /// Name of the generation, shown by `status` and passed in LISTEN_FDNAMES.
+    /// Name of the generation, shown by `status` and passed in LISTEN_FDNAMES for every
+    /// listener that has no NAME= of its own.
     #[arg(long, value_name = "NAME", value_parser = parse_name)]
     pub name: Option<String>,
     /// Send SIGNAL to COMMAND, once, when its generation drains and is idle (e.g. TERM,
@@ -97,17 +100,26 @@ pub async fn run(global: &GlobalOpts, args: ExecArgs) -> anyhow::Result<ExitCode
 async fn launch(global: &GlobalOpts, args: ExecArgs) -> anyhow::Result<u8> {
     // Resolved first: a typo in COMMAND should not touch the agent.
     let program = spawn::resolve_program(&args.command[0], std::env::var_os("PATH").as_deref())?;
-    let addr = args.listen.addr;
+    check_listens(&args.listen)?;
     let bound = launch::bind(
         &global.control,
-        args.listen,
+        &args.listen,
         args.generation,
         args.name.clone(),
         args.activate,
     )?;
 
-    let fd_name = args.name.as_deref().unwrap_or(DEFAULT_FD_NAME);
-    let env = spawn::child_env(std::env::vars_os(), addr, fd_name);
+    let names = fd_names(
+        &args.listen,
+        args.name.as_deref().unwrap_or(DEFAULT_FD_NAME),
+    );
+    let listeners: Vec<_> = args
+        .listen
+        .iter()
+        .map(|l| l.group.addr)
+        .zip(names)
+        .collect();
+    let env = spawn::child_env(std::env::vars_os(), &listeners);
     let mut plan = spawn::Plan::new(&program, &args.command, env)
         .context("the command line contains a NUL byte")?;
     // Watched before fork, so that neither an early exit nor an early signal is lost.
@@ -118,7 +130,7 @@ async fn launch(global: &GlobalOpts, args: ExecArgs) -> anyhow::Result<u8> {
             .with_context(|| format!("cannot watch {sig}"))?;
         forwarded.push((sig, stream));
     }
-    // The server owns the listener now; a copy kept here would outlive the server.
+    // The server owns the listeners now; a copy kept here would outlive the server.
     let (pid, registration) = bound.register_and_start(&mut plan).await?;
     drop(plan);
 
@@ -132,7 +144,7 @@ async fn launch(global: &GlobalOpts, args: ExecArgs) -> anyhow::Result<u8> {
     }
     let drain = args.on_drain.map(|signal| Drain {
         control: global.control.clone(),
-        group: registration.group(),
+        groups: registration.groups(),
         generation: registration.generation(),
         pid,
         signal,
@@ -146,7 +158,7 @@ async fn launch(global: &GlobalOpts, args: ExecArgs) -> anyhow::Result<u8> {
 /// subreaper, it also reaps the orphans it inherits (see [`Reaper`]).
 async fn supervise(
     pid: Pid,
-    mut registration: Registration,
+    mut registration: Registrations,
     mut drain: Option<Drain>,
     mut sigchld: tokio::signal::unix::Signal,
 ) -> anyhow::Result<u8> {
@@ -154,8 +166,6 @@ async fn supervise(
     reaper.track(pid);
     let mut state = registration.state();
     let mut watching_state = true;
-    let mut registered = true;
-    let group = registration.group();
     let mut draining: Option<DrainTask> = None;
     let mut on_state = |state: GenState| {
         if state == GenState::Draining
@@ -178,8 +188,7 @@ async fn supervise(
                 Ok(()) => on_state(*state.borrow_and_update()),
                 Err(_) => watching_state = false,
             },
-            closed = registration.closed(), if registered => {
-                registered = false;
+            (group, closed) = registration.closed() => {
                 let why = match closed {
                     Ok(()) => String::new(),
                     Err(e) => format!(" ({e})"),
@@ -200,7 +209,7 @@ mod tests {
     use super::*;
     use reuseport_client::{
         self as client,
-        proto::{GenState, Op, Register, Reply, Request, frame::Conn},
+        proto::{GenState, GroupAddr, Op, Register, Reply, Request, frame::Conn},
     };
 
     /// A directory of its own for a test's control socket and files.
@@ -293,7 +302,7 @@ mod tests {
             while :; do sleep 0.01; done
         "#;
         let args = ExecArgs {
-            listen: group,
+            listen: vec![Listen { name: None, group }],
             generation: 5,
             activate: true,
             name: Some("web".into()),
@@ -336,7 +345,7 @@ mod tests {
     async fn missing_command_fails_before_the_agent_is_asked() {
         let dir = tempdir("missing");
         let args = ExecArgs {
-            listen: "127.0.0.1:9".parse().unwrap(),
+            listen: vec![parse_listen("127.0.0.1:9").unwrap()],
             generation: 1,
             activate: false,
             name: None,

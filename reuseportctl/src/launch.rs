@@ -1,5 +1,5 @@
-//! What `exec` and `supervise` share: option parsers, binding and registering a listener,
-//! starting a server on it as fd 3, and reporting how a server exited.
+//! What `exec` and `supervise` share: binding and registering a generation's listeners,
+//! starting a server on them as fds 3, 4, …, and reporting how a server exited.
 
 use std::{
     net::TcpListener,
@@ -14,9 +14,12 @@ use nix::{
     unistd::Pid,
 };
 
-use super::spawn;
+use super::{
+    listeners::{Listen, Registrations},
+    spawn,
+};
 use reuseport_client::{
-    self as client, RegisterOptions, Registration,
+    self as client, RegisterOptions,
     proto::{GroupAddr, Register},
 };
 
@@ -62,33 +65,52 @@ pub fn try_reap(pid: Pid) -> anyhow::Result<Option<WaitStatus>> {
     }
 }
 
-/// A listener bound for a generation, neither registered nor served yet.
+/// A generation's listeners, bound, neither registered nor served yet.
 pub struct Bound {
-    listener: TcpListener,
-    opts: RegisterOptions,
+    listeners: Vec<(TcpListener, RegisterOptions)>,
 }
 
-/// Creates the SO_REUSEPORT listener on `group`'s address, to be registered as
+/// Creates the SO_REUSEPORT listeners on the `listens`' addresses, to be registered as
 /// `generation` by [`Bound::register_and_start`].
 pub fn bind(
     control: &Path,
-    group: GroupAddr,
+    listens: &[Listen],
     generation: u32,
     name: Option<String>,
     activate: bool,
 ) -> anyhow::Result<Bound> {
-    bind_for(control, group, generation, name, activate, false)
+    bind_for(control, listens, generation, name, activate, false)
 }
 
-/// [`bind`], saying whether the launcher is a supervisor (it takes `restart` requests).
+/// [`bind`], saying whether the launcher is a supervisor: the first listener's registration
+/// takes `restart` requests.
 pub fn bind_for(
     control: &Path,
-    group: GroupAddr,
+    listens: &[Listen],
     generation: u32,
     name: Option<String>,
     activate: bool,
     supervised: bool,
 ) -> anyhow::Result<Bound> {
+    let listeners = listens
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let (listener, mut opts) = bind_one(control, l.group, generation, name.clone())?;
+            opts.request.activate = activate;
+            opts.request.supervised = supervised && i == 0;
+            Ok((listener, opts))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Bound { listeners })
+}
+
+fn bind_one(
+    control: &Path,
+    group: GroupAddr,
+    generation: u32,
+    name: Option<String>,
+) -> anyhow::Result<(TcpListener, RegisterOptions)> {
     let addr = group.addr;
     let group = group
         .in_caller_netns()
@@ -103,42 +125,48 @@ pub fn bind_for(
         control: PathBuf::from(control),
         request: Register {
             name,
-            activate,
-            supervised,
             ..Register::new(group, generation)
         },
         reconnect: true,
     };
-    Ok(Bound { listener, opts })
+    Ok((listener, opts))
 }
 
 impl Bound {
-    /// Forks the server held at a gate, registers the listener with the server's pid (so
+    /// Forks the server held at a gate, registers each listener with the server's pid (so
     /// `status` shows the server, not the launcher), then lets the server run `plan` with
-    /// the listener as fd 3, and closes the launcher's own copy: the listener lives exactly
-    /// as long as the server keeps it. If the agent refuses the registration, the program
-    /// never runs. After an agent restart the registration fetches the listener from the
-    /// server (`pidfd_getfd`) to register it again.
+    /// the listeners as fds 3, 4, …, and closes the launcher's own copies: each listener
+    /// lives exactly as long as the server keeps it. If the agent refuses any registration,
+    /// the program never runs and the others are closed again. After an agent restart the
+    /// registrations fetch the listeners from the server (`pidfd_getfd`) to register them
+    /// again.
     ///
     /// NB: watch SIGCHLD before calling this, or an early exit of the server is missed.
     pub async fn register_and_start(
-        mut self,
+        self,
         plan: &mut spawn::Plan,
-    ) -> anyhow::Result<(Pid, Registration)> {
-        let gated = spawn::spawn_gated(plan, self.listener.as_fd())?;
-        self.opts.request.server_pid = Some(gated.pid().as_raw());
-        let registration = client::register(self.listener.as_fd(), &self.opts)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot register generation {}",
-                    self.opts.request.generation
-                )
-            })?;
+    ) -> anyhow::Result<(Pid, Registrations)> {
+        let fds: Vec<_> = self.listeners.iter().map(|(l, _)| l.as_fd()).collect();
+        let gated = spawn::spawn_gated(plan, &fds)?;
+        let mut registrations = Vec::with_capacity(self.listeners.len());
+        for (listener, opts) in &self.listeners {
+            let mut opts = opts.clone();
+            opts.request.server_pid = Some(gated.pid().as_raw());
+            let registration = client::register(listener.as_fd(), &opts)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot register generation {} in {}",
+                        opts.request.generation, opts.request.group
+                    )
+                })?;
+            registrations.push(registration);
+        }
         let pid = gated.release()?;
-        drop(self.listener);
-        registration.follow_child(pid.as_raw(), spawn::LISTEN_FD);
-        Ok((pid, registration))
+        drop(self.listeners);
+        let registrations = Registrations::new(registrations);
+        registrations.follow_child(pid.as_raw(), spawn::LISTEN_FD);
+        Ok((pid, registrations))
     }
 }
 

@@ -16,9 +16,11 @@ mod draining;
 pub mod exec;
 mod exit;
 mod launch;
+mod listeners;
 mod manual;
 mod output;
 mod reaper;
+pub mod register;
 pub mod restart;
 mod spawn;
 pub mod status;
@@ -67,6 +69,7 @@ pub enum Command {
     Restart(restart::RestartArgs),
     Exec(exec::ExecArgs),
     Supervise(supervise::SuperviseArgs),
+    Register(register::RegisterArgs),
     Version(version::VersionArgs),
     Completions(manual::CompletionsArgs),
     #[command(hide = true)]
@@ -121,6 +124,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restart(args) => restart::run(&cli.global, args).await,
         Command::Exec(args) => exec::run(&cli.global, args).await,
         Command::Supervise(args) => supervise::run(&cli.global, args).await,
+        Command::Register(args) => register::run(&cli.global, args).await,
         Command::Version(args) => version::run(&cli.global, args).await,
         Command::Completions(args) => manual::completions(&args),
         Command::ManPages(args) => manual::man_pages(&args),

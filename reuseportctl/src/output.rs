@@ -172,9 +172,17 @@ pub fn status_table(groups: &[GroupStatus]) -> String {
                 "GEN", "NAME", "STATE", "SOCKETS", "PIDS", "SLOTS", "LIVE", "SELECTED", "FALLBACK",
                 "MIGRATED",
             ],
-            rows: generations.into_iter().map(generation_row).collect(),
+            rows: generations.iter().map(|g| generation_row(g)).collect(),
         }
         .render("  ", &mut out);
+        for g in generations.iter().filter(|g| !g.also_in.is_empty()) {
+            let _ = writeln!(
+                out,
+                "  generation {} spans {} too (they switch together)",
+                g.generation,
+                join(&g.also_in)
+            );
+        }
     }
     if let Some(limits) = groups.iter().find_map(|g| g.limits) {
         let _ = writeln!(
@@ -275,6 +283,7 @@ mod tests {
             },
             live: None,
             drain: None,
+            also_in: Vec::new(),
         }
     }
 

@@ -1,6 +1,6 @@
 //! Starting the server of `reuseportctl exec`: fork, wait at a gate until the launcher
-//! has registered the listener with the child's pid, then `execve` with the listener as
-//! fd 3 and the socket-activation variables of systemd and Server::Starter.
+//! has registered the listeners with the child's pid, then `execve` with the listeners as
+//! fds 3, 4, … and the socket-activation variables of systemd and Server::Starter.
 //!
 //! NB: `std::process::Command` cannot do this. `LISTEN_PID` must be the child's pid, known
 //! only after `fork`, and between `fork` and `exec` only async-signal-safe calls are allowed
@@ -13,7 +13,7 @@ use std::{
     io::{self, Read as _},
     net::SocketAddr,
     os::{
-        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+        fd::{AsFd as _, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
         unix::ffi::{OsStrExt, OsStringExt},
     },
     path::{Path, PathBuf},
@@ -28,7 +28,7 @@ use nix::{
     unistd::{AccessFlags, Pid, access, getpid, pipe2},
 };
 
-/// Where the child finds the listener (`SD_LISTEN_FDS_START`).
+/// Where the child finds the first listener (`SD_LISTEN_FDS_START`); the others follow.
 pub const LISTEN_FD: RawFd = 3;
 
 /// Signals the launcher forwards to the child.
@@ -116,17 +116,18 @@ pub fn resolve_program(command: &OsStr, path: Option<&OsStr>) -> Result<PathBuf,
 }
 
 /// The child's environment: `inherited` without stale activation variables, plus
-/// `LISTEN_FDS`, `LISTEN_FDNAMES` and `SERVER_STARTER_PORT`. `LISTEN_PID` is added by the
-/// child itself.
+/// `LISTEN_FDS`, `LISTEN_FDNAMES` and `SERVER_STARTER_PORT` for `listeners` (address and
+/// fd name each, on fds 3, 4, … in this order). `LISTEN_PID` is added by the child itself.
 ///
 /// `SERVER_STARTER_PORT` has the form `start_server` gives it: `127.0.0.1:8080=3`, and
-/// `[::1]:8080=3` for IPv6 (brackets, as `start_server` writes `[host]:port`). The
-/// port-only form (`8080=3`) that `start_server --port 8080` produces is never used: the
-/// group always names its address.
+/// `[::1]:8080=3` for IPv6 (brackets, as `start_server` writes `[host]:port`), joined with
+/// `;` for several (`127.0.0.1:80=3;127.0.0.1:8081=4`, as `start_server --port 80 --port
+/// 8081` gives it). The port-only form (`8080=3`) that `start_server --port 8080` produces
+/// is never used: the group always names its address. `LISTEN_FDNAMES` joins the names with
+/// `:` (systemd's form).
 pub fn child_env(
     inherited: impl IntoIterator<Item = (OsString, OsString)>,
-    listen: SocketAddr,
-    fd_name: &str,
+    listeners: &[(SocketAddr, &str)],
 ) -> Vec<CString> {
     let mut env: Vec<CString> = inherited
         .into_iter()
@@ -138,10 +139,15 @@ pub fn child_env(
             CString::new(entry).ok()
         })
         .collect();
+    let names: Vec<&str> = listeners.iter().map(|(_, name)| *name).collect();
+    let ports: Vec<String> = (LISTEN_FD..)
+        .zip(listeners)
+        .map(|(fd, (addr, _))| format!("{addr}={fd}"))
+        .collect();
     for entry in [
-        "LISTEN_FDS=1".to_string(),
-        format!("LISTEN_FDNAMES={fd_name}"),
-        format!("SERVER_STARTER_PORT={listen}={LISTEN_FD}"),
+        format!("LISTEN_FDS={}", listeners.len()),
+        format!("LISTEN_FDNAMES={}", names.join(":")),
+        format!("SERVER_STARTER_PORT={}", ports.join(";")),
     ] {
         env.push(CString::new(entry).expect("no NUL in activation variables"));
     }
@@ -219,7 +225,7 @@ fn format_listen_pid(pid: libc::pid_t, buf: &mut [u8; 32]) {
 enum Step {
     Setsid = 1,
     Pdeathsig = 2,
-    ListenFd = 3,
+    ListenFds = 3,
     Exec = 4,
     /// The launcher closed the gate instead of releasing the child.
     Gate = 5,
@@ -230,7 +236,7 @@ impl Step {
         [
             Self::Setsid,
             Self::Pdeathsig,
-            Self::ListenFd,
+            Self::ListenFds,
             Self::Exec,
             Self::Gate,
         ]
@@ -242,7 +248,7 @@ impl Step {
         match self {
             Self::Setsid => "setsid",
             Self::Pdeathsig => "prctl(PR_SET_PDEATHSIG)",
-            Self::ListenFd => "placing the listener on fd 3",
+            Self::ListenFds => "placing the listeners on fds 3, 4, …",
             Self::Exec => "execve",
             Self::Gate => "waiting for the launcher",
         }
@@ -263,7 +269,8 @@ pub struct Gated {
 }
 
 /// Forks the server's process, held at a gate: [`Gated::release`] executes `plan` with
-/// `listener` as fd 3 and returns once the child has executed the program (or failed to).
+/// `listeners` as fds 3, 4, … and returns once the child has executed the program (or
+/// failed to).
 ///
 /// The child:
 /// - runs in its own session, so a terminal's Ctrl-C reaches only the launcher, which
@@ -277,7 +284,7 @@ pub struct Gated {
 ///
 /// NB: `PR_SET_PDEATHSIG` fires when the *thread* that forked exits: call this from the
 /// thread that lives as long as the launcher.
-pub fn spawn_gated(plan: &mut Plan, listener: BorrowedFd<'_>) -> Result<Gated, SpawnError> {
+pub fn spawn_gated(plan: &mut Plan, listeners: &[BorrowedFd<'_>]) -> Result<Gated, SpawnError> {
     let command = plan.command.clone();
     let start_error = |step, source| SpawnError::Start {
         command: command.clone(),
@@ -288,18 +295,25 @@ pub fn spawn_gated(plan: &mut Plan, listener: BorrowedFd<'_>) -> Result<Gated, S
         pipe2(OFlag::O_CLOEXEC).map_err(|e| start_error("pipe", e.into()))?;
     let (gate_read, gate_write) =
         pipe2(OFlag::O_CLOEXEC).map_err(|e| start_error("pipe", e.into()))?;
-    // The child overwrites fd 3 with the listener: keep the pipes it uses above it.
-    let above_listen_fd = |fd: OwnedFd| {
-        if fd.as_raw_fd() > LISTEN_FD {
-            return Ok(fd);
-        }
-        let dup = fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(LISTEN_FD + 1))
+    // The child overwrites fds 3.. with the listeners: everything it reads from, the
+    // listeners' own copies included, must lie above them, so that no `dup2` clobbers a
+    // descriptor a later one needs.
+    let first_free = LISTEN_FD + RawFd::try_from(listeners.len()).expect("a few listeners");
+    let above_listen_fds = |fd: BorrowedFd<'_>| {
+        let dup = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(first_free))
             .map_err(|e| start_error("fcntl(F_DUPFD_CLOEXEC)", e.into()))?;
         // SAFETY: F_DUPFD_CLOEXEC just created this descriptor; nothing else owns it.
         Ok(unsafe { OwnedFd::from_raw_fd(dup) })
     };
-    let report_write = above_listen_fd(report_write)?;
-    let gate_read = above_listen_fd(gate_read)?;
+    // The pipes' first descriptors close here: only the copies above the listeners remain.
+    let lift = |fd: OwnedFd| above_listen_fds(fd.as_fd());
+    let report_write = lift(report_write)?;
+    let gate_read = lift(gate_read)?;
+    let sources = listeners
+        .iter()
+        .map(|l| above_listen_fds(*l))
+        .collect::<Result<Vec<OwnedFd>, _>>()?;
+    let source_fds: Vec<RawFd> = sources.iter().map(AsRawFd::as_raw_fd).collect();
     let parent = getpid().as_raw();
 
     // Blocked across fork so that no handler of the launcher runs in the child; the child
@@ -318,7 +332,7 @@ pub fn spawn_gated(plan: &mut Plan, listener: BorrowedFd<'_>) -> Result<Gated, S
         unsafe {
             exec_child(
                 plan,
-                listener.as_raw_fd(),
+                &source_fds,
                 report_write.as_raw_fd(),
                 [gate_read.as_raw_fd(), gate_write.as_raw_fd()],
                 parent,
@@ -334,6 +348,7 @@ pub fn spawn_gated(plan: &mut Plan, listener: BorrowedFd<'_>) -> Result<Gated, S
     let pid = Pid::from_raw(pid);
     drop(report_write);
     drop(gate_read);
+    drop(sources);
     Ok(Gated {
         pid,
         command,
@@ -423,7 +438,7 @@ fn exec_status(pid: Pid, command: &str, report_read: OwnedFd) -> Result<Pid, Spa
 /// The forked child. Only async-signal-safe calls: no allocation, no locks, no panics.
 unsafe fn exec_child(
     plan: &mut Plan,
-    listener: RawFd,
+    listeners: &[RawFd],
     report: RawFd,
     [gate, gate_write]: [RawFd; 2],
     parent: libc::pid_t,
@@ -473,14 +488,12 @@ unsafe fn exec_child(
             fail(report, Step::Gate);
         }
         libc::close(gate);
-        // dup2 clears close-on-exec on the copy; a listener already on fd 3 needs it cleared.
-        let placed = if listener == LISTEN_FD {
-            libc::fcntl(LISTEN_FD, libc::F_SETFD, 0)
-        } else {
-            libc::dup2(listener, LISTEN_FD)
-        };
-        if placed < 0 {
-            fail(report, Step::ListenFd);
+        // Every source lies above the targets (see `spawn_gated`); dup2 clears close-on-exec
+        // on the copy.
+        for (target, &listener) in (LISTEN_FD..).zip(listeners) {
+            if libc::dup2(listener, target) < 0 {
+                fail(report, Step::ListenFds);
+            }
         }
         let mut pid_entry = [0u8; 32];
         format_listen_pid(libc::getpid(), &mut pid_entry);
@@ -514,7 +527,7 @@ mod tests {
 
         let dropped = dir.join("dropped");
         let mut plan = plan_for(&dropped);
-        let gated = spawn_gated(&mut plan, listener.as_fd()).expect("fork");
+        let gated = spawn_gated(&mut plan, &[listener.as_fd()]).expect("fork");
         drop(gated);
         assert!(
             !dropped.exists(),
@@ -523,7 +536,7 @@ mod tests {
 
         let released = dir.join("released");
         let mut plan = plan_for(&released);
-        let gated = spawn_gated(&mut plan, listener.as_fd()).expect("fork");
+        let gated = spawn_gated(&mut plan, &[listener.as_fd()]).expect("fork");
         let pid = gated.pid();
         assert_eq!(gated.release().expect("exec"), pid);
         let status = waitpid(pid, None).expect("wait");
@@ -567,7 +580,7 @@ mod tests {
             ("SERVER_STARTER_PORT", "x"),
         ]
         .map(|(k, v)| (OsString::from(k), OsString::from(v)));
-        let env = child_env(inherited, "[::1]:8080".parse().unwrap(), "web");
+        let env = child_env(inherited, &[("[::1]:8080".parse().unwrap(), "web")]);
         let env: Vec<&str> = env.iter().map(|e| e.to_str().unwrap()).collect();
         assert_eq!(
             env,
@@ -578,10 +591,25 @@ mod tests {
                 "SERVER_STARTER_PORT=[::1]:8080=3"
             ]
         );
-        let env = child_env([], "127.0.0.1:80".parse().unwrap(), "reuseport");
+        let env = child_env([], &[("127.0.0.1:80".parse().unwrap(), "reuseport")]);
         assert_eq!(
             env.last().unwrap().to_str().unwrap(),
             "SERVER_STARTER_PORT=127.0.0.1:80=3"
+        );
+        let two = [
+            ("127.0.0.1:80".parse().unwrap(), "http"),
+            ("[::1]:8081".parse().unwrap(), "admin"),
+        ];
+        let env = child_env([], &two);
+        let env: Vec<&str> = env.iter().map(|e| e.to_str().unwrap()).collect();
+        assert_eq!(
+            env,
+            [
+                "LISTEN_FDS=2",
+                "LISTEN_FDNAMES=http:admin",
+                "SERVER_STARTER_PORT=127.0.0.1:80=3;[::1]:8081=4"
+            ],
+            "Server::Starter's multi-port form and systemd's name list"
         );
     }
 

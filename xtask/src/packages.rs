@@ -22,6 +22,8 @@ pub const TEST_TOOLS: &[Tool] = &[
     ("debootstrap", "debootstrap"),
     ("systemd-nspawn", "systemd-container"),
     ("nsenter", "util-linux"),
+    // A real server that binds its own SO_REUSEPORT sockets (tests/src/tests/running_servers.rs).
+    ("nginx", "nginx-light"),
 ];
 
 /// Installs the packages of every tool in `tools` that is not on PATH (`who` names the task in

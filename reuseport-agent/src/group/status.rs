@@ -47,6 +47,7 @@ impl Group {
                         .clone()
                         .filter(|_| g.state == GenState::Draining)
                         .map(DrainPhase::from),
+                    also_in: Vec::new(),
                 }
             })
             .collect();

@@ -12,6 +12,7 @@ use super::{
     machine::{Event, Gen, Phase, Supervisor, recv_restart},
 };
 use crate::launch::{self, DEFAULT_FD_NAME, note};
+use crate::listeners::{fd_names, groups_named};
 use crate::spawn;
 use reuseport_client::{
     ControlClient,
@@ -24,8 +25,18 @@ impl Supervisor {
         // server tell systemd it is ready, which systemd refuses from a pid it did not start.
         let inherited =
             std::env::vars_os().filter(|(key, _)| key != "NOTIFY_SOCKET" && key != GENERATION_VAR);
-        let fd_name = self.args.name.as_deref().unwrap_or(DEFAULT_FD_NAME);
-        let mut env = spawn::child_env(inherited, self.args.listen.addr, fd_name);
+        let names = fd_names(
+            &self.args.listen,
+            self.args.name.as_deref().unwrap_or(DEFAULT_FD_NAME),
+        );
+        let listeners: Vec<_> = self
+            .args
+            .listen
+            .iter()
+            .map(|l| l.group.addr)
+            .zip(names)
+            .collect();
+        let mut env = spawn::child_env(inherited, &listeners);
         env.push(CString::new(format!("{GENERATION_VAR}={generation}")).expect("no NUL"));
         if let Some(socket) = &self.notify_socket {
             env.push(CString::new(format!("NOTIFY_SOCKET={socket}")).expect("no NUL"));
@@ -42,7 +53,7 @@ impl Supervisor {
             .context("no generation number left")?;
         let bound = launch::bind_for(
             &self.control,
-            self.args.listen,
+            &self.args.listen,
             generation,
             self.args.name.clone(),
             false,
@@ -86,16 +97,17 @@ impl Supervisor {
             },
             give_up_at: now + self.args.ready_timeout,
         };
-        let group = registration.group();
+        let groups = registration.groups();
+        let group = groups_named(&groups);
         self.gens.insert(
             generation,
             Gen {
                 pid,
-                group,
+                groups,
                 phase,
                 drain: None,
                 forwarder,
-                _registration: registration,
+                _registrations: registration,
             },
         );
         if initial == GenState::Active {
@@ -123,7 +135,7 @@ impl Supervisor {
         let Some(gen_) = self.gens.get(&generation) else {
             return;
         };
-        let (group, pid) = (gen_.group, gen_.pid);
+        let (groups, pid) = (gen_.groups.clone(), gen_.pid);
         // NB: its SIGCHLD may still be queued: activating a generation that just died would
         // drain the one that serves and leave the group falling back.
         match self.reaper.try_reap(pid) {
@@ -131,9 +143,18 @@ impl Supervisor {
             Ok(None) => {}
             Err(e) => note(format_args!("warning: {}", crate::one_line(&e))),
         }
+        // One request: the agent switches the generation in every group it spans (all its
+        // listeners were registered with this server's pid), or in none.
         let changed = async {
             let mut client = ControlClient::connect(&self.control).await?;
-            client.activate(group, generation).await
+            let switched = client.activate_all(groups[0], generation).await?;
+            // NB: an agent that predates generations across groups switches one group.
+            for group in groups.iter().skip(1) {
+                if !switched.iter().any(|s| s.group.addr == group.addr) {
+                    client.activate(*group, generation).await?;
+                }
+            }
+            Ok::<_, reuseport_client::ClientError>(())
         }
         .await;
         match changed {

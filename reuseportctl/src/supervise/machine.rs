@@ -20,10 +20,11 @@ use super::{
 use crate::{
     draining::{Drain, DrainTask},
     launch::{self, describe_exit, note},
+    listeners::Registrations,
     reaper::Reaper,
 };
 use reuseport_client::{
-    ClientError, ControlClient, Registration,
+    ClientError, ControlClient,
     proto::{GenState, GroupAddr, RestartOutcome, UNREQUESTED_RESTART},
 };
 
@@ -55,11 +56,12 @@ pub(super) enum Phase {
 /// One running generation. Dropping it closes its registration.
 pub(super) struct Gen {
     pub(super) pid: Pid,
-    pub(super) group: GroupAddr,
+    /// Its listeners' groups, in `--listen` order.
+    pub(super) groups: Vec<GroupAddr>,
     pub(super) phase: Phase,
     pub(super) drain: Option<DrainTask>,
     pub(super) forwarder: JoinHandle<()>,
-    pub(super) _registration: Registration,
+    pub(super) _registrations: Registrations,
 }
 
 impl Drop for Gen {
@@ -172,7 +174,9 @@ impl Supervisor {
         } else {
             ids
         };
-        let (control, group) = (self.control.clone(), self.args.listen);
+        // The first listener's registration is the supervised one: the agent sends the
+        // restarts of that group.
+        let (control, group) = (self.control.clone(), self.args.listen[0].group);
         tokio::spawn(async move {
             let res = async {
                 let mut client = ControlClient::connect(&control).await?;
@@ -243,7 +247,7 @@ impl Supervisor {
                     g.drain = Some(
                         Drain {
                             control: self.control.clone(),
-                            group: g.group,
+                            groups: g.groups.clone(),
                             generation,
                             pid: g.pid,
                             signal: self.args.on_drain,

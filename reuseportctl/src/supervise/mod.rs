@@ -29,6 +29,7 @@ use crate::{
     args::{parse_duration, parse_name, parse_signal},
     draining::DrainOpts,
     launch::note,
+    listeners::{Listen, check_listens, parse_listen},
     reaper::Reaper,
     spawn,
 };
@@ -52,9 +53,11 @@ pub const GENERATION_VAR: &str = "REUSEPORT_GENERATION";
     long_about = "Run a server as generations that replace each other on SIGHUP without \
         losing a connection: a replacement for start_server (Server::Starter).\n\n\
         Each generation is started as `reuseportctl exec` starts a server: a registered \
-        SO_REUSEPORT listener as fd 3, LISTEN_FDS=1, LISTEN_PID, LISTEN_FDNAMES, \
-        SERVER_STARTER_PORT, plus REUSEPORT_GENERATION=<N>. The first generation is the \
-        highest one the group has + 1 (1 for a new group).\n\n\
+        SO_REUSEPORT listener per --listen as fds 3, 4, …, LISTEN_FDS, LISTEN_PID, \
+        LISTEN_FDNAMES, SERVER_STARTER_PORT, plus REUSEPORT_GENERATION=<N>. The first \
+        generation is the highest one the groups have + 1 (1 for new groups). A server \
+        with several listeners is deployed as one unit: it becomes active in every group, \
+        and drains once it drains in every group.\n\n\
         On SIGHUP, or `reuseportctl restart GROUP` (forwarded by the agent):\
         \n  1. COMMAND starts again as the next generation, registered as standby: it gets no \
         connection yet;\
@@ -86,9 +89,12 @@ pub const GENERATION_VAR: &str = "REUSEPORT_GENERATION";
 )]
 pub struct SuperviseArgs {
     /// Address to listen on, the group's address: IP:PORT or tcp://IP:PORT (IPv6 in
-    /// brackets, e.g. [::]:443).
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub listen: GroupAddr,
+    /// brackets, e.g. [::]:443), optionally with the listener's LISTEN_FDNAMES entry before
+    /// it (http=0.0.0.0:80). Repeat it for several listeners: fds 3, 4, … in this order;
+    /// every generation has a socket in each group, and `reuseportctl restart` takes the
+    /// first one's group.
+    #[arg(long, value_name = "[NAME=]ADDR:PORT", required = true, value_parser = parse_listen)]
+    pub listen: Vec<Listen>,
     /// When a new generation counts as ready: `notify` (it sends READY=1 to NOTIFY_SOCKET)
     /// or `delay=DUR` (it is still running DUR after its start).
     #[arg(long, value_name = "notify|delay=DUR", default_value = "delay=1s", value_parser = parse_ready)]
@@ -102,7 +108,8 @@ pub struct SuperviseArgs {
     pub on_drain: Signal,
     #[command(flatten)]
     pub drain: DrainOpts,
-    /// Name of the generations, shown by `status` and passed in LISTEN_FDNAMES.
+    /// Name of the generations, shown by `status` and passed in LISTEN_FDNAMES for every
+    /// listener that has no NAME= of its own.
     #[arg(long, value_name = "NAME", value_parser = parse_name)]
     pub name: Option<String>,
     /// The server and its arguments (after `--` if they start with `-`).
@@ -135,13 +142,19 @@ fn parse_ready(s: &str) -> Result<Ready, String> {
 }
 
 pub async fn run(global: &GlobalOpts, mut args: SuperviseArgs) -> anyhow::Result<ExitCode> {
-    args.listen = args
-        .listen
-        .in_caller_netns()
-        .context("reading the network namespace")?;
+    check_listens(&args.listen)?;
+    for l in &mut args.listen {
+        l.group = l
+            .group
+            .in_caller_netns()
+            .context("reading the network namespace")?;
+    }
     // Resolved first: a typo in COMMAND should not touch the agent.
     let program = spawn::resolve_program(&args.command[0], std::env::var_os("PATH").as_deref())?;
-    let first = first_generation(global, args.listen).await?;
+    let mut first = 1;
+    for l in &args.listen {
+        first = first.max(first_generation(global, l.group).await?);
+    }
     let notifier = match args.ready {
         Ready::Notify => Some(Notifier::bind().context("cannot create the NOTIFY_SOCKET")?),
         Ready::Delay(_) => None,

@@ -369,7 +369,7 @@ fn abrupt_server() {
 /// One request per connection: `req N` → `gen G N+1`, or `GET` → `200 OK` with a body of
 /// fixed length (ab counts a body of another length as a failure), each after
 /// [`REQUEST_TIME`]; then the connection is closed.
-fn serve_slowly(stream: TcpStream, generation: u32) -> std::io::Result<()> {
+pub(crate) fn serve_slowly(stream: TcpStream, generation: u32) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
