@@ -23,6 +23,7 @@
 //!   [`access`]: who may do what; [`control_socket`]: the socket's file.
 //! - [`live`]: live figures for `status` from the kernel ([`diag`]: sock_diag, [`owners`]:
 //!   which process holds which connection).
+//! - [`metrics`]: `/metrics` for Prometheus and a status page (`--metrics-listen`).
 //! - [`fault`]: fault-injection points for the tests (a feature of test builds).
 
 mod access;
@@ -41,6 +42,7 @@ mod kernel;
 mod lineage;
 mod live;
 mod mailbox;
+mod metrics;
 mod owners;
 mod pinned;
 mod quota;
@@ -115,6 +117,14 @@ struct Cli {
     #[arg(long, value_name = "DUR", default_value = "10m", env = "REUSEPORT_RESTART_TIMEOUT",
           value_parser = humantime::parse_duration)]
     restart_timeout: std::time::Duration,
+    /// Serve `/metrics` (Prometheus) and a status page at `/` on this address, e.g.
+    /// 127.0.0.1:9464. Off without it.
+    #[arg(long, value_name = "ADDR:PORT", env = "REUSEPORT_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Let --metrics-listen take an address other than loopback: whoever reaches it sees
+    /// every group, pid and generation name (there is no authentication).
+    #[arg(long, env = "REUSEPORT_METRICS_ALLOW_REMOTE", value_parser = clap::builder::FalseyValueParser::new())]
+    metrics_allow_remote: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -135,6 +145,17 @@ fn main() -> std::process::ExitCode {
         std::process::abort();
     }));
     let cli = Cli::parse();
+    let metrics = match cli
+        .metrics_listen
+        .map(|a| metrics::Listen::new(a, cli.metrics_allow_remote))
+        .transpose()
+    {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("reuseport-agent: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let opts = agent::Options {
         control: cli.control,
         bpffs: cli.bpffs,
@@ -147,6 +168,7 @@ fn main() -> std::process::ExitCode {
         max_connections: cli.max_connections,
         connections_per_uid: cli.max_connections_per_uid,
         restart_timeout: cli.restart_timeout,
+        metrics,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
