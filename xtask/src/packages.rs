@@ -22,6 +22,10 @@ pub const TEST_TOOLS: &[Tool] = &[
     ("debootstrap", "debootstrap"),
     ("systemd-nspawn", "systemd-container"),
     ("nsenter", "util-linux"),
+    // The metrics tests scrape the agent with a real Prometheus and load its status page in a
+    // real browser (tests/src/tests/metrics.rs).
+    ("prometheus", "prometheus"),
+    ("chromium", "chromium"),
 ];
 
 /// Installs the packages of every tool in `tools` that is not on PATH (`who` names the task in

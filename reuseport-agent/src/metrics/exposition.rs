@@ -89,7 +89,7 @@ impl Collector for Collect {
         family(
             &mut enc,
             "reuseport_build",
-            "The agent's version and the ABI version of the objects it pins (always 1).",
+            "Always 1: the agent's version, and the ABI version of the maps and program it pins.",
             MetricType::Info,
             [(
                 vec![

@@ -21,6 +21,7 @@ mod harness_clients;
 mod hostile;
 mod limits;
 mod live;
+mod metrics;
 mod migration;
 mod netns_launchers;
 mod policy;
