@@ -333,3 +333,80 @@ impl Collector for Collect {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeSet, time::Duration};
+
+    use reuseport_proto::message::Limits;
+
+    use super::*;
+    use crate::metrics::sample::Sample;
+
+    const DOC: &str = include_str!("../../../docs/metrics.md");
+
+    fn empty_view() -> View {
+        View {
+            sample: Sample::empty(),
+            live_age: Some(Duration::ZERO),
+            live_cost: Some(Duration::ZERO),
+            sample_cost: Duration::ZERO,
+            refusals: Vec::new(),
+            limits: Limits {
+                groups: 1,
+                sockets_per_group: 1,
+                generations_per_group: 1,
+                control_connections: 1,
+                groups_per_uid: None,
+                control_connections_per_uid: None,
+                groups_reserved_for_root: None,
+                control_connections_reserved_for_root: None,
+            },
+            mode: "select-or-migrate",
+        }
+    }
+
+    /// Every family `/metrics` declares is a row of `docs/metrics.md` with the same type,
+    /// and every row there is a family here: `| `name` | type | labels | meaning |`.
+    #[test]
+    fn docs_list_every_metric_with_its_type() {
+        let exposition = render(Arc::new(empty_view()));
+        let declared: BTreeSet<(String, String)> = exposition
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.strip_prefix("# TYPE ")?.split_whitespace();
+                Some((w.next()?.to_string(), w.next()?.to_string()))
+            })
+            .collect();
+        let documented: BTreeSet<(String, String)> = DOC
+            .lines()
+            .filter_map(|l| {
+                let mut cells = l.split('|').map(str::trim).skip(1);
+                let name = cells.next()?.strip_prefix('`')?.strip_suffix('`')?;
+                let kind = cells.next()?;
+                name.starts_with("reuseport_")
+                    .then(|| (name.to_string(), kind.to_string()))
+            })
+            .collect();
+        assert_eq!(declared, documented, "docs/metrics.md and /metrics differ");
+    }
+
+    /// Counters end in `_total`, durations are in seconds: the Prometheus naming conventions.
+    #[test]
+    fn names_follow_the_conventions() {
+        let exposition = render(Arc::new(empty_view()));
+        for l in exposition.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let (name, kind) = l.split_once(' ').expect("name and type");
+            assert!(name.starts_with("reuseport_"), "{name}");
+            assert_eq!(
+                kind == "counter",
+                name.ends_with("_total"),
+                "{name} ({kind})"
+            );
+            assert!(
+                !name.contains("_ms") && !name.contains("millis"),
+                "{name}: base units"
+            );
+        }
+    }
+}
