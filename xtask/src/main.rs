@@ -10,6 +10,7 @@ mod lint_docs;
 mod load;
 mod namespaces;
 mod packages;
+mod page_bridge;
 mod setup;
 mod stable_client;
 mod stack;

@@ -36,6 +36,15 @@ impl Stack {
 
     /// Like [`Stack::start`], with binaries already built in `bin`.
     pub fn start_in(tag: &str, bin: &std::path::Path) -> anyhow::Result<Self> {
+        Self::start_with(tag, bin, &[])
+    }
+
+    /// Like [`Stack::start_in`], with extra arguments for the agent.
+    pub fn start_with(
+        tag: &str,
+        bin: &std::path::Path,
+        agent_args: &[&str],
+    ) -> anyhow::Result<Self> {
         namespaces::enter_private().context("entering private network and mount namespaces")?;
         let tmp = tempfile::Builder::new()
             .prefix(&format!("reuseport-{tag}-"))
@@ -56,6 +65,7 @@ impl Stack {
                 .arg(&stack.control)
                 .arg("--bpffs")
                 .arg(&stack.bpffs)
+                .args(agent_args)
                 .stderr(log)
                 .spawn()
                 .context("starting reuseport-agent")?;
