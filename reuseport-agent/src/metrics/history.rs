@@ -2,9 +2,12 @@
 //! counters of successive samples, over a bounded window (the last [`WINDOW`] samples).
 //!
 //! A generation's rate at a sample is what its `selected` and `fallback` counters grew by
-//! since the previous sample, per second. A generation seen for the first time has no rate
-//! yet (its counters may predate the window); a gap (a group or generation absent from a
-//! sample) is kept as a gap, never drawn as zero.
+//! since the previous sample, per second. A generation that appears in a group the previous
+//! sample saw registered since then, so its counters started at 0 in between and it has a
+//! rate at once (a deploy draws as one line handing over to the next, without a gap). A group
+//! seen for the first time has no rate yet (its counters may predate the window: adopted
+//! after a restart of the agent); a gap (a group or generation absent from a sample) is kept
+//! as a gap, never drawn as zero.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -57,14 +60,20 @@ impl History {
         self.times.push_back(now);
         for g in &sample.groups {
             let h = self.groups.entry(g.key).or_default();
+            let group_was_seen = !h.last.is_empty();
             let mut seen = BTreeMap::new();
             for generation in &g.status.generations {
                 let c = generation.counters;
                 let total = c.selected + c.fallback;
                 seen.insert(generation.generation, total);
-                let rate = match (h.last.get(&generation.generation), dt) {
+                let before = match h.last.get(&generation.generation) {
+                    Some(before) => Some(*before),
+                    None if group_was_seen => Some(0),
+                    None => None,
+                };
+                let rate = match (before, dt) {
                     (Some(before), Some(dt)) if dt > 0.0 => {
-                        Some(total.saturating_sub(*before) as f64 / dt)
+                        Some(total.saturating_sub(before) as f64 / dt)
                     }
                     _ => None,
                 };
@@ -178,15 +187,16 @@ mod tests {
         }
     }
 
-    /// A deploy: generation 1's rate falls to 0 as generation 2's rises; a generation's
-    /// first sample has no rate, and neither does the time before it appeared.
+    /// A deploy: generation 1's rate falls to 0 as generation 2's rises; the group's first
+    /// sample has no rate, a generation that registered since the previous sample has one
+    /// (from 0), and the time before it appeared has none.
     #[test]
     fn a_deploy_is_one_series_handing_over_to_the_next() {
         let mut h = History::default();
         h.record(&sample(0, &[(1, 0)]));
         h.record(&sample(2, &[(1, 200)]));
-        h.record(&sample(3, &[(1, 300), (2, 0)]));
-        h.record(&sample(4, &[(1, 300), (2, 150)]));
+        h.record(&sample(3, &[(1, 300), (2, 10)]));
+        h.record(&sample(4, &[(1, 300), (2, 160)]));
         let chart = h.chart(&key());
         assert_eq!(chart.times, [0.0, 2.0, 3.0, 4.0]);
         assert_eq!(
@@ -198,7 +208,7 @@ mod tests {
                 },
                 Series {
                     generation: 2,
-                    rates: vec![None, None, None, Some(150.0)]
+                    rates: vec![None, None, Some(11.0), Some(150.0)]
                 },
             ]
         );
