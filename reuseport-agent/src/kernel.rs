@@ -202,7 +202,7 @@ pub fn detect_mode(force_select_only: bool) -> anyhow::Result<Mode> {
         .map_err(|e| {
             anyhow::anyhow!(
                 "{e}: reuseport needs Linux 4.19+ with BPF (REUSEPORT_SOCKARRAY, SK_REUSEPORT \
-             programs) and CAP_BPF/CAP_NET_ADMIN (kernel here: {})",
+             programs) and CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (kernel here: {})",
                 kernel_release()
             )
         })

@@ -212,7 +212,8 @@ impl Registry {
             return Err(Refusal::new(
                 ErrorKind::Conflict,
                 format!(
-                    "generation {generation} is {}, not draining: a drain step is reported                      only for a draining generation",
+                    "generation {generation} is {}, not draining: a drain step is reported \
+                     only for a draining generation",
                     g.state
                 ),
             ));

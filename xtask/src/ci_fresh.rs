@@ -3,7 +3,8 @@
 //! directory, in a private mount namespace where `/sys/fs/bpf` is unmounted (a fresh machine
 //! has no bpffs), with a clean environment, running `.ci/run` under CI's 90-minute limit.
 //! Afterwards it checks that the run left nothing behind on the host: no pins in the host's
-//! `/sys/fs/bpf`, no process started from the clone, nothing new under `/run`.
+//! `/sys/fs/bpf`, no process started from the clone, nothing new under `/run` or in the
+//! cgroup hierarchies.
 
 use std::{
     collections::BTreeSet,
@@ -86,7 +87,7 @@ fn check_runs(opts: &CiFreshOpts, clone: &Path) -> anyhow::Result<()> {
         if !left.is_empty() {
             bail!("run {run} left state on the host:\n  {}", left.join("\n  "));
         }
-        println!("ci-fresh: run {run} left nothing on the host (bpffs, processes, /run)");
+        println!("ci-fresh: run {run} left nothing on the host (bpffs, processes, /run, cgroups)");
     }
     Ok(())
 }
@@ -160,31 +161,30 @@ fn kept_env() -> Vec<(OsString, OsString)> {
         .collect()
 }
 
-/// What a run could leave on the host.
-struct HostState {
-    bpffs: BTreeSet<String>,
-    run: BTreeSet<String>,
-}
+/// Where a run could leave something on the host: pins, runtime files, cgroups (a booted
+/// container's systemd makes them), as the entries of each directory.
+const WATCHED: &[&str] = &[
+    "/sys/fs/bpf",
+    "/run",
+    "/sys/fs/cgroup",
+    "/sys/fs/cgroup/systemd",
+    "/sys/fs/cgroup/unified",
+];
+
+/// What a run could leave on the host: the entries of each [`WATCHED`] directory.
+struct HostState(Vec<BTreeSet<String>>);
 
 impl HostState {
     fn read() -> Self {
-        Self {
-            bpffs: names(Path::new("/sys/fs/bpf")),
-            run: names(Path::new("/run")),
-        }
+        Self(WATCHED.iter().map(|d| names(Path::new(d))).collect())
     }
 
     /// One line per thing that exists now and did not before, or that runs from `clone`.
     fn left_since(&self, before: &Self, clone: &Path) -> Vec<String> {
-        let mut left: Vec<String> = self
-            .bpffs
-            .difference(&before.bpffs)
-            .map(|n| format!("/sys/fs/bpf/{n}"))
-            .chain(
-                self.run
-                    .difference(&before.run)
-                    .map(|n| format!("/run/{n}")),
-            )
+        let mut left: Vec<String> = WATCHED
+            .iter()
+            .zip(self.0.iter().zip(&before.0))
+            .flat_map(|(dir, (now, then))| now.difference(then).map(move |n| format!("{dir}/{n}")))
             .collect();
         left.extend(processes_from(clone));
         left

@@ -40,6 +40,10 @@ pub fn ensure(who: &str, tools: &[Tool]) -> anyhow::Result<()> {
     install(who, &missing)
 }
 
+/// NB: another run on the machine may be installing at the same time; apt-get refuses at once
+/// when dpkg's lock is taken unless told to wait.
+const WAIT_FOR_LOCK: [&str; 2] = ["-o", "DPkg::Lock::Timeout=600"];
+
 /// `apt-get install` of `packages` (nothing when empty), with one `apt-get update` first if the
 /// package lists do not know them yet.
 pub fn install(who: &str, packages: &[&str]) -> anyhow::Result<()> {
@@ -50,6 +54,7 @@ pub fn install(who: &str, packages: &[&str]) -> anyhow::Result<()> {
     let install = || {
         run_quiet(
             Command::new("apt-get")
+                .args(WAIT_FOR_LOCK)
                 .args(["install", "-y", "-q", "--no-install-recommends"])
                 .args(packages)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
@@ -58,7 +63,11 @@ pub fn install(who: &str, packages: &[&str]) -> anyhow::Result<()> {
     // NB: a machine that never ran `apt-get update` has no package lists: retry after one.
     install()
         .or_else(|_| {
-            run_quiet(Command::new("apt-get").args(["update", "-q"]))?;
+            run_quiet(
+                Command::new("apt-get")
+                    .args(WAIT_FOR_LOCK)
+                    .args(["update", "-q"]),
+            )?;
             install()
         })
         .with_context(|| format!("installing {}", packages.join(" ")))

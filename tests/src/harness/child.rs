@@ -20,7 +20,7 @@ use nix::{
 };
 use reuseport_client::{self as client, Register, RegisterOptions};
 
-use super::{Server, ServerKind, TestEnv, group, patience};
+use super::{Server, ServerKind, TestEnv, group, helper_args, patience};
 
 /// `<port> <generation> <activate: 0|1> <control path>`.
 pub const CHILD_SERVER_ENV: &str = "REUSEPORT_TEST_CHILD_SERVER";
@@ -40,13 +40,7 @@ impl ChildServer {
         let log =
             File::create(env.dir().join(format!("child-gen{generation}.log"))).expect("child log");
         let mut child = Command::new(exe)
-            .args([
-                "--exact",
-                CHILD_TEST,
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(helper_args(CHILD_TEST))
             .env(
                 CHILD_SERVER_ENV,
                 format!(

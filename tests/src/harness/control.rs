@@ -4,11 +4,13 @@
 
 use std::{
     io,
+    net::TcpListener,
+    os::fd::AsFd as _,
     time::{Duration, Instant},
 };
 
 use reuseport_client::ControlClient;
-use reuseport_proto::{GroupStatus, Reply, frame::FrameError};
+use reuseport_proto::{GroupAddr, GroupStatus, Op, Register, Reply, Request, frame::FrameError};
 
 use super::{TestEnv, group};
 
@@ -58,4 +60,53 @@ pub fn timed_status(env: &TestEnv, port: u16, when: &str) -> GroupStatus {
         .into_iter()
         .next()
         .unwrap_or_else(|| panic!("{when}: status should list the group on port {port}"))
+}
+
+/// Registers `listener` with `register` on a control connection of its own, the way a launcher
+/// does: the agent's answer, and the connection (the registration, if it succeeded), which
+/// nothing reads until the test does.
+pub fn register_raw(
+    env: &TestEnv,
+    listener: &TcpListener,
+    register: Register,
+) -> (Reply, reuseport_proto::frame::Conn) {
+    env.block_on(async {
+        let stream = tokio::net::UnixStream::connect(env.control_path())
+            .await
+            .expect("connect to the agent");
+        let mut conn = reuseport_proto::frame::Conn::new(stream);
+        conn.send(
+            &Request::new(Op::Register(register)),
+            Some(listener.as_fd()),
+        )
+        .await
+        .expect("send register");
+        let (reply, _) = conn
+            .recv_msg::<Reply>()
+            .await
+            .expect("a readable answer")
+            .expect("an answer");
+        (reply, conn)
+    })
+}
+
+/// Registers `listener` as generation 1 of `group` as `reuseportctl supervise` does
+/// (`supervised: true`): the returned connection is the registration.
+pub fn register_supervised(
+    env: &TestEnv,
+    listener: &TcpListener,
+    group: GroupAddr,
+) -> reuseport_proto::frame::Conn {
+    let register = Register {
+        group,
+        generation: 1,
+        name: None,
+        activate: false,
+        supervised: true,
+        server_pid: None,
+    };
+    match register_raw(env, listener, register) {
+        (Reply::Registered { .. }, conn) => conn,
+        (other, _) => panic!("the supervised registration should succeed: {other:?}"),
+    }
 }

@@ -7,6 +7,7 @@
 //! the client sends `req <n>\n`, the server answers `gen <G> <n+1>\n`.
 
 pub mod bpf_prog;
+mod cgroup;
 mod child;
 mod chromium;
 mod container;
@@ -103,6 +104,18 @@ pub fn group(port: u16) -> GroupAddr {
         addr: local(port),
         netns: None,
     }
+}
+
+/// The arguments that make this test executable run only `test`, one of its `#[ignore]`d
+/// helpers (the entry point of a server or client process the tests start), with its output.
+pub fn helper_args(test: &str) -> [&str; 5] {
+    [
+        "--exact",
+        test,
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]
 }
 
 /// Polls `cond` every few milliseconds until it holds; panics with `what` after `timeout`.

@@ -21,7 +21,10 @@
 use std::{
     fs::File,
     io,
-    os::{fd::AsFd as _, unix::process::CommandExt as _},
+    os::{
+        fd::AsFd as _,
+        unix::{fs::MetadataExt as _, process::CommandExt as _},
+    },
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -36,6 +39,7 @@ use nix::{
 };
 
 use super::{
+    cgroup::ContainerCgroup,
     namespaces::{enter_private_namespaces, pid1_child_of},
     tool_missing, wait_until,
 };
@@ -58,6 +62,8 @@ pub struct BootedSystem {
     nspawn: Option<Child>,
     leader: Pid,
     netns: File,
+    /// Dropped after the container is down (fields drop after [`Drop::drop`]).
+    _cgroup: ContainerCgroup,
 }
 
 impl BootedSystem {
@@ -129,6 +135,11 @@ impl BootedSystem {
                 nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(io::Error::from)
             });
         }
+        let cgroup = ContainerCgroup::create(n)
+            .unwrap_or_else(|e| panic!("{name}: a cgroup for the container: {e}"));
+        cgroup
+            .enter_on_exec(&mut cmd)
+            .unwrap_or_else(|e| panic!("{name}: joining the container's cgroup: {e}"));
         let mut nspawn = cmd.spawn().expect("start systemd-nspawn");
         let mut leader = None;
         wait_until(
@@ -148,17 +159,35 @@ impl BootedSystem {
             },
         );
         let leader = leader.expect("found above");
-        let netns = File::open(format!("/proc/{leader}/ns/net"))
-            .expect("open the container's network namespace");
+        // NB: PID 1 exists before it has moved to the container's network namespace: until the
+        // boot is over, its namespace may still be the test's own (see `network_namespace`).
+        let netns = File::open("/proc/thread-self/ns/net").expect("open our network namespace");
         let mut system = Self {
             name,
             dir,
             nspawn: Some(nspawn),
             leader,
             netns,
+            _cgroup: cgroup,
         };
         system.wait_booted();
+        system.netns = system.network_namespace();
         system
+    }
+
+    /// The container's network namespace, once it is booted; panics if it is the test's own.
+    fn network_namespace(&self) -> File {
+        let ns = File::open(format!("/proc/{}/ns/net", self.leader))
+            .expect("open the container's network namespace");
+        let ours = File::open("/proc/thread-self/ns/net").expect("open our network namespace");
+        let inode = |f: &File| f.metadata().map(|m| m.ino()).expect("stat a namespace");
+        assert_ne!(
+            inode(&ns),
+            inode(&ours),
+            "{}: the booted container should have a network namespace of its own",
+            self.name
+        );
+        ns
     }
 
     /// Until `systemctl is-system-running` says `running`; panics on `degraded` with the
@@ -259,6 +288,26 @@ impl BootedSystem {
                 setns(netns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
             });
         }
+    }
+
+    /// The container's network namespace and PID 1's, as the kernel names them, for a test's
+    /// failure message.
+    pub fn describe_namespaces(&self) -> String {
+        let link = |path: String| {
+            std::fs::read_link(&path)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|e| format!("{path}: {e}"))
+        };
+        format!(
+            "the test's handle: {}; the container's PID 1 ({}): {}; the test thread: {}",
+            link(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&self.netns)
+            )),
+            self.leader,
+            link(format!("/proc/{}/ns/net", self.leader)),
+            link("/proc/thread-self/ns/net".to_owned()),
+        )
     }
 
     /// What the container printed on its console, the last lines.

@@ -91,6 +91,33 @@ impl ApacheBench {
         Self { child: Some(child) }
     }
 
+    /// What the kernel says of the running `ab`, for a test that finds it making no progress:
+    /// its network namespace, where it waits and its descriptors.
+    pub fn describe(&self) -> String {
+        let pid = self.child.as_ref().expect("ab running").id();
+        let read = |what: &str| {
+            std::fs::read_to_string(format!("/proc/{pid}/{what}"))
+                .unwrap_or_else(|e| format!("({e})"))
+        };
+        let link = |what: &str| {
+            std::fs::read_link(format!("/proc/{pid}/{what}"))
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|e| format!("({e})"))
+        };
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| link(&format!("fd/{}", e.file_name().to_string_lossy())))
+            .collect();
+        format!(
+            "ab (pid {pid}): netns {}, wchan {}, state {}, descriptors {fds:?}",
+            link("ns/net"),
+            read("wchan"),
+            read("stat").split_whitespace().nth(2).unwrap_or("?"),
+        )
+    }
+
     /// Panics with ab's output if it has exited (it gives up on a refused connection).
     pub fn assert_running(&mut self) {
         let child = self.child.as_mut().expect("ab running");

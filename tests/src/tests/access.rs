@@ -15,8 +15,8 @@ use std::{
 use reuseport_proto::{GenState, GroupStatus, Register};
 
 use crate::harness::{
-    ServerKind, TestEnv, bin_path, control::ANSWER_TIMEOUT, local, one_line_error, tally,
-    wait_until,
+    ServerKind, TestEnv, bin_path, control::ANSWER_TIMEOUT, helper_args, local, one_line_error,
+    tally, wait_until,
 };
 
 #[test]
@@ -311,18 +311,12 @@ impl TestUser {
     fn register_inherited(&self, env: &TestEnv, socket: RawFd, group: &str) -> String {
         let exe = std::env::current_exe().expect("current_exe");
         let mut cmd = Command::new(copy_for_users(env, &exe));
-        cmd.args([
-            "--exact",
-            REGISTER_CHILD_TEST,
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(
-            REGISTER_CHILD_ENV,
-            format!("{group} {}", env.control_path().display()),
-        )
-        .stdin(Stdio::null());
+        cmd.args(helper_args(REGISTER_CHILD_TEST))
+            .env(
+                REGISTER_CHILD_ENV,
+                format!("{group} {}", env.control_path().display()),
+            )
+            .stdin(Stdio::null());
         self.run_as(&mut cmd, Some(socket));
         let out = cmd.output().expect("run the registering child");
         let stdout = String::from_utf8_lossy(&out.stdout);

@@ -21,8 +21,8 @@ use reuseport_proto::addr::GroupAddr;
 
 use super::supervise::{Load, SERVER_ENV, SERVER_TEST, TERM_EXIT_ENV};
 use crate::harness::{
-    CONTAINER_GID, CONTAINER_UID, Container, NetNs, TestEnv, generation_status, local, patience,
-    shared_fifo, wait_until,
+    CONTAINER_GID, CONTAINER_UID, Container, NetNs, TestEnv, generation_status, helper_args, local,
+    patience, shared_fifo, wait_until,
 };
 
 /// The server's exit status after SIGTERM, which the container must exit with.
@@ -78,17 +78,7 @@ fn exec_container(
         );
     }
     command.push(exe.to_string_lossy().into_owned());
-    command.extend(
-        [
-            "--exact",
-            SERVER_TEST,
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
+    command.extend(helper_args(SERVER_TEST).iter().map(|s| s.to_string()));
     let command: Vec<&str> = command.iter().map(String::as_str).collect();
     Container::start(
         &format!("gen{generation}"),

@@ -19,8 +19,8 @@ use reuseport_proto::DrainPhase;
 
 use super::supervise::{Load, Supervisor};
 use crate::harness::{
-    AbResult, ApacheBench, ClientConn, Tally, TestEnv, generation_status, load_size, local, skip,
-    tool_missing, wait_until,
+    AbResult, ApacheBench, ClientConn, Tally, TestEnv, generation_status, helper_args, load_size,
+    local, skip, tool_missing, wait_until,
 };
 
 /// Set (to anything) in the server processes these tests start.
@@ -270,13 +270,7 @@ fn exec_signals_its_server_once_the_generation_is_idle() {
         ])
         .args(["--on-drain", "TERM", "--drain-timeout", "30s", "--"])
         .arg(std::env::current_exe().expect("current_exe"))
-        .args([
-            "--exact",
-            SERVER_TEST,
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(helper_args(SERVER_TEST))
         .env(SERVER_ENV, "1")
         .env("REUSEPORT_GENERATION", "1")
         .env_remove(IGNORE_TERM_ENV)

@@ -18,7 +18,7 @@ use nix::{
 };
 
 use super::supervise::{MARKER_DIR_ENV, SERVER_ENV, SERVER_TEST, TERM_EXIT_ENV};
-use crate::harness::{TestEnv, local, patience, tally, wait_until};
+use crate::harness::{TestEnv, helper_args, local, patience, tally, wait_until};
 
 /// Exit status of the server on SIGTERM: proves the launcher passes the child's status on.
 const TERM_EXIT: i32 = 42;
@@ -126,13 +126,7 @@ impl Launcher {
         let child = cmd
             .arg("--")
             .arg(std::env::current_exe().expect("current_exe"))
-            .args([
-                "--exact",
-                SERVER_TEST,
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(helper_args(SERVER_TEST))
             .env(SERVER_ENV, "1")
             .env("REUSEPORT_GENERATION", generation.to_string())
             .env(MARKER_DIR_ENV, markers)

@@ -11,11 +11,11 @@ use std::{
 };
 
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-use reuseport_proto::{
-    ErrorKind, GroupAddr, MAX_ERROR_LEN, Op, Register, Reply, Request, RestartOutcome, frame::Conn,
-};
+use reuseport_proto::{ErrorKind, MAX_ERROR_LEN, Op, Reply, Request, RestartOutcome, frame::Conn};
 
-use crate::harness::{ServerKind, TestEnv, group, load_size, local, tally, wait_until};
+use crate::harness::{
+    ServerKind, TestEnv, control::register_supervised, group, load_size, local, tally, wait_until,
+};
 
 /// How long the agent may take to notice closed connections and let their descriptors go.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -76,32 +76,6 @@ fn request(env: &TestEnv, op: Op) -> Reply {
             .expect("a readable reply")
             .expect("a reply before the close");
         reply
-    })
-}
-
-/// Registers `listener` as generation 1 of `group`, as `reuseportctl supervise` does
-/// (`supervised: true`); the connection is the registration.
-fn register_supervised(env: &TestEnv, listener: &std::net::TcpListener, group: GroupAddr) -> Conn {
-    env.block_on(async {
-        let stream = tokio::net::UnixStream::connect(env.control_path())
-            .await
-            .expect("connect to the agent");
-        let mut conn = Conn::new(stream);
-        let op = Op::Register(Register {
-            group,
-            generation: 1,
-            name: None,
-            activate: false,
-            supervised: true,
-            server_pid: None,
-        });
-        conn.send(&Request::new(op), Some(listener.as_fd()))
-            .await
-            .expect("send register");
-        match conn.recv_msg::<Reply>().await {
-            Ok(Some((Reply::Registered { .. }, _))) => conn,
-            other => panic!("the supervised registration should succeed: {other:?}"),
-        }
     })
 }
 

@@ -1,43 +1,28 @@
 //! `server_pid`: a launcher names the server it started, so `status` shows the server's pid;
 //! no registering process can put another process's pid there.
 
-use std::{net::TcpListener, os::fd::AsFd as _, process::Command};
+use std::{net::TcpListener, process::Command};
 
-use reuseport_proto::{ErrorKind, Op, Register, Reply, Request, frame::Conn};
+use reuseport_proto::{ErrorKind, Register, Reply, frame::Conn};
 
-use crate::harness::{TestEnv, group};
+use crate::harness::{TestEnv, control::register_raw, group};
 
-/// Registers `listener` (generation 1 of `127.0.0.1:port`) naming `server_pid`; the agent's
-/// answer and the connection (the registration, if it succeeded).
+/// Registers `listener` (generation 1 of `127.0.0.1:port`) naming `server_pid`.
 fn register_for(
     env: &TestEnv,
     listener: &TcpListener,
     port: u16,
     server_pid: i32,
 ) -> (Reply, Conn) {
-    env.block_on(async {
-        let stream = tokio::net::UnixStream::connect(env.control_path())
-            .await
-            .expect("connect to the agent");
-        let mut conn = Conn::new(stream);
-        let op = Op::Register(Register {
-            group: group(port),
-            generation: 1,
-            name: None,
-            activate: false,
-            supervised: false,
-            server_pid: Some(server_pid),
-        });
-        conn.send(&Request::new(op), Some(listener.as_fd()))
-            .await
-            .expect("send register");
-        let (reply, _) = conn
-            .recv_msg::<Reply>()
-            .await
-            .expect("a readable answer")
-            .expect("an answer");
-        (reply, conn)
-    })
+    let register = Register {
+        group: group(port),
+        generation: 1,
+        name: None,
+        activate: false,
+        supervised: false,
+        server_pid: Some(server_pid),
+    };
+    register_raw(env, listener, register)
 }
 
 #[test]

@@ -1,43 +1,17 @@
 //! Clients that never read what the agent pushes, and supervisors that never answer: the
 //! agent keeps what waits for them bounded, and says what happened.
 
-use std::{net::TcpListener, os::fd::AsFd as _, time::Duration};
+use std::time::Duration;
 
 use reuseport_client::ControlClient;
-use reuseport_proto::{
-    ErrorKind, GenState, GroupAddr, Op, Register, Reply, Request, RestartOutcome, frame::Conn,
-};
+use reuseport_proto::{ErrorKind, GenState, Reply, RestartOutcome};
 
-use crate::harness::{ServerKind, TestEnv, group, load_size, one_line_error};
+use crate::harness::{
+    ServerKind, TestEnv, control::register_supervised, group, load_size, one_line_error,
+};
 
 /// How long a test waits for an answer the agent owes it.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Registers `listener` as generation 1 of `group` the way `reuseportctl supervise` does;
-/// the returned connection is the registration, and nothing reads it until the test does.
-fn register_supervised(env: &TestEnv, listener: &TcpListener, group: GroupAddr) -> Conn {
-    env.block_on(async {
-        let stream = tokio::net::UnixStream::connect(env.control_path())
-            .await
-            .expect("connect to the agent");
-        let mut conn = Conn::new(stream);
-        let op = Op::Register(Register {
-            group,
-            generation: 1,
-            name: None,
-            activate: false,
-            supervised: true,
-            server_pid: None,
-        });
-        conn.send(&Request::new(op), Some(listener.as_fd()))
-            .await
-            .expect("send register");
-        match conn.recv_msg::<Reply>().await {
-            Ok(Some((Reply::Registered { .. }, _))) => conn,
-            other => panic!("the supervised registration should succeed: {other:?}"),
-        }
-    })
-}
 
 #[test]
 fn a_registration_that_never_reads_gets_the_latest_state_not_a_backlog() {

@@ -36,7 +36,8 @@ use nix::{
 use reuseport_proto::RestartOutcome;
 
 use crate::harness::{
-    ServerKind, Tally, TestEnv, generation_status, local, patience, request_once, wait_until,
+    ServerKind, Tally, TestEnv, generation_status, helper_args, local, patience, request_once,
+    wait_until,
 };
 
 /// Set (to anything) in the server processes the supervisor starts.
@@ -460,13 +461,7 @@ impl Supervisor {
             .args(extra)
             .arg("--")
             .arg(std::env::current_exe().expect("current_exe"))
-            .args([
-                "--exact",
-                server_test,
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(helper_args(server_test))
             .env(server_env.0, server_env.1)
             .stdout(file.try_clone().expect("dup log"))
             .stderr(file)

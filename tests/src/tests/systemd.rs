@@ -15,7 +15,7 @@
 use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use nix::mount::{MsFlags, mount};
@@ -23,8 +23,8 @@ use serde_json::Value;
 
 use super::drain::{SERVER_ENV, SERVER_TEST};
 use crate::harness::{
-    ApacheBench, BootedSystem, bin_path, debian_rootfs, in_vm, local, one_at_a_time, skip,
-    wait_until_every,
+    ApacheBench, BootedSystem, bin_path, debian_rootfs, helper_args, in_vm, local, one_at_a_time,
+    skip, wait_until_every,
 };
 
 const PORT: u16 = 8080;
@@ -169,8 +169,9 @@ fn install(root: &Path) {
         &root.join("etc/reuseport/supervise/demo.env"),
         &format!(
             "SUPERVISE_OPTS=--listen 127.0.0.1:{PORT} --ready notify\n\
-             SERVER={SERVER_EXE} --exact {SERVER_TEST} --ignored --nocapture --test-threads=1\n\
-             {SERVER_ENV}=1\n"
+             SERVER={SERVER_EXE} {}\n\
+             {SERVER_ENV}=1\n",
+            helper_args(SERVER_TEST).join(" ")
         ),
     );
     // The server as a user of its own, allowed on the control socket by the control group.
@@ -259,15 +260,26 @@ fn wait_for_generation(system: &BootedSystem, generation: u64) {
 }
 
 fn wait_selected(system: &BootedSystem, ab: &mut ApacheBench, generation: u64, at_least: u64) {
-    wait_until_every(
-        &format!("generation {generation} was selected for {at_least} connections"),
-        STEP_TIMEOUT,
-        POLL,
-        || {
-            ab.assert_running();
-            selected(&status(system), generation) >= at_least
-        },
-    );
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        ab.assert_running();
+        let groups = status(system);
+        if selected(&groups, generation) >= at_least {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out after {STEP_TIMEOUT:?} waiting until generation {generation} was \
+                 selected for {at_least} connections; status:\n{groups:#}\nsockets:\n{}\n\
+                 processes:\n{}\n{}\nnetwork namespaces: {}",
+                system.sh("ss -tanpe"),
+                system.sh("ps -eo pid,user,stat,wchan:20,args"),
+                ab.describe(),
+                system.describe_namespaces(),
+            );
+        }
+        std::thread::sleep(POLL);
+    }
 }
 
 /// `systemctl status UNIT` (its state and last log lines).

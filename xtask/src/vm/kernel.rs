@@ -236,6 +236,12 @@ fn fetch(apt: &mut PrivateApt, packages: &Packages, kernels: &Path) -> anyhow::R
     let (package, version) = &packages.image;
     let dir = kernels.join(format!("{package}_{}", version.replace(':', "%3a")));
     let done = dir.join(".complete");
+    // NB: runs on one machine (two checkouts, two agents) share the cache: one unpacks a
+    // kernel and decompresses its image, the others wait and then find them done.
+    let lock = fs::File::create(kernels.join(".lock"))
+        .with_context(|| format!("creating {}/.lock", kernels.display()))?;
+    lock.lock()
+        .with_context(|| format!("locking {}/.lock", kernels.display()))?;
     if !done.exists() {
         let work = kernels.join(format!(".unpacking-{}-{package}", std::process::id()));
         let _ = fs::remove_dir_all(&work);
