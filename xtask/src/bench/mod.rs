@@ -8,9 +8,12 @@
 //!   one after a delay) against `reuseportctl supervise` (with our demo server, and with a slow
 //!   one that exits at once on SIGTERM), with our client and with `wrk`.
 //! - `live`: what the live figures (sock_diag, process walk) add to a `status` answer.
+//! - `metrics`: what a scrape of `--metrics-listen` costs, at a full group and at the group
+//!   limit.
 
 mod flip;
 mod live;
+mod metrics;
 mod overhead;
 mod reference_prog;
 
@@ -32,6 +35,9 @@ pub enum Bench {
     /// What the live figures cost `status`: a group of 128 listeners with held connections,
     /// status timed with and without them.
     Live(live::LiveOpts),
+    /// What a scrape costs: `GET /metrics` and `GET /` timed at a group of 128 listeners and
+    /// at 256 groups.
+    Metrics(metrics::MetricsOpts),
     /// The short correctness check `cargo xtask test` runs: 50 quick deploys through
     /// `reuseportctl supervise` under load, failing on any failed request.
     FlipCheck,
@@ -42,6 +48,13 @@ pub fn bench(b: &Bench) -> anyhow::Result<()> {
         Bench::Overhead(o) => with_stack(|stack| overhead::overhead(stack, o)),
         Bench::Flip(o) => with_stack(|stack| flip::flip(stack, o)),
         Bench::Live(o) => with_stack(|stack| live::live(stack, o)),
+        Bench::Metrics(o) => {
+            let bin = crate::stack::build_release("bench")?;
+            let stack = Stack::start_with("bench", &bin, &["--metrics-listen", metrics::LISTEN])?;
+            let res = metrics::metrics(&stack, o);
+            stack.stop();
+            res
+        }
         Bench::FlipCheck => short_flip_check(&crate::stack::build_release("flip-check")?),
     }
 }
