@@ -138,7 +138,8 @@ fn prometheus_sees_the_new_generations_counter_rise_and_the_old_ones_stop() {
     );
     let since = first_after_flip.expect("seen");
     // Range queries over the scrapes since then: `changes(x[W])` at `since + W`.
-    let window = || format!("{}ms", ((unix_now() - since) * 1000.0) as u64);
+    // NB: at least 1 ms: Prometheus refuses an empty range.
+    let window = || format!("{}ms", (((unix_now() - since) * 1000.0) as u64).max(1));
     wait_until_every(
         "Prometheus saw generation 2's selected counter rise in three scrapes after the flip",
         patience(TIMEOUT),
