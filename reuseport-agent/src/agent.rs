@@ -20,6 +20,7 @@ use crate::{
     group::Group,
     live,
     mailbox::Mailbox,
+    metrics,
     quota::Quotas,
     registry::{Refusal, RegId, StateChange},
     restart,
@@ -60,6 +61,8 @@ pub struct Options {
     pub connections_per_uid: Option<u32>,
     /// How long a restart may wait for its supervisor's outcome.
     pub restart_timeout: Duration,
+    /// Where to serve `/metrics` and the status page, if anywhere.
+    pub metrics: Option<metrics::Listen>,
 }
 
 /// Who is on the other end of a control connection (SO_PEERCRED, SO_PEERGROUPS); see
@@ -81,6 +84,8 @@ pub(crate) struct State {
     pub(crate) subscribers: HashMap<RegId, Arc<Mailbox>>,
     /// Supervised registrations and restarts waiting for their supervisor.
     pub(crate) restarts: restart::Restarts,
+    /// Flips per group, for `/metrics`.
+    pub(crate) flips: metrics::events::Flips,
 }
 
 impl State {
@@ -124,6 +129,7 @@ impl State {
     pub(crate) fn remove_groups(&mut self, keys: &[GroupKey]) {
         for key in keys {
             if let Some(g) = self.groups.remove(key) {
+                self.flips.forget(key);
                 g.remove();
                 tracing::info!(group = %key, "group removed: no registered socket left");
             }
@@ -139,6 +145,7 @@ impl State {
     }
 
     pub(crate) fn notify(&self, group: &Group, changes: &[StateChange], own_netns: u64) {
+        self.flips.record(group.key(), changes);
         for ch in changes {
             for reg in group.registrations_of(ch.generation) {
                 if let Some(mailbox) = self.subscribers.get(&reg) {
@@ -170,6 +177,8 @@ pub struct Agent {
     /// admission; `status` reports both.
     pub(crate) quotas: Quotas,
     pub(crate) live: live::Live,
+    /// Error answers sent, by kind, for `/metrics`.
+    pub(crate) refusals: metrics::events::Refusals,
 }
 
 impl Agent {
@@ -194,6 +203,7 @@ impl Agent {
             access: access::Policy::default(),
             quotas: Quotas::new(DEFAULT_MAX_GROUPS, None, DEFAULT_MAX_CONNECTIONS, None),
             live: live::Live::new(own_netns),
+            refusals: metrics::events::Refusals::default(),
         })
     }
 

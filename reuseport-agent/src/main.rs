@@ -24,6 +24,7 @@
 //! - [`live`]: live figures for `status` from the kernel ([`diag`]: sock_diag, [`owners`]:
 //!   which process holds which connection).
 //! - [`notify`]: sd_notify for systemd (`Type=notify`: ready, status, stopping).
+//! - [`metrics`]: `/metrics` for Prometheus and a status page (`--metrics-listen`).
 //! - [`fault`]: fault-injection points for the tests (a feature of test builds).
 
 mod access;
@@ -42,6 +43,7 @@ mod kernel;
 mod lineage;
 mod live;
 mod mailbox;
+mod metrics;
 mod notify;
 mod owners;
 mod pinned;
@@ -118,6 +120,14 @@ struct Cli {
     #[arg(long, value_name = "DUR", default_value = "10m", env = "REUSEPORT_RESTART_TIMEOUT",
           value_parser = humantime::parse_duration)]
     restart_timeout: std::time::Duration,
+    /// Serve `/metrics` (Prometheus) and a status page at `/` on this address, e.g.
+    /// 127.0.0.1:9464. Off without it.
+    #[arg(long, value_name = "ADDR:PORT", env = "REUSEPORT_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Let --metrics-listen take an address other than loopback: whoever reaches it sees
+    /// every group, pid and generation name (there is no authentication).
+    #[arg(long, env = "REUSEPORT_METRICS_ALLOW_REMOTE", value_parser = clap::builder::FalseyValueParser::new())]
+    metrics_allow_remote: bool,
     /// How log lines look on stderr: `text` for people, `json` for log collectors (one
     /// object per line: timestamp, level, message and fields such as group, generation,
     /// pid; one line per flip, registration and refused request).
@@ -187,6 +197,17 @@ fn main() -> std::process::ExitCode {
         std::process::abort();
     }));
     let log_format = cli.log_format;
+    let metrics = match cli
+        .metrics_listen
+        .map(|a| metrics::Listen::new(a, cli.metrics_allow_remote))
+        .transpose()
+    {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("reuseport-agent: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let opts = agent::Options {
         control: cli.control,
         bpffs: cli.bpffs,
@@ -199,6 +220,7 @@ fn main() -> std::process::ExitCode {
         max_connections: cli.max_connections,
         connections_per_uid: cli.max_connections_per_uid,
         restart_timeout: cli.restart_timeout,
+        metrics,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -64,6 +64,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (control, listener) = ControlSocket::bind(&opts.control, control_group.as_ref())?;
     // NB: before the first accept: a client that reconnects must find its group adopted.
     let adopted = agent.adopt_pinned();
+    if let Some(listen) = opts.metrics {
+        crate::metrics::start(agent.clone(), listen).await?;
+    }
     tracing::info!(
         control = %opts.control.display(),
         bpffs = %opts.bpffs.display(),
@@ -96,10 +99,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     };
                     match admission.admit(peer.uid) {
                         Ok(slot) => tokio::spawn(serve(agent.clone(), stream, slot, peer)),
-                        Err(message) => tokio::spawn(refuse(
-                            stream,
-                            Reply::Error { kind: ErrorKind::Limit, message },
-                        )),
+                        Err(message) => {
+                            agent.refusals.count(ErrorKind::Limit);
+                            tokio::spawn(refuse(
+                                stream,
+                                Reply::Error { kind: ErrorKind::Limit, message },
+                            ))
+                        }
                     };
                 }
                 Err(e) => accept_failed(&admission, &e, &mut exhausted).await,
@@ -152,6 +158,12 @@ async fn refuse(stream: UnixStream, reply: Reply) {
     let _ = tokio::time::timeout(admission::SEND_TIMEOUT, conn.send(&reply, None)).await;
 }
 
+fn count_refusal(agent: &Agent, reply: &Reply) {
+    if let Reply::Error { kind, .. } = reply {
+        agent.refusals.count(*kind);
+    }
+}
+
 fn refusal_reply(r: Refusal) -> Reply {
     Reply::Error {
         kind: r.kind,
@@ -191,6 +203,7 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream, mut admitted: Admitted, pe
                 // The stream cannot be resynchronised after a bad length, a cut frame or a
                 // time-out.
                 if let Some(reply) = e.reply() {
+                    count_refusal(&agent, &reply);
                     let _ = admitted.send(&conn, &reply, registered).await;
                 }
                 break;
@@ -209,6 +222,7 @@ async fn serve(agent: Arc<Agent>, stream: UnixStream, mut admitted: Admitted, pe
                 reply
             }
         };
+        count_refusal(&agent, &reply);
         if !admitted.send(&conn, &reply, registered).await {
             break;
         }

@@ -4,7 +4,8 @@
 //! one `reuseportctl restart` per deploy: the agent forwards it to supervise, which starts
 //! the next generation, activates it once ready, and the old one drains, gets SIGTERM and
 //! exits. Prints a live per-generation tally and the final count of failed requests (the
-//! point: 0).
+//! point: 0), and the address of the agent's status page (on the host's loopback, relayed into
+//! the demo's namespace by [`PageBridge`]), up while the demo runs.
 
 use std::{
     net::SocketAddr,
@@ -12,12 +13,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 
 use crate::{
     deploy::{Deployer, Mode},
     load::{Load, Proto},
-    stack::Stack,
+    page_bridge::PageBridge,
+    stack::{Stack, build_release},
 };
 
 #[derive(clap::Args, Debug)]
@@ -34,10 +36,23 @@ pub struct DemoOpts {
 }
 
 const ADDR: &str = "127.0.0.1:8080";
+/// The agent's metrics listener inside the demo's namespace, and the port the page is offered
+/// on at the host's loopback (another one if it is taken).
+const METRICS: &str = "127.0.0.1:9464";
 
 pub fn demo(opts: &DemoOpts) -> anyhow::Result<()> {
-    let stack = Stack::start("demo")?;
+    let metrics: SocketAddr = METRICS.parse().expect("valid");
+    let bin = build_release("demo")?;
+    // NB: bound before the stack moves this thread into the demo's namespace.
+    let page = PageBridge::bind(metrics).context("binding the status page's port on the host")?;
+    let page_addr = page.addr()?;
+    let stack = Stack::start_with("demo", &bin, &["--metrics-listen", METRICS])?;
+    page.relay_to(metrics);
     println!("demo: agent up (logs: {})", stack.agent_log().display());
+    println!(
+        "demo: status page: http://{page_addr}/ (also /metrics, /status.json, /status.csv), up \
+         while the demo runs"
+    );
     let result = run(&stack, opts);
     stack.stop();
     result

@@ -11,6 +11,7 @@ mod load;
 mod namespaces;
 mod package;
 mod packages;
+mod page_bridge;
 mod setup;
 mod stable_client;
 mod stack;

@@ -24,6 +24,10 @@ pub const TEST_TOOLS: &[Tool] = &[
     ("nsenter", "util-linux"),
     // A real server that binds its own SO_REUSEPORT sockets (tests/src/tests/running_servers.rs).
     ("nginx", "nginx-light"),
+    // The metrics tests scrape the agent with a real Prometheus and load its status page in a
+    // real browser (tests/src/tests/metrics.rs).
+    ("prometheus", "prometheus"),
+    ("chromium", "chromium"),
 ];
 
 /// Installs the packages of every tool in `tools` that is not on PATH (`who` names the task in

@@ -37,14 +37,14 @@ impl Stack {
 
     /// Like [`Stack::start`], with binaries already built in `bin`.
     pub fn start_in(tag: &str, bin: &std::path::Path) -> anyhow::Result<Self> {
-        Self::start_with(tag, bin, &[])
+        Self::start_with(tag, bin, &[] as &[&str])
     }
 
     /// Like [`Stack::start_in`], with `agent_args` added to the agent's command line.
     pub fn start_with(
         tag: &str,
         bin: &std::path::Path,
-        agent_args: &[String],
+        agent_args: &[impl AsRef<str>],
     ) -> anyhow::Result<Self> {
         namespaces::enter_private().context("entering private network and mount namespaces")?;
         let tmp = tempfile::Builder::new()
@@ -56,7 +56,7 @@ impl Stack {
             control: tmp.path().join("agent.sock"),
             bpffs: PathBuf::from("/sys/fs/bpf/reuseport"),
             tmp,
-            agent_args: agent_args.to_vec(),
+            agent_args: agent_args.iter().map(|a| a.as_ref().to_owned()).collect(),
             agent: Mutex::new(None),
             servers: Mutex::new(Vec::new()),
         };

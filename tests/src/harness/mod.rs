@@ -9,13 +9,16 @@
 pub mod bpf_prog;
 mod cgroup;
 mod child;
+mod chromium;
 mod container;
 pub mod control;
 mod edge_server;
 mod env;
+mod http_get;
 mod namespaces;
 mod netns;
 mod nspawn;
+mod prometheus;
 mod rootfs;
 mod server;
 mod tools;
@@ -27,14 +30,17 @@ use std::{
 };
 
 pub use child::{CHILD_SERVER_ENV, ChildServer, child_server_main};
+pub use chromium::Chromium;
 pub use container::{CONTAINER_GID, CONTAINER_UID, Container, shared_fifo};
 pub use edge_server::EdgeServer;
 pub use env::{
     Generation, SELECT_ONLY, SELECT_OR_MIGRATE, TestEnv, bin_path, expected_mode,
     expects_migration, in_vm, one_at_a_time, patience, select_only_env,
 };
+pub use http_get::{HttpAnswer, http_get};
 pub use netns::{NetNs, current_netns_inode};
 pub use nspawn::BootedSystem;
+pub use prometheus::{PromSample, Prometheus, SCRAPE_INTERVAL};
 pub use rootfs::debian_rootfs;
 pub use server::{Server, ServerKind, accept_queue_len};
 pub use tools::{AbResult, ApacheBench, SsSocket, ss, tool_missing};
@@ -58,6 +64,16 @@ pub fn one_line_error(what: &str, out: &std::process::Output) -> String {
     );
     println!("{what}: {}", lines[0]);
     lines[0].to_string()
+}
+
+/// `target/` of the build under test (the test executable is `target/<profile>/deps/…`):
+/// where tests keep what a person may want to look at afterwards (screenshots).
+pub fn target_dir() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.ancestors()
+        .nth(3)
+        .expect("the test executable lies under target/<profile>/deps/")
+        .to_path_buf()
 }
 
 /// Prints the line the VM runner looks for and lets the caller return.

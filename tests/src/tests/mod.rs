@@ -23,6 +23,7 @@ mod hostile;
 mod limits;
 mod live;
 mod log_format;
+mod metrics;
 mod migration;
 mod multi_listener;
 mod netns_launchers;

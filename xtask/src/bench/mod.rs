@@ -10,9 +10,12 @@
 //! - `live`: what the live figures (sock_diag, process walk) add to a `status` answer.
 //! - `scale`: what the agent costs as groups and sockets per group grow (memory, descriptors,
 //!   registrations, `status`, adoption, flips), plotted to `docs/scale.png`.
+//! - `metrics`: what a scrape of `--metrics-listen` costs, at a full group and at the group
+//!   limit.
 
 mod flip;
 mod live;
+mod metrics;
 mod overhead;
 mod reference_prog;
 mod scale;
@@ -38,6 +41,9 @@ pub enum Bench {
     /// Cost against size: groups per agent (RSS, descriptors, registrations/s, `status` of
     /// all groups, kernel memory, adoption) and sockets per group (flips, program cost).
     Scale(scale::ScaleOpts),
+    /// What a scrape costs: `GET /metrics` and `GET /` timed at a group of 128 listeners and
+    /// at 256 groups.
+    Metrics(metrics::MetricsOpts),
     /// The short correctness check `cargo xtask test` runs: 50 quick deploys through
     /// `reuseportctl supervise` under load, failing on any failed request.
     FlipCheck,
@@ -49,6 +55,13 @@ pub fn bench(b: &Bench) -> anyhow::Result<()> {
         Bench::Flip(o) => with_stack(|stack| flip::flip(stack, o)),
         Bench::Live(o) => with_stack(|stack| live::live(stack, o)),
         Bench::Scale(o) => scale::scale(o),
+        Bench::Metrics(o) => {
+            let bin = crate::stack::build_release("bench")?;
+            let stack = Stack::start_with("bench", &bin, &["--metrics-listen", metrics::LISTEN])?;
+            let res = metrics::metrics(&stack, o);
+            stack.stop();
+            res
+        }
         Bench::FlipCheck => short_flip_check(&crate::stack::build_release("flip-check")?),
     }
 }

@@ -63,8 +63,8 @@ const NEED_MIGRATION: &[&str] = &[
 ];
 
 /// The tests that drive real tools of the host which the guests do not have (ApacheBench,
-/// `ss`, python3, a C compiler, debootstrap, systemd-nspawn and nginx): they run on the host
-/// and skip in every guest.
+/// `ss`, python3, a C compiler, debootstrap, systemd-nspawn, nginx, Prometheus and Chromium):
+/// they run on the host and skip in every guest.
 const NEED_HOST_TOOLS: &[&str] = &[
     "tests::drain::deploys_of_a_server_dying_on_sigterm_lose_nothing",
     "tests::examples::c_example_registers_serves_and_leaves_when_drained",
@@ -72,6 +72,8 @@ const NEED_HOST_TOOLS: &[&str] = &[
     "tests::live::status_live_counts_match_ss",
     "tests::multi_listener::supervise_deploys_a_two_port_server_under_load_on_both_ports",
     "tests::running_servers::nginx_workers_registered_by_pid_flip_and_stop_without_a_failed_request",
+    "tests::metrics::chromium_renders_the_status_page_with_both_generations_during_a_flip",
+    "tests::metrics::prometheus_sees_the_new_generations_counter_rise_and_the_old_ones_stop",
     "tests::systemd::systemd_reload_and_agent_restart_under_load_lose_nothing",
 ];
 
