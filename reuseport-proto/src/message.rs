@@ -331,6 +331,20 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, in declaration order (for counters kept per kind). NB: a test matches
+    /// exhaustively, so a new kind fails to build until it is listed here too.
+    pub const ALL: [ErrorKind; 9] = [
+        Self::BadRequest,
+        Self::UnsupportedVersion,
+        Self::UnknownGroup,
+        Self::UnknownGeneration,
+        Self::InvalidSocket,
+        Self::PermissionDenied,
+        Self::Limit,
+        Self::Conflict,
+        Self::Kernel,
+    ];
+
     /// The kind as it is on the wire (`unknown_group`), for messages and logs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -552,18 +566,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_error_kind_is_listed_once() {
+        for (i, kind) in ErrorKind::ALL.into_iter().enumerate() {
+            let position = match kind {
+                ErrorKind::BadRequest => 0,
+                ErrorKind::UnsupportedVersion => 1,
+                ErrorKind::UnknownGroup => 2,
+                ErrorKind::UnknownGeneration => 3,
+                ErrorKind::InvalidSocket => 4,
+                ErrorKind::PermissionDenied => 5,
+                ErrorKind::Limit => 6,
+                ErrorKind::Conflict => 7,
+                ErrorKind::Kernel => 8,
+            };
+            assert_eq!(position, i, "{kind:?}");
+        }
+    }
+
+    #[test]
     fn error_kind_names_are_the_wire_names() {
-        for kind in [
-            ErrorKind::BadRequest,
-            ErrorKind::UnsupportedVersion,
-            ErrorKind::UnknownGroup,
-            ErrorKind::UnknownGeneration,
-            ErrorKind::InvalidSocket,
-            ErrorKind::PermissionDenied,
-            ErrorKind::Limit,
-            ErrorKind::Conflict,
-            ErrorKind::Kernel,
-        ] {
+        for kind in ErrorKind::ALL {
             assert_eq!(
                 serde_json::to_value(kind).unwrap(),
                 serde_json::Value::from(kind.as_str())

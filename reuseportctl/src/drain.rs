@@ -27,17 +27,7 @@ pub struct DrainArgs {
 
 pub async fn run(global: &GlobalOpts, args: DrainArgs) -> anyhow::Result<ExitCode> {
     let mut client = ControlClient::connect(&global.control).await?;
-    // One line per group: a generation of a server with several listeners changes in
-    // each of their groups. --json keeps its one object: the group named.
     let groups = client.drain_all(args.group, args.generation).await?;
-    if args.json {
-        output::print_json(&groups[0])?;
-    } else {
-        let lines: String = groups
-            .iter()
-            .map(|g| format!("{}\n", output::change_summary(g, args.generation)))
-            .collect();
-        output::print(&lines)?;
-    }
+    output::print_changes(&groups, args.generation, args.json)?;
     Ok(ExitCode::SUCCESS)
 }

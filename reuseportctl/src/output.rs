@@ -213,6 +213,19 @@ fn quotas_line(limits: &Limits) -> Option<String> {
     ))
 }
 
+/// What `activate` and `drain` print: a line per group the generation changed in (a server
+/// with several listeners spans several groups); with `json`, the group named, as one object.
+pub fn print_changes(groups: &[GroupStatus], generation: u32, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(&groups[0]);
+    }
+    let lines: String = groups
+        .iter()
+        .map(|g| format!("{}\n", change_summary(g, generation)))
+        .collect();
+    print(&lines)
+}
+
 /// One line after `activate` or `drain`, e.g.
 /// `tcp://127.0.0.1:8080: generation 2 active (1 draining)`.
 pub fn change_summary(group: &GroupStatus, generation: u32) -> String {

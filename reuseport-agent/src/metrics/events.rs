@@ -17,43 +17,14 @@ use reuseport_proto::{
 
 use crate::registry::StateChange;
 
-/// Every refusal kind, in the order [`Refusals`] keeps them. NB: [`kind_name`] matches
-/// exhaustively, so a new kind fails to build until it is listed here too.
-pub const KINDS: [ErrorKind; 9] = [
-    ErrorKind::BadRequest,
-    ErrorKind::UnsupportedVersion,
-    ErrorKind::UnknownGroup,
-    ErrorKind::UnknownGeneration,
-    ErrorKind::InvalidSocket,
-    ErrorKind::PermissionDenied,
-    ErrorKind::Limit,
-    ErrorKind::Conflict,
-    ErrorKind::Kernel,
-];
-
-/// The kind as the protocol spells it (`kind` of an error reply).
-pub fn kind_name(kind: ErrorKind) -> &'static str {
-    match kind {
-        ErrorKind::BadRequest => "bad_request",
-        ErrorKind::UnsupportedVersion => "unsupported_version",
-        ErrorKind::UnknownGroup => "unknown_group",
-        ErrorKind::UnknownGeneration => "unknown_generation",
-        ErrorKind::InvalidSocket => "invalid_socket",
-        ErrorKind::PermissionDenied => "permission_denied",
-        ErrorKind::Limit => "limit",
-        ErrorKind::Conflict => "conflict",
-        ErrorKind::Kernel => "kernel",
-    }
-}
-
 /// Error replies the agent sent, by kind: requests refused, and connections turned away at
 /// the connection limit (`limit`).
 #[derive(Default)]
-pub struct Refusals([AtomicU64; KINDS.len()]);
+pub struct Refusals([AtomicU64; ErrorKind::ALL.len()]);
 
 impl Refusals {
     pub fn count(&self, kind: ErrorKind) {
-        let i = KINDS
+        let i = ErrorKind::ALL
             .iter()
             .position(|k| *k == kind)
             .expect("every kind is listed");
@@ -63,7 +34,7 @@ impl Refusals {
     /// `(kind, refusals)` for every kind, zeros included: a series that exists from the
     /// start makes `increase()` see the first refusal.
     pub fn snapshot(&self) -> Vec<(ErrorKind, u64)> {
-        KINDS
+        ErrorKind::ALL
             .iter()
             .zip(&self.0)
             .map(|(k, n)| (*k, n.load(Ordering::Relaxed)))
@@ -116,10 +87,14 @@ mod tests {
         refusals.count(ErrorKind::Conflict);
         refusals.count(ErrorKind::Limit);
         let snapshot = refusals.snapshot();
-        assert_eq!(snapshot.len(), KINDS.len(), "a series for every kind");
+        assert_eq!(
+            snapshot.len(),
+            ErrorKind::ALL.len(),
+            "a series for every kind"
+        );
         for (kind, n) in snapshot {
             let wire = serde_json::to_value(kind).expect("kind serializes");
-            assert_eq!(wire, kind_name(kind), "the protocol's name for {kind:?}");
+            assert_eq!(wire, kind.as_str(), "the protocol's name for {kind:?}");
             let expected = match kind {
                 ErrorKind::Conflict => 2,
                 ErrorKind::Limit => 1,

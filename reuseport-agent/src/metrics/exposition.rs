@@ -12,7 +12,7 @@ use prometheus_client::{
 };
 use reuseport_proto::message::GroupStatus;
 
-use super::{View, events::kind_name};
+use super::View;
 
 /// The `Content-Type` of an answer to `/metrics`.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -301,7 +301,7 @@ impl Collector for Collect {
             MetricType::Counter,
             view.refusals
                 .iter()
-                .map(|(kind, n)| (vec![("kind", kind_name(*kind).to_string())], *n)),
+                .map(|(kind, n)| (vec![("kind", kind.as_str().to_string())], *n)),
             counter,
         )?;
         family(
