@@ -658,10 +658,18 @@ fn listen_fds_server() {
     unsafe { signal(Signal::SIGTERM, SigHandler::Handler(on_term)) }.expect("SIGTERM handler");
 
     // Not ready yet: a real server loads and warms up here, and accepts nothing meanwhile.
+    // NB: SIGTERM (from the launcher, or PR_SET_PDEATHSIG when it dies) ends the warm-up
+    // too: a test that gives up waiting must not leave a server behind for the whole delay.
     if let Some((delayed, ms)) = var(READY_DELAY_ENV).split_once(':')
         && delayed == generation.to_string()
     {
-        std::thread::sleep(Duration::from_millis(ms.parse().expect("milliseconds")));
+        let until = Instant::now() + Duration::from_millis(ms.parse().expect("milliseconds"));
+        while Instant::now() < until {
+            if TERM.load(Ordering::SeqCst) {
+                std::process::exit(var(TERM_EXIT_ENV).parse().unwrap_or(0));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     marker("ready");
     let notify = var("NOTIFY_SOCKET");
