@@ -35,8 +35,8 @@
 //!   see [`harness::expected_mode`]).
 //! - Helper processes are the test executable itself, run with a filter that selects an
 //!   ignored "test" whose reason starts with `helper:`; the matrix leaves those out.
-//! - A client request slower than [`harness::slow_bound`] counts as failed: a dropped SYN is
-//!   retransmitted after 1 s and must not pass for a success.
+//! - A client request that retransmitted a segment, or was slower than [`harness::slow_bound`],
+//!   counts as failed: a dropped SYN is retransmitted after 1 s and must not pass for a success.
 
 pub mod harness;
 
