@@ -67,9 +67,8 @@ pub struct Deployer<'a> {
     generation: u32,
     /// Baseline: every server process started, oldest first; the last one is the new one.
     servers: Vec<Child>,
-    /// Reuseport: `reuseportctl supervise`, its log and a control connection to the agent.
+    /// Reuseport: `reuseportctl supervise` and its log.
     supervisor: Option<(Child, PathBuf)>,
-    control: Option<Control>,
     deploy_ms: Vec<f64>,
     /// Highest `migrated` counter seen per generation.
     migrated: BTreeMap<u32, u64>,
@@ -93,7 +92,6 @@ impl<'a> Deployer<'a> {
             generation: 1,
             servers: Vec::new(),
             supervisor: None,
-            control: None,
             deploy_ms: Vec::new(),
             migrated: BTreeMap::new(),
         };
@@ -120,8 +118,6 @@ impl<'a> Deployer<'a> {
                     .spawn()
                     .context("starting reuseportctl supervise")?;
                 d.supervisor = Some((child, log));
-                d.control =
-                    Some(Control::connect(&d.stack.control).context("connecting to the agent")?);
                 d.wait_active(1)?;
             }
         }
@@ -208,10 +204,13 @@ impl<'a> Deployer<'a> {
 
     /// The group's active generation, per the agent; notes the migration counters.
     fn active(&mut self) -> anyhow::Result<Option<u32>> {
-        let control = self.control.as_mut().expect("reuseport mode");
+        // NB: a connection per question: the agent closes one that stays silent for 30 s,
+        // and deploys can be further apart than that (`demo --interval`).
+        let mut control =
+            Control::connect(&self.stack.control).context("connecting to the agent")?;
         let group = format!("tcp://{}", self.addr);
         let v = control_request(
-            control,
+            &mut control,
             &serde_json::json!({"v": 1, "op": "status", "group": group}),
         )?;
         let Some(g) = v["groups"]
