@@ -82,8 +82,8 @@ pub fn bind(
     bind_for(control, listens, generation, name, activate, false)
 }
 
-/// [`bind`], saying whether the launcher is a supervisor: the first listener's registration
-/// takes `restart` requests.
+/// [`bind`], saying whether the launcher is a supervisor: then every listener's registration
+/// takes `restart` requests for its group.
 pub fn bind_for(
     control: &Path,
     listens: &[Listen],
@@ -94,11 +94,10 @@ pub fn bind_for(
 ) -> anyhow::Result<Bound> {
     let listeners = listens
         .iter()
-        .enumerate()
-        .map(|(i, l)| {
+        .map(|l| {
             let (listener, mut opts) = bind_one(control, l.group, generation, name.clone())?;
             opts.request.activate = activate;
-            opts.request.supervised = supervised && i == 0;
+            opts.request.supervised = supervised;
             Ok((listener, opts))
         })
         .collect::<anyhow::Result<_>>()?;

@@ -91,6 +91,13 @@ pub fn combined_state(states: &[GenState]) -> GenState {
     }
 }
 
+/// A `restart` the agent forwarded: its id, and the group it was asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestartRequest {
+    pub group: GroupAddr,
+    pub id: u64,
+}
+
 /// The registrations of one generation's listeners, in `--listen` order. Dropping it closes
 /// them all.
 pub struct Registrations {
@@ -160,10 +167,28 @@ impl Registrations {
         self.state.clone()
     }
 
-    /// The first registration's restart requests: `supervise` registers only its first
-    /// listener as supervised.
-    pub fn take_restart_requests(&mut self) -> Option<mpsc::UnboundedReceiver<u64>> {
-        self.regs[0].take_restart_requests()
+    /// The restart requests the agent pushes down any of the registrations (`supervise`
+    /// registers every listener as supervised, so `restart` works with any of its groups),
+    /// each with the group it was asked for: the outcome must be reported for that group.
+    pub fn take_restart_requests(&mut self) -> Option<mpsc::UnboundedReceiver<RestartRequest>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut any = false;
+        for reg in &mut self.regs {
+            let Some(mut requests) = reg.take_restart_requests() else {
+                continue;
+            };
+            any = true;
+            let (group, tx) = (reg.group(), tx.clone());
+            // Ends with the registration (its sender drops) or with the receiver.
+            tokio::spawn(async move {
+                while let Some(id) = requests.recv().await {
+                    if tx.send(RestartRequest { group, id }).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        any.then_some(rx)
     }
 
     /// The sockets now live as fds 3, 4, … of process `pid`.

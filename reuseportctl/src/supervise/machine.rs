@@ -20,7 +20,7 @@ use super::{
 use crate::{
     draining::{Drain, DrainTask},
     launch::{self, describe_exit, note},
-    listeners::Registrations,
+    listeners::{Registrations, RestartRequest},
     reaper::Reaper,
 };
 use reuseport_client::{
@@ -33,7 +33,7 @@ pub(super) enum Event {
     State(u32, GenState),
     Closed(u32),
     /// `reuseportctl restart`, forwarded by the agent with its id.
-    Restart(u64),
+    Restart(RestartRequest),
 }
 
 /// Where a generation is in its life.
@@ -91,9 +91,9 @@ pub(super) struct Supervisor {
     pub(super) restart_pending: bool,
     /// Restarts requested through the agent, by the generation started for them; they are
     /// answered when it is active or has failed.
-    pub(super) waiters: BTreeMap<u32, Vec<u64>>,
+    pub(super) waiters: BTreeMap<u32, Vec<RestartRequest>>,
     /// Requested restarts no generation was started for yet.
-    pub(super) unattached: Vec<u64>,
+    pub(super) unattached: Vec<RestartRequest>,
     pub(super) events: mpsc::UnboundedSender<Event>,
     pub(super) shutdown: Option<Shutdown>,
     /// Waits for the generations, and for the orphans it inherits as PID 1 or a subreaper.
@@ -168,20 +168,24 @@ impl Supervisor {
     /// Reports the outcome of a restart to the agent, in the background (the loop must not
     /// wait on the agent): to the requests waiting for it, or, for a SIGHUP, just for
     /// `status`.
-    pub(super) fn report(&self, ids: Vec<u64>, outcome: RestartOutcome) {
-        let ids = if ids.is_empty() {
-            vec![UNREQUESTED_RESTART]
+    pub(super) fn report(&self, requests: Vec<RestartRequest>, outcome: RestartOutcome) {
+        // A SIGHUP's outcome goes to the first listener's group, for its `status`.
+        let requests = if requests.is_empty() {
+            vec![RestartRequest {
+                group: self.args.listen[0].group,
+                id: UNREQUESTED_RESTART,
+            }]
         } else {
-            ids
+            requests
         };
-        // The first listener's registration is the supervised one: the agent sends the
-        // restarts of that group.
-        let (control, group) = (self.control.clone(), self.args.listen[0].group);
+        let control = self.control.clone();
         tokio::spawn(async move {
             let res = async {
                 let mut client = ControlClient::connect(&control).await?;
-                for id in ids {
-                    client.report_restart(group, id, outcome.clone()).await?;
+                for r in requests {
+                    client
+                        .report_restart(r.group, r.id, outcome.clone())
+                        .await?;
                 }
                 Ok::<_, ClientError>(())
             }
@@ -268,19 +272,22 @@ impl Supervisor {
     pub(super) async fn on_event(&mut self, event: Event) {
         match event {
             Event::State(generation, state) => self.on_state(generation, state),
-            Event::Restart(id) => {
+            Event::Restart(request) => {
                 if self.shutdown.is_some() {
                     note(format_args!("restart request ignored: stopping"));
                     self.report(
-                        vec![id],
+                        vec![request],
                         RestartOutcome::Failed {
                             error: "the supervisor is stopping".into(),
                         },
                     );
                     return;
                 }
-                note(format_args!("restart requested through the agent"));
-                self.unattached.push(id);
+                note(format_args!(
+                    "restart of {} requested through the agent",
+                    request.group
+                ));
+                self.unattached.push(request);
                 self.restart().await;
             }
             Event::Closed(generation) => {
@@ -491,8 +498,8 @@ impl Supervisor {
 }
 
 pub(super) async fn recv_restart(
-    restarts: Option<&mut mpsc::UnboundedReceiver<u64>>,
-) -> Option<u64> {
+    restarts: Option<&mut mpsc::UnboundedReceiver<RestartRequest>>,
+) -> Option<RestartRequest> {
     match restarts {
         Some(r) => r.recv().await,
         None => std::future::pending().await,

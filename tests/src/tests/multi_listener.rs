@@ -1,7 +1,8 @@
 //! A server with several listeners (an HTTP port and an admin port) under `reuseportctl
 //! supervise --listen … --listen …`: every generation gets both sockets (fds 3 and 4, with
-//! the activation variables naming both), is deployed as one unit in both groups, and is
-//! signalled only once it is idle in both; deploys under load on both ports lose nothing.
+//! the activation variables naming both), is deployed as one unit in both groups (by SIGHUP
+//! or by `restart` naming either group), and is signalled only once it is idle in both;
+//! deploys under load on both ports lose nothing.
 //!
 //!
 //! Such a generation spans both groups in the agent: one `activate` switches it in both, or,
@@ -87,7 +88,20 @@ fn supervise_deploys_a_two_port_server_under_load_on_both_ports() {
     };
     answered(1);
     for generation in 2..=deploys + 1 {
-        sup.signal(Signal::SIGHUP);
+        // Every other deploy is a `restart` named by the second listener's group: the
+        // supervisor takes restarts for each of its groups.
+        if generation % 2 == 0 {
+            sup.signal(Signal::SIGHUP);
+        } else {
+            let out = env.ctl(&["restart", &local(ADMIN).to_string(), "--timeout", "20s"]);
+            assert!(
+                out.status.success(),
+                "reuseportctl restart of the admin port should deploy generation {generation}: \
+                 {}; log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                sup.log()
+            );
+        }
         active_everywhere(&mut sup, generation);
         answered(generation);
     }
