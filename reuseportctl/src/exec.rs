@@ -67,8 +67,9 @@ pub struct ExecArgs {
     /// Generation of this server, e.g. a deploy counter.
     #[arg(long, short = 'g', value_name = "N")]
     pub generation: u32,
-    /// Make the generation active as soon as the listener is registered (the active one
-    /// drains).
+    /// Make the generation active as soon as its listeners are registered (the active one
+    /// drains): in every group at once, or, if one group refuses, in none (the command then
+    /// never runs).
     #[arg(long)]
     pub activate: bool,
     /// Name of the generation, shown by `status` and passed in LISTEN_FDNAMES for every

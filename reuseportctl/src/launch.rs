@@ -68,6 +68,10 @@ pub fn try_reap(pid: Pid) -> anyhow::Result<Option<WaitStatus>> {
 /// A generation's listeners, bound, neither registered nor served yet.
 pub struct Bound {
     listeners: Vec<(TcpListener, RegisterOptions)>,
+    /// Several listeners to make active: one `activate` once all are registered, so that
+    /// the generation switches in every group at once or in none (registering each with
+    /// `activate` would switch the groups one by one).
+    activate_together: bool,
 }
 
 /// Creates the SO_REUSEPORT listeners on the `listens`' addresses, to be registered as
@@ -92,16 +96,20 @@ pub fn bind_for(
     activate: bool,
     supervised: bool,
 ) -> anyhow::Result<Bound> {
+    let activate_together = activate && listens.len() > 1;
     let listeners = listens
         .iter()
         .map(|l| {
             let (listener, mut opts) = bind_one(control, l.group, generation, name.clone())?;
-            opts.request.activate = activate;
+            opts.request.activate = activate && !activate_together;
             opts.request.supervised = supervised;
             Ok((listener, opts))
         })
         .collect::<anyhow::Result<_>>()?;
-    Ok(Bound { listeners })
+    Ok(Bound {
+        listeners,
+        activate_together,
+    })
 }
 
 fn bind_one(
@@ -160,6 +168,16 @@ impl Bound {
                     )
                 })?;
             registrations.push(registration);
+        }
+        if self.activate_together {
+            let Register {
+                group, generation, ..
+            } = self.listeners[0].1.request;
+            let mut agent = client::ControlClient::connect(&self.listeners[0].1.control).await?;
+            agent
+                .activate_all(group, generation)
+                .await
+                .with_context(|| format!("cannot activate generation {generation} in {group}"))?;
         }
         let pid = gated.release()?;
         drop(self.listeners);

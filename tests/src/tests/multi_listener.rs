@@ -15,7 +15,7 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{TcpListener, TcpStream},
     os::{fd::FromRawFd, unix::process::CommandExt as _},
-    process::{Child, Stdio},
+    process::{Child, Command, Stdio},
     time::Duration,
 };
 
@@ -157,7 +157,7 @@ fn supervise_deploys_a_two_port_server_under_load_on_both_ports() {
 struct TwoPortExec(Child);
 
 impl TwoPortExec {
-    fn spawn(env: &TestEnv, ports: [u16; 2], generation: u32, activate: bool) -> Self {
+    fn command(env: &TestEnv, ports: [u16; 2], generation: u32, activate: bool) -> Command {
         let mut cmd = env.ctl_command();
         cmd.arg("exec")
             .args(["--listen", &format!("http={}", local(ports[0]))])
@@ -172,7 +172,13 @@ impl TwoPortExec {
             .env(MARKER_DIR_ENV, env.dir())
             .stdout(Stdio::null())
             .process_group(0);
-        let child = cmd.spawn().expect("spawn reuseportctl exec");
+        cmd
+    }
+
+    fn spawn(env: &TestEnv, ports: [u16; 2], generation: u32, activate: bool) -> Self {
+        let child = Self::command(env, ports, generation, activate)
+            .spawn()
+            .expect("spawn reuseportctl exec");
         let exec = Self(child);
         // NB: registered comes before served: exec registers the listeners, then lets the
         // server start, which takes a while in a VM guest.
@@ -287,9 +293,10 @@ fn one_activate_switches_a_generation_in_every_group_it_spans() {
 fn a_switch_refused_in_one_group_switches_no_group() {
     const NAME: &str = "a_switch_refused_in_one_group_switches_no_group";
     const PORTS: [u16; 2] = [7845, 7846];
-    // The second table switch of a spanning change fails: the first group is switched by
-    // then and must be switched back. (Registrations publish without this point.)
-    let env = TestEnv::with_agent(NAME, &[], &[("REUSEPORT_FAULT_FAIL", "switch.table:2")]);
+    // Generation 1's activation switches the tables twice; the second switch of generation
+    // 2's fails: the first group is switched by then and must be switched back.
+    // (Registrations publish without this point.)
+    let env = TestEnv::with_agent(NAME, &[], &[("REUSEPORT_FAULT_FAIL", "switch.table:4")]);
     let _v1 = TwoPortExec::spawn(&env, PORTS, 1, true);
     let _v2 = TwoPortExec::spawn(&env, PORTS, 2, false);
 
@@ -317,6 +324,46 @@ fn a_switch_refused_in_one_group_switches_no_group() {
     for port in PORTS {
         assert_eq!(env.status(port).active, Some(2), "port {port}");
         assert_all_answered_by(port, 2, 10, "a later activate should take effect");
+    }
+}
+
+/// `exec --activate` with two listeners makes its generation active in both groups at once
+/// or in neither: when the second group's switch fails, the server never runs, the first
+/// group is switched back, and the error names the group that refused.
+#[test]
+fn exec_activates_all_its_listeners_or_none() {
+    const NAME: &str = "exec_activates_all_its_listeners_or_none";
+    const PORTS: [u16; 2] = [7847, 7848];
+    let env = TestEnv::with_agent(NAME, &[], &[("REUSEPORT_FAULT_FAIL", "switch.table:2")]);
+    let out = TwoPortExec::command(&env, PORTS, 1, true)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run reuseportctl exec");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{NAME}: {stderr}");
+    assert!(!out.status.success(), "exec should fail: {stderr}");
+    assert!(
+        stderr.contains(&local(PORTS[1]).to_string()) && stderr.contains("unchanged in all 2"),
+        "the error should name the group that refused and say nothing changed: {stderr}"
+    );
+    assert!(
+        !env.dir().join("ready-1").exists(),
+        "the server should never have run"
+    );
+    for port in PORTS {
+        assert!(
+            env.try_status(port)
+                .is_none_or(|s| s.generations.is_empty()),
+            "no listener of the failed exec may stay registered on port {port}: {:?}",
+            env.try_status(port)
+        );
+    }
+
+    // The same command succeeds once nothing fails, active in both groups.
+    let _v1 = TwoPortExec::spawn(&env, PORTS, 1, true);
+    for port in PORTS {
+        assert_eq!(env.status(port).active, Some(1), "port {port}");
+        assert_all_answered_by(port, 1, 10, "generation 1 should get every connection");
     }
 }
 
