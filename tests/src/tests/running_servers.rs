@@ -5,12 +5,16 @@
 //! one stopped gracefully, lose no request.
 //!
 //! nginx runs in the test's network namespace, with its configuration, pid file and logs in
-//! the test's temp dir. It is not in the VM guests: the test skips there.
+//! the test's temp dir. It is not in the VM guests: the test skips there. A server of our own
+//! that binds its own listener shows `register --pid --fd --wait` everywhere.
 
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    os::{
+        fd::AsRawFd as _,
+        unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    },
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
@@ -21,9 +25,10 @@ use std::{
     time::Duration,
 };
 
+use super::drain::serve_slowly;
 use crate::harness::{
-    ApacheBench, Tally, TestEnv, bin_path, generation_status, local, skip, ss, tool_missing,
-    wait_until,
+    ApacheBench, Tally, TestEnv, bin_path, generation_status, helper_args, local, request_once,
+    skip, ss, tool_missing, wait_until,
 };
 
 /// nginx starting, workers registering, a graceful stop.
@@ -344,3 +349,158 @@ fn register_pid_refuses_a_process_without_a_reuseport_listener() {
 
 /// The uid and gid of `nobody`.
 const NOBODY: u32 = 65534;
+
+/// Set in [`plain_reuseport_server`] processes: `PORT GENERATION MARKER_FILE`.
+const PLAIN_SERVER_ENV: &str = "REUSEPORT_TEST_PLAIN_SERVER";
+const PLAIN_SERVER_TEST: &str = "tests::running_servers::plain_reuseport_server";
+
+/// A running server that binds its own SO_REUSEPORT listener, killed when dropped.
+struct PlainServer {
+    child: Child,
+    /// The listener's descriptor number in the server.
+    fd: i32,
+}
+
+impl PlainServer {
+    fn start(env: &TestEnv, port: u16, generation: u32) -> Self {
+        let marker = env.dir().join(format!("plain-{generation}.fd"));
+        let child = Command::new(std::env::current_exe().expect("current_exe"))
+            .args(helper_args(PLAIN_SERVER_TEST))
+            .env(
+                PLAIN_SERVER_ENV,
+                format!("{port} {generation} {}", marker.display()),
+            )
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the server");
+        let mut server = Self { child, fd: -1 };
+        wait_until(
+            &format!("the server of generation {generation} listens"),
+            TIMEOUT,
+            || {
+                server.assert_running();
+                std::fs::read_to_string(&marker)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .map(|fd| server.fd = fd)
+                    .is_some()
+            },
+        );
+        server
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().expect("try_wait") {
+            panic!("the server exited early: {status}");
+        }
+    }
+}
+
+impl Drop for PlainServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `register --pid P --fd N --activate --wait` holds a running server's listener in the
+/// foreground: the generation is active with P as its server and answers every request, and
+/// the command ends by itself when P exits, leaving nothing registered. A descriptor that is
+/// not a listener gets one line saying so.
+#[test]
+fn register_pid_fd_wait_holds_a_servers_listener_until_it_exits() {
+    const NAME: &str = "register_pid_fd_wait_holds_a_servers_listener_until_it_exits";
+    const PORT: u16 = 7851;
+    let env = TestEnv::new(NAME);
+    let mut server = PlainServer::start(&env, PORT, 1);
+    let (pid, fd) = (server.pid().to_string(), server.fd.to_string());
+
+    // fd 0 of the server is /dev/null, not a socket.
+    let out = env.ctl(&["register", "--pid", &pid, "--fd", "0", "-g", "1", "--wait"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{NAME}: fd 0: {}", stderr.trim_end());
+    assert!(
+        !out.status.success() && stderr.lines().count() == 1 && stderr.contains("fd 0"),
+        "a descriptor that is not a listener should get one line naming it: {stderr}"
+    );
+
+    let mut holder = env
+        .ctl_command()
+        .args(["register", "--pid", &pid, "--fd", &fd, "-g", "1"])
+        .args(["--activate", "--wait"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start reuseportctl register --wait");
+    wait_until("generation 1 is active", TIMEOUT, || {
+        server.assert_running();
+        assert!(
+            holder.try_wait().expect("try_wait").is_none(),
+            "register --wait should hold the registration while the server runs"
+        );
+        env.try_status(PORT).is_some_and(|s| s.active == Some(1))
+    });
+    let status = env.status(PORT);
+    let pids: Vec<i32> = generation_status(&status, 1)
+        .sockets
+        .iter()
+        .map(|s| s.pid)
+        .collect();
+    assert_eq!(
+        pids,
+        [server.pid()],
+        "status should show the server as the socket's process: {status:?}"
+    );
+    let mut t = Tally::default();
+    for n in 0..20 {
+        t.record(request_once(local(PORT), n));
+    }
+    assert_eq!(
+        (t.failed, t.of(1)),
+        (0, 20),
+        "the server should answer every request: {t}"
+    );
+
+    drop(server);
+    wait_until(
+        "register --wait ends once the server has exited",
+        TIMEOUT,
+        || holder.try_wait().expect("try_wait").is_some(),
+    );
+    assert!(
+        env.try_status(PORT)
+            .is_none_or(|s| s.generations.is_empty()),
+        "nothing of the exited server may stay registered: {:?}",
+        env.try_status(PORT)
+    );
+}
+
+/// Not a test: a server that knows nothing of reuseport but SO_REUSEPORT (as nginx with
+/// `reuseport`): binds its own listener, writes its descriptor number to the marker file and
+/// answers `req N` with `gen G N+1` until it is killed.
+#[test]
+#[ignore = "helper: entry point of the servers that bind their own listener"]
+fn plain_reuseport_server() {
+    let Ok(spec) = std::env::var(PLAIN_SERVER_ENV) else {
+        return;
+    };
+    let mut parts = spec.splitn(3, ' ');
+    let (port, generation, marker) = (
+        parts.next().and_then(|p| p.parse().ok()).expect("PORT"),
+        parts
+            .next()
+            .and_then(|g| g.parse().ok())
+            .expect("GENERATION"),
+        parts.next().expect("MARKER_FILE"),
+    );
+    let listener =
+        reuseport_client::reuseport_listener(local(port)).expect("bind the reuseport listener");
+    std::fs::write(marker, listener.as_raw_fd().to_string()).expect("write the marker");
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        std::thread::spawn(move || serve_slowly(stream, generation));
+    }
+}
