@@ -43,7 +43,7 @@ pub use http_get::{HttpAnswer, http_get};
 pub use netns::{NetNs, current_netns_inode};
 pub use nspawn::BootedSystem;
 pub use prometheus::{PromSample, Prometheus, SCRAPE_INTERVAL};
-pub use rootfs::debian_rootfs;
+pub use rootfs::{Release, debian_rootfs};
 pub use server::{Server, ServerKind, accept_queue_len};
 pub use tools::{AbResult, ApacheBench, SsSocket, ss, tool_missing};
 pub use traffic::{ClientConn, Slow, Tally, parse_reply, request_once, slow_bound, tally};
