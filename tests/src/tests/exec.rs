@@ -206,8 +206,9 @@ fn exec_json_reports_a_failure_as_one_error_event() {
             "-g",
             "1",
             "--",
-            "true",
         ])
+        // Any program that exists: the failure must be the agent's absence.
+        .arg(std::env::current_exe().expect("current_exe"))
         .output()
         .expect("run reuseportctl exec");
     let stdout = String::from_utf8_lossy(&out.stdout);
