@@ -96,6 +96,17 @@ fn supervise_json_reports_each_step_of_its_deploys_under_load() {
             .any(|e| e["event"] == "activated" && e["generation"] == 3),
         "broken generation 3 should never be activated"
     );
+    for reload in all.iter().filter(|e| e["event"] == "reload") {
+        let named = reload["group"].as_str().unwrap_or_default();
+        assert!(
+            match reload["via"].as_str() {
+                Some("agent") => named.starts_with(&format!("tcp://{}", local(PORT))),
+                _ => reload["group"].is_null(),
+            },
+            "a reload through the agent should name the group restarted, a SIGHUP none: \
+             {reload}"
+        );
+    }
     let failed = all
         .iter()
         .find(|e| e["event"] == "deploy_failed")
