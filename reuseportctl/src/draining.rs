@@ -21,7 +21,11 @@ use nix::{
 };
 use tokio::{task::JoinHandle, time::Instant};
 
-use super::{args::parse_duration, launch::note, listeners::groups_named};
+use super::{
+    args::parse_duration,
+    events::{Event, SignalReason, secs, warn},
+    listeners::groups_named,
+};
 use reuseport_client::{
     ControlClient,
     proto::{DrainStep, GroupAddr, GroupStatus},
@@ -87,13 +91,22 @@ impl Drain {
     async fn run(self) {
         let (generation, pid, sig) = (self.generation, self.pid, self.signal);
         let group = groups_named(&self.groups);
-        let why = if self.opts.immediate_signal {
-            "is draining".to_string()
+        let started = Instant::now();
+        let end = if self.opts.immediate_signal {
+            DrainEnd::Immediate
         } else {
             self.wait_idle().await
         };
-        note(format_args!(
-            "generation {generation} of {group} {why}: sending {sig} to pid {pid}"
+        Event::Signalled {
+            generation,
+            pid: pid.as_raw(),
+            signal: sig.to_string(),
+            reason: end.reason(),
+            drained_secs: secs(started.elapsed()),
+            in_flight: end.in_flight(),
+        }
+        .report(format_args!(
+            "generation {generation} of {group} {end}: sending {sig} to pid {pid}"
         ));
         // ESRCH only when the server is already gone, which the launcher's SIGCHLD sees.
         let _ = kill(pid, sig);
@@ -102,7 +115,12 @@ impl Drain {
         })
         .await;
         tokio::time::sleep(self.opts.kill_timeout).await;
-        note(format_args!(
+        Event::Killed {
+            generation,
+            pid: pid.as_raw(),
+            after_secs: secs(self.opts.kill_timeout),
+        }
+        .report(format_args!(
             "generation {generation} (pid {pid}) still runs {:?} after {sig}: SIGKILL",
             self.opts.kill_timeout
         ));
@@ -114,8 +132,8 @@ impl Drain {
     }
 
     /// Polls the agent until the generation is idle twice in a row or `--drain-timeout`
-    /// has passed; returns how it ended, for the log line.
-    async fn wait_idle(&self) -> String {
+    /// has passed; returns how it ended.
+    async fn wait_idle(&self) -> DrainEnd {
         let started = Instant::now();
         let deadline = started + self.opts.drain_timeout;
         let mut client: Option<ControlClient> = None;
@@ -123,26 +141,17 @@ impl Drain {
         let mut last: Option<u64> = None;
         loop {
             match self.in_flight(&mut client).await {
-                Ok(Some(0)) if idle_before => {
-                    return format!(
-                        "is idle after {:.1}s of draining",
-                        started.elapsed().as_secs_f64()
-                    );
-                }
+                Ok(Some(0)) if idle_before => return DrainEnd::Idle(started.elapsed()),
                 Ok(Some(n)) => {
                     idle_before = n == 0;
                     last = Some(n);
                 }
-                Ok(None) => {
-                    return "is draining (the agent reports no live figures for it, so it \
-                            cannot be waited for)"
-                        .into();
-                }
+                Ok(None) => return DrainEnd::NoLiveFigures,
                 Err(e) => {
                     // The agent may be restarting: ask again until the deadline.
                     if client.take().is_some() {
-                        note(format_args!(
-                            "warning: cannot ask the agent whether generation {} is idle: {e}",
+                        warn(format_args!(
+                            "cannot ask the agent whether generation {} is idle: {e}",
                             self.generation
                         ));
                     }
@@ -150,11 +159,10 @@ impl Drain {
                 }
             }
             if Instant::now() + POLL > deadline {
-                let left = last.map_or("an unknown number of".into(), |n| n.to_string());
-                return format!(
-                    "still has {left} connections in flight after {:?} (--drain-timeout)",
-                    self.opts.drain_timeout
-                );
+                return DrainEnd::TimedOut {
+                    in_flight: last,
+                    timeout: self.opts.drain_timeout,
+                };
             }
             tokio::time::sleep(POLL).await;
         }
@@ -193,10 +201,64 @@ impl Drain {
         }
         .await;
         if let Err(e) = res {
-            note(format_args!(
-                "warning: cannot report generation {}'s drain to the agent: {e}",
+            warn(format_args!(
+                "cannot report generation {}'s drain to the agent: {e}",
                 self.generation
             ));
+        }
+    }
+}
+
+/// How the wait for a draining generation ended, just before its signal.
+enum DrainEnd {
+    /// `--immediate-signal`.
+    Immediate,
+    /// Idle after this long.
+    Idle(Duration),
+    NoLiveFigures,
+    /// `--drain-timeout` passed; the last count seen, if any.
+    TimedOut {
+        in_flight: Option<u64>,
+        timeout: Duration,
+    },
+}
+
+impl DrainEnd {
+    fn reason(&self) -> SignalReason {
+        match self {
+            Self::Immediate => SignalReason::Immediate,
+            Self::Idle(_) => SignalReason::Idle,
+            Self::NoLiveFigures => SignalReason::NoLiveFigures,
+            Self::TimedOut { .. } => SignalReason::DrainTimeout,
+        }
+    }
+
+    fn in_flight(&self) -> Option<u64> {
+        match self {
+            Self::Idle(_) => Some(0),
+            Self::TimedOut { in_flight, .. } => *in_flight,
+            Self::Immediate | Self::NoLiveFigures => None,
+        }
+    }
+}
+
+/// What the text line says after "generation N of GROUP".
+impl std::fmt::Display for DrainEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Immediate => f.write_str("is draining"),
+            Self::Idle(after) => write!(f, "is idle after {:.1}s of draining", after.as_secs_f64()),
+            Self::NoLiveFigures => f.write_str(
+                "is draining (the agent reports no live figures for it, so it cannot be \
+                 waited for)",
+            ),
+            Self::TimedOut { in_flight, timeout } => {
+                let left = in_flight.map_or("an unknown number of".into(), |n| n.to_string());
+                write!(
+                    f,
+                    "still has {left} connections in flight after {timeout:?} (--drain-timeout)"
+                )
+            }
         }
     }
 }

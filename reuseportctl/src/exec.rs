@@ -11,13 +11,17 @@ use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    time::Instant,
+};
 
 use super::{
     GlobalOpts,
     args::{parse_name, parse_signal},
     draining::{Drain, DrainOpts, DrainTask},
-    launch::{self, DEFAULT_FD_NAME, note},
+    events::{self, Event, Phase, warn},
+    launch::{self, DEFAULT_FD_NAME},
     listeners::{Listen, Registrations, check_listens, fd_names, parse_listen},
     reaper::Reaper,
     spawn::{self, FORWARDED_SIGNALS},
@@ -83,6 +87,11 @@ pub struct ExecArgs {
     pub on_drain: Option<Signal>,
     #[command(flatten)]
     pub drain: DrainOpts,
+    /// Report what happens as JSON events on stdout, one object per line (started, state,
+    /// signalled, killed, exited, warning, error; docs/operations.md). The server's stdout
+    /// then goes to stderr.
+    #[arg(long)]
+    pub json: bool,
     /// The server and its arguments (after `--` if they start with `-`).
     #[arg(
         value_name = "COMMAND",
@@ -94,6 +103,9 @@ pub struct ExecArgs {
 }
 
 pub async fn run(global: &GlobalOpts, args: ExecArgs) -> anyhow::Result<ExitCode> {
+    if args.json {
+        events::use_json()?;
+    }
     launch(global, args).await.map(ExitCode::from)
 }
 
@@ -167,26 +179,41 @@ async fn supervise(
     reaper.track(pid);
     let mut state = registration.state();
     let mut watching_state = true;
+    let generation = registration.generation();
+    let mut last = *state.borrow_and_update();
+    Event::Started {
+        generation,
+        pid: pid.as_raw(),
+        groups: registration.groups(),
+        state: last,
+    }
+    .report_json_only();
     let mut draining: Option<DrainTask> = None;
-    let mut on_state = |state: GenState| {
-        if state == GenState::Draining
-            && let Some(d) = drain.take()
-        {
-            draining = Some(d.start());
-        }
-    };
+    let mut draining_since = None;
     // A socket can join a generation that is already draining.
-    on_state(*state.borrow_and_update());
+    on_state(last, &mut drain, &mut draining, &mut draining_since);
 
     loop {
         tokio::select! {
             _ = sigchld.recv() => {
-                if let Some(status) = reaper.try_reap(pid)?.and_then(launch::exit_code) {
-                    return Ok(status);
+                if let Some(status) = reaper.try_reap(pid)? {
+                    let drained = draining_since.map(|since: Instant| since.elapsed());
+                    Event::exited(generation, status, Phase::from(last), drained)
+                        .report_json_only();
+                    if let Some(code) = launch::exit_code(status) {
+                        return Ok(code);
+                    }
                 }
             }
             changed = state.changed(), if watching_state => match changed {
-                Ok(()) => on_state(*state.borrow_and_update()),
+                Ok(()) => {
+                    let now = *state.borrow_and_update();
+                    if now != last {
+                        last = now;
+                        Event::State { generation, state: now }.report_json_only();
+                    }
+                    on_state(now, &mut drain, &mut draining, &mut draining_since);
+                }
                 Err(_) => watching_state = false,
             },
             (group, closed) = registration.closed() => {
@@ -194,12 +221,29 @@ async fn supervise(
                     Ok(()) => String::new(),
                     Err(e) => format!(" ({e})"),
                 };
-                note(format_args!(
-                    "warning: the agent closed the control connection{why}: pid {pid} keeps \
-                     running, but its listener is no longer registered in {group}"
+                warn(format_args!(
+                    "the agent closed the control connection{why}: pid {pid} keeps running, \
+                     but its listener is no longer registered in {group}"
                 ));
             }
         }
+    }
+}
+
+/// Once the generation drains: notes since when, and starts the drain sequence (with
+/// `--on-drain`).
+fn on_state(
+    state: GenState,
+    drain: &mut Option<Drain>,
+    draining: &mut Option<DrainTask>,
+    since: &mut Option<Instant>,
+) {
+    if state != GenState::Draining {
+        return;
+    }
+    since.get_or_insert_with(Instant::now);
+    if let Some(d) = drain.take() {
+        *draining = Some(d.start());
     }
 }
 
@@ -312,6 +356,7 @@ mod tests {
                 immediate_signal: true,
                 ..DrainOpts::default()
             },
+            json: false,
             command: ["sh", "-c", script, out.to_str().unwrap()]
                 .map(OsString::from)
                 .to_vec(),
@@ -352,6 +397,7 @@ mod tests {
             name: None,
             on_drain: None,
             drain: DrainOpts::default(),
+            json: false,
             command: vec!["no-such-command-anywhere".into()],
         };
         // No agent listens on this path: the error must still be about the command.

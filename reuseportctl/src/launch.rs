@@ -14,6 +14,7 @@ use nix::{
     unistd::Pid,
 };
 
+pub use super::events::note;
 use super::{
     listeners::{Listen, Registrations},
     spawn,
@@ -25,17 +26,6 @@ use reuseport_client::{
 
 /// LISTEN_FDNAMES when no --name is given.
 pub const DEFAULT_FD_NAME: &str = "reuseport";
-
-/// A message of the launcher on stderr. Unlike `eprintln!`, a broken stderr is ignored: a
-/// panic here would kill the launcher, unregister the socket and SIGTERM the server.
-///
-/// NB: one `write` per line: `writeln!` with arguments writes piece by piece, and lines of
-/// several supervisors (or of their servers) sharing a terminal would interleave.
-pub fn note(msg: std::fmt::Arguments<'_>) {
-    use std::io::Write as _;
-    let line = format!("reuseportctl: {msg}\n");
-    let _ = std::io::stderr().write_all(line.as_bytes());
-}
 
 /// How a server ended, as a shell reports it: its exit code, or 128+N if signal N killed
 /// it. `None` while it runs (or is merely stopped).

@@ -13,6 +13,7 @@ mod args;
 mod check;
 pub mod drain;
 mod draining;
+mod events;
 pub mod exec;
 mod exit;
 mod launch;
@@ -110,8 +111,18 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            report(&one_line(&e));
-            ExitCode::from(exit::code_of(&e))
+            let code = exit::code_of(&e);
+            if events::json() {
+                // NB: the launchers' errors under --json: the last event of the stream.
+                events::Event::Error {
+                    message: one_line(&e),
+                    exit_status: code,
+                }
+                .report_json_only();
+            } else {
+                report(&one_line(&e));
+            }
+            ExitCode::from(code)
         }
     }
 }

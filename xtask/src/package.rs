@@ -148,7 +148,7 @@ fn tarball(root: &Path, bins: &Path, assets: &Path) -> anyhow::Result<PathBuf> {
     let completions = assets.join("completions");
     // (source, directory under the prefix): the .deb's layout without `usr/`; `DIR/.`
     // copies a directory's contents.
-    let copies: [(PathBuf, &str); 11] = [
+    let copies: [(PathBuf, &str); 12] = [
         (bins.join("reuseport-agent"), "sbin"),
         (bins.join("reuseportctl"), "bin"),
         (assets.join("man/."), "share/man"),
@@ -163,6 +163,7 @@ fn tarball(root: &Path, bins: &Path, assets: &Path) -> anyhow::Result<PathBuf> {
         ),
         (packaging.join("systemd/."), "lib/systemd/system"),
         (packaging.join("sysusers/."), "lib/sysusers.d"),
+        (packaging.join("dropins/."), "share/reuseport"),
         (packaging.join("default/."), "etc/default"),
         (root.join("README.md"), "share/doc/reuseport"),
         (root.join("docs/operations.md"), "share/doc/reuseport"),

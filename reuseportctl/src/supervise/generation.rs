@@ -11,7 +11,8 @@ use super::{
     GENERATION_VAR, Ready,
     machine::{Event, Gen, Phase, Supervisor, recv_restart},
 };
-use crate::launch::{self, DEFAULT_FD_NAME, note};
+use crate::events::{self, warn};
+use crate::launch::{self, DEFAULT_FD_NAME};
 use crate::listeners::{fd_names, groups_named};
 use crate::spawn;
 use reuseport_client::{
@@ -99,6 +100,12 @@ impl Supervisor {
         };
         let groups = registration.groups();
         let group = groups_named(&groups);
+        let started = events::Event::Started {
+            generation,
+            pid: pid.as_raw(),
+            groups: groups.clone(),
+            state: initial,
+        };
         self.gens.insert(
             generation,
             Gen {
@@ -112,7 +119,7 @@ impl Supervisor {
         );
         if initial == GenState::Active {
             // The group was new: the agent made the first generation active at once.
-            note(format_args!(
+            started.report(format_args!(
                 "generation {generation} of {group} started (pid {pid}) and is active"
             ));
         } else {
@@ -120,7 +127,7 @@ impl Supervisor {
                 Ready::Notify => "READY=1".to_string(),
                 Ready::Delay(delay) => format!("{delay:?}"),
             };
-            note(format_args!(
+            started.report(format_args!(
                 "generation {generation} of {group} started (pid {pid}) as standby; \
                  waiting for {waiting} before activating it"
             ));
@@ -141,8 +148,9 @@ impl Supervisor {
         match self.reaper.try_reap(pid) {
             Ok(Some(status)) => return self.on_exit(generation, status),
             Ok(None) => {}
-            Err(e) => note(format_args!("warning: {}", crate::one_line(&e))),
+            Err(e) => warn(format_args!("{}", crate::one_line(&e))),
         }
+        events::Event::Ready { generation }.report_json_only();
         // One request: the agent switches the generation in every group it spans (all its
         // listeners were registered with this server's pid), or in none.
         let changed = async {
@@ -169,11 +177,16 @@ impl Supervisor {
                 if let Some(g) = self.gens.get_mut(&generation) {
                     g.phase = Phase::Active;
                 }
+                let activated = events::Event::Activated {
+                    generation,
+                    previous,
+                };
                 match previous {
-                    Some(p) => note(format_args!(
+                    Some(p) => activated.report(format_args!(
                         "generation {generation} is ready and active; generation {p} drains"
                     )),
-                    None => note(format_args!("generation {generation} is ready and active")),
+                    None => activated
+                        .report(format_args!("generation {generation} is ready and active")),
                 }
                 if self.restart_pending {
                     self.restart_pending = false;

@@ -19,7 +19,8 @@ use super::{
 };
 use crate::{
     draining::{Drain, DrainTask},
-    launch::{self, describe_exit, note},
+    events::{self, Via, secs, warn},
+    launch::{self, describe_exit},
     listeners::{Registrations, RestartRequest},
     reaper::Reaper,
 };
@@ -155,8 +156,14 @@ impl Supervisor {
         } else {
             "start"
         };
-        let why = format!("{what}{}", self.stays_active());
-        note(format_args!("{verb} failed: {why}"));
+        let error = what.to_string();
+        let why = format!("{error}{}", self.stays_active());
+        events::Event::DeployFailed {
+            generation,
+            error,
+            active: self.current,
+        }
+        .report(format_args!("{verb} failed: {why}"));
         self.service.failed(&why);
         let ids = match generation {
             Some(n) => self.waiters.remove(&n).unwrap_or_default(),
@@ -191,8 +198,8 @@ impl Supervisor {
             }
             .await;
             if let Err(e) = res {
-                note(format_args!(
-                    "warning: cannot report a restart's outcome to the agent: {e}"
+                warn(format_args!(
+                    "cannot report a restart's outcome to the agent: {e}"
                 ));
             }
         });
@@ -202,7 +209,7 @@ impl Supervisor {
         self.service.reloading();
         if let Some(starting) = self.starting() {
             self.restart_pending = true;
-            note(format_args!(
+            events::Event::ReloadDeferred { starting }.report(format_args!(
                 "SIGHUP: generation {starting} is still starting; restarting again once it is \
                  ready"
             ));
@@ -228,9 +235,15 @@ impl Supervisor {
 
     pub(super) async fn on_hangup(&mut self) {
         if self.shutdown.is_some() {
-            note(format_args!("SIGHUP ignored: stopping"));
+            events::Event::ReloadIgnored { via: Via::Sighup }
+                .report(format_args!("SIGHUP ignored: stopping"));
             return;
         }
+        events::Event::Reload {
+            via: Via::Sighup,
+            group: None,
+        }
+        .report_json_only();
         self.restart().await;
     }
 
@@ -271,10 +284,16 @@ impl Supervisor {
 
     pub(super) async fn on_event(&mut self, event: Event) {
         match event {
-            Event::State(generation, state) => self.on_state(generation, state),
+            Event::State(generation, state) => {
+                if self.gens.contains_key(&generation) {
+                    events::Event::State { generation, state }.report_json_only();
+                }
+                self.on_state(generation, state);
+            }
             Event::Restart(request) => {
                 if self.shutdown.is_some() {
-                    note(format_args!("restart request ignored: stopping"));
+                    events::Event::ReloadIgnored { via: Via::Agent }
+                        .report(format_args!("restart request ignored: stopping"));
                     self.report(
                         vec![request],
                         RestartOutcome::Failed {
@@ -283,7 +302,11 @@ impl Supervisor {
                     );
                     return;
                 }
-                note(format_args!(
+                events::Event::Reload {
+                    via: Via::Agent,
+                    group: Some(request.group),
+                }
+                .report(format_args!(
                     "restart of {} requested through the agent",
                     request.group
                 ));
@@ -292,10 +315,9 @@ impl Supervisor {
             }
             Event::Closed(generation) => {
                 if let Some(g) = self.gens.get(&generation) {
-                    note(format_args!(
-                        "warning: the agent closed the control connection of generation \
-                         {generation}: pid {} keeps running, but its listener is no longer \
-                         registered",
+                    warn(format_args!(
+                        "the agent closed the control connection of generation {generation}: \
+                         pid {} keeps running, but its listener is no longer registered",
                         g.pid
                     ));
                 }
@@ -340,35 +362,46 @@ impl Supervisor {
         let how = describe_exit(status);
         let pid = g.pid;
         if self.shutdown.is_some() {
-            note(format_args!(
-                "generation {generation} (pid {pid}) exited with {how}"
-            ));
+            events::Event::exited(generation, status, events::Phase::Stopping, None).report(
+                format_args!("generation {generation} (pid {pid}) exited with {how}"),
+            );
             return;
         }
         match g.phase {
-            Phase::Starting { .. } => self.restart_failed(
-                Some(generation),
-                format_args!("generation {generation} exited with {how} before it was ready"),
-            ),
-            Phase::Failed => {}
-            Phase::Draining { since, .. } => note(format_args!(
-                "generation {generation} (pid {pid}) exited with {how} after draining for \
-                 {:.1}s",
-                since.elapsed().as_secs_f64()
-            )),
+            Phase::Starting { .. } => {
+                events::Event::exited(generation, status, events::Phase::Starting, None)
+                    .report_json_only();
+                self.restart_failed(
+                    Some(generation),
+                    format_args!("generation {generation} exited with {how} before it was ready"),
+                )
+            }
+            Phase::Failed => events::Event::exited(generation, status, events::Phase::Failed, None)
+                .report_json_only(),
+            Phase::Draining { since, .. } => {
+                let drained = since.elapsed();
+                events::Event::exited(generation, status, events::Phase::Draining, Some(drained))
+                    .report(format_args!(
+                        "generation {generation} (pid {pid}) exited with {how} after draining \
+                         for {:.1}s",
+                        drained.as_secs_f64()
+                    ))
+            }
             Phase::Active => {
-                note(format_args!(
-                    "generation {generation} (pid {pid}), the active one, exited with {how}: \
-                     stopping"
-                ));
+                events::Event::exited(generation, status, events::Phase::Active, None).report(
+                    format_args!(
+                        "generation {generation} (pid {pid}), the active one, exited with \
+                         {how}: stopping"
+                    ),
+                );
                 self.current = None;
                 self.begin_shutdown(Signal::SIGTERM, launch::exit_code(status).unwrap_or(1));
                 return;
             }
         }
         if self.current.is_none() && self.starting().is_none() && !self.gens.is_empty() {
-            note(format_args!(
-                "warning: no generation of this supervisor is active; send SIGHUP to start one"
+            warn(format_args!(
+                "no generation of this supervisor is active; send SIGHUP to start one"
             ));
         }
         // Nothing left (the first start failed): exit with that generation's status, or 1
@@ -406,11 +439,17 @@ impl Supervisor {
                 },
             );
             if !self.gens.is_empty() {
-                let gens: Vec<String> = self.gens.keys().map(u32::to_string).collect();
-                note(format_args!(
-                    "sending {sig} to generation(s) {} and waiting up to {:?}",
+                let generations: Vec<u32> = self.gens.keys().copied().collect();
+                let gens: Vec<String> = generations.iter().map(u32::to_string).collect();
+                let timeout = self.args.drain.kill_timeout;
+                events::Event::Stopping {
+                    signal: sig.to_string(),
+                    generations,
+                    kill_timeout_secs: secs(timeout),
+                }
+                .report(format_args!(
+                    "sending {sig} to generation(s) {} and waiting up to {timeout:?}",
                     gens.join(", "),
-                    self.args.drain.kill_timeout
                 ));
             }
         }
@@ -424,7 +463,10 @@ impl Supervisor {
             Some(g) => {
                 let _ = kill(g.pid, sig);
             }
-            None => note(format_args!("{sig} not forwarded: no generation is active")),
+            None => events::Event::Warning {
+                message: format!("{sig} not forwarded: no generation is active"),
+            }
+            .report(format_args!("{sig} not forwarded: no generation is active")),
         }
     }
 
@@ -460,8 +502,13 @@ impl Supervisor {
             && s.kill_at <= now
         {
             s.killed = true;
-            for (generation, g) in &self.gens {
-                note(format_args!(
+            for (&generation, g) in &self.gens {
+                events::Event::Killed {
+                    generation,
+                    pid: g.pid.as_raw(),
+                    after_secs: secs(timeout),
+                }
+                .report(format_args!(
                     "generation {generation} (pid {}) still runs {timeout:?} after the \
                      signal: SIGKILL",
                     g.pid

@@ -28,7 +28,7 @@ use crate::{
     GlobalOpts,
     args::{parse_duration, parse_name, parse_signal},
     draining::DrainOpts,
-    launch::note,
+    events::{self, warn},
     listeners::{Listen, check_listens, parse_listen},
     reaper::Reaper,
     spawn,
@@ -112,6 +112,11 @@ pub struct SuperviseArgs {
     /// listener that has no NAME= of its own.
     #[arg(long, value_name = "NAME", value_parser = parse_name)]
     pub name: Option<String>,
+    /// Report what happens as JSON events on stdout, one object per line (started, ready,
+    /// activated, reload, deploy_failed, signalled, exited, …; docs/operations.md). The
+    /// servers' stdout then goes to stderr.
+    #[arg(long)]
+    pub json: bool,
     /// The server and its arguments (after `--` if they start with `-`).
     #[arg(
         value_name = "COMMAND",
@@ -142,6 +147,9 @@ fn parse_ready(s: &str) -> Result<Ready, String> {
 }
 
 pub async fn run(global: &GlobalOpts, mut args: SuperviseArgs) -> anyhow::Result<ExitCode> {
+    if args.json {
+        events::use_json()?;
+    }
     check_listens(&args.listen)?;
     for l in &mut args.listen {
         l.group = l
@@ -196,7 +204,7 @@ pub async fn run(global: &GlobalOpts, mut args: SuperviseArgs) -> anyhow::Result
             Some(event) = events.recv() => sup.on_event(event).await,
             message = recv_notify(notifier.as_ref()) => match message {
                 Ok((pid, text)) => sup.on_notify(pid, &text).await,
-                Err(e) => note(format_args!("warning: reading NOTIFY_SOCKET: {e}")),
+                Err(e) => warn(format_args!("reading NOTIFY_SOCKET: {e}")),
             },
             () = sleep_until(deadline) => sup.on_timers().await,
         }

@@ -16,7 +16,7 @@
 
 use sd_notify::NotifyState;
 
-use crate::launch::note;
+use crate::events::warn;
 
 /// The supervisor's generations as systemd is told about them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,8 +140,8 @@ impl Service {
             return;
         }
         if let Err(e) = sd_notify::notify(states) {
-            note(format_args!(
-                "warning: cannot notify the service manager (NOTIFY_SOCKET): {e}"
+            warn(format_args!(
+                "cannot notify the service manager (NOTIFY_SOCKET): {e}"
             ));
         }
     }

@@ -14,6 +14,7 @@ mod container;
 pub mod control;
 mod edge_server;
 mod env;
+mod events;
 mod http_get;
 mod namespaces;
 mod netns;
@@ -37,11 +38,12 @@ pub use env::{
     Generation, SELECT_ONLY, SELECT_OR_MIGRATE, TestEnv, bin_path, expected_mode,
     expects_migration, in_vm, one_at_a_time, patience, select_only_env,
 };
+pub use events::{assert_event_sequence, has_event, launcher_events};
 pub use http_get::{HttpAnswer, http_get};
 pub use netns::{NetNs, current_netns_inode};
 pub use nspawn::BootedSystem;
 pub use prometheus::{PromSample, Prometheus, SCRAPE_INTERVAL};
-pub use rootfs::debian_rootfs;
+pub use rootfs::{Release, debian_rootfs};
 pub use server::{Server, ServerKind, accept_queue_len};
 pub use tools::{AbResult, ApacheBench, SsSocket, ss, tool_missing};
 pub use traffic::{ClientConn, Slow, Tally, parse_reply, request_once, slow_bound, tally};

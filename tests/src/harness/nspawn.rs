@@ -17,6 +17,11 @@
 //!   (and the agent's own mount would be private to its unit, see docs/operations.md).
 //! - `--keep-unit --register=no`: PID 1 of the build machines is not systemd; without them
 //!   nspawn fails with "Failed to open system bus".
+//!
+//! Debian 13's systemd 257 boots under the same nspawn 252: on the build machines' hybrid
+//! cgroup layout nspawn gives the container a hybrid one too (a tmpfs at /sys/fs/cgroup, the
+//! v2 hierarchy at unified/), and 257 reaches `running` in it, its journal saying "System is
+//! tainted: unmerged-bin:cgroupsv1".
 
 use std::{
     fs::File,
@@ -54,7 +59,7 @@ const CONTAINER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A booted Debian 12 with systemd, shut down on drop.
+/// A booted Debian with systemd, shut down on drop.
 pub struct BootedSystem {
     name: &'static str,
     /// A tmpfs of the test's mount namespace: overlay layers, the merged root, the console log.

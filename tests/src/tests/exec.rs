@@ -8,20 +8,26 @@ use std::{
     fs::File,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, ExitStatus},
+    process::{Child, Command, ExitStatus},
     time::{Duration, Instant},
 };
 
 use nix::{
-    sys::signal::{Signal, killpg},
+    sys::signal::{Signal, kill, killpg},
     unistd::Pid,
 };
+use serde_json::{Value, json};
 
-use super::supervise::{MARKER_DIR_ENV, SERVER_ENV, SERVER_TEST, TERM_EXIT_ENV};
-use crate::harness::{TestEnv, helper_args, local, patience, tally, wait_until};
+use super::supervise::{Load, MARKER_DIR_ENV, SERVER_ENV, SERVER_TEST, TERM_EXIT_ENV};
+use crate::harness::{
+    TestEnv, assert_event_sequence, bin_path, helper_args, launcher_events, local, patience, tally,
+    wait_until,
+};
 
 /// Exit status of the server on SIGTERM: proves the launcher passes the child's status on.
 const TERM_EXIT: i32 = 42;
+/// A step of a deploy: registration, the flip, the old generation's drain and exit.
+const STEP_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[test]
 fn exec_runs_listen_fds_server_and_flips_end_to_end() {
@@ -33,7 +39,7 @@ fn exec_runs_listen_fds_server_and_flips_end_to_end() {
     let marker1 = markers.join("sigterm-1");
     let marker2 = markers.join("sigterm-2");
 
-    let mut launcher1 = Launcher::spawn(&env, PORT, 1, false, &markers);
+    let mut launcher1 = Launcher::spawn(&env, PORT, 1, false, &markers, None);
     wait_until(
         "generation 1 is registered by reuseportctl exec",
         patience(Duration::from_secs(15)),
@@ -49,7 +55,7 @@ fn exec_runs_listen_fds_server_and_flips_end_to_end() {
         "before the flip, new connections should reach generation 1: {t}"
     );
 
-    let mut launcher2 = Launcher::spawn(&env, PORT, 2, true, &markers);
+    let mut launcher2 = Launcher::spawn(&env, PORT, 2, true, &markers, None);
     wait_until(
         "generation 2 is registered and active",
         patience(Duration::from_secs(15)),
@@ -100,6 +106,131 @@ fn exec_runs_listen_fds_server_and_flips_end_to_end() {
     launcher2.assert_running();
 }
 
+/// `exec --json` under load: each launcher's stdout is its events alone (the server's own
+/// output goes to stderr), from the start to the exit of its server, with the generation's
+/// numbers, and the deploy loses no request.
+#[test]
+fn exec_json_reports_each_step_of_a_deploy_under_load() {
+    const NAME: &str = "exec_json_reports_each_step_of_a_deploy_under_load";
+    const PORT: u16 = 7702;
+    let env = TestEnv::new(NAME);
+    let markers = env.dir().join("markers");
+    std::fs::create_dir_all(&markers).expect("create the marker dir");
+    let events = |generation: u32| env.dir().join(format!("events-{generation}.jsonl"));
+
+    let mut launcher1 = Launcher::spawn(&env, PORT, 1, false, &markers, Some(&events(1)));
+    wait_until("generation 1 is active", patience(STEP_TIMEOUT), || {
+        launcher1.assert_running();
+        env.try_status(PORT).is_some_and(|s| s.active == Some(1))
+    });
+    let load = Load::start(PORT, 4);
+    wait_until("generation 1 answers", patience(STEP_TIMEOUT), || {
+        load.snapshot().of(1) > 0
+    });
+
+    let mut launcher2 = Launcher::spawn(&env, PORT, 2, true, &markers, Some(&events(2)));
+    let status = launcher1
+        .wait_exit(patience(STEP_TIMEOUT))
+        .unwrap_or_else(|| {
+            panic!(
+                "generation 1 should drain and exit; log:\n{}",
+                launcher1.log()
+            )
+        });
+    assert_eq!(status.code(), Some(TERM_EXIT), "{}", launcher1.log());
+    wait_until("generation 2 answers", patience(STEP_TIMEOUT), || {
+        launcher2.assert_running();
+        load.snapshot().of(2) > 0
+    });
+    let t = load.stop();
+    println!("{NAME}: {t}");
+    assert_eq!(t.failed, 0, "no request may fail through the deploy: {t}");
+
+    let first = launcher_events(&events(1));
+    let steps = assert_event_sequence(
+        &first,
+        &[
+            json!({"event": "started", "generation": 1, "state": "active"}),
+            json!({"event": "state", "generation": 1, "state": "draining"}),
+            json!({"event": "signalled", "generation": 1, "signal": "SIGTERM", "reason": "idle", "in_flight": 0}),
+            json!({"event": "exited", "generation": 1, "status": TERM_EXIT, "code": TERM_EXIT, "signal": null, "phase": "draining"}),
+        ],
+    );
+    let group = steps[0]["groups"][0].as_str().unwrap_or_default();
+    assert!(
+        group.starts_with(&format!("tcp://{}@", local(PORT))),
+        "started should name the group by its full key: {}",
+        steps[0]
+    );
+    // started, signalled and exited name the server.
+    let pids: Vec<&Value> = [0, 2, 3].iter().map(|&i| &steps[i]["pid"]).collect();
+    assert!(
+        pids.iter().all(|p| p.is_i64() && *p == pids[0]),
+        "every event should name generation 1's server: {pids:?}"
+    );
+    assert_eq!(
+        first.last(),
+        Some(steps[3]),
+        "the server's exit should be the launcher's last event"
+    );
+
+    let status = launcher2.stop(Signal::SIGTERM, patience(STEP_TIMEOUT));
+    assert_eq!(status.code(), Some(TERM_EXIT), "{}", launcher2.log());
+    assert_event_sequence(
+        &launcher_events(&events(2)),
+        &[
+            json!({"event": "started", "generation": 2, "state": "active"}),
+            json!({"event": "exited", "generation": 2, "status": TERM_EXIT, "phase": "active"}),
+        ],
+    );
+    assert!(
+        launcher1.log().contains("running 1 test"),
+        "the server's own stdout should reach the launcher's stderr: {}",
+        launcher1.log()
+    );
+}
+
+/// A launcher under `--json` that fails reports it as one `error` event with the exit
+/// status it exits with, and nothing on stderr.
+#[test]
+fn exec_json_reports_a_failure_as_one_error_event() {
+    const NAME: &str = "exec_json_reports_a_failure_as_one_error_event";
+    let _env = TestEnv::new(NAME);
+    let out = Command::new(bin_path("reuseportctl"))
+        .args(["--control", "/nonexistent/agent.sock"])
+        .args([
+            "exec",
+            "--json",
+            "--listen",
+            "127.0.0.1:7703",
+            "-g",
+            "1",
+            "--",
+        ])
+        // Any program that exists: the failure must be the agent's absence.
+        .arg(std::env::current_exe().expect("current_exe"))
+        .output()
+        .expect("run reuseportctl exec");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "agent not running: {stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one event: {stdout}");
+    let event: Value = serde_json::from_str(lines[0]).expect("the error event is JSON");
+    assert_eq!(event["event"], "error", "{event}");
+    assert_eq!(event["exit_status"], 3, "{event}");
+    assert!(
+        event["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("/nonexistent/agent.sock")),
+        "the message should say which control socket: {event}"
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "nothing on stderr under --json: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `reuseportctl exec … -- <the suite's LISTEN_FDS server>`, in its own process group.
 struct Launcher {
     child: Option<Child>,
@@ -108,9 +239,21 @@ struct Launcher {
 }
 
 impl Launcher {
-    fn spawn(env: &TestEnv, port: u16, generation: u32, activate: bool, markers: &Path) -> Self {
+    /// With `events`, the launcher runs with `--json` and its stdout goes there.
+    fn spawn(
+        env: &TestEnv,
+        port: u16,
+        generation: u32,
+        activate: bool,
+        markers: &Path,
+        events: Option<&Path>,
+    ) -> Self {
         let log_path = env.dir().join(format!("exec-gen{generation}.log"));
         let log = File::create(&log_path).expect("launcher log");
+        let stdout = match events {
+            Some(path) => File::create(path).expect("launcher events"),
+            None => log.try_clone().expect("dup log"),
+        };
         let mut cmd = env.ctl_command();
         cmd.args([
             "exec",
@@ -123,6 +266,9 @@ impl Launcher {
         if activate {
             cmd.arg("--activate");
         }
+        if events.is_some() {
+            cmd.arg("--json");
+        }
         let child = cmd
             .arg("--")
             .arg(std::env::current_exe().expect("current_exe"))
@@ -131,7 +277,7 @@ impl Launcher {
             .env("REUSEPORT_GENERATION", generation.to_string())
             .env(MARKER_DIR_ENV, markers)
             .env(TERM_EXIT_ENV, TERM_EXIT.to_string())
-            .stdout(log.try_clone().expect("dup log"))
+            .stdout(stdout)
             .stderr(log)
             .process_group(0)
             .spawn()
@@ -160,6 +306,18 @@ impl Launcher {
                 self.log()
             );
         }
+    }
+
+    /// Sends `sig` to the launcher and waits for it to exit.
+    fn stop(&mut self, sig: Signal, timeout: Duration) -> ExitStatus {
+        let pid = Pid::from_raw(self.child.as_ref().expect("launcher").id() as i32);
+        kill(pid, sig).expect("signal the launcher");
+        self.wait_exit(timeout).unwrap_or_else(|| {
+            panic!(
+                "the launcher should exit within {timeout:?} of {sig}; log:\n{}",
+                self.log()
+            )
+        })
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {

@@ -38,5 +38,6 @@ mod server_pid;
 mod slow_clients;
 mod steering;
 mod supervise;
+mod supervise_json;
 mod supervise_service;
 mod systemd;

@@ -1,10 +1,13 @@
-//! The product the way operators run it: a Debian 12 whose PID 1 is a real systemd (booted
+//! The product the way operators run it: a Debian whose PID 1 is a real systemd (booted
 //! under systemd-nspawn, see [`BootedSystem`]), the agent as `reuseport-agent.service`, a
 //! server as `reuseport-supervise@demo.service` (the units of `packaging/`, as installed),
 //! and under ApacheBench load: `systemctl reload` deploys a new generation and `systemctl
 //! restart reuseport-agent` restarts the agent, each without a failed request. Both units are
 //! `Type=notify`: `systemctl start` returns once the agent answers and the first generation is
-//! active, `systemctl reload` once the new generation is active.
+//! active, `systemctl reload` once the new generation is active. Debian 12 (systemd 252)
+//! reloads through the template's `ExecReload=reuseportctl restart`; Debian 13 (systemd 257)
+//! through the package's `Type=notify-reload` drop-in, which makes systemd send the SIGHUP
+//! itself and wait for supervise's `RELOADING=1` and `READY=1`.
 //!
 //! The server is this test executable again (the drain tests' HTTP server: 50 ms per request
 //! and no SIGTERM handler, so every flip has requests in flight and a server signalled before
@@ -25,8 +28,8 @@ use serde_json::Value;
 
 use super::drain::{SERVER_ENV, SERVER_TEST};
 use crate::harness::{
-    ApacheBench, BootedSystem, bin_path, debian_rootfs, helper_args, in_vm, local, one_at_a_time,
-    skip, wait_until_every,
+    ApacheBench, BootedSystem, Release, bin_path, debian_rootfs, helper_args, in_vm, local,
+    one_at_a_time, skip, wait_until_every,
 };
 
 const PORT: u16 = 8080;
@@ -44,68 +47,17 @@ const SERVER_EXE: &str = "/usr/local/lib/reuseport-tests/server";
 /// test` sets it); otherwise the files of the tree and the binaries under test are.
 const DEB_ENV: &str = "REUSEPORT_DEB";
 const DEB_IN_CONTAINER: &str = "/var/cache/reuseport.deb";
+/// The package's `Type=notify-reload` drop-in, and where the demo unit's drop-ins go.
+const NOTIFY_RELOAD_DROPIN: &str = "/usr/share/reuseport/supervise-notify-reload.conf";
+const DEMO_DROPINS: &str = "/etc/systemd/system/reuseport-supervise@demo.service.d";
 
 #[test]
 fn systemd_reload_and_agent_restart_under_load_lose_nothing() {
     const NAME: &str = "systemd_reload_and_agent_restart_under_load_lose_nothing";
-    if in_vm() {
-        skip(
-            NAME,
-            "the VM guests have no systemd and no Debian root file system",
-        );
+    let Some((system, mut ab)) = boot_and_serve(NAME, Release::Bookworm, Reload::ExecReload) else {
         return;
-    }
-    let rootfs = debian_rootfs();
-    let _one = one_at_a_time();
-    let deb = std::env::var_os(DEB_ENV).map(PathBuf::from);
-    let system = BootedSystem::boot(NAME, &rootfs, |root| install(root, deb.as_deref()));
-    if deb.is_some() {
-        // Its maintainer scripts create the control group, enable and start the agent.
-        system.ok(&["dpkg", "--install", DEB_IN_CONTAINER]);
-        let listed = system.ok(&["dpkg-query", "--listfiles", "reuseport"]);
-        for file in [
-            "/usr/share/man/man8/reuseport-agent.8.gz",
-            "/usr/share/bash-completion/completions/reuseportctl",
-        ] {
-            assert!(
-                listed.lines().any(|l| l == file),
-                "the package should install {file}:\n{listed}"
-            );
-        }
-        assert_eq!(
-            system
-                .ok(&["systemctl", "is-enabled", "reuseport-agent.service"])
-                .trim(),
-            "enabled",
-            "the package should enable the agent's unit"
-        );
-    } else {
-        println!("{NAME}: {DEB_ENV} unset: the files of the tree are installed, not the .deb");
-        // What the package's maintainer scripts do.
-        system.ok(&["systemd-sysusers", "reuseport.conf"]);
-        system.ok(&["systemctl", "daemon-reload"]);
-    }
-
-    // Type=notify: each systemctl returns once the unit said READY=1, so what it promises
-    // holds as soon as it returns, without waiting.
-    system.ok(&["systemctl", "start", "reuseport-agent.service"]);
-    let out = system.exec(&["reuseportctl", "status"]);
-    assert!(
-        out.status.success(),
-        "the agent should answer once systemctl start returns (READY=1 after the control \
-         socket listens): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    system.ok(&["systemctl", "start", "reuseport-supervise@demo.service"]);
-    assert_active(&system, 1, "systemctl start");
-
-    let mut ab = ApacheBench::start_with(local(PORT), 8, |cmd| system.in_network(cmd));
-    wait_selected(&system, &mut ab, 1, REQUESTS_PER_STEP);
-
-    system.ok(&["systemctl", "reload", "reuseport-supervise@demo.service"]);
-    assert_active(&system, 2, "systemctl reload");
-    wait_for_generation(&system, 2);
-    wait_selected(&system, &mut ab, 2, REQUESTS_PER_STEP);
+    };
+    reload_under_load(&system, &mut ab);
 
     let before = selected(&status(&system), 2);
     system.ok(&["systemctl", "restart", "reuseport-agent.service"]);
@@ -123,17 +75,7 @@ fn systemd_reload_and_agent_restart_under_load_lose_nothing() {
         },
     );
     wait_selected(&system, &mut ab, 2, before + REQUESTS_PER_STEP);
-
-    let result = ab.stop();
-    println!("{NAME}: {result}");
-    assert!(result.complete > 0, "ab should have completed requests");
-    assert_eq!(
-        result.failures(),
-        0,
-        "no request may fail through systemctl reload and systemctl restart of the agent: \
-         {result}\n{}",
-        system.sh("journalctl --no-pager -n 60 -u reuseport-agent -u 'reuseport-supervise@*'")
-    );
+    assert_nothing_failed(NAME, &system, ab);
 
     // Nothing the agent does may be refused for want of a capability or by the sandbox.
     let log = system.ok(&[
@@ -162,14 +104,172 @@ fn systemd_reload_and_agent_restart_under_load_lose_nothing() {
         agent.contains("adopted=1"),
         "the restarted agent should say it adopted the group:\n{agent}"
     );
-    let demo = system_status(&system, "reuseport-supervise@demo.service");
-    assert!(
-        demo.contains("Active: active (running)"),
-        "the server's unit should be running after its reload:\n{demo}"
-    );
     assert!(
         agent.contains("Status: \"1 group"),
         "the agent's unit should show what it manages (STATUS=):\n{agent}"
+    );
+    let demo = assert_demo_deployed(&system);
+    println!("{NAME}: systemctl status:\n{agent}\n{demo}");
+}
+
+/// systemd 253+ (Debian 13's 257): the template unit with the package's `Type=notify-reload`
+/// drop-in. `systemctl reload` sends SIGHUP to supervise and waits for its `RELOADING=1` and
+/// `READY=1`: it returns once generation 2 serves, and no request fails.
+#[test]
+fn systemd_notify_reload_unit_deploys_under_load_losing_nothing() {
+    const NAME: &str = "systemd_notify_reload_unit_deploys_under_load_losing_nothing";
+    let Some((system, mut ab)) = boot_and_serve(NAME, Release::Trixie, Reload::NotifyReload) else {
+        return;
+    };
+    reload_under_load(&system, &mut ab);
+    assert_nothing_failed(NAME, &system, ab);
+    let demo = assert_demo_deployed(&system);
+    let log = system.ok(&[
+        "journalctl",
+        "--no-pager",
+        "--output=cat",
+        "-u",
+        "reuseport-supervise@demo.service",
+    ]);
+    assert!(
+        !log.contains("requested through the agent"),
+        "the reload should be supervise's SIGHUP, not `reuseportctl restart`:\n{log}"
+    );
+    println!("{NAME}: systemctl status:\n{demo}");
+}
+
+/// How the demo unit deploys on `systemctl reload`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reload {
+    /// The template as it is: `Type=notify`, `ExecReload=reuseportctl restart`.
+    ExecReload,
+    /// With the package's `Type=notify-reload` drop-in (systemd 253+).
+    NotifyReload,
+}
+
+/// Boots `release`, installs the package (or the tree's files), starts the agent and the
+/// demo unit with `systemctl`, and puts it under ApacheBench's load until generation 1 has
+/// answered; `None` in the VM guests (the test is skipped).
+fn boot_and_serve(
+    name: &'static str,
+    release: Release,
+    reload: Reload,
+) -> Option<(BootedSystem, ApacheBench)> {
+    if in_vm() {
+        skip(
+            name,
+            "the VM guests have no systemd and no Debian root file system",
+        );
+        return None;
+    }
+    let rootfs = debian_rootfs(release);
+    let _one = one_at_a_time();
+    let deb = std::env::var_os(DEB_ENV).map(PathBuf::from);
+    let system = BootedSystem::boot(name, &rootfs, |root| install(root, deb.as_deref()));
+    println!(
+        "{name}: booted {release:?}: {}, kernel {}; /sys/fs/cgroup and its unified/: {}",
+        system
+            .ok(&["systemctl", "--version"])
+            .lines()
+            .next()
+            .unwrap_or_default(),
+        system.ok(&["uname", "-r"]).trim(),
+        system.sh("stat -fc %T /sys/fs/cgroup /sys/fs/cgroup/unified 2>&1 | tr '\\n' ' '")
+    );
+    if deb.is_some() {
+        // Its maintainer scripts create the control group, enable and start the agent.
+        system.ok(&["dpkg", "--install", DEB_IN_CONTAINER]);
+        let listed = system.ok(&["dpkg-query", "--listfiles", "reuseport"]);
+        for file in [
+            "/usr/share/man/man8/reuseport-agent.8.gz",
+            "/usr/share/bash-completion/completions/reuseportctl",
+            NOTIFY_RELOAD_DROPIN,
+        ] {
+            assert!(
+                listed.lines().any(|l| l == file),
+                "the package should install {file}:\n{listed}"
+            );
+        }
+        assert_eq!(
+            system
+                .ok(&["systemctl", "is-enabled", "reuseport-agent.service"])
+                .trim(),
+            "enabled",
+            "the package should enable the agent's unit"
+        );
+    } else {
+        println!("{name}: {DEB_ENV} unset: the files of the tree are installed, not the .deb");
+        // What the package's maintainer scripts do.
+        system.ok(&["systemd-sysusers", "reuseport.conf"]);
+        system.ok(&["systemctl", "daemon-reload"]);
+    }
+    if reload == Reload::NotifyReload {
+        // As docs/operations.md says to.
+        system.sh(&format!(
+            "mkdir -p {DEMO_DROPINS} && ln -s {NOTIFY_RELOAD_DROPIN} {DEMO_DROPINS}/ && \
+             systemctl daemon-reload"
+        ));
+        let unit = system.ok(&[
+            "systemctl",
+            "show",
+            "--property=Type,ExecReload",
+            "reuseport-supervise@demo.service",
+        ]);
+        assert!(
+            unit.lines().any(|l| l == "Type=notify-reload")
+                && !unit.contains("reuseportctl restart"),
+            "the drop-in should make the unit Type=notify-reload without ExecReload=:\n{unit}"
+        );
+    }
+
+    // Type=notify: each systemctl returns once the unit said READY=1, so what it promises
+    // holds as soon as it returns, without waiting.
+    system.ok(&["systemctl", "start", "reuseport-agent.service"]);
+    let out = system.exec(&["reuseportctl", "status"]);
+    assert!(
+        out.status.success(),
+        "the agent should answer once systemctl start returns (READY=1 after the control \
+         socket listens): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    system.ok(&["systemctl", "start", "reuseport-supervise@demo.service"]);
+    assert_active(&system, 1, "systemctl start");
+
+    let mut ab = ApacheBench::start_with(local(PORT), 8, |cmd| system.in_network(cmd));
+    wait_selected(&system, &mut ab, 1, REQUESTS_PER_STEP);
+    Some((system, ab))
+}
+
+/// `systemctl reload` of the demo unit under load: it returns once generation 2 serves,
+/// which then is alone in the group and answers.
+fn reload_under_load(system: &BootedSystem, ab: &mut ApacheBench) {
+    system.ok(&["systemctl", "reload", "reuseport-supervise@demo.service"]);
+    assert_active(system, 2, "systemctl reload");
+    wait_for_generation(system, 2);
+    wait_selected(system, ab, 2, REQUESTS_PER_STEP);
+}
+
+/// Stops the load; not one request may have failed.
+fn assert_nothing_failed(name: &str, system: &BootedSystem, ab: ApacheBench) {
+    let result = ab.stop();
+    println!("{name}: {result}");
+    assert!(result.complete > 0, "ab should have completed requests");
+    assert_eq!(
+        result.failures(),
+        0,
+        "no request may fail through the unit's reload (and the agent's restart): \
+         {result}\n{}",
+        system.sh("journalctl --no-pager -n 60 -u reuseport-agent -u 'reuseport-supervise@*'")
+    );
+}
+
+/// `systemctl status` of the demo unit after its reload: running, generation 2 in its
+/// `STATUS=` line and the deploy in its log. Returns the text.
+fn assert_demo_deployed(system: &BootedSystem) -> String {
+    let demo = system_status(system, "reuseport-supervise@demo.service");
+    assert!(
+        demo.contains("Active: active (running)"),
+        "the server's unit should be running after its reload:\n{demo}"
     );
     assert!(
         demo.contains("Status: \"generation 2 active"),
@@ -179,7 +279,7 @@ fn systemd_reload_and_agent_restart_under_load_lose_nothing() {
         demo.contains("generation 2 is ready and active"),
         "the server's unit should show the deploy of generation 2:\n{demo}"
     );
-    println!("{NAME}: systemctl status:\n{agent}\n{demo}");
+    demo
 }
 
 /// The package, or what it installs from the tree and the binaries under test (the
@@ -214,6 +314,10 @@ fn install(root: &Path, deb: Option<&Path>) {
     copy(
         &packaging.join("sysusers/reuseport.conf"),
         &root.join("usr/lib/sysusers.d/reuseport.conf"),
+    );
+    copy(
+        &packaging.join("dropins/supervise-notify-reload.conf"),
+        &root.join(NOTIFY_RELOAD_DROPIN.trim_start_matches('/')),
     );
 }
 

@@ -74,6 +74,7 @@ const NEED_HOST_TOOLS: &[&str] = &[
     "tests::running_servers::nginx_workers_registered_by_pid_flip_and_stop_without_a_failed_request",
     "tests::metrics::chromium_renders_the_status_page_with_both_generations_during_a_flip",
     "tests::metrics::prometheus_sees_the_new_generations_counter_rise_and_the_old_ones_stop",
+    "tests::systemd::systemd_notify_reload_unit_deploys_under_load_losing_nothing",
     "tests::systemd::systemd_reload_and_agent_restart_under_load_lose_nothing",
 ];
 
