@@ -77,6 +77,10 @@ pub struct RegisterArgs {
     /// Hold the registrations in the foreground until PID exits (or SIGTERM/SIGINT).
     #[arg(long)]
     pub wait: bool,
+    /// Print each registered group as a JSON object on a line of its own
+    /// (`{"group", "generation", "state", "pid"}`) instead of a sentence.
+    #[arg(long)]
+    pub json: bool,
     /// The detached holder: --wait, with stdout and stderr closed once registered.
     #[arg(long, hide = true, requires = "wait")]
     pub detached: bool,
@@ -123,10 +127,20 @@ pub async fn run(global: &GlobalOpts, args: RegisterArgs) -> anyhow::Result<Exit
     drop(sockets);
     let state = *regs.state().borrow();
     for group in regs.groups() {
-        println!(
-            "{group}: generation {} ({state}) registered for pid {}",
-            args.generation, args.pid
-        );
+        if args.json {
+            let line = serde_json::json!({
+                "group": group,
+                "generation": args.generation,
+                "state": state,
+                "pid": args.pid,
+            });
+            println!("{line}");
+        } else {
+            println!(
+                "{group}: generation {} ({state}) registered for pid {}",
+                args.generation, args.pid
+            );
+        }
     }
     if args.detached {
         // The parent reads our stdout to its end, then returns.

@@ -9,7 +9,7 @@
 //! that binds its own listener shows `register --pid --fd --wait` everywhere.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     os::{
         fd::AsRawFd as _,
@@ -431,10 +431,25 @@ fn register_pid_fd_wait_holds_a_servers_listener_until_it_exits() {
     let mut holder = env
         .ctl_command()
         .args(["register", "--pid", &pid, "--fd", &fd, "-g", "1"])
-        .args(["--activate", "--wait"])
-        .stdout(Stdio::null())
+        .args(["--activate", "--wait", "--json"])
+        .stdout(Stdio::piped())
         .spawn()
         .expect("start reuseportctl register --wait");
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .expect("read what register printed");
+    let registered: serde_json::Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("register --json should print JSON ({e}): {line:?}"));
+    assert_eq!(
+        (
+            registered["generation"].as_u64(),
+            registered["state"].as_str(),
+            registered["pid"].as_i64()
+        ),
+        (Some(1), Some("active"), Some(i64::from(server.pid()))),
+        "register --json should describe the registration: {registered}"
+    );
     wait_until("generation 1 is active", TIMEOUT, || {
         server.assert_running();
         assert!(
