@@ -281,17 +281,11 @@ impl Agent {
         group: &GroupAddr,
         generation: u32,
     ) -> Result<Reply, Refusal> {
-        self.change_spanning(
-            peer,
-            group,
-            generation,
-            |r| r.activate(generation),
-            "activate",
-        )
+        self.change_spanning(peer, group, generation, |r, g| r.activate(g), "activate")
     }
 
     pub fn drain(&self, peer: Peer, group: &GroupAddr, generation: u32) -> Result<Reply, Refusal> {
-        self.change_spanning(peer, group, generation, |r| r.drain(generation), "drain")
+        self.change_spanning(peer, group, generation, |r, g| r.drain(g), "drain")
     }
 
     /// `with_live`: add the figures read from the kernel (see [`live`]), after the state

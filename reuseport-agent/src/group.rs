@@ -593,6 +593,15 @@ impl Group {
         ))
     }
 
+    /// Whether any socket of `generation` is still in the kernel's socket array (its
+    /// listener open).
+    pub(crate) fn listens(&self, generation: u32) -> bool {
+        self.registry
+            .generations
+            .get(&generation)
+            .is_some_and(|g| g.sockets.iter().any(|(slot, m)| self.listening(*slot, m)))
+    }
+
     pub(crate) fn listening(&self, slot: u32, m: &Member) -> bool {
         self.kernel.slot_cookie(slot) == Some(m.cookie)
     }

@@ -51,6 +51,7 @@ mod quota;
 mod register;
 mod registry;
 mod restart;
+mod rollback;
 mod scan;
 mod server;
 mod slots;

@@ -290,6 +290,9 @@ async fn answer(
         Op::Drain { group, generation } => {
             tokio::task::spawn_blocking(move || a.drain(peer, &group, generation)).await
         }
+        Op::Rollback { group } => {
+            tokio::task::spawn_blocking(move || a.rollback(peer, &group)).await
+        }
         Op::Restart { group } => {
             let mailbox = mailbox.clone();
             tokio::task::spawn_blocking(move || a.restart(peer, &group, reg, mailbox)).await

@@ -235,6 +235,17 @@ mod async_client {
             changed_all("drain", reply)
         }
 
+        /// Makes the newest draining generation of `group` that still listens the active
+        /// one again (in every group it spans, all or none); returns every group after the
+        /// change, `group` first. Refused (`ErrorKind::Conflict`) when none qualifies.
+        pub async fn rollback_all(
+            &mut self,
+            group: GroupAddr,
+        ) -> Result<Vec<GroupStatus>, ClientError> {
+            let reply = self.request(Op::Rollback { group }).await?;
+            changed_all("rollback", reply)
+        }
+
         /// Stops sending new connections to `generation`; returns the group after the
         /// change.
         pub async fn drain(

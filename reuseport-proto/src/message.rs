@@ -95,6 +95,9 @@ pub enum Op {
     Activate { group: GroupAddr, generation: u32 },
     /// Stop sending new connections to `generation`.
     Drain { group: GroupAddr, generation: u32 },
+    /// Make the newest draining generation that still listens the active one again, as
+    /// [`Op::Activate`] of it would. Answered with [`Reply::Changed`].
+    Rollback { group: GroupAddr },
     /// Ask the `reuseportctl supervise` that manages `group` to start the next generation,
     /// as on SIGHUP. Answered with [`Reply::Restarting`]; the outcome follows on the same
     /// connection as [`Reply::RestartResult`].
@@ -165,6 +168,7 @@ impl Op {
             Self::Status { .. } => "status",
             Self::Activate { .. } => "activate",
             Self::Drain { .. } => "drain",
+            Self::Rollback { .. } => "rollback",
             Self::Restart { .. } => "restart",
             Self::RestartResult { .. } => "restart_result",
             Self::DrainProgress { .. } => "drain_progress",

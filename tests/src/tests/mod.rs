@@ -33,6 +33,7 @@ mod quotas;
 mod reaping;
 mod reregister;
 mod reregistration;
+mod rollback;
 mod running_servers;
 mod server_pid;
 mod slow_clients;
