@@ -252,8 +252,10 @@ impl Group {
         op: impl FnOnce(&mut Registry) -> Result<Vec<StateChange>, Refusal>,
     ) -> Result<Staged, Refusal> {
         let snap = self.snapshot();
+        let weights = self.registry.weights();
         let changes = op(&mut self.registry)?;
-        if changes.is_empty() && !self.stale {
+        // NB: a new weight changes the table without changing any generation's state.
+        if changes.is_empty() && !self.stale && weights == self.registry.weights() {
             return Ok(Staged {
                 snap,
                 changes,

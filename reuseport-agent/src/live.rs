@@ -165,6 +165,7 @@ mod tests {
             live: None,
             drain: None,
             also_in: Vec::new(),
+            weight: None,
         }
     }
 

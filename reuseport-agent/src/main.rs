@@ -57,6 +57,7 @@ mod server;
 mod slots;
 mod sockcheck;
 mod span;
+mod split;
 mod sys;
 mod wake;
 

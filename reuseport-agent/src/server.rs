@@ -290,6 +290,11 @@ async fn answer(
         Op::Drain { group, generation } => {
             tokio::task::spawn_blocking(move || a.drain(peer, &group, generation)).await
         }
+        Op::Split {
+            group,
+            generation,
+            weight,
+        } => tokio::task::spawn_blocking(move || a.split(peer, &group, generation, weight)).await,
         Op::Rollback { group } => {
             tokio::task::spawn_blocking(move || a.rollback(peer, &group)).await
         }

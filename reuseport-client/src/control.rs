@@ -235,6 +235,23 @@ mod async_client {
             changed_all("drain", reply)
         }
 
+        /// Sends `weight` percent (1-99) of new connections to `generation` and the rest to
+        /// the active generation, in `group` and every other group `generation` spans, all or
+        /// none; returns every group after the change, `group` first.
+        pub async fn split_all(
+            &mut self,
+            group: GroupAddr,
+            generation: u32,
+            weight: u8,
+        ) -> Result<Vec<GroupStatus>, ClientError> {
+            let op = Op::Split {
+                group,
+                generation,
+                weight,
+            };
+            changed_all("split", self.request(op).await?)
+        }
+
         /// Makes the newest draining generation of `group` that still listens the active
         /// one again (in every group it spans, all or none); returns every group after the
         /// change, `group` first. Refused (`ErrorKind::Conflict`) when none qualifies.

@@ -95,6 +95,15 @@ pub enum Op {
     Activate { group: GroupAddr, generation: u32 },
     /// Stop sending new connections to `generation`.
     Drain { group: GroupAddr, generation: u32 },
+    /// Send `weight` percent (1-99) of new connections to `generation` and the rest to the
+    /// active generation, which stays active (`reuseportctl activate --weight`). A separate
+    /// op rather than a field of [`Op::Activate`]: an agent that predates splits must refuse
+    /// it, not ignore the field and flip everything. Answered with [`Reply::Changed`].
+    Split {
+        group: GroupAddr,
+        generation: u32,
+        weight: u8,
+    },
     /// Make the newest draining generation that still listens the active one again, as
     /// [`Op::Activate`] of it would. Answered with [`Reply::Changed`].
     Rollback { group: GroupAddr },
@@ -168,6 +177,7 @@ impl Op {
             Self::Status { .. } => "status",
             Self::Activate { .. } => "activate",
             Self::Drain { .. } => "drain",
+            Self::Split { .. } => "split",
             Self::Rollback { .. } => "rollback",
             Self::Restart { .. } => "restart",
             Self::RestartResult { .. } => "restart_result",
@@ -525,6 +535,12 @@ pub struct GenerationStatus {
     /// `drain` act on all of them at once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub also_in: Vec<GroupAddr>,
+    /// During a weighted split (`split`), the percent of new connections each of the two
+    /// active generations gets (they add up to 100); absent otherwise, and from agents
+    /// that predate splits. The exact share is the percent rounded to whole entries of the
+    /// steering table (README, "Steering policy").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u8>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

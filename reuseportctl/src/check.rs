@@ -80,6 +80,7 @@ mod tests {
                 live: None,
                 drain: None,
                 also_in: Vec::new(),
+                weight: None,
             }],
             unsteered: 0,
             limits: None,

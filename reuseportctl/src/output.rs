@@ -90,9 +90,10 @@ fn generation_row(generation: &GenerationStatus) -> Vec<String> {
     if waiting > 0 {
         let _ = write!(sockets, " ({waiting} not re-registered)");
     }
-    let state = match &generation.drain {
-        Some(phase) => format!("{} ({phase})", generation.state),
-        None => generation.state.to_string(),
+    let state = match (&generation.drain, generation.weight) {
+        (Some(phase), _) => format!("{} ({phase})", generation.state),
+        (None, Some(weight)) => format!("{} ({weight} %)", generation.state),
+        (None, None) => generation.state.to_string(),
     };
     vec![
         generation.generation.to_string(),
@@ -141,9 +142,19 @@ pub fn status_table(groups: &[GroupStatus]) -> String {
         if i > 0 {
             out.push('\n');
         }
-        let active = group
-            .active
-            .map_or_else(|| "none".into(), |g| g.to_string());
+        // NB: during a split both active generations are named, with their weights.
+        let split: Vec<String> = group
+            .generations
+            .iter()
+            .filter_map(|g| Some(format!("{} ({} %)", g.generation, g.weight?)))
+            .collect();
+        let active = if split.is_empty() {
+            group
+                .active
+                .map_or_else(|| "none".into(), |g| g.to_string())
+        } else {
+            split.join(" + ")
+        };
         let _ = write!(
             out,
             "{}  mode {}  active {}  unsteered {}",
@@ -236,13 +247,16 @@ pub fn change_summary(group: &GroupStatus, generation: u32) -> String {
         .find(|g| g.generation == generation)
     {
         let _ = write!(line, " {}", g.state);
+        if let Some(weight) = g.weight {
+            let _ = write!(line, " at {weight} %");
+        }
     }
     let mut others = Vec::new();
     for state in [GenState::Active, GenState::Draining, GenState::Standby] {
         let mut gens: Vec<u32> = group
             .generations
             .iter()
-            .filter(|g| g.generation != generation && g.state == state)
+            .filter(|g| g.generation != generation && g.state == state && g.weight.is_none())
             .map(|g| g.generation)
             .collect();
         gens.sort_unstable();
@@ -253,6 +267,14 @@ pub fn change_summary(group: &GroupStatus, generation: u32) -> String {
                 .collect::<Vec<_>>()
                 .join(", ");
             others.push(format!("{gens} {state}"));
+        }
+        for g in &group.generations {
+            if let Some(weight) = g
+                .weight
+                .filter(|_| g.generation != generation && g.state == state)
+            {
+                others.push(format!("{} {state} at {weight} %", g.generation));
+            }
         }
     }
     if !others.is_empty() {
@@ -297,6 +319,7 @@ mod tests {
             live: None,
             drain: None,
             also_in: Vec::new(),
+            weight: None,
         }
     }
 
@@ -316,6 +339,24 @@ mod tests {
             last_restart: None,
             live: None,
         }
+    }
+
+    #[test]
+    fn a_split_shows_both_active_generations_with_their_weights() {
+        let mut g = group();
+        g.generations[1].state = GenState::Active;
+        g.generations[0].weight = Some(10);
+        g.generations[1].weight = Some(90);
+        assert_eq!(
+            change_summary(&g, 2),
+            "tcp://127.0.0.1:8080: generation 2 active at 10 % (1 active at 90 %; 3 standby)"
+        );
+        let table = status_table(std::slice::from_ref(&g));
+        assert!(table.contains("active 2 (10 %) + 1 (90 %)"), "{table}");
+        assert!(
+            table.contains("active (10 %)") && table.contains("active (90 %)"),
+            "{table}"
+        );
     }
 
     #[test]

@@ -11,6 +11,15 @@ use crate::{
 impl Group {
     pub(crate) fn status(&self, own_netns: u64, registered: impl Fn(RegId) -> bool) -> GroupStatus {
         let mut active_listening = false;
+        let split = self.registry.weighted();
+        let weight_of = |n: u32| {
+            let (weighted, weight) = split?;
+            if n == weighted {
+                Some(weight)
+            } else {
+                (Some(n) == self.registry.primary()).then_some(100 - weight)
+            }
+        };
         let generations = self
             .registry
             .generations
@@ -48,6 +57,7 @@ impl Group {
                         .filter(|_| g.state == GenState::Draining)
                         .map(DrainPhase::from),
                     also_in: Vec::new(),
+                    weight: weight_of(*n),
                 }
             })
             .collect();

@@ -181,6 +181,7 @@ mod tests {
                             live: None,
                             drain: None,
                             also_in: Vec::new(),
+                            weight: None,
                         })
                         .collect(),
                 },

@@ -37,6 +37,7 @@ mod rollback;
 mod running_servers;
 mod server_pid;
 mod slow_clients;
+mod split;
 mod steering;
 mod supervise;
 mod supervise_service;
