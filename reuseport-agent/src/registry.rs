@@ -399,7 +399,16 @@ impl Registry {
             }
         }
         cfg.n_fallback = SteeringConfig::fill_cyclic(&mut cfg.fallback, &fallback);
+        cfg.probe = self.probe_target().unwrap_or(reuseport_common::NO_PROBE);
         cfg
+    }
+
+    /// Where probe connections go (`reuseport_common::PROBE_PORTS`): the lowest slot of the
+    /// newest (highest-numbered) generation, whatever its state. A new generation is the
+    /// one a deploy checks before it gets traffic, and during a canary.
+    pub fn probe_target(&self) -> Option<u32> {
+        let (_, newest) = self.generations.last_key_value()?;
+        newest.sockets.keys().next().copied()
     }
 
     fn unknown_generation(&self, generation: u32) -> Refusal {

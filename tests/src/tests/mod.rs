@@ -28,6 +28,7 @@ mod migration;
 mod multi_listener;
 mod netns_launchers;
 mod policy;
+mod probe;
 mod process_death;
 mod quotas;
 mod reaping;
