@@ -107,6 +107,7 @@ impl Supervisor {
                 phase,
                 drain: None,
                 forwarder,
+                health: None,
                 _registrations: registration,
             },
         );

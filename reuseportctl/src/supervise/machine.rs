@@ -34,6 +34,8 @@ pub(super) enum Event {
     Closed(u32),
     /// `reuseportctl restart`, forwarded by the agent with its id.
     Restart(u64),
+    /// One health check of a generation (`--health`).
+    Health(u32, Result<(), String>),
 }
 
 /// Where a generation is in its life.
@@ -61,12 +63,17 @@ pub(super) struct Gen {
     pub(super) phase: Phase,
     pub(super) drain: Option<DrainTask>,
     pub(super) forwarder: JoinHandle<()>,
+    /// Its health checks while it starts (`--health`), see [`super::gate`].
+    pub(super) health: Option<super::gate::Checking>,
     pub(super) _registrations: Registrations,
 }
 
 impl Drop for Gen {
     fn drop(&mut self) {
         self.forwarder.abort();
+        if let Some(h) = &self.health {
+            h.task.abort();
+        }
     }
 }
 
@@ -268,6 +275,7 @@ impl Supervisor {
     pub(super) async fn on_event(&mut self, event: Event) {
         match event {
             Event::State(generation, state) => self.on_state(generation, state),
+            Event::Health(generation, result) => self.on_health(generation, result).await,
             Event::Restart(id) => {
                 if self.shutdown.is_some() {
                     note(format_args!("restart request ignored: stopping"));
@@ -304,7 +312,7 @@ impl Supervisor {
             .iter()
             .find(|(_, g)| g.pid == pid && matches!(g.phase, Phase::Starting { .. }));
         if let (true, Some((&generation, _))) = (ready, starting) {
-            self.activate(generation).await;
+            self.on_ready(generation).await;
         }
     }
 
@@ -484,7 +492,7 @@ impl Supervisor {
         for generation in ready {
             // NB: the generation may have exited since; its SIGCHLD is handled next.
             if self.shutdown.is_none() {
-                self.activate(generation).await;
+                self.on_ready(generation).await;
             }
         }
     }

@@ -38,7 +38,9 @@ use reuseport_client::{
     proto::{ErrorKind, GroupAddr},
 };
 
+mod gate;
 mod generation;
+mod health;
 mod machine;
 mod notify;
 mod service;
@@ -108,6 +110,8 @@ pub struct SuperviseArgs {
     pub on_drain: Signal,
     #[command(flatten)]
     pub drain: DrainOpts,
+    #[command(flatten)]
+    pub health: health::HealthOpts,
     /// Name of the generations, shown by `status` and passed in LISTEN_FDNAMES for every
     /// listener that has no NAME= of its own.
     #[arg(long, value_name = "NAME", value_parser = parse_name)]

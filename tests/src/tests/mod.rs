@@ -19,6 +19,7 @@ mod floods;
 mod group_creation;
 mod groups;
 mod harness_clients;
+mod health;
 mod hostile;
 mod limits;
 mod live;

@@ -52,6 +52,9 @@ pub(crate) const MARKER_DIR_ENV: &str = "REUSEPORT_TEST_MARKER_DIR";
 pub(crate) const READY_DELAY_ENV: &str = "REUSEPORT_TEST_READY_DELAY";
 /// Exit status after SIGTERM (default 0).
 pub(crate) const TERM_EXIT_ENV: &str = "REUSEPORT_TEST_TERM_EXIT";
+/// A generation whose server answers its health endpoint (`GET /health`) with 503; every
+/// other generation answers 200.
+pub(crate) const UNHEALTHY_GENERATION_ENV: &str = "REUSEPORT_TEST_UNHEALTHY_GENERATION";
 pub(crate) const SERVER_TEST: &str = "tests::supervise::listen_fds_server";
 
 /// How long a restart may take: readiness delay, activation, the old generation's exit.
@@ -719,6 +722,16 @@ fn serve(stream: TcpStream, generation: u32) -> std::io::Result<()> {
     let mut writer = stream.try_clone()?;
     for line in BufReader::new(stream).lines() {
         let line = line?;
+        if line.starts_with("GET /health ") {
+            let unhealthy =
+                std::env::var(UNHEALTHY_GENERATION_ENV).is_ok_and(|g| g == generation.to_string());
+            let status = if unhealthy {
+                "503 Service Unavailable"
+            } else {
+                "200 OK"
+            };
+            return writer.write_all(format!("HTTP/1.0 {status}\r\n\r\n").as_bytes());
+        }
         let Some(n) = line
             .strip_prefix("req ")
             .and_then(|n| n.parse::<u64>().ok())
