@@ -6,6 +6,7 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
+    sync::atomic::{AtomicU16, Ordering},
     time::Duration,
 };
 
@@ -21,15 +22,24 @@ pub fn probe_target(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Connects to `target` from the first free port of [`PROBE_PORTS`] on the loopback address
-/// of `target`'s family, within `timeout`.
+/// The next probe port to try: probes take turns over [`PROBE_PORTS`].
+static NEXT: AtomicU16 = AtomicU16::new(0);
+
+/// Connects to `target` from a free port of [`PROBE_PORTS`] (each call starts at the next
+/// one) on the loopback address of `target`'s family, within `timeout`.
+///
+/// NB: the connection is reset when it is dropped (`SO_LINGER` 0): a port reused for the
+/// next probe must not find its last connection in TIME-WAIT on either side (the server's
+/// TIME-WAIT ends on the reset), with 16 ports shared by every probe.
 pub fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let source_ip: IpAddr = match target {
         SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
         SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
     };
+    let (first, count) = (*PROBE_PORTS.start(), PROBE_PORTS.len() as u16);
+    let start = NEXT.fetch_add(1, Ordering::Relaxed);
     let mut last = None;
-    for port in PROBE_PORTS {
+    for port in (0..count).map(|i| first + start.wrapping_add(i) % count) {
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(target),
             socket2::Type::STREAM,
@@ -37,6 +47,7 @@ pub fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
         )?;
         // NB: a port this prober used moments ago may still be in TIME-WAIT.
         socket.set_reuse_address(true)?;
+        socket.set_linger(Some(Duration::ZERO))?;
         match socket.bind(&SocketAddr::new(source_ip, port).into()) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => {

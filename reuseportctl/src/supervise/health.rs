@@ -7,10 +7,11 @@
 //! the group's real address while every client still reaches the active one. `exec:CMD`
 //! runs `sh -c CMD` with `REUSEPORT_GENERATION`, `REUSEPORT_HEALTH_ADDR` and
 //! `REUSEPORT_PROBE_PORTS` (e.g. `curl -fs --local-port $REUSEPORT_PROBE_PORTS …` probes the
-//! same way); exit status 0 is a success. Every check must finish within the interval.
+//! same way); exit status 0 is a success. Every check must finish within
+//! `--health-timeout`.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::{ErrorKind, Read as _, Write as _},
     net::SocketAddr,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -67,15 +68,49 @@ pub struct HealthOpts {
     /// the long help). Without it, a ready generation is activated at once.
     #[arg(long, value_name = "tcp|http://PATH|exec:CMD", value_parser = parse_check)]
     pub health: Option<Check>,
-    /// Time between two checks of a generation, and the most one check may take.
+    /// Time between two checks of a generation (from the start of one to the next; a
+    /// check that takes longer delays the next).
     #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_duration)]
     pub health_interval: Duration,
+    /// The most one check may take; a check that takes longer failed.
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_duration)]
+    pub health_timeout: Duration,
     /// Consecutive successful checks after which a generation is up (and activated).
     #[arg(long, value_name = "N", default_value = "2", value_parser = parse_count)]
     pub rise: u32,
-    /// Consecutive failed checks after which a generation is down (and not activated).
+    /// Consecutive failed checks after which a generation is down (and not activated, or
+    /// rolled back during its canary).
     #[arg(long, value_name = "N", default_value = "3", value_parser = parse_count)]
     pub fall: u32,
+    /// Once up, a new generation first gets P % of new connections for DURATION (a weighted
+    /// split, checks going on), then all of them; if it goes down meanwhile, the previous
+    /// generation gets everything again and the new one drains and is stopped. Needs
+    /// --health.
+    #[arg(long, value_name = "P:DURATION", value_parser = parse_canary, requires = "health")]
+    pub canary: Option<Canary>,
+}
+
+/// `--canary P:DURATION`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Canary {
+    pub weight: u8,
+    pub duration: Duration,
+}
+
+pub fn parse_canary(s: &str) -> Result<Canary, String> {
+    let usage = || format!("{s:?}: use P:DURATION, P a percent from 1 to 99 (e.g. 10:5m)");
+    let (weight, duration) = s.split_once(':').ok_or_else(usage)?;
+    let weight = weight
+        .trim_end_matches('%')
+        .parse::<u8>()
+        .map_err(|_| usage())?;
+    if !(1..=99).contains(&weight) {
+        return Err(usage());
+    }
+    Ok(Canary {
+        weight,
+        duration: parse_duration(duration)?,
+    })
 }
 
 /// What a run of results decided.
@@ -131,16 +166,17 @@ impl RiseFall {
     }
 }
 
-/// Checks `generation` every `interval` through `target` and sends each result to the main
-/// loop, until aborted.
+/// Checks `generation` every `--health-interval` through `target` and sends each result to
+/// the main loop, until aborted.
 pub fn spawn(
     check: Check,
     target: SocketAddr,
-    interval: Duration,
+    opts: &HealthOpts,
     generation: u32,
     events: mpsc::UnboundedSender<Event>,
 ) -> JoinHandle<()> {
     let target = probe::probe_target(target);
+    let (interval, timeout) = (opts.health_interval, opts.health_timeout);
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -148,7 +184,7 @@ pub fn spawn(
             ticks.tick().await;
             let check = check.clone();
             let result =
-                tokio::task::spawn_blocking(move || run(&check, target, interval, generation))
+                tokio::task::spawn_blocking(move || run(&check, target, timeout, generation))
                     .await
                     .unwrap_or_else(|e| Err(format!("the check did not finish: {e}")));
             if events.send(Event::Health(generation, result)).is_err() {
@@ -185,11 +221,12 @@ fn http(target: SocketAddr, path: &str, timeout: Duration) -> Result<(), String>
         .set_write_timeout(Some(timeout))
         .and_then(|()| stream.set_read_timeout(Some(timeout)))
         .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {target}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
+    // NB: one write: a server that answers after the request line and closes with the rest
+    // unread would reset the connection under a second write.
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {target}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| e.to_string())?;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -215,6 +252,10 @@ fn http(target: SocketAddr, path: &str, timeout: Duration) -> Result<(), String>
         match stream.read(&mut chunk) {
             Ok(0) => return Err("closed before an HTTP status line".into()),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            // NB: a read timeout is EAGAIN on Linux.
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(format!("no answer within {timeout:?}"));
+            }
             Err(e) => return Err(e.to_string()),
         }
     }
@@ -269,6 +310,15 @@ mod tests {
         assert!(parse_check("exec:").is_err());
         assert!(parse_check("udp").is_err());
         assert!(parse_count("0").is_err());
+        assert_eq!(
+            parse_canary("10:5m"),
+            Ok(Canary {
+                weight: 10,
+                duration: Duration::from_secs(300)
+            })
+        );
+        assert!(parse_canary("100:1s").is_err());
+        assert!(parse_canary("10").is_err());
     }
 
     #[test]
@@ -276,8 +326,10 @@ mod tests {
         let opts = HealthOpts {
             health: Some(Check::Tcp),
             health_interval: Duration::from_secs(1),
+            health_timeout: Duration::from_secs(2),
             rise: 3,
             fall: 2,
+            canary: None,
         };
         let mut rf = RiseFall::new(&opts);
         let fail = || Err("no".to_string());

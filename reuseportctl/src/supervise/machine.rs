@@ -47,6 +47,12 @@ pub(super) enum Phase {
         give_up_at: Instant,
     },
     Active,
+    /// Up, and active for `--canary`'s share of new connections next to `primary`, the
+    /// generation that served before it, until `until`; then promoted (see `gate`).
+    Canary {
+        until: Instant,
+        primary: u32,
+    },
     /// Waiting until idle, signalled or killed: see its [`DrainTask`].
     Draining {
         since: Instant,
@@ -139,7 +145,7 @@ impl Supervisor {
     pub(super) fn starting(&self) -> Option<u32> {
         self.gens
             .iter()
-            .find(|(_, g)| matches!(g.phase, Phase::Starting { .. }))
+            .find(|(_, g)| matches!(g.phase, Phase::Starting { .. } | Phase::Canary { .. }))
             .map(|(n, _)| *n)
     }
 
@@ -242,6 +248,9 @@ impl Supervisor {
             return;
         };
         match state {
+            // NB: a canary is active next to the generation that serves, which stays current
+            // until the canary is promoted.
+            GenState::Active if matches!(g.phase, Phase::Canary { .. }) => {}
             GenState::Active => {
                 g.phase = Phase::Active;
                 self.current = Some(generation);
@@ -351,6 +360,10 @@ impl Supervisor {
                 Some(generation),
                 format_args!("generation {generation} exited with {how} before it was ready"),
             ),
+            Phase::Canary { .. } => self.restart_failed(
+                Some(generation),
+                format_args!("generation {generation} exited with {how} during its canary"),
+            ),
             Phase::Failed => {}
             Phase::Draining { since, .. } => note(format_args!(
                 "generation {generation} (pid {pid}) exited with {how} after draining for \
@@ -449,6 +462,9 @@ impl Supervisor {
                     consider(t);
                 }
             }
+            if let Phase::Canary { until, .. } = g.phase {
+                consider(until);
+            }
         }
         next
     }
@@ -495,6 +511,7 @@ impl Supervisor {
                 self.on_ready(generation).await;
             }
         }
+        self.promote_canaries(now).await;
     }
 }
 

@@ -63,9 +63,11 @@ pub const GENERATION_VAR: &str = "REUSEPORT_GENERATION";
         On SIGHUP, or `reuseportctl restart GROUP` (forwarded by the agent):\
         \n  1. COMMAND starts again as the next generation, registered as standby: it gets no \
         connection yet;\
-        \n  2. the supervisor waits until it is ready (--ready);\
+        \n  2. the supervisor waits until it is ready (--ready) and, with --health, up: its \
+        health checks reach it through the group's port from probe ports while it is standby;\
         \n  3. it activates the new generation: from then on every new connection goes to it, \
-        and the previous generation drains;\
+        and the previous generation drains (with --canary P:DURATION: P % of them for \
+        DURATION first, rolled back if it goes down meanwhile);\
         \n  4. once the draining generation is idle (no connection in flight, empty accept \
         queue: the agent reads both from the kernel), or --drain-timeout after the flip, it \
         gets --on-drain SIGNAL, and SIGKILL if it still runs --kill-timeout later. A server \

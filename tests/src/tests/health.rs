@@ -5,7 +5,7 @@
 use nix::sys::signal::Signal;
 use reuseport_proto::RestartOutcome;
 
-use super::supervise::{Load, Supervisor, UNHEALTHY_GENERATION_ENV};
+use super::supervise::{Load, MARKER_DIR_ENV, Supervisor, UNHEALTHY_GENERATION_ENV};
 use crate::harness::{TestEnv, patience, wait_until};
 
 const HEALTH: &[&str] = &[
@@ -15,6 +15,8 @@ const HEALTH: &[&str] = &[
     "http:///health",
     "--health-interval",
     "200ms",
+    "--health-timeout",
+    "5s",
     "--rise",
     "3",
     "--fall",
@@ -115,6 +117,131 @@ fn supervise_keeps_the_old_generation_when_the_new_one_fails_its_health_checks()
         Some(1),
         "generation 1 stays active"
     );
+    let status = sup.stop(Signal::SIGTERM, timeout());
+    assert_eq!(status.code(), Some(0), "log:\n{}", sup.log());
+}
+
+/// A canary that goes down (its health endpoint starts answering 503) while it has its share
+/// of the traffic is rolled back: generation 1 gets every new connection again, generation 2
+/// drains and is stopped, and `status` and the supervisor say why.
+#[test]
+fn supervise_rolls_back_a_canary_whose_health_fails() {
+    const NAME: &str = "supervise_rolls_back_a_canary_whose_health_fails";
+    const PORT: u16 = 6421;
+    let env = TestEnv::new(NAME);
+    let markers = env.dir().join("markers");
+    std::fs::create_dir_all(&markers).expect("create the marker dir");
+    let marker_dir = markers.to_str().expect("a UTF-8 temp dir").to_owned();
+    let mut args = HEALTH.to_vec();
+    args.extend(["--canary", "10:10m"]);
+    let mut sup = Supervisor::spawn_with(&env, PORT, &args, None, &[(MARKER_DIR_ENV, &marker_dir)]);
+    sup.wait_active(&env, PORT, 1);
+    let load = Load::start(PORT, 2);
+    load.wait_answered_by(1, &sup);
+
+    sup.signal(Signal::SIGHUP);
+    wait_until("generation 2 is a canary at 10 %", timeout(), || {
+        sup.assert_running();
+        env.try_status(PORT).is_some_and(|s| {
+            s.generations
+                .iter()
+                .any(|g| g.generation == 2 && g.weight == Some(10))
+        })
+    });
+    load.wait_answered_by(2, &sup);
+
+    std::fs::write(markers.join("unhealthy-2"), "").expect("make generation 2 unhealthy");
+    let line = "restart failed: generation 2 went down during its canary (2 health checks \
+                failed in a row, last: http";
+    wait_until("the supervisor rolls generation 2 back", timeout(), || {
+        sup.assert_running();
+        sup.log().contains(line)
+    });
+    let status = env.status(PORT);
+    assert_eq!(
+        status.active,
+        Some(1),
+        "generation 1 is active again: {status:?}"
+    );
+    assert!(
+        status.generations.iter().all(|g| g.weight.is_none()),
+        "the split is over: {status:?}"
+    );
+    wait_until(
+        "status says why generation 2 was rolled back",
+        timeout(),
+        || {
+            matches!(&env.status(PORT).last_restart, Some(RestartOutcome::Failed { error })
+            if error.contains("went down during its canary"))
+        },
+    );
+    let before = load.snapshot();
+    wait_until("generation 2 drained and left the group", timeout(), || {
+        env.status(PORT)
+            .generations
+            .iter()
+            .all(|g| g.generation == 1)
+    });
+    let after = load.stop();
+    println!("{NAME}: {after}");
+    assert_eq!(
+        after.failed,
+        0,
+        "no request should fail: {after}; log:\n{}",
+        sup.log()
+    );
+    assert!(
+        after.of(1) > before.of(1),
+        "generation 1 should answer after the rollback: {after}"
+    );
+    assert!(
+        sup.log().contains("generation 2 (pid"),
+        "the supervisor should report generation 2's exit; log:\n{}",
+        sup.log()
+    );
+    let status = sup.stop(Signal::SIGTERM, timeout());
+    assert_eq!(status.code(), Some(0), "log:\n{}", sup.log());
+}
+
+#[test]
+fn supervise_promotes_a_canary_that_stays_up() {
+    const NAME: &str = "supervise_promotes_a_canary_that_stays_up";
+    const PORT: u16 = 6431;
+    let env = TestEnv::new(NAME);
+    let mut args = HEALTH.to_vec();
+    args.extend(["--canary", "10:1s"]);
+    let mut sup = Supervisor::spawn(&env, PORT, &args, None);
+    sup.wait_active(&env, PORT, 1);
+    let load = Load::start(PORT, 2);
+    load.wait_answered_by(1, &sup);
+
+    sup.signal(Signal::SIGHUP);
+    wait_until("generation 2 is promoted", timeout(), || {
+        sup.assert_running();
+        sup.log()
+            .contains("generation 2 stayed up through its canary: promoting it to 100 %")
+    });
+    wait_until("generation 1 drained and left the group", timeout(), || {
+        env.status(PORT)
+            .generations
+            .iter()
+            .all(|g| g.generation == 2)
+    });
+    let status = env.status(PORT);
+    assert_eq!(
+        (status.active, status.generations[0].weight),
+        (Some(2), None),
+        "generation 2 gets every new connection: {status:?}"
+    );
+    let t = load.stop();
+    println!("{NAME}: {t}");
+    assert_eq!(
+        t.failed,
+        0,
+        "no request should fail: {t}; log:\n{}",
+        sup.log()
+    );
+    assert!(t.of(2) > 0, "generation 2 should have answered: {t}");
     let status = sup.stop(Signal::SIGTERM, timeout());
     assert_eq!(status.code(), Some(0), "log:\n{}", sup.log());
 }
