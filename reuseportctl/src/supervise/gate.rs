@@ -178,8 +178,13 @@ impl Supervisor {
         }
         self.current = Some(primary);
         // NB: draining from now on, not when the agent's push arrives: its exit meanwhile is
-        // a drained generation's, not the active one's.
-        self.on_state(generation, reuseport_client::GenState::Draining);
+        // a drained generation's, not the active one's. No --rollback-window: it failed.
+        if let Some(g) = self.gens.get_mut(&generation) {
+            g.phase = Phase::Draining {
+                since: Instant::now(),
+            };
+        }
+        self.start_drain(generation);
         let fall = self.args.health.fall;
         self.restart_failed(
             Some(generation),

@@ -107,6 +107,7 @@ impl Supervisor {
                 phase,
                 drain: None,
                 forwarder,
+                hold_until: None,
                 health: None,
                 _registrations: registration,
             },

@@ -88,6 +88,11 @@ pub struct HealthOpts {
     /// --health.
     #[arg(long, value_name = "P:DURATION", value_parser = parse_canary, requires = "health")]
     pub canary: Option<Canary>,
+    /// How long a generation that drains after a newer one took over keeps its listener
+    /// and stays unsignalled, so that `reuseportctl rollback GROUP` can bring it back in one
+    /// flip; then its drain starts (idle, --on-drain signal). 0: at once.
+    #[arg(long, value_name = "DUR", default_value = "0s", value_parser = parse_duration)]
+    pub rollback_window: Duration,
 }
 
 /// `--canary P:DURATION`.
@@ -330,6 +335,7 @@ mod tests {
             rise: 3,
             fall: 2,
             canary: None,
+            rollback_window: Duration::ZERO,
         };
         let mut rf = RiseFall::new(&opts);
         let fail = || Err("no".to_string());

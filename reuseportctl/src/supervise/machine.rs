@@ -69,6 +69,9 @@ pub(super) struct Gen {
     pub(super) phase: Phase,
     pub(super) drain: Option<DrainTask>,
     pub(super) forwarder: JoinHandle<()>,
+    /// While it drains within `--rollback-window`: when its drain starts (until then it
+    /// keeps its listener and is not signalled).
+    pub(super) hold_until: Option<Instant>,
     /// Its health checks while it starts (`--health`), see [`super::gate`].
     pub(super) health: Option<super::gate::Checking>,
     pub(super) _registrations: Registrations,
@@ -253,6 +256,8 @@ impl Supervisor {
             GenState::Active if matches!(g.phase, Phase::Canary { .. }) => {}
             GenState::Active => {
                 g.phase = Phase::Active;
+                // Active again (`reuseportctl rollback` or `activate`): its drain is over.
+                (g.drain, g.hold_until) = (None, None);
                 self.current = Some(generation);
             }
             GenState::Draining => {
@@ -260,17 +265,17 @@ impl Supervisor {
                     g.phase = Phase::Draining {
                         since: Instant::now(),
                     };
-                    g.drain = Some(
-                        Drain {
-                            control: self.control.clone(),
-                            groups: g.groups.clone(),
-                            generation,
-                            pid: g.pid,
-                            signal: self.args.on_drain,
-                            opts: self.args.drain.clone(),
-                        }
-                        .start(),
-                    );
+                    let window = self.args.health.rollback_window;
+                    if window.is_zero() {
+                        self.start_drain(generation);
+                    } else {
+                        g.hold_until = Some(Instant::now() + window);
+                        note(format_args!(
+                            "generation {generation} drains; it keeps its listener and is not \
+                             signalled for the --rollback-window of {window:?}: `reuseportctl \
+                             rollback GROUP` brings it back"
+                        ));
+                    }
                 }
                 if self.current == Some(generation) {
                     // Someone else activated another generation (reuseportctl activate).
@@ -279,6 +284,25 @@ impl Supervisor {
             }
             GenState::Standby => {}
         }
+    }
+
+    /// Starts the drain of `generation` (see [`Drain`]): signalled once idle.
+    pub(super) fn start_drain(&mut self, generation: u32) {
+        let Some(g) = self.gens.get_mut(&generation) else {
+            return;
+        };
+        g.hold_until = None;
+        g.drain = Some(
+            Drain {
+                control: self.control.clone(),
+                groups: g.groups.clone(),
+                generation,
+                pid: g.pid,
+                signal: self.args.on_drain,
+                opts: self.args.drain.clone(),
+            }
+            .start(),
+        );
     }
 
     pub(super) async fn on_event(&mut self, event: Event) {
@@ -465,6 +489,9 @@ impl Supervisor {
             if let Phase::Canary { until, .. } = g.phase {
                 consider(until);
             }
+            if let Some(t) = g.hold_until {
+                consider(t);
+            }
         }
         next
     }
@@ -512,6 +539,15 @@ impl Supervisor {
             }
         }
         self.promote_canaries(now).await;
+        let held: Vec<u32> = self
+            .gens
+            .iter()
+            .filter(|(_, g)| g.hold_until.is_some_and(|t| t <= now))
+            .map(|(n, _)| *n)
+            .collect();
+        for generation in held {
+            self.start_drain(generation);
+        }
     }
 }
 

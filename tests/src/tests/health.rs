@@ -3,10 +3,10 @@
 //! killed and the previous generation stays active. Under load, without a failed request.
 
 use nix::sys::signal::Signal;
-use reuseport_proto::RestartOutcome;
+use reuseport_proto::{GenState, RestartOutcome};
 
 use super::supervise::{Load, MARKER_DIR_ENV, Supervisor, UNHEALTHY_GENERATION_ENV};
-use crate::harness::{TestEnv, patience, wait_until};
+use crate::harness::{TestEnv, generation_status, local, patience, tally, wait_until};
 
 const HEALTH: &[&str] = &[
     "--ready",
@@ -242,6 +242,70 @@ fn supervise_promotes_a_canary_that_stays_up() {
         sup.log()
     );
     assert!(t.of(2) > 0, "generation 2 should have answered: {t}");
+    let status = sup.stop(Signal::SIGTERM, timeout());
+    assert_eq!(status.code(), Some(0), "log:\n{}", sup.log());
+}
+
+/// `--rollback-window`: the generation replaced by a deploy keeps its listener and is not
+/// signalled for that long, so `reuseportctl rollback` brings it back in one flip, under
+/// load, without a failed request.
+#[test]
+fn supervise_keeps_the_previous_generation_for_its_rollback_window() {
+    const NAME: &str = "supervise_keeps_the_previous_generation_for_its_rollback_window";
+    const PORT: u16 = 6441;
+    let env = TestEnv::new(NAME);
+    let args = ["--ready", "delay=200ms", "--rollback-window", "10m"];
+    let mut sup = Supervisor::spawn(&env, PORT, &args, None);
+    sup.wait_active(&env, PORT, 1);
+    let load = Load::start(PORT, 2);
+    load.wait_answered_by(1, &sup);
+
+    sup.signal(Signal::SIGHUP);
+    sup.wait_active(&env, PORT, 2);
+    load.wait_answered_by(2, &sup);
+    wait_until(
+        "generation 1 is held for the rollback window",
+        timeout(),
+        || {
+            sup.log()
+                .contains("generation 1 drains; it keeps its listener and is not signalled")
+        },
+    );
+    let status = env.status(PORT);
+    let one = generation_status(&status, 1);
+    assert!(
+        one.state == GenState::Draining && one.sockets.iter().all(|s| s.listening),
+        "generation 1 drains with its listener open: {status:?}"
+    );
+
+    let out = env.ctl(&["rollback", &local(PORT).to_string()]);
+    assert!(out.status.success(), "rollback: {out:?}");
+    let status = env.status(PORT);
+    assert_eq!(
+        status.active,
+        Some(1),
+        "rollback brings generation 1 back: {status:?}"
+    );
+    let t = tally(local(PORT), 100);
+    assert_eq!(
+        (t.of(1), t.failed),
+        (100, 0),
+        "after the rollback every new connection reaches generation 1: {t}"
+    );
+    let t = load.stop();
+    println!("{NAME}: {t}");
+    assert_eq!(
+        t.failed,
+        0,
+        "no request should fail: {t}; log:\n{}",
+        sup.log()
+    );
+    let log = sup.log();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("generation 1 of") && l.contains("sending SIGTERM")),
+        "generation 1 should never have been signalled; log:\n{log}"
+    );
     let status = sup.stop(Signal::SIGTERM, timeout());
     assert_eq!(status.code(), Some(0), "log:\n{}", sup.log());
 }
