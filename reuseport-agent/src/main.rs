@@ -39,6 +39,7 @@ mod drain;
 mod fault;
 mod grace;
 mod group;
+mod health;
 mod kernel;
 mod lineage;
 mod live;

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use reuseport_common::{SlotCounters, SteeringConfig};
 
-use reuseport_proto::message::{Counters, DrainStep, ErrorKind, GenState};
+use reuseport_proto::message::{Counters, DrainStep, ErrorKind, GenState, GenerationHealth};
 
 /// Identifies one registration connection (one registering process).
 pub type RegId = u64;
@@ -55,6 +55,10 @@ pub struct Generation {
     /// steers by the lower-numbered one alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u8>,
+    /// What its supervisor's health checks last reported (`health`). Not pinned: the next
+    /// report after an agent restart brings it back.
+    #[serde(skip)]
+    pub health: Option<GenerationHealth>,
 }
 
 /// A slot's counters as `status` reports them.
@@ -179,6 +183,7 @@ impl Registry {
                 retired_counters: SlotCounters::default(),
                 drain_step: None,
                 weight: None,
+                health: None,
             });
         if g.name.is_none() {
             g.name = name;

@@ -295,6 +295,14 @@ async fn answer(
             generation,
             weight,
         } => tokio::task::spawn_blocking(move || a.split(peer, &group, generation, weight)).await,
+        Op::Health {
+            group,
+            generation,
+            health,
+        } => {
+            tokio::task::spawn_blocking(move || a.report_health(peer, &group, generation, health))
+                .await
+        }
         Op::Rollback { group } => {
             tokio::task::spawn_blocking(move || a.rollback(peer, &group)).await
         }

@@ -102,8 +102,8 @@ mod async_client {
     use std::{os::fd::BorrowedFd, path::Path};
 
     use reuseport_proto::{
-        AgentInfo, DrainStep, GroupAddr, GroupStatus, Op, Reply, Request, RestartOutcome,
-        frame::Conn,
+        AgentInfo, DrainStep, GenerationHealth, GroupAddr, GroupStatus, Op, Reply, Request,
+        RestartOutcome, frame::Conn,
     };
     use tokio::net::UnixStream;
 
@@ -208,6 +208,22 @@ mod async_client {
                 group,
                 generation,
                 step,
+            })
+            .await
+        }
+
+        /// From a supervisor: the health of `generation` as its checks see it (shown by
+        /// `status`); returns the group after the report.
+        pub async fn report_health(
+            &mut self,
+            group: GroupAddr,
+            generation: u32,
+            health: GenerationHealth,
+        ) -> Result<GroupStatus, ClientError> {
+            self.change(Op::Health {
+                group,
+                generation,
+                health,
             })
             .await
         }

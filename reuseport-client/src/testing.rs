@@ -42,6 +42,7 @@ pub(crate) fn status_of(group: GroupAddr, active: u32) -> GroupStatus {
             drain: None,
             also_in: Vec::new(),
             weight: None,
+            health: None,
         }],
         unsteered: 0,
         limits: None,

@@ -104,6 +104,13 @@ pub enum Op {
         generation: u32,
         weight: u8,
     },
+    /// From a supervisor (`supervise --health`): the health of one of its generations, for
+    /// `status`. Answered with [`Reply::Changed`].
+    Health {
+        group: GroupAddr,
+        generation: u32,
+        health: GenerationHealth,
+    },
     /// Make the newest draining generation that still listens the active one again, as
     /// [`Op::Activate`] of it would. Answered with [`Reply::Changed`].
     Rollback { group: GroupAddr },
@@ -178,6 +185,7 @@ impl Op {
             Self::Activate { .. } => "activate",
             Self::Drain { .. } => "drain",
             Self::Split { .. } => "split",
+            Self::Health { .. } => "health",
             Self::Rollback { .. } => "rollback",
             Self::Restart { .. } => "restart",
             Self::RestartResult { .. } => "restart_result",
@@ -197,6 +205,43 @@ pub struct AgentInfo {
     pub mode: String,
     /// The kernel release it runs on.
     pub kernel: String,
+}
+
+/// A generation's health as its supervisor's checks see it (tengine's rise/fall): `up` after
+/// `rise` checks passed in a row, `down` after `fall` failed in a row, `checking` before
+/// either.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationHealth {
+    pub state: HealthState,
+    /// Checks passed in a row, and the number that makes it up.
+    pub successes: u32,
+    pub rise: u32,
+    /// Checks failed in a row, and the number that makes it down.
+    pub failures: u32,
+    pub fall: u32,
+    /// When the last check ended, in milliseconds since the Unix epoch.
+    pub last_check_ms: u64,
+    /// Why the last failed check failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthState {
+    Checking,
+    Up,
+    Down,
+}
+
+impl std::fmt::Display for HealthState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Checking => "checking",
+            Self::Up => "up",
+            Self::Down => "down",
+        })
+    }
 }
 
 /// What a launcher did to a draining generation's server.
@@ -541,6 +586,10 @@ pub struct GenerationStatus {
     /// steering table (README, "Steering policy").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u8>,
+    /// Its health as its supervisor last reported it (`supervise --health`); absent without
+    /// health checks, and from agents that predate them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<GenerationHealth>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

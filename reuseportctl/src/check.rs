@@ -81,6 +81,7 @@ mod tests {
                 drain: None,
                 also_in: Vec::new(),
                 weight: None,
+                health: None,
             }],
             unsteered: 0,
             limits: None,

@@ -6,7 +6,8 @@
 use std::{fmt::Write as _, io::Write as _};
 
 use reuseport_client::proto::{
-    GenState, GenerationStatus, GroupStatus, Limits, RestartOutcome, text::escape,
+    GenState, GenerationHealth, GenerationStatus, GroupStatus, HealthState, Limits, RestartOutcome,
+    text::escape,
 };
 
 /// Writes `text` to stdout. A closed pipe (`reuseportctl status | head -1`) is not an
@@ -186,6 +187,16 @@ pub fn status_table(groups: &[GroupStatus]) -> String {
             rows: generations.iter().map(|g| generation_row(g)).collect(),
         }
         .render("  ", &mut out);
+        for g in &generations {
+            if let Some(h) = &g.health {
+                let _ = writeln!(
+                    out,
+                    "  generation {} health: {}",
+                    g.generation,
+                    health_line(h)
+                );
+            }
+        }
         for g in generations.iter().filter(|g| !g.also_in.is_empty()) {
             let _ = writeln!(
                 out,
@@ -210,6 +221,28 @@ pub fn status_table(groups: &[GroupStatus]) -> String {
         }
     }
     out
+}
+
+/// `up (5 passed in a row; rise 3), last check 0.4s ago`, `down (2 failed in a row; fall 2;
+/// last failure: …), …`.
+fn health_line(h: &GenerationHealth) -> String {
+    let mut line = match h.state {
+        HealthState::Down => format!("down ({} failed in a row; fall {}", h.failures, h.fall),
+        HealthState::Up => format!("up ({} passed in a row; rise {}", h.successes, h.rise),
+        HealthState::Checking => {
+            format!("checking ({} of {} passed in a row", h.successes, h.rise)
+        }
+    };
+    if let Some(e) = h.last_error.as_deref().filter(|_| h.failures > 0) {
+        let _ = write!(line, "; last failure: {}", escape(e));
+    }
+    line.push(')');
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let ago = now.saturating_sub(h.last_check_ms);
+    let _ = write!(line, ", last check {:.1}s ago", ago as f64 / 1000.0);
+    line
 }
 
 /// `per non-root uid: … ; kept for root: …`, when the agent reports its quotas.
@@ -320,6 +353,7 @@ mod tests {
             drain: None,
             also_in: Vec::new(),
             weight: None,
+            health: None,
         }
     }
 

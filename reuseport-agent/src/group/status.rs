@@ -58,6 +58,7 @@ impl Group {
                         .map(DrainPhase::from),
                     also_in: Vec::new(),
                     weight: weight_of(*n),
+                    health: g.health.clone(),
                 }
             })
             .collect();

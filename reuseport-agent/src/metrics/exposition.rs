@@ -10,7 +10,7 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
-use reuseport_proto::message::{GenState, GroupStatus};
+use reuseport_proto::message::{GenState, GroupStatus, HealthState};
 
 use super::View;
 
@@ -150,6 +150,18 @@ impl Collector for Collect {
             generations()
                 .filter(|(_, x)| x.state == GenState::Active)
                 .map(|(g, x)| (generation_labels(g, x), f64::from(x.weight.unwrap_or(100)))),
+            gauge,
+        )?;
+        family(
+            &mut enc,
+            "reuseport_generation_healthy",
+            "1 while the generation's supervisor reports it up (supervise --health), 0 while it \
+             is being checked or down.",
+            MetricType::Gauge,
+            generations().filter_map(|(g, x)| {
+                let up = x.health.as_ref()?.state == HealthState::Up;
+                Some((generation_labels(g, x), f64::from(u8::from(up))))
+            }),
             gauge,
         )?;
         family(

@@ -182,6 +182,7 @@ mod tests {
                             drain: None,
                             also_in: Vec::new(),
                             weight: None,
+                            health: None,
                         })
                         .collect(),
                 },

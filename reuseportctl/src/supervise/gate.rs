@@ -69,6 +69,12 @@ impl Supervisor {
             return;
         };
         let verdict = checking.count.record(result);
+        report_health(
+            self.control.clone(),
+            generation,
+            checking.count.report(),
+            g.groups.clone(),
+        );
         if self.shutdown.is_some() {
             return;
         }
@@ -213,4 +219,31 @@ impl Supervisor {
             self.activate(generation).await;
         }
     }
+}
+
+/// Tells the agent `generation`'s health in each of its groups, in the background (the loop
+/// must not wait on the agent). A report that fails is only logged.
+fn report_health(
+    control: std::path::PathBuf,
+    generation: u32,
+    health: reuseport_client::proto::GenerationHealth,
+    groups: Vec<reuseport_client::GroupAddr>,
+) {
+    tokio::spawn(async move {
+        let res = async {
+            let mut client = ControlClient::connect(&control).await?;
+            for group in groups {
+                client
+                    .report_health(group, generation, health.clone())
+                    .await?;
+            }
+            Ok::<_, reuseport_client::ClientError>(())
+        }
+        .await;
+        if let Err(e) = res {
+            note(format_args!(
+                "warning: cannot report generation {generation}'s health to the agent: {e}"
+            ));
+        }
+    });
 }

@@ -22,7 +22,10 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::machine::Event;
 use crate::args::parse_duration;
-use reuseport_client::probe::{self, PROBE_PORTS};
+use reuseport_client::{
+    probe::{self, PROBE_PORTS},
+    proto::{GenerationHealth, HealthState},
+};
 
 /// What a check does.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -146,6 +149,26 @@ impl RiseFall {
             failures: 0,
             up: None,
             last_error: None,
+        }
+    }
+
+    /// What the agent is told (see `reuseport_client::proto::GenerationHealth`).
+    pub fn report(&self) -> GenerationHealth {
+        let last_check_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        GenerationHealth {
+            state: match self.up {
+                None => HealthState::Checking,
+                Some(true) => HealthState::Up,
+                Some(false) => HealthState::Down,
+            },
+            successes: self.successes,
+            rise: self.rise,
+            failures: self.failures,
+            fall: self.fall,
+            last_check_ms,
+            last_error: self.last_error.clone(),
         }
     }
 

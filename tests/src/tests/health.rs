@@ -3,7 +3,7 @@
 //! killed and the previous generation stays active. Under load, without a failed request.
 
 use nix::sys::signal::Signal;
-use reuseport_proto::{GenState, RestartOutcome};
+use reuseport_proto::{GenState, HealthState, RestartOutcome};
 
 use super::supervise::{Load, MARKER_DIR_ENV, Supervisor, UNHEALTHY_GENERATION_ENV};
 use crate::harness::{TestEnv, generation_status, local, patience, tally, wait_until};
@@ -40,6 +40,11 @@ fn supervise_activates_a_new_generation_once_its_health_checks_pass() {
     sup.signal(Signal::SIGHUP);
     sup.wait_active(&env, PORT, 2);
     load.wait_answered_by(2, &sup);
+    // NB: the supervisor logs the activation after the agent's answer, which `status` may
+    // show first.
+    wait_until("the supervisor logs the activation", timeout(), || {
+        sup.log().contains("generation 2 is ready and active")
+    });
     let t = load.stop();
     let log = sup.log();
     println!("{NAME}: {t}");
@@ -149,6 +154,19 @@ fn supervise_rolls_back_a_canary_whose_health_fails() {
         })
     });
     load.wait_answered_by(2, &sup);
+    wait_until("status shows generation 2 up", timeout(), || {
+        env.status(PORT).generations.iter().any(|g| {
+            g.generation == 2
+                && g.health
+                    .as_ref()
+                    .is_some_and(|h| h.state == HealthState::Up)
+        })
+    });
+    let text = String::from_utf8_lossy(&env.ctl(&["status"]).stdout).into_owned();
+    assert!(
+        text.contains("active 1 (90 %) + 2 (10 %)") && text.contains("generation 2 health: up ("),
+        "status should show the canary's weight and health:\n{text}"
+    );
 
     std::fs::write(markers.join("unhealthy-2"), "").expect("make generation 2 unhealthy");
     let line = "restart failed: generation 2 went down during its canary (2 health checks \
