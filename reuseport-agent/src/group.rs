@@ -23,7 +23,7 @@ use crate::{
 };
 use reuseport_proto::{
     addr::{GroupAddr, GroupKey},
-    message::{DrainStep, ErrorKind, GenState, GenerationHealth, RestartOutcome},
+    message::{DrainStep, ErrorKind, GenState, RestartOutcome},
 };
 
 /// A change staged by [`Group::stage`].
@@ -411,31 +411,6 @@ impl Group {
             }
             return Err(e);
         }
-        Ok(())
-    }
-
-    /// Keeps what a supervisor reported of `generation`'s health (not pinned).
-    pub(crate) fn set_health(
-        &mut self,
-        generation: u32,
-        health: GenerationHealth,
-    ) -> Result<(), Refusal> {
-        let known: Vec<String> = self
-            .registry
-            .generations
-            .keys()
-            .map(u32::to_string)
-            .collect();
-        let Some(g) = self.registry.generations.get_mut(&generation) else {
-            return Err(Refusal::new(
-                ErrorKind::UnknownGeneration,
-                format!(
-                    "unknown generation {generation}: registered generations are {}",
-                    known.join(", ")
-                ),
-            ));
-        };
-        g.health = Some(health);
         Ok(())
     }
 

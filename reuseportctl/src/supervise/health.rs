@@ -67,8 +67,9 @@ fn parse_count(s: &str) -> Result<u32, String> {
 /// `supervise`'s health check options.
 #[derive(Clone, Debug, Args)]
 pub struct HealthOpts {
-    /// Check each new generation before activating it: tcp, http://PATH or exec:CMD (see
-    /// the long help). Without it, a ready generation is activated at once.
+    /// Check each new generation before activating it: tcp, http://PATH (through the first
+    /// --listen's address, from a probe port, so the standby generation answers) or
+    /// exec:CMD. Without it, a ready generation is activated at once.
     #[arg(long, value_name = "tcp|http://PATH|exec:CMD", value_parser = parse_check)]
     pub health: Option<Check>,
     /// Time between two checks of a generation (from the start of one to the next; a
