@@ -410,9 +410,14 @@ impl Registry {
 
     /// Where probe connections go (`reuseport_common::PROBE_PORTS`): the lowest slot of the
     /// newest (highest-numbered) generation, whatever its state. A new generation is the
-    /// one a deploy checks before it gets traffic, and during a canary.
+    /// one a deploy checks before it gets traffic, and during a canary. `None` when the
+    /// newest generation is the only active one: ordinary steering reaches it anyway, and
+    /// the program then skips the probe test for every connection.
     pub fn probe_target(&self) -> Option<u32> {
         let (_, newest) = self.generations.last_key_value()?;
+        if newest.state == GenState::Active && self.weighted().is_none() {
+            return None;
+        }
         newest.sockets.keys().next().copied()
     }
 
@@ -636,6 +641,30 @@ mod tests {
         );
         assert!(r.generations.values().all(|g| g.weight.is_none()));
         assert!(r.steering_config(2).active.iter().all(|s| *s == 30));
+    }
+
+    #[test]
+    fn probes_go_to_the_newest_generation_unless_it_alone_is_active() {
+        let no_probe = reuseport_common::NO_PROBE;
+        let mut r = Registry::default();
+        r.register(1, None, false, 10, member(1));
+        assert_eq!(
+            r.steering_config(1).probe,
+            no_probe,
+            "steady state: no probe test"
+        );
+        r.register(2, None, false, 20, member(2));
+        assert_eq!(r.steering_config(2).probe, 20, "the standby newcomer");
+        r.split(2, 10).unwrap();
+        assert_eq!(r.steering_config(3).probe, 20, "the canary");
+        r.activate(2).unwrap();
+        assert_eq!(r.steering_config(4).probe, no_probe);
+        r.activate(1).unwrap();
+        assert_eq!(
+            r.steering_config(5).probe,
+            20,
+            "rolled back: the newest drains"
+        );
     }
 
     #[test]
