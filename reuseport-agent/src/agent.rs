@@ -281,17 +281,29 @@ impl Agent {
         group: &GroupAddr,
         generation: u32,
     ) -> Result<Reply, Refusal> {
+        self.change_spanning(peer, group, generation, |r, g| r.activate(g), "activate")
+    }
+
+    /// `weight` percent of new connections to `generation`, the rest to the active one
+    /// (see [`crate::registry::Registry::split`]).
+    pub fn split(
+        &self,
+        peer: Peer,
+        group: &GroupAddr,
+        generation: u32,
+        weight: u8,
+    ) -> Result<Reply, Refusal> {
         self.change_spanning(
             peer,
             group,
             generation,
-            |r| r.activate(generation),
+            |r, g| r.split(g, weight),
             "activate",
         )
     }
 
     pub fn drain(&self, peer: Peer, group: &GroupAddr, generation: u32) -> Result<Reply, Refusal> {
-        self.change_spanning(peer, group, generation, |r| r.drain(generation), "drain")
+        self.change_spanning(peer, group, generation, |r, g| r.drain(g), "drain")
     }
 
     /// `with_live`: add the figures read from the kernel (see [`live`]), after the state

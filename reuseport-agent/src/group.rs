@@ -252,8 +252,10 @@ impl Group {
         op: impl FnOnce(&mut Registry) -> Result<Vec<StateChange>, Refusal>,
     ) -> Result<Staged, Refusal> {
         let snap = self.snapshot();
+        let weights = self.registry.weights();
         let changes = op(&mut self.registry)?;
-        if changes.is_empty() && !self.stale {
+        // NB: a new weight changes the table without changing any generation's state.
+        if changes.is_empty() && !self.stale && weights == self.registry.weights() {
             return Ok(Staged {
                 snap,
                 changes,
@@ -591,6 +593,15 @@ impl Group {
                 name(ours)
             ),
         ))
+    }
+
+    /// Whether any socket of `generation` is still in the kernel's socket array (its
+    /// listener open).
+    pub(crate) fn listens(&self, generation: u32) -> bool {
+        self.registry
+            .generations
+            .get(&generation)
+            .is_some_and(|g| g.sockets.iter().any(|(slot, m)| self.listening(*slot, m)))
     }
 
     pub(crate) fn listening(&self, slot: u32, m: &Member) -> bool {

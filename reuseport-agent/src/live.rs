@@ -165,6 +165,8 @@ mod tests {
             live: None,
             drain: None,
             also_in: Vec::new(),
+            weight: None,
+            health: None,
         }
     }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use reuseport_common::{SlotCounters, SteeringConfig};
 
-use reuseport_proto::message::{Counters, DrainStep, ErrorKind, GenState};
+use reuseport_proto::message::{Counters, DrainStep, ErrorKind, GenState, GenerationHealth};
 
 /// Identifies one registration connection (one registering process).
 pub type RegId = u64;
@@ -48,6 +48,17 @@ pub struct Generation {
     /// What its launcher last did to it while it drained (see `DrainProgress`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_step: Option<DrainStep>,
+    /// Percent of new connections while it shares the active state with the previously
+    /// active generation, which gets the rest (see `split`); `None` for every other
+    /// generation. Only an active generation has one, and only while another one is active.
+    /// NB: an agent that predates weights adopts a split as two active generations and
+    /// steers by the lower-numbered one alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u8>,
+    /// What its supervisor's health checks last reported (`health`). Not pinned: the next
+    /// report after an agent restart brings it back.
+    #[serde(skip)]
+    pub health: Option<GenerationHealth>,
 }
 
 /// A slot's counters as `status` reports them.
@@ -111,11 +122,36 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// The active generation; during a weighted split, the one that was activated with a
+    /// weight (the newcomer).
     pub fn active(&self) -> Option<u32> {
+        self.weighted().map(|(n, _)| n).or_else(|| self.primary())
+    }
+
+    /// The active generation that has no weight: the only active one, or the one that gets
+    /// the rest of a split.
+    pub fn primary(&self) -> Option<u32> {
         self.generations
             .iter()
-            .find(|(_, g)| g.state == GenState::Active)
+            .find(|(_, g)| g.state == GenState::Active && g.weight.is_none())
             .map(|(n, _)| *n)
+    }
+
+    /// The generation activated with a weight, and its weight, during a split.
+    pub fn weighted(&self) -> Option<(u32, u8)> {
+        self.generations.iter().find_map(|(n, g)| {
+            g.weight
+                .filter(|_| g.state == GenState::Active)
+                .map(|w| (*n, w))
+        })
+    }
+
+    /// Each generation's weight, to tell whether a change altered a split.
+    pub fn weights(&self) -> Vec<(u32, Option<u8>)> {
+        self.generations
+            .iter()
+            .map(|(n, g)| (*n, g.weight))
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -146,6 +182,8 @@ impl Registry {
                 sockets: BTreeMap::new(),
                 retired_counters: SlotCounters::default(),
                 drain_step: None,
+                weight: None,
+                health: None,
             });
         if g.name.is_none() {
             g.name = name;
@@ -169,6 +207,65 @@ impl Registry {
             let want = if *n == generation {
                 GenState::Active
             } else if g.state == GenState::Active {
+                GenState::Draining
+            } else {
+                g.state
+            };
+            g.weight = None;
+            if want != g.state {
+                g.state = want;
+                g.drain_step = None;
+                changes.push(StateChange {
+                    generation: *n,
+                    state: want,
+                });
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Sends `weight` percent of new connections to `generation` and the rest to the
+    /// generation that is active without a weight (the primary), which stays active; a
+    /// generation that had a weight before, if another one, drains. Refused without a
+    /// primary to share with, or for the primary itself.
+    pub fn split(&mut self, generation: u32, weight: u8) -> Result<Vec<StateChange>, Refusal> {
+        if !(crate::split::MIN_WEIGHT..=crate::split::MAX_WEIGHT).contains(&weight) {
+            return Err(Refusal::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "weight {weight} is out of range: a split gives {}-{} % to the generation                      (100 % is a plain activate)",
+                    crate::split::MIN_WEIGHT,
+                    crate::split::MAX_WEIGHT
+                ),
+            ));
+        }
+        if !self.generations.contains_key(&generation) {
+            return Err(self.unknown_generation(generation));
+        }
+        let Some(primary) = self.primary() else {
+            return Err(Refusal::new(
+                ErrorKind::Conflict,
+                format!(
+                    "no generation is active to take the other {} %: activate one first                      (reuseportctl activate GROUP GEN)",
+                    100 - weight
+                ),
+            ));
+        };
+        if primary == generation {
+            return Err(Refusal::new(
+                ErrorKind::Conflict,
+                format!(
+                    "generation {generation} is the active generation already: --weight gives                      a share to another generation (reuseportctl activate GROUP NEW --weight P)"
+                ),
+            ));
+        }
+        let mut changes = Vec::new();
+        for (n, g) in &mut self.generations {
+            let want = if *n == generation {
+                g.weight = Some(weight);
+                GenState::Active
+            } else if *n != primary && g.state == GenState::Active {
+                g.weight = None;
                 GenState::Draining
             } else {
                 g.state
@@ -254,6 +351,13 @@ impl Registry {
             });
         }
         self.generations.retain(|_, g| !g.sockets.is_empty());
+        if self.primary().is_none() {
+            // The primary of a split is gone: its share goes to the weighted generation,
+            // which is then simply the active one.
+            for g in self.generations.values_mut() {
+                g.weight = None;
+            }
+        }
         freed
     }
 
@@ -272,9 +376,22 @@ impl Registry {
     pub fn steering_config(&self, serial: u32) -> SteeringConfig {
         let mut cfg = SteeringConfig::EMPTY;
         cfg.serial = serial;
-        if let Some(n) = self.active() {
-            let active: Vec<u32> = self.generations[&n].sockets.keys().copied().collect();
-            cfg.n_active = SteeringConfig::fill_cyclic(&mut cfg.active, &active);
+        let slots_of =
+            |n: u32| -> Vec<u32> { self.generations[&n].sockets.keys().copied().collect() };
+        match (self.weighted(), self.primary()) {
+            (Some((weighted, weight)), Some(primary)) => {
+                let listed = crate::split::fill(
+                    &mut cfg.active,
+                    &slots_of(weighted),
+                    &slots_of(primary),
+                    weight,
+                );
+                cfg.n_active = listed as u32;
+            }
+            (Some((n, _)), None) | (None, Some(n)) => {
+                cfg.n_active = SteeringConfig::fill_cyclic(&mut cfg.active, &slots_of(n));
+            }
+            (None, None) => {}
         }
         let mut fallback: Vec<u32> = Vec::new();
         for state in [GenState::Draining, GenState::Standby] {
@@ -287,7 +404,21 @@ impl Registry {
             }
         }
         cfg.n_fallback = SteeringConfig::fill_cyclic(&mut cfg.fallback, &fallback);
+        cfg.probe = self.probe_target().unwrap_or(reuseport_common::NO_PROBE);
         cfg
+    }
+
+    /// Where probe connections go (`reuseport_common::PROBE_PORTS`): the lowest slot of the
+    /// newest (highest-numbered) generation, whatever its state. A new generation is the
+    /// one a deploy checks before it gets traffic, and during a canary. `None` when the
+    /// newest generation is the only active one: ordinary steering reaches it anyway, and
+    /// the program then skips the probe test for every connection.
+    pub fn probe_target(&self) -> Option<u32> {
+        let (_, newest) = self.generations.last_key_value()?;
+        if newest.state == GenState::Active && self.weighted().is_none() {
+            return None;
+        }
+        newest.sockets.keys().next().copied()
     }
 
     fn unknown_generation(&self, generation: u32) -> Refusal {
@@ -457,6 +588,98 @@ mod tests {
         );
         let newest_first: Vec<u32> = (0..gens - 1).rev().collect();
         assert_eq!(&c.fallback[..newest_first.len()], newest_first.as_slice());
+    }
+
+    #[test]
+    fn a_split_keeps_the_active_generation_and_weights_the_table() {
+        let len = reuseport_common::MAX_SLOTS as usize;
+        let mut r = Registry::default();
+        r.register(1, None, false, 10, member(1));
+        r.register(2, None, false, 20, member(2));
+        r.register(3, None, false, 30, member(3));
+        assert_eq!(r.split(1, 10).unwrap_err().kind, ErrorKind::Conflict);
+        assert_eq!(r.split(2, 100).unwrap_err().kind, ErrorKind::BadRequest);
+        assert_eq!(
+            r.split(2, 10).unwrap(),
+            [StateChange {
+                generation: 2,
+                state: GenState::Active
+            }]
+        );
+        assert_eq!(
+            (r.active(), r.primary(), r.weighted()),
+            (Some(2), Some(1), Some((2, 10)))
+        );
+        let c = r.steering_config(1);
+        assert_eq!(c.n_active, 2);
+        let twos = c.active.iter().filter(|s| **s == 20).count();
+        assert_eq!(twos, crate::split::entries(10, len));
+        assert_eq!(twos + c.active.iter().filter(|s| **s == 10).count(), len);
+        // A new weight changes no state; another generation's split drains the previous one.
+        assert!(r.split(2, 50).unwrap().is_empty());
+        assert_eq!(r.weighted(), Some((2, 50)));
+        let ch = r.split(3, 5).unwrap();
+        assert_eq!(
+            states(&r),
+            [
+                (1, GenState::Active),
+                (2, GenState::Draining),
+                (3, GenState::Active)
+            ]
+        );
+        assert_eq!(ch.len(), 2);
+        assert_eq!(r.generations[&2].weight, None);
+        // A plain activate of the weighted generation ends the split.
+        r.activate(3).unwrap();
+        assert_eq!(
+            states(&r),
+            [
+                (1, GenState::Draining),
+                (2, GenState::Draining),
+                (3, GenState::Active)
+            ]
+        );
+        assert!(r.generations.values().all(|g| g.weight.is_none()));
+        assert!(r.steering_config(2).active.iter().all(|s| *s == 30));
+    }
+
+    #[test]
+    fn probes_go_to_the_newest_generation_unless_it_alone_is_active() {
+        let no_probe = reuseport_common::NO_PROBE;
+        let mut r = Registry::default();
+        r.register(1, None, false, 10, member(1));
+        assert_eq!(
+            r.steering_config(1).probe,
+            no_probe,
+            "steady state: no probe test"
+        );
+        r.register(2, None, false, 20, member(2));
+        assert_eq!(r.steering_config(2).probe, 20, "the standby newcomer");
+        r.split(2, 10).unwrap();
+        assert_eq!(r.steering_config(3).probe, 20, "the canary");
+        r.activate(2).unwrap();
+        assert_eq!(r.steering_config(4).probe, no_probe);
+        r.activate(1).unwrap();
+        assert_eq!(
+            r.steering_config(5).probe,
+            20,
+            "rolled back: the newest drains"
+        );
+    }
+
+    #[test]
+    fn a_split_whose_active_generation_leaves_gives_everything_to_the_other() {
+        let mut r = Registry::default();
+        r.register(1, None, false, 10, member(1));
+        r.register(2, None, false, 20, member(2));
+        r.split(2, 10).unwrap();
+        r.unregister(1);
+        assert_eq!(
+            (r.active(), r.primary(), r.weighted()),
+            (Some(2), Some(2), None)
+        );
+        assert!(r.steering_config(1).active.iter().all(|s| *s == 20));
+        assert_eq!(r.split(2, 10).unwrap_err().kind, ErrorKind::Conflict);
     }
 
     #[test]

@@ -290,6 +290,22 @@ async fn answer(
         Op::Drain { group, generation } => {
             tokio::task::spawn_blocking(move || a.drain(peer, &group, generation)).await
         }
+        Op::Split {
+            group,
+            generation,
+            weight,
+        } => tokio::task::spawn_blocking(move || a.split(peer, &group, generation, weight)).await,
+        Op::Health {
+            group,
+            generation,
+            health,
+        } => {
+            tokio::task::spawn_blocking(move || a.report_health(peer, &group, generation, health))
+                .await
+        }
+        Op::Rollback { group } => {
+            tokio::task::spawn_blocking(move || a.rollback(peer, &group)).await
+        }
         Op::Restart { group } => {
             let mailbox = mailbox.clone();
             tokio::task::spawn_blocking(move || a.restart(peer, &group, reg, mailbox)).await

@@ -32,6 +32,22 @@ use crate::{
     registry::{Refusal, RegId, Registry, StateChange},
 };
 
+/// What a [`Agent::change_chosen`] chooser sees: the agent's state, locked, and the group the
+/// request named.
+pub(crate) struct Choice<'a> {
+    pub(crate) state: &'a State,
+    index: &'a ServerIndex,
+    pub(crate) group: GroupKey,
+    pub(crate) own_netns: u64,
+}
+
+impl Choice<'_> {
+    /// The groups `generation` of the named group spans, the named group first.
+    pub(crate) fn span(&self, generation: u32) -> Vec<GroupKey> {
+        self.index.span(self.state, self.group, generation)
+    }
+}
+
 /// Which groups each (generation, server pid) has sockets in, built once per request.
 struct ServerIndex(HashMap<(u32, i32), BTreeSet<GroupKey>>);
 
@@ -99,13 +115,36 @@ impl Agent {
         peer: Peer,
         wanted: &GroupAddr,
         generation: u32,
-        op: impl Fn(&mut Registry) -> Result<Vec<StateChange>, Refusal>,
+        op: impl Fn(&mut Registry, u32) -> Result<Vec<StateChange>, Refusal>,
+        what: &str,
+    ) -> Result<Reply, Refusal> {
+        self.change_chosen(peer, wanted, |_| Ok(generation), op, what)
+    }
+
+    /// [`Agent::change_spanning`] of the generation `choose` picks, under the same lock as
+    /// the change itself, so that what it saw is what is changed.
+    pub(crate) fn change_chosen(
+        &self,
+        peer: Peer,
+        wanted: &GroupAddr,
+        choose: impl FnOnce(&Choice<'_>) -> Result<u32, Refusal>,
+        op: impl Fn(&mut Registry, u32) -> Result<Vec<StateChange>, Refusal>,
         what: &str,
     ) -> Result<Reply, Refusal> {
         let mut state = self.lock();
         let live: HashSet<RegId> = state.subscribers.keys().copied().collect();
-        let first = state.find(wanted)?.key();
-        let keys = ServerIndex::new(&state).span(&state, first, generation);
+        let first = state.find(wanted)?;
+        let (first, owner) = (first.key(), first.owner_uid());
+        self.access.may_change(&peer, &first, owner, what)?;
+        let index = ServerIndex::new(&state);
+        let generation = choose(&Choice {
+            state: &state,
+            index: &index,
+            group: first,
+            own_netns: self.own_netns,
+        })?;
+        let keys = index.span(&state, first, generation);
+        let op = |r: &mut Registry| op(r, generation);
         let refused = |key: &GroupKey, e: Refusal| {
             if keys.len() == 1 {
                 return e;
@@ -128,7 +167,7 @@ impl Agent {
         let mut staged: Vec<(GroupKey, Staged)> = Vec::with_capacity(keys.len());
         for key in &keys {
             let group = state.groups.get_mut(key).expect("key from the map");
-            match group.stage(&self.grace, &op) {
+            match group.stage(&self.grace, op) {
                 Ok(s) => staged.push((*key, s)),
                 Err(e) => {
                     self.take_back(&mut state, staged);

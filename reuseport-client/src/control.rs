@@ -102,8 +102,8 @@ mod async_client {
     use std::{os::fd::BorrowedFd, path::Path};
 
     use reuseport_proto::{
-        AgentInfo, DrainStep, GroupAddr, GroupStatus, Op, Reply, Request, RestartOutcome,
-        frame::Conn,
+        AgentInfo, DrainStep, GenerationHealth, GroupAddr, GroupStatus, Op, Reply, Request,
+        RestartOutcome, frame::Conn,
     };
     use tokio::net::UnixStream;
 
@@ -212,6 +212,22 @@ mod async_client {
             .await
         }
 
+        /// From a supervisor: the health of `generation` as its checks see it (shown by
+        /// `status`); returns the group after the report.
+        pub async fn report_health(
+            &mut self,
+            group: GroupAddr,
+            generation: u32,
+            health: GenerationHealth,
+        ) -> Result<GroupStatus, ClientError> {
+            self.change(Op::Health {
+                group,
+                generation,
+                health,
+            })
+            .await
+        }
+
         /// Makes `generation` the active one in `group` and in every other group it spans
         /// (the groups of a server with several listeners), all or none; returns every group
         /// after the change, `group` first.
@@ -233,6 +249,34 @@ mod async_client {
         ) -> Result<Vec<GroupStatus>, ClientError> {
             let reply = self.request(Op::Drain { group, generation }).await?;
             changed_all("drain", reply)
+        }
+
+        /// Sends `weight` percent (1-99) of new connections to `generation` and the rest to
+        /// the active generation, in `group` and every other group `generation` spans, all or
+        /// none; returns every group after the change, `group` first.
+        pub async fn split_all(
+            &mut self,
+            group: GroupAddr,
+            generation: u32,
+            weight: u8,
+        ) -> Result<Vec<GroupStatus>, ClientError> {
+            let op = Op::Split {
+                group,
+                generation,
+                weight,
+            };
+            changed_all("split", self.request(op).await?)
+        }
+
+        /// Makes the newest draining generation of `group` that still listens the active
+        /// one again (in every group it spans, all or none); returns every group after the
+        /// change, `group` first. Refused (`ErrorKind::Conflict`) when none qualifies.
+        pub async fn rollback_all(
+            &mut self,
+            group: GroupAddr,
+        ) -> Result<Vec<GroupStatus>, ClientError> {
+            let reply = self.request(Op::Rollback { group }).await?;
+            changed_all("rollback", reply)
         }
 
         /// Stops sending new connections to `generation`; returns the group after the

@@ -27,6 +27,7 @@
 pub mod blocking;
 mod control;
 mod listener;
+pub mod probe;
 #[cfg(feature = "tokio")]
 mod registration;
 #[cfg(feature = "tokio")]

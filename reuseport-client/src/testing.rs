@@ -41,6 +41,8 @@ pub(crate) fn status_of(group: GroupAddr, active: u32) -> GroupStatus {
             live: None,
             drain: None,
             also_in: Vec::new(),
+            weight: None,
+            health: None,
         }],
         unsteered: 0,
         limits: None,

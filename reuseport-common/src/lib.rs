@@ -23,19 +23,32 @@
 
 /// Version of the layouts and the steering policy below. Bump on any change (see module doc).
 ///
-/// History: 1 = no `STATE` map (pinned state could not be adopted); 2 = `STATE` map.
-pub const ABI_VERSION: u32 = 2;
+/// History: 1 = no `STATE` map (pinned state could not be adopted); 2 = `STATE` map;
+/// 3 = [`SteeringConfig::probe`] (probe connections, [`PROBE_PORTS`]).
+pub const ABI_VERSION: u32 = 3;
 
 /// The first version that pins a `STATE` map.
 pub const FIRST_ABI_WITH_RECORD: u32 = 2;
 
 /// Pinned objects of these versions share today's map layouts and are adopted.
-pub const ADOPTABLE_ABI: core::ops::RangeInclusive<u32> = 2..=ABI_VERSION;
+pub const ADOPTABLE_ABI: core::ops::RangeInclusive<u32> = 3..=ABI_VERSION;
 
 /// Slots in a group's `REUSEPORT_SOCKARRAY`: the most listening sockets one group can hold.
 /// NB: must stay a power of two; the program masks indices with `MAX_SLOTS - 1` so the
 /// verifier can bound them (a `%` alone is not enough, see `docs/toolchain.md`).
 pub const MAX_SLOTS: u32 = 128;
+
+/// Local source ports of **probe connections**: a connection from one of these TCP source
+/// ports *and* a loopback source address (127.0.0.0/8, ::1) goes to
+/// [`SteeringConfig::probe`], whatever that generation's state, so that a generation is
+/// checked through the real port and program before it gets traffic. Below 1024, so that
+/// only a privileged local process can bind them (`net.ipv4.ip_unprivileged_port_start`,
+/// 1024 by default); a remote client cannot send from a loopback address (the kernel drops
+/// such packets as martians).
+pub const PROBE_PORTS: core::ops::RangeInclusive<u16> = 1000..=1015;
+
+/// [`SteeringConfig::probe`] when probe connections are steered as any other connection.
+pub const NO_PROBE: u32 = u32::MAX;
 
 /// Number of [`SteeringConfig`] buffers per group. A flip writes a buffer no reader can be
 /// looking at and then switches the `CURRENT` map to it with one 4-byte
@@ -75,7 +88,8 @@ impl ProgramNames {
 /// One complete steering decision table. The program reads exactly one of these per
 /// connection, chosen by the value in the `CURRENT` map.
 ///
-/// Tried in order until a slot still holds a socket:
+/// A probe connection (see [`PROBE_PORTS`]) tries `probe` first. Then, in order until a slot
+/// still holds a socket:
 /// 1. `active[hash & (MAX_SLOTS - 1)]`: the active generation, spread by the packet hash;
 /// 2. `active[..]` in order: the other active sockets, if that one closed;
 /// 3. `preferred[hash & (MAX_SLOTS - 1)]`: the preferred fallback generation (the newest
@@ -101,12 +115,15 @@ pub struct SteeringConfig {
     pub n_fallback: u32,
     /// Increases with every published config; lets tests and the agent tell tables apart.
     pub serial: u32,
+    /// The slot that probe connections ([`PROBE_PORTS`]) go to, or [`NO_PROBE`]. If its
+    /// socket has closed, a probe connection is steered as any other.
+    pub probe: u32,
     pub active: [u32; MAX_SLOTS as usize],
     pub preferred: [u32; MAX_SLOTS as usize],
     pub fallback: [u32; MAX_SLOTS as usize],
 }
 
-const _: () = assert!(core::mem::size_of::<SteeringConfig>() == 16 + 12 * MAX_SLOTS as usize);
+const _: () = assert!(core::mem::size_of::<SteeringConfig>() == 20 + 12 * MAX_SLOTS as usize);
 
 impl SteeringConfig {
     pub const EMPTY: Self = Self {
@@ -114,6 +131,7 @@ impl SteeringConfig {
         n_preferred: 0,
         n_fallback: 0,
         serial: 0,
+        probe: NO_PROBE,
         active: [0; MAX_SLOTS as usize],
         preferred: [0; MAX_SLOTS as usize],
         fallback: [0; MAX_SLOTS as usize],

@@ -15,15 +15,16 @@ use core::{cell::UnsafeCell, ffi::c_void};
 
 use aya_ebpf::{
     EbpfContext as _,
+    bindings::bpf_hdr_start_off::BPF_HDR_START_NET,
     bindings::{bpf_map_def, bpf_map_type::BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, sk_action::SK_PASS},
-    helpers::generated::bpf_sk_select_reuseport,
+    helpers::generated::{bpf_sk_select_reuseport, bpf_skb_load_bytes_relative},
     macros::{map, sk_reuseport},
     maps::{Array, PerCpuArray},
     programs::SkReuseportContext,
 };
 use reuseport_common::{
-    CONFIG_BUFFERS, COUNTER_ENTRIES, GROUP_COUNTER_INDEX, MAX_SLOTS, PinnedState, SlotCounters,
-    SteeringConfig,
+    CONFIG_BUFFERS, COUNTER_ENTRIES, GROUP_COUNTER_INDEX, MAX_SLOTS, NO_PROBE, PROBE_PORTS,
+    PinnedState, SlotCounters, SteeringConfig,
 };
 
 /// The group's sockets, by slot.
@@ -112,6 +113,13 @@ fn steer(ctx: &SkReuseportContext, migrating: bool) -> u32 {
         // Unreachable with a loaded group (both maps are arrays and always have the entry).
         return SK_PASS;
     };
+    if !migrating
+        && cfg.probe != NO_PROBE
+        && is_probe(ctx)
+        && try_slot(ctx, cfg.probe, Tier::Active, false)
+    {
+        return SK_PASS;
+    }
     let hash = ctx.hash();
     let pick = |slots: &[u32; MAX_SLOTS as usize], tier: Tier| {
         try_slot(ctx, slots[(hash & SLOT_MASK) as usize], tier, migrating)
@@ -131,6 +139,60 @@ fn steer(ctx: &SkReuseportContext, migrating: bool) -> u32 {
     count(GROUP_COUNTER_INDEX, |c| c.unsteered += 1);
     SK_PASS
 }
+
+/// Whether the connection comes from a probe source: a TCP source port in [`PROBE_PORTS`]
+/// and a loopback source address.
+///
+/// NB: only for a new connection (never a migrating one): a request migrated at close has
+/// no skb (`data` and `data_end` are NULL, and the load helpers would read through it).
+/// `data` starts at the TCP header at lookup time (`sk_reuseport_md`, uapi `bpf.h`); the IP
+/// source is read with `bpf_skb_load_bytes_relative` from the network header, which the
+/// kernel bounds itself.
+#[inline(always)]
+fn is_probe(ctx: &SkReuseportContext) -> bool {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + 2 > end {
+        return false;
+    }
+    // SAFETY: the two bytes were bounds-checked against `data_end` just above.
+    let port = u16::from_be(unsafe { core::ptr::read_unaligned(data as *const u16) });
+    if port < *PROBE_PORTS.start() || port > *PROBE_PORTS.end() {
+        return false;
+    }
+    // The source address, at its offset in the IPv4 (12) or IPv6 (8) header.
+    match u16::from_be(ctx.eth_protocol() as u16) {
+        ETH_P_IP => {
+            let mut addr = [0u8; 4];
+            load_net(ctx, 12, &mut addr) && addr[0] == 127
+        }
+        ETH_P_IPV6 => {
+            let mut addr = [0u8; 16];
+            load_net(ctx, 8, &mut addr) && addr == LOOPBACK_V6
+        }
+        _ => false,
+    }
+}
+
+/// Reads `N` bytes at `offset` from the network header; false if the packet has fewer.
+/// NB: one call per constant `N`: the helper's size argument must be known to the verifier.
+#[inline(always)]
+fn load_net<const N: usize>(ctx: &SkReuseportContext, offset: u32, buf: &mut [u8; N]) -> bool {
+    // SAFETY: a stack buffer of exactly `N` bytes, and the program's own context.
+    let ret = unsafe {
+        bpf_skb_load_bytes_relative(
+            ctx.as_ptr().cast(),
+            offset,
+            buf.as_mut_ptr().cast(),
+            N as u32,
+            BPF_HDR_START_NET,
+        )
+    };
+    ret == 0
+}
+
+const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
 
 #[inline(always)]
 fn current_config() -> Option<&'static SteeringConfig> {

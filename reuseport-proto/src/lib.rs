@@ -18,10 +18,11 @@ pub mod text;
 pub use self::{
     addr::{AddrError, GroupAddr, GroupKey},
     message::{
-        AgentInfo, Counters, DrainPhase, DrainStep, ErrorKind, GenState, GenerationLive,
-        GenerationStatus, GroupLive, GroupStatus, Limits, ListenerLive, MAX_ADDR_LEN,
-        MAX_ERROR_LEN, MAX_FRAME, MAX_MESSAGE, MAX_NAME_LEN, Op, PROTOCOL_VERSION, Register, Reply,
-        Request, RequestError, RestartOutcome, SocketStatus, UNREQUESTED_RESTART,
+        AgentInfo, Counters, DrainPhase, DrainStep, ErrorKind, GenState, GenerationHealth,
+        GenerationLive, GenerationStatus, GroupLive, GroupStatus, HealthState, Limits,
+        ListenerLive, MAX_ADDR_LEN, MAX_ERROR_LEN, MAX_FRAME, MAX_MESSAGE, MAX_NAME_LEN, Op,
+        PROTOCOL_VERSION, Register, Reply, Request, RequestError, RestartOutcome, SocketStatus,
+        UNREQUESTED_RESTART,
     },
 };
 

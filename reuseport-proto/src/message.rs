@@ -95,6 +95,25 @@ pub enum Op {
     Activate { group: GroupAddr, generation: u32 },
     /// Stop sending new connections to `generation`.
     Drain { group: GroupAddr, generation: u32 },
+    /// Send `weight` percent (1-99) of new connections to `generation` and the rest to the
+    /// active generation, which stays active (`reuseportctl activate --weight`). A separate
+    /// op rather than a field of [`Op::Activate`]: an agent that predates splits must refuse
+    /// it, not ignore the field and flip everything. Answered with [`Reply::Changed`].
+    Split {
+        group: GroupAddr,
+        generation: u32,
+        weight: u8,
+    },
+    /// From a supervisor (`supervise --health`): the health of one of its generations, for
+    /// `status`. Answered with [`Reply::Changed`].
+    Health {
+        group: GroupAddr,
+        generation: u32,
+        health: GenerationHealth,
+    },
+    /// Make the newest draining generation that still listens the active one again, as
+    /// [`Op::Activate`] of it would. Answered with [`Reply::Changed`].
+    Rollback { group: GroupAddr },
     /// Ask the `reuseportctl supervise` that manages `group` to start the next generation,
     /// as on SIGHUP. Answered with [`Reply::Restarting`]; the outcome follows on the same
     /// connection as [`Reply::RestartResult`].
@@ -165,6 +184,9 @@ impl Op {
             Self::Status { .. } => "status",
             Self::Activate { .. } => "activate",
             Self::Drain { .. } => "drain",
+            Self::Split { .. } => "split",
+            Self::Health { .. } => "health",
+            Self::Rollback { .. } => "rollback",
             Self::Restart { .. } => "restart",
             Self::RestartResult { .. } => "restart_result",
             Self::DrainProgress { .. } => "drain_progress",
@@ -183,6 +205,43 @@ pub struct AgentInfo {
     pub mode: String,
     /// The kernel release it runs on.
     pub kernel: String,
+}
+
+/// A generation's health as its supervisor's checks see it (tengine's rise/fall): `up` after
+/// `rise` checks passed in a row, `down` after `fall` failed in a row, `checking` before
+/// either.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationHealth {
+    pub state: HealthState,
+    /// Checks passed in a row, and the number that makes it up.
+    pub successes: u32,
+    pub rise: u32,
+    /// Checks failed in a row, and the number that makes it down.
+    pub failures: u32,
+    pub fall: u32,
+    /// When the last check ended, in milliseconds since the Unix epoch.
+    pub last_check_ms: u64,
+    /// Why the last failed check failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthState {
+    Checking,
+    Up,
+    Down,
+}
+
+impl std::fmt::Display for HealthState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Checking => "checking",
+            Self::Up => "up",
+            Self::Down => "down",
+        })
+    }
 }
 
 /// What a launcher did to a draining generation's server.
@@ -521,6 +580,16 @@ pub struct GenerationStatus {
     /// `drain` act on all of them at once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub also_in: Vec<GroupAddr>,
+    /// During a weighted split (`split`), the percent of new connections each of the two
+    /// active generations gets (they add up to 100); absent otherwise, and from agents
+    /// that predate splits. The exact share is the percent rounded to whole entries of the
+    /// steering table (README, "Steering policy").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u8>,
+    /// Its health as its supervisor last reported it (`supervise --health`); absent without
+    /// health checks, and from agents that predate them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<GenerationHealth>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -44,6 +44,14 @@ pub fn check(op: &Op) -> Result<(), FieldError> {
             outcome: RestartOutcome::Failed { error },
             ..
         } => cap("error", error, MAX_ERROR_LEN),
+        Op::Health {
+            health:
+                crate::message::GenerationHealth {
+                    last_error: Some(error),
+                    ..
+                },
+            ..
+        } => cap("last_error", error, MAX_ERROR_LEN),
         _ => Ok(()),
     }
 }

@@ -80,6 +80,8 @@ mod tests {
                 live: None,
                 drain: None,
                 also_in: Vec::new(),
+                weight: None,
+                health: None,
             }],
             unsteered: 0,
             limits: None,

@@ -61,6 +61,8 @@ pub enum Via {
 pub enum Phase {
     /// Started by `supervise`, not ready yet.
     Starting,
+    /// Getting its share of a weighted split while its health is watched (`--canary`).
+    Canary,
     Standby,
     Active,
     Draining,

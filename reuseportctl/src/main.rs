@@ -23,6 +23,7 @@ mod output;
 mod reaper;
 pub mod register;
 pub mod restart;
+pub mod rollback;
 mod spawn;
 pub mod status;
 pub mod supervise;
@@ -67,6 +68,7 @@ pub enum Command {
     Status(status::StatusArgs),
     Activate(activate::ActivateArgs),
     Drain(drain::DrainArgs),
+    Rollback(rollback::RollbackArgs),
     Restart(restart::RestartArgs),
     Exec(exec::ExecArgs),
     Supervise(supervise::SuperviseArgs),
@@ -132,6 +134,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status::run(&cli.global, args).await,
         Command::Activate(args) => activate::run(&cli.global, args).await,
         Command::Drain(args) => drain::run(&cli.global, args).await,
+        Command::Rollback(args) => rollback::run(&cli.global, args).await,
         Command::Restart(args) => restart::run(&cli.global, args).await,
         Command::Exec(args) => exec::run(&cli.global, args).await,
         Command::Supervise(args) => supervise::run(&cli.global, args).await,

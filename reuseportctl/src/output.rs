@@ -6,7 +6,8 @@
 use std::{fmt::Write as _, io::Write as _};
 
 use reuseport_client::proto::{
-    GenState, GenerationStatus, GroupStatus, Limits, RestartOutcome, text::escape,
+    GenState, GenerationHealth, GenerationStatus, GroupStatus, HealthState, Limits, RestartOutcome,
+    text::escape,
 };
 
 /// Writes `text` to stdout. A closed pipe (`reuseportctl status | head -1`) is not an
@@ -90,9 +91,10 @@ fn generation_row(generation: &GenerationStatus) -> Vec<String> {
     if waiting > 0 {
         let _ = write!(sockets, " ({waiting} not re-registered)");
     }
-    let state = match &generation.drain {
-        Some(phase) => format!("{} ({phase})", generation.state),
-        None => generation.state.to_string(),
+    let state = match (&generation.drain, generation.weight) {
+        (Some(phase), _) => format!("{} ({phase})", generation.state),
+        (None, Some(weight)) => format!("{} ({weight} %)", generation.state),
+        (None, None) => generation.state.to_string(),
     };
     vec![
         generation.generation.to_string(),
@@ -141,9 +143,19 @@ pub fn status_table(groups: &[GroupStatus]) -> String {
         if i > 0 {
             out.push('\n');
         }
-        let active = group
-            .active
-            .map_or_else(|| "none".into(), |g| g.to_string());
+        // NB: during a split both active generations are named, with their weights.
+        let split: Vec<String> = group
+            .generations
+            .iter()
+            .filter_map(|g| Some(format!("{} ({} %)", g.generation, g.weight?)))
+            .collect();
+        let active = if split.is_empty() {
+            group
+                .active
+                .map_or_else(|| "none".into(), |g| g.to_string())
+        } else {
+            split.join(" + ")
+        };
         let _ = write!(
             out,
             "{}  mode {}  active {}  unsteered {}",
@@ -175,6 +187,16 @@ pub fn status_table(groups: &[GroupStatus]) -> String {
             rows: generations.iter().map(|g| generation_row(g)).collect(),
         }
         .render("  ", &mut out);
+        for g in &generations {
+            if let Some(h) = &g.health {
+                let _ = writeln!(
+                    out,
+                    "  generation {} health: {}",
+                    g.generation,
+                    health_line(h)
+                );
+            }
+        }
         for g in generations.iter().filter(|g| !g.also_in.is_empty()) {
             let _ = writeln!(
                 out,
@@ -199,6 +221,28 @@ pub fn status_table(groups: &[GroupStatus]) -> String {
         }
     }
     out
+}
+
+/// `up (5 passed in a row; rise 3), last check 0.4s ago`, `down (2 failed in a row; fall 2;
+/// last failure: …), …`.
+fn health_line(h: &GenerationHealth) -> String {
+    let mut line = match h.state {
+        HealthState::Down => format!("down ({} failed in a row; fall {}", h.failures, h.fall),
+        HealthState::Up => format!("up ({} passed in a row; rise {}", h.successes, h.rise),
+        HealthState::Checking => {
+            format!("checking ({} of {} passed in a row", h.successes, h.rise)
+        }
+    };
+    if let Some(e) = h.last_error.as_deref().filter(|_| h.failures > 0) {
+        let _ = write!(line, "; last failure: {}", escape(e));
+    }
+    line.push(')');
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let ago = now.saturating_sub(h.last_check_ms);
+    let _ = write!(line, ", last check {:.1}s ago", ago as f64 / 1000.0);
+    line
 }
 
 /// `per non-root uid: … ; kept for root: …`, when the agent reports its quotas.
@@ -236,13 +280,16 @@ pub fn change_summary(group: &GroupStatus, generation: u32) -> String {
         .find(|g| g.generation == generation)
     {
         let _ = write!(line, " {}", g.state);
+        if let Some(weight) = g.weight {
+            let _ = write!(line, " at {weight} %");
+        }
     }
     let mut others = Vec::new();
     for state in [GenState::Active, GenState::Draining, GenState::Standby] {
         let mut gens: Vec<u32> = group
             .generations
             .iter()
-            .filter(|g| g.generation != generation && g.state == state)
+            .filter(|g| g.generation != generation && g.state == state && g.weight.is_none())
             .map(|g| g.generation)
             .collect();
         gens.sort_unstable();
@@ -253,6 +300,14 @@ pub fn change_summary(group: &GroupStatus, generation: u32) -> String {
                 .collect::<Vec<_>>()
                 .join(", ");
             others.push(format!("{gens} {state}"));
+        }
+        for g in &group.generations {
+            if let Some(weight) = g
+                .weight
+                .filter(|_| g.generation != generation && g.state == state)
+            {
+                others.push(format!("{} {state} at {weight} %", g.generation));
+            }
         }
     }
     if !others.is_empty() {
@@ -297,6 +352,8 @@ mod tests {
             live: None,
             drain: None,
             also_in: Vec::new(),
+            weight: None,
+            health: None,
         }
     }
 
@@ -316,6 +373,24 @@ mod tests {
             last_restart: None,
             live: None,
         }
+    }
+
+    #[test]
+    fn a_split_shows_both_active_generations_with_their_weights() {
+        let mut g = group();
+        g.generations[1].state = GenState::Active;
+        g.generations[0].weight = Some(10);
+        g.generations[1].weight = Some(90);
+        assert_eq!(
+            change_summary(&g, 2),
+            "tcp://127.0.0.1:8080: generation 2 active at 10 % (1 active at 90 %; 3 standby)"
+        );
+        let table = status_table(std::slice::from_ref(&g));
+        assert!(table.contains("active 2 (10 %) + 1 (90 %)"), "{table}");
+        assert!(
+            table.contains("active (10 %)") && table.contains("active (90 %)"),
+            "{table}"
+        );
     }
 
     #[test]

@@ -1,16 +1,53 @@
-//! What `status` shows of a group, and what the live figures need to read the kernel for it.
+//! What `status` shows of a group (and what supervisors report for it: health), and what the
+//! live figures need to read the kernel for it.
 
-use reuseport_proto::message::{DrainPhase, GenState, GenerationStatus, GroupStatus, SocketStatus};
+use reuseport_proto::message::{
+    DrainPhase, ErrorKind, GenState, GenerationHealth, GenerationStatus, GroupStatus, SocketStatus,
+};
 
 use super::Group;
 use crate::{
     live,
-    registry::{RegId, reported},
+    registry::{Refusal, RegId, reported},
 };
 
 impl Group {
+    /// Keeps what a supervisor reported of `generation`'s health (not pinned).
+    pub(crate) fn set_health(
+        &mut self,
+        generation: u32,
+        health: GenerationHealth,
+    ) -> Result<(), Refusal> {
+        let known: Vec<String> = self
+            .registry
+            .generations
+            .keys()
+            .map(u32::to_string)
+            .collect();
+        let Some(g) = self.registry.generations.get_mut(&generation) else {
+            return Err(Refusal::new(
+                ErrorKind::UnknownGeneration,
+                format!(
+                    "unknown generation {generation}: registered generations are {}",
+                    known.join(", ")
+                ),
+            ));
+        };
+        g.health = Some(health);
+        Ok(())
+    }
+
     pub(crate) fn status(&self, own_netns: u64, registered: impl Fn(RegId) -> bool) -> GroupStatus {
         let mut active_listening = false;
+        let split = self.registry.weighted();
+        let weight_of = |n: u32| {
+            let (weighted, weight) = split?;
+            if n == weighted {
+                Some(weight)
+            } else {
+                (Some(n) == self.registry.primary()).then_some(100 - weight)
+            }
+        };
         let generations = self
             .registry
             .generations
@@ -48,6 +85,8 @@ impl Group {
                         .filter(|_| g.state == GenState::Draining)
                         .map(DrainPhase::from),
                     also_in: Vec::new(),
+                    weight: weight_of(*n),
+                    health: g.health.clone(),
                 }
             })
             .collect();

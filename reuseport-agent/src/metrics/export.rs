@@ -60,6 +60,12 @@ pub struct Generation {
     pub migrated: u64,
     /// New connections per second at the last sample (the chart's last point).
     pub new_per_second: Option<f64>,
+    /// Its share of a weighted split, in percent (`activate --weight`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u8>,
+    /// `up`, `down` or `checking`, as its supervisor's health checks report it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
 }
 
 impl Status {
@@ -171,6 +177,8 @@ impl Group {
                         fallback: x.counters.fallback,
                         migrated: x.counters.migrated,
                         new_per_second: last_rate(x.generation),
+                        weight: x.weight,
+                        health: x.health.as_ref().map(|h| h.state.to_string()),
                     }
                 })
                 .collect(),

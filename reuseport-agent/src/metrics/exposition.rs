@@ -10,7 +10,7 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
-use reuseport_proto::message::GroupStatus;
+use reuseport_proto::message::{GenState, GroupStatus, HealthState};
 
 use super::View;
 
@@ -140,6 +140,29 @@ impl Collector for Collect {
                 (l, ())
             }),
             info,
+        )?;
+        family(
+            &mut enc,
+            "reuseport_generation_weight",
+            "Percent of the group's new connections an active generation is set to get: 100, \
+             or its share of a weighted split (activate --weight).",
+            MetricType::Gauge,
+            generations()
+                .filter(|(_, x)| x.state == GenState::Active)
+                .map(|(g, x)| (generation_labels(g, x), f64::from(x.weight.unwrap_or(100)))),
+            gauge,
+        )?;
+        family(
+            &mut enc,
+            "reuseport_generation_healthy",
+            "1 while the generation's supervisor reports it up (supervise --health), 0 while it \
+             is being checked or down.",
+            MetricType::Gauge,
+            generations().filter_map(|(g, x)| {
+                let up = x.health.as_ref()?.state == HealthState::Up;
+                Some((generation_labels(g, x), f64::from(u8::from(up))))
+            }),
+            gauge,
         )?;
         family(
             &mut enc,

@@ -181,6 +181,8 @@ mod tests {
                             live: None,
                             drain: None,
                             also_in: Vec::new(),
+                            weight: None,
+                            health: None,
                         })
                         .collect(),
                 },

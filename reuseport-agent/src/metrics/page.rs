@@ -104,10 +104,16 @@ fn group(h: &mut String, g: &Group) {
          <th>fallback</th><th>migrated</th></tr></thead><tbody>\n",
     );
     for x in &g.generations {
-        let state = match &x.drain {
+        let mut state = match &x.drain {
             Some(d) => format!("{} ({})", x.state, escape(d)),
             None => x.state.to_string(),
         };
+        if let Some(w) = x.weight {
+            state.push_str(&format!(" {w} %"));
+        }
+        if let Some(h) = &x.health {
+            state.push_str(&format!(", health {}", escape(h)));
+        }
         let pids: Vec<String> = x.pids.iter().map(i32::to_string).collect();
         let sockets = if x.listening == x.sockets {
             x.sockets.to_string()

@@ -114,6 +114,8 @@ impl Supervisor {
                 phase,
                 drain: None,
                 forwarder,
+                hold_until: None,
+                health: None,
                 _registrations: registration,
             },
         );

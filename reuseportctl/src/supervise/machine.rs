@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     draining::{Drain, DrainTask},
-    events::{self, Via, secs, warn},
+    events::{self, Via, note, secs, warn},
     launch::{self, describe_exit},
     listeners::{Registrations, RestartRequest},
     reaper::Reaper,
@@ -35,6 +35,8 @@ pub(super) enum Event {
     Closed(u32),
     /// `reuseportctl restart`, forwarded by the agent with its id.
     Restart(RestartRequest),
+    /// One health check of a generation (`--health`).
+    Health(u32, Result<(), String>),
 }
 
 /// Where a generation is in its life.
@@ -46,6 +48,12 @@ pub(super) enum Phase {
         give_up_at: Instant,
     },
     Active,
+    /// Up, and active for `--canary`'s share of new connections next to `primary`, the
+    /// generation that served before it, until `until`; then promoted (see `gate`).
+    Canary {
+        until: Instant,
+        primary: u32,
+    },
     /// Waiting until idle, signalled or killed: see its [`DrainTask`].
     Draining {
         since: Instant,
@@ -62,12 +70,20 @@ pub(super) struct Gen {
     pub(super) phase: Phase,
     pub(super) drain: Option<DrainTask>,
     pub(super) forwarder: JoinHandle<()>,
+    /// While it drains within `--rollback-window`: when its drain starts (until then it
+    /// keeps its listener and is not signalled).
+    pub(super) hold_until: Option<Instant>,
+    /// Its health checks while it starts (`--health`), see [`super::gate`].
+    pub(super) health: Option<super::gate::Checking>,
     pub(super) _registrations: Registrations,
 }
 
 impl Drop for Gen {
     fn drop(&mut self) {
         self.forwarder.abort();
+        if let Some(h) = &self.health {
+            h.task.abort();
+        }
     }
 }
 
@@ -133,7 +149,7 @@ impl Supervisor {
     pub(super) fn starting(&self) -> Option<u32> {
         self.gens
             .iter()
-            .find(|(_, g)| matches!(g.phase, Phase::Starting { .. }))
+            .find(|(_, g)| matches!(g.phase, Phase::Starting { .. } | Phase::Canary { .. }))
             .map(|(n, _)| *n)
     }
 
@@ -252,8 +268,13 @@ impl Supervisor {
             return;
         };
         match state {
+            // NB: a canary is active next to the generation that serves, which stays current
+            // until the canary is promoted.
+            GenState::Active if matches!(g.phase, Phase::Canary { .. }) => {}
             GenState::Active => {
                 g.phase = Phase::Active;
+                // Active again (`reuseportctl rollback` or `activate`): its drain is over.
+                (g.drain, g.hold_until) = (None, None);
                 self.current = Some(generation);
             }
             GenState::Draining => {
@@ -261,17 +282,17 @@ impl Supervisor {
                     g.phase = Phase::Draining {
                         since: Instant::now(),
                     };
-                    g.drain = Some(
-                        Drain {
-                            control: self.control.clone(),
-                            groups: g.groups.clone(),
-                            generation,
-                            pid: g.pid,
-                            signal: self.args.on_drain,
-                            opts: self.args.drain.clone(),
-                        }
-                        .start(),
-                    );
+                    let window = self.args.health.rollback_window;
+                    if window.is_zero() {
+                        self.start_drain(generation);
+                    } else {
+                        g.hold_until = Some(Instant::now() + window);
+                        note(format_args!(
+                            "generation {generation} drains; it keeps its listener and is not \
+                             signalled for the --rollback-window of {window:?}: `reuseportctl \
+                             rollback GROUP` brings it back"
+                        ));
+                    }
                 }
                 if self.current == Some(generation) {
                     // Someone else activated another generation (reuseportctl activate).
@@ -282,6 +303,25 @@ impl Supervisor {
         }
     }
 
+    /// Starts the drain of `generation` (see [`Drain`]): signalled once idle.
+    pub(super) fn start_drain(&mut self, generation: u32) {
+        let Some(g) = self.gens.get_mut(&generation) else {
+            return;
+        };
+        g.hold_until = None;
+        g.drain = Some(
+            Drain {
+                control: self.control.clone(),
+                groups: g.groups.clone(),
+                generation,
+                pid: g.pid,
+                signal: self.args.on_drain,
+                opts: self.args.drain.clone(),
+            }
+            .start(),
+        );
+    }
+
     pub(super) async fn on_event(&mut self, event: Event) {
         match event {
             Event::State(generation, state) => {
@@ -290,6 +330,7 @@ impl Supervisor {
                 }
                 self.on_state(generation, state);
             }
+            Event::Health(generation, result) => self.on_health(generation, result).await,
             Event::Restart(request) => {
                 if self.shutdown.is_some() {
                     events::Event::ReloadIgnored { via: Via::Agent }
@@ -333,7 +374,7 @@ impl Supervisor {
             .iter()
             .find(|(_, g)| g.pid == pid && matches!(g.phase, Phase::Starting { .. }));
         if let (true, Some((&generation, _))) = (ready, starting) {
-            self.activate(generation).await;
+            self.on_ready(generation).await;
         }
     }
 
@@ -374,6 +415,14 @@ impl Supervisor {
                 self.restart_failed(
                     Some(generation),
                     format_args!("generation {generation} exited with {how} before it was ready"),
+                )
+            }
+            Phase::Canary { .. } => {
+                events::Event::exited(generation, status, events::Phase::Canary, None)
+                    .report_json_only();
+                self.restart_failed(
+                    Some(generation),
+                    format_args!("generation {generation} exited with {how} during its canary"),
                 )
             }
             Phase::Failed => events::Event::exited(generation, status, events::Phase::Failed, None)
@@ -490,6 +539,12 @@ impl Supervisor {
                     consider(t);
                 }
             }
+            if let Phase::Canary { until, .. } = g.phase {
+                consider(until);
+            }
+            if let Some(t) = g.hold_until {
+                consider(t);
+            }
         }
         next
     }
@@ -538,8 +593,18 @@ impl Supervisor {
         for generation in ready {
             // NB: the generation may have exited since; its SIGCHLD is handled next.
             if self.shutdown.is_none() {
-                self.activate(generation).await;
+                self.on_ready(generation).await;
             }
+        }
+        self.promote_canaries(now).await;
+        let held: Vec<u32> = self
+            .gens
+            .iter()
+            .filter(|(_, g)| g.hold_until.is_some_and(|t| t <= now))
+            .map(|(n, _)| *n)
+            .collect();
+        for generation in held {
+            self.start_drain(generation);
         }
     }
 }

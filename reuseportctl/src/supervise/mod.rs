@@ -38,7 +38,9 @@ use reuseport_client::{
     proto::{ErrorKind, GroupAddr},
 };
 
+mod gate;
 mod generation;
+mod health;
 mod machine;
 mod notify;
 mod service;
@@ -61,9 +63,11 @@ pub const GENERATION_VAR: &str = "REUSEPORT_GENERATION";
         On SIGHUP, or `reuseportctl restart GROUP` (forwarded by the agent):\
         \n  1. COMMAND starts again as the next generation, registered as standby: it gets no \
         connection yet;\
-        \n  2. the supervisor waits until it is ready (--ready);\
+        \n  2. the supervisor waits until it is ready (--ready) and, with --health, up: its \
+        health checks reach it through the group's port from probe ports while it is standby;\
         \n  3. it activates the new generation: from then on every new connection goes to it, \
-        and the previous generation drains;\
+        and the previous generation drains (with --canary P:DURATION: P % of them for \
+        DURATION first, rolled back if it goes down meanwhile);\
         \n  4. once the draining generation is idle (no connection in flight, empty accept \
         queue: the agent reads both from the kernel), or --drain-timeout after the flip, it \
         gets --on-drain SIGNAL, and SIGKILL if it still runs --kill-timeout later. A server \
@@ -108,6 +112,8 @@ pub struct SuperviseArgs {
     pub on_drain: Signal,
     #[command(flatten)]
     pub drain: DrainOpts,
+    #[command(flatten)]
+    pub health: health::HealthOpts,
     /// Name of the generations, shown by `status` and passed in LISTEN_FDNAMES for every
     /// listener that has no NAME= of its own.
     #[arg(long, value_name = "NAME", value_parser = parse_name)]

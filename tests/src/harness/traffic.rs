@@ -109,6 +109,27 @@ impl ClientConn {
         })
     }
 
+    /// [`ClientConn::connect`] from the local address `source` (a probe port, see
+    /// `reuseport_common::PROBE_PORTS`).
+    pub fn connect_from(addr: SocketAddr, source: SocketAddr) -> io::Result<Self> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        // NB: a source port reused within TIME-WAIT of its last connection.
+        socket.set_reuse_address(true)?;
+        socket.bind(&source.into())?;
+        socket.connect_timeout(&addr.into(), CLIENT_TIMEOUT)?;
+        let stream = TcpStream::from(socket);
+        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            reader: BufReader::new(stream),
+            next: 0,
+        })
+    }
+
     pub fn stream(&self) -> &TcpStream {
         self.reader.get_ref()
     }

@@ -73,10 +73,11 @@ fn non_root_users_cannot_steer_or_join_groups_they_do_not_own() {
     );
     let port = format!("127.0.0.1:{PORT}");
     for (what, args) in [
-        ("activate", ["activate", port.as_str(), "2"]),
-        ("drain", ["drain", port.as_str(), "2"]),
+        ("activate", &["activate", port.as_str(), "2"][..]),
+        ("drain", &["drain", port.as_str(), "2"]),
+        ("rollback", &["rollback", port.as_str()]),
     ] {
-        let out = users.outsider.ctl(&env, &args);
+        let out = users.outsider.ctl(&env, args);
         let err = one_line_error(&format!("{what} by uid {}", users.outsider.uid), &out);
         assert_eq!(
             out.status.code(),

@@ -287,6 +287,19 @@ fn one_activate_switches_a_generation_in_every_group_it_spans() {
             "a refused drain changes nothing"
         );
     }
+
+    // rollback, naming the admin port, brings generation 1 back on both ports in one
+    // request, as activate would.
+    let out = env.ctl(&["rollback", &local(PORTS[1]).to_string()]);
+    assert!(out.status.success(), "rollback: {out:?}");
+    for port in PORTS {
+        assert_eq!(
+            env.status(port).active,
+            Some(1),
+            "one rollback on the admin port should make generation 1 active on port {port} too"
+        );
+        assert_all_answered_by(port, 1, 10, "generation 1 should get every new connection");
+    }
 }
 
 #[test]
