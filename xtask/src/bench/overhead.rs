@@ -14,7 +14,9 @@
 //! still reached the old generation started before the switch (a lower bound: its start),
 //! and one that reached the new generation was established after it (an upper bound: its
 //! connect completion). A flip with no old-generation connection after `activate` gives no
-//! lower bound and is counted apart, not as 0.
+//! lower bound and is counted apart, not as 0. Every other flip goes back with `rollback`
+//! instead of `activate` (generation 1 still listens while it drains), bracketed the same
+//! way, so that the two are measured side by side.
 
 use std::{
     net::SocketAddr,
@@ -80,6 +82,10 @@ struct OverheadReport {
     /// generation (the switch came earlier), over the flips that had one.
     flip_latency_upper_us: Percentiles,
     flips_with_upper_bound: usize,
+    /// The same brackets for the flips back made with `rollback`.
+    rollback_latency_lower_us: Percentiles,
+    rollback_latency_upper_us: Percentiles,
+    rollbacks_observed: usize,
     activate_rtt_us: Percentiles,
     /// New connections per second while the flips ran.
     flip_load_conn_per_s: f64,
@@ -176,6 +182,9 @@ pub fn overhead(stack: &Stack, o: &OverheadOpts) -> anyhow::Result<()> {
         flips_with_upper_bound: flips.upper.len(),
         flip_latency_lower_us: Percentiles::of(flips.lower),
         flip_latency_upper_us: Percentiles::of(flips.upper),
+        rollbacks_observed: flips.rollback_lower.len(),
+        rollback_latency_lower_us: Percentiles::of(flips.rollback_lower),
+        rollback_latency_upper_us: Percentiles::of(flips.rollback_upper),
         activate_rtt_us: Percentiles::of(flips.rtts),
         flip_load_conn_per_s: flips.load_conn_per_s,
         failures,
@@ -231,16 +240,25 @@ fn print_report(r: &OverheadReport) {
     };
     println!(
         "| flip latency, lower bound (`activate` sent → start of the last connection that still \
-         reached the old generation) | {} over the {} of {} flips where one did |",
+         reached the old generation) | {} over the {} of {} `activate` flips where one did |",
         p(&r.flip_latency_lower_us),
         r.flips_observed,
-        r.flips
+        r.flips.div_ceil(2)
     );
     println!(
         "| flip latency, upper bound (`activate` sent → first connection established on the new \
          generation) | {} over {} flips |",
         p(&r.flip_latency_upper_us),
         r.flips_with_upper_bound
+    );
+    println!(
+        "| rollback latency, lower / upper bound (the same brackets for every other flip, made \
+         with `rollback` instead of `activate`) | lower {} over the {} of {} rollbacks where one \
+         did; upper {} |",
+        p(&r.rollback_latency_lower_us),
+        r.rollbacks_observed,
+        r.flips / 2,
+        p(&r.rollback_latency_upper_us)
     );
     println!(
         "| activate round trip | p50 {:.0} µs, p99 {:.0} µs |",
@@ -260,9 +278,12 @@ fn print_report(r: &OverheadReport) {
 /// What [`flip_latency`] measured.
 struct Flips {
     flips: usize,
-    /// Per observed flip, µs (see the module doc).
+    /// Per observed `activate` flip, µs (see the module doc).
     lower: Vec<f64>,
     upper: Vec<f64>,
+    /// Per observed `rollback`, µs.
+    rollback_lower: Vec<f64>,
+    rollback_upper: Vec<f64>,
     rtts: Vec<f64>,
     load_conn_per_s: f64,
     failures: u64,
@@ -277,10 +298,16 @@ fn flip_latency(stack: &Stack, addr: SocketAddr, o: &OverheadOpts) -> anyhow::Re
     let mut flips: Vec<(Instant, u32)> = Vec::new();
     let mut rtts = Vec::new();
     for k in 0..o.flips {
-        let target = if k % 2 == 0 { 2 } else { 1 };
         let t0 = Instant::now();
-        activate(&mut control, addr, target)?;
-        rtts.push(t0.elapsed().as_secs_f64() * 1e6);
+        // Forth with `activate`, back with `rollback`: generation 1 drains, still listening.
+        let target = if k % 2 == 0 {
+            activate(&mut control, addr, 2)?;
+            rtts.push(t0.elapsed().as_secs_f64() * 1e6);
+            2
+        } else {
+            rollback(&mut control, addr)?;
+            1
+        };
         flips.push((t0, target));
         // Spacing between flips, so each one's tail can be told apart.
         thread::sleep(Duration::from_millis(10));
@@ -293,10 +320,14 @@ fn flip_latency(stack: &Stack, addr: SocketAddr, o: &OverheadOpts) -> anyhow::Re
         tally.failure_line()
     );
     let (lower, upper) = bounds(&flips, &records);
+    let forth = |v: &[Option<f64>]| v.iter().step_by(2).flatten().copied().collect::<Vec<_>>();
+    let back = |v: &[Option<f64>]| v.iter().skip(1).step_by(2).flatten().copied().collect();
     Ok(Flips {
         flips: flips.len(),
-        lower,
-        upper,
+        lower: forth(&lower),
+        upper: forth(&upper),
+        rollback_lower: back(&lower),
+        rollback_upper: back(&upper),
         rtts,
         load_conn_per_s,
         failures: tally.failures(),
@@ -305,8 +336,11 @@ fn flip_latency(stack: &Stack, addr: SocketAddr, o: &OverheadOpts) -> anyhow::Re
 
 /// Per flip (until the next one): the lower bound, if a connection that started after
 /// `activate` still reached the old generation, and the upper bound, if one reached the new
-/// generation; µs after `activate` was sent.
-pub(super) fn bounds(flips: &[(Instant, u32)], records: &[Record]) -> (Vec<f64>, Vec<f64>) {
+/// generation; µs after `activate` was sent, `None` where no connection gave one.
+pub(super) fn bounds(
+    flips: &[(Instant, u32)],
+    records: &[Record],
+) -> (Vec<Option<f64>>, Vec<Option<f64>>) {
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let (mut lower, mut upper) = (Vec::new(), Vec::new());
     for (k, (t0, target)) in flips.iter().enumerate() {
@@ -324,8 +358,8 @@ pub(super) fn bounds(flips: &[(Instant, u32)], records: &[Record]) -> (Vec<f64>,
                 last_old = Some(last_old.map_or(at, |l| l.max(at)));
             }
         }
-        lower.extend(last_old.map(us));
-        upper.extend(first_new.map(us));
+        lower.push(last_old.map(us));
+        upper.push(first_new.map(us));
     }
     (lower, upper)
 }
@@ -344,6 +378,19 @@ pub(super) fn activate(
     )?;
     if v["type"] != "changed" {
         bail!("activate {generation}: {}", v["message"]);
+    }
+    Ok(())
+}
+
+/// One `rollback` over an open control connection: the newest draining generation that still
+/// listens becomes active again.
+fn rollback(control: &mut Control, addr: SocketAddr) -> anyhow::Result<()> {
+    let v = control_request(
+        control,
+        &serde_json::json!({"v": 1, "op": "rollback", "group": format!("tcp://{addr}")}),
+    )?;
+    if v["type"] != "changed" {
+        bail!("rollback: {}", v["message"]);
     }
     Ok(())
 }

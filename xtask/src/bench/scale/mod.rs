@@ -459,6 +459,7 @@ fn socket_point(
         let (tally, records) = load.stop();
         let after = prog_stats(&prog)?;
         let (lower, _upper) = bounds(&flips, &records);
+        let lower: Vec<f64> = lower.into_iter().flatten().collect();
         point.flips = flips.len();
         point.flips_observed = lower.len();
         point.flip_latency_lower_us = Some(Percentiles::of(lower));
