@@ -9,7 +9,7 @@ use reuseport_proto::{
 
 use crate::{
     ClientError, connect_error,
-    control::{answer, changed, groups, outcome_of, restart_reported, restarting},
+    control::{answer, changed, changed_all, groups, outcome_of, restart_reported, restarting},
 };
 
 /// A blocking control connection for requests that get one answer each.
@@ -80,6 +80,30 @@ impl ControlClient {
     /// Stops sending new connections to `generation`; returns the group after the change.
     pub fn drain(&mut self, group: GroupAddr, generation: u32) -> Result<GroupStatus, ClientError> {
         changed("drain", self.request(Op::Drain { group, generation })?)
+    }
+
+    /// Sends `weight` percent (1-99) of new connections to `generation` and the rest to the
+    /// active generation, in `group` and every other group `generation` spans, all or none;
+    /// returns every group after the change, `group` first.
+    pub fn split(
+        &mut self,
+        group: GroupAddr,
+        generation: u32,
+        weight: u8,
+    ) -> Result<Vec<GroupStatus>, ClientError> {
+        let op = Op::Split {
+            group,
+            generation,
+            weight,
+        };
+        changed_all("split", self.request(op)?)
+    }
+
+    /// Makes the newest draining generation of `group` that still listens the active one
+    /// again (in every group it spans, all or none); returns every group after the change,
+    /// `group` first. Refused (`ErrorKind::Conflict`) when none qualifies.
+    pub fn rollback(&mut self, group: GroupAddr) -> Result<Vec<GroupStatus>, ClientError> {
+        changed_all("rollback", self.request(Op::Rollback { group })?)
     }
 
     /// From a launcher: what it did to the server of the draining `generation`.

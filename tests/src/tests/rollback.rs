@@ -10,12 +10,12 @@ use std::{
     time::Duration,
 };
 
-use reuseport_client::Registration;
+use reuseport_client::{Registration, blocking::ControlClient};
 use reuseport_proto::{GenState, GroupStatus};
 
 use crate::harness::{
-    Generation, ServerKind, Tally, TestEnv, generation_status, local, one_line_error, request_once,
-    tally, wait_until,
+    Generation, ServerKind, Tally, TestEnv, generation_status, group, local, one_line_error,
+    request_once, tally, wait_until,
 };
 
 const CLIENT_THREADS: usize = 2;
@@ -209,5 +209,28 @@ fn rollback_picks_the_newest_draining_generation_that_still_listens() {
         status.active,
         Some(3),
         "a refused rollback should change nothing: {status:?}"
+    );
+
+    // The client library without an async runtime splits, promotes and rolls back the same.
+    let _g4 = env.serve(PORT, 4, ServerKind::Blocking, false);
+    let mut c = ControlClient::connect(env.control_path()).expect("connect to the agent");
+    let split = c.split(group(PORT), 4, 50).expect("split");
+    let weights: Vec<_> = split[0]
+        .generations
+        .iter()
+        .filter(|g| g.state == GenState::Active)
+        .map(|g| (g.generation, g.weight))
+        .collect();
+    assert_eq!(
+        weights,
+        [(3, Some(50)), (4, Some(50))],
+        "a 50 % split should show both generations active with their weights: {split:?}"
+    );
+    c.activate(group(PORT), 4).expect("promote generation 4");
+    let back = c.rollback(group(PORT)).expect("rollback");
+    assert_eq!(
+        back[0].active,
+        Some(3),
+        "rollback should bring generation 3 back: {back:?}"
     );
 }
