@@ -11,7 +11,7 @@ use std::{
     os::fd::{BorrowedFd, OwnedFd},
 };
 
-use reuseport_common::MAX_SLOTS;
+use reuseport_common::{MAX_GENERATIONS, MAX_SLOTS};
 
 use crate::{
     grace::{Grace, Ticket},
@@ -315,6 +315,18 @@ impl Group {
         activate: bool,
         member: Member,
     ) -> Result<(u32, Vec<StateChange>), Refusal> {
+        if !self.registry.generations.contains_key(&generation)
+            && self.registry.generations.len() >= MAX_GENERATIONS as usize
+        {
+            return Err(Refusal::new(
+                ErrorKind::Limit,
+                format!(
+                    "group {} already holds {MAX_GENERATIONS} generations: stop the servers of \
+                     a drained generation before registering generation {generation}",
+                    self.key
+                ),
+            ));
+        }
         let slot = self.slots.alloc(grace).ok_or_else(|| {
             Refusal::new(
                 ErrorKind::Limit,

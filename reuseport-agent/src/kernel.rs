@@ -120,6 +120,12 @@ fn load(mode: Mode, pin_dir: Option<&Path>) -> Result<Ebpf, KernelError> {
         .try_into()
         .map_err(|e: aya::programs::ProgramError| load_err(mode)(e.into()))?;
     prog.load().map_err(|e| load_err(mode)(e.into()))?;
+    // What the verifier walked (5.16+): the figure docs/design.md keeps under the 1M limit.
+    let verified = prog
+        .info()
+        .ok()
+        .and_then(|i| i.verified_instruction_count());
+    tracing::debug!(program = mode.program(), ?verified, "program loaded");
     Ok(ebpf)
 }
 
@@ -152,25 +158,44 @@ pub enum PinnedRecord {
 }
 
 /// Reads the `STATE` record pinned in `pin_dir` without touching anything else.
+///
+/// NB: read as bytes of the map's own value size: records of other ABI versions have other
+/// sizes, and their header still says which version pinned them.
 pub fn read_pinned(pin_dir: &Path) -> PinnedRecord {
     let Ok(data) = MapData::from_pin(pin_dir.join(MapNames::STATE)) else {
         return PinnedRecord::Missing;
     };
-    let Ok(state) = Array::<_, PinnedState>::try_from(Map::Array(data)) else {
+    let Ok(size) = data.info().map(|i| i.value_size() as usize) else {
         return PinnedRecord::Missing;
     };
-    let Ok(record) = state.get(&0, 0) else {
+    if size < size_of::<StateHeader>() {
         return PinnedRecord::Missing;
-    };
-    if record.header == StateHeader::default() {
+    }
+    let mut bytes = vec![0u8; size];
+    if sys::array_lookup(data.fd().as_fd(), 0, &mut bytes).is_err() {
+        return PinnedRecord::Missing;
+    }
+    // SAFETY: at least a header's bytes; StateHeader is plain integers, any bytes are valid.
+    let header: StateHeader = unsafe { bytes.as_ptr().cast::<StateHeader>().read_unaligned() };
+    if header == StateHeader::default() {
         PinnedRecord::Unwritten
-    } else if record.header.magic != STATE_MAGIC {
+    } else if header.magic != STATE_MAGIC {
         PinnedRecord::Missing
-    } else if ADOPTABLE_ABI.contains(&record.header.abi_version) {
-        PinnedRecord::Adoptable(Box::new(record))
+    } else if ADOPTABLE_ABI.contains(&header.abi_version) && size == size_of::<PinnedState>() {
+        let mut record = crate::pinned::buffer();
+        // SAFETY: exactly size_of::<PinnedState>() bytes into a PinnedState, which any
+        // bytes are a valid value of (integers and byte arrays).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                std::ptr::from_mut(&mut *record).cast::<u8>(),
+                size,
+            );
+        }
+        PinnedRecord::Adoptable(record)
     } else {
         PinnedRecord::Incompatible {
-            abi_version: record.header.abi_version,
+            abi_version: header.abi_version,
         }
     }
 }
