@@ -43,10 +43,11 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub const EVICTION_PAUSE: Duration = Duration::from_millis(2);
 
 /// Descriptors the agent needs besides control connections: its own (runtime, grace
-/// helper, listener, logs) and, per group, the program, its 5 maps and the netns, plus one
-/// for a map or pin opened while the group changes.
+/// helper, listener, logs, the few a group's creation or change opens for a moment) and,
+/// per group, the two maps it holds open (see `kernel::GroupKernel`); a group in another
+/// network namespace holds that namespace's too, which the reserve covers for a few dozen.
 const RESERVED_FDS: u64 = 64;
-const FDS_PER_GROUP: u64 = 8;
+const FDS_PER_GROUP: u64 = 2;
 
 /// Why a connection is closed before its next request.
 #[derive(Debug, thiserror::Error)]

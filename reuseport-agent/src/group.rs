@@ -41,8 +41,9 @@ pub(crate) struct Group {
     kernel: GroupKernel,
     slots: SlotPool,
     serial: u32,
-    /// The group's network namespace, for wake-ups. `None` for an adopted group until one
-    /// of its sockets registers again.
+    /// The group's network namespace, for wake-ups, if it is not the agent's own (see
+    /// [`foreign_netns`]). `None` for an adopted group until one of its sockets registers
+    /// again.
     netns: Option<OwnedFd>,
     /// ABI version written into the pinned record (the current one, except in tests that
     /// simulate an older agent).
@@ -89,7 +90,7 @@ impl Group {
             kernel,
             slots: SlotPool::new(),
             serial: 0,
-            netns: first.netns.try_clone().ok(),
+            netns: foreign_netns(&first.netns),
             record_abi,
             closed: HashSet::new(),
             last_restart: None,
@@ -127,7 +128,7 @@ impl Group {
             kernel,
             slots: SlotPool::adopted(&used, retired),
             serial: record.serial,
-            netns,
+            netns: netns.as_ref().and_then(foreign_netns),
             record_abi,
             closed: HashSet::new(),
             last_restart: record.last_restart,
@@ -199,14 +200,20 @@ impl Group {
     /// without one.
     pub(crate) fn learn_netns(&mut self, netns: &OwnedFd) {
         if self.netns.is_none() {
-            self.netns = netns.try_clone().ok();
+            self.netns = foreign_netns(netns);
         }
     }
 
     /// A descriptor of the group's network namespace (for wake-up connections); `None`
-    /// while an adopted group does not know it yet.
+    /// while an adopted group in another namespace does not know it yet.
     pub(crate) fn netns(&self) -> Option<io::Result<OwnedFd>> {
-        self.netns.as_ref().map(OwnedFd::try_clone)
+        match &self.netns {
+            Some(fd) => Some(fd.try_clone()),
+            None if self.key.netns == own_netns().ok()? => {
+                Some(std::fs::File::open(OWN_NETNS).map(OwnedFd::from))
+            }
+            None => None,
+        }
     }
 
     /// Whether an adopted group kept the pinned program as it was.
@@ -616,6 +623,30 @@ impl Group {
             addr: self.key.addr,
             netns: (self.key.netns != own_netns).then_some(self.key.netns),
         }
+    }
+}
+
+const OWN_NETNS: &str = "/proc/self/ns/net";
+
+fn own_netns() -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    static OWN: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    if let Some(ino) = OWN.get() {
+        return Ok(*ino);
+    }
+    let ino = std::fs::metadata(OWN_NETNS)?.ino();
+    Ok(*OWN.get_or_init(|| ino))
+}
+
+/// A copy of `netns` if it is not the agent's own namespace: a group in the agent's own
+/// keeps no descriptor of it (one per group counts at thousands of groups, see
+/// `admission`'s descriptor budget) and opens the agent's when a wake-up needs it.
+fn foreign_netns(netns: &OwnedFd) -> Option<OwnedFd> {
+    let ino = nix::sys::stat::fstat(netns).ok()?.st_ino;
+    if own_netns().is_ok_and(|own| own == ino) {
+        None
+    } else {
+        netns.try_clone().ok()
     }
 }
 

@@ -9,7 +9,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Map, MapData, PerCpuArray, PerCpuValues},
     programs::{SkReuseport, SkReuseportAttachType},
     util::nr_cpus,
 };
@@ -22,6 +22,9 @@ use super::{
     grace::{Grace, Ticket},
     sys,
 };
+
+mod by_pin;
+use by_pin::ByPin;
 
 /// The object built from `reuseport-ebpf` by this crate's build script.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reuseport"));
@@ -245,17 +248,21 @@ pub fn kernel_release() -> String {
 }
 
 /// One group's program and maps.
+///
+/// NB: only `SOCKETS` and `COUNTERS` are held open (every `status` and scan reads them);
+/// the program and the maps written by a change are opened from their pins when used (see
+/// [`by_pin`]): two descriptors per group instead of six.
 pub struct GroupKernel {
-    /// The program, opened from its pin: the parsed object it was loaded from is dropped
-    /// at once (aya keeps the whole ELF, BTF included, per object).
-    program: SkReuseport,
+    /// The program: the parsed object it was loaded from is dropped at once (aya keeps the
+    /// whole ELF, BTF included, per object).
+    program: ByPin,
     /// Whether the program was taken from its pin as it was (see [`program_id`]).
     reused: bool,
     sockets: MapData,
-    config: Array<MapData, SteeringConfig>,
-    current: Array<MapData, u32>,
+    config: ByPin,
+    current: ByPin,
     counters: PerCpuArray<MapData, SlotCounters>,
-    state: Array<MapData, PinnedState>,
+    state: ByPin,
     mode: Mode,
     pin_dir: PathBuf,
     /// Buffer the program reads now.
@@ -305,31 +312,60 @@ impl GroupKernel {
                 source: io::Error::other(e),
             })
         };
-        let typed = |name: &'static str| {
-            move |e: aya::maps::MapError| KernelError::Kernel {
-                what: format!("pinned map {name}"),
-                source: io::Error::other(e),
-            }
-        };
-        let current: Array<MapData, u32> =
-            Array::try_from(Map::Array(map(MapNames::CURRENT)?)).map_err(typed("CURRENT"))?;
-        let program = SkReuseport::from_pin(pin_dir.join(mode.program()), mode.attach_type())
-            .map_err(|e| KernelError::Kernel {
+        let by_pin = |name: &'static str| ByPin::map(pin_dir.join(name), &map(name)?);
+        let prog_pin = pin_dir.join(mode.program());
+        let program = SkReuseport::from_pin(&prog_pin, mode.attach_type()).map_err(|e| {
+            KernelError::Kernel {
                 what: format!("opening the pinned program {}", mode.program()),
                 source: io::Error::other(e),
+            }
+        })?;
+        let counters =
+            PerCpuArray::try_from(Map::PerCpuArray(map(MapNames::COUNTERS)?)).map_err(|e| {
+                KernelError::Kernel {
+                    what: "pinned map COUNTERS".into(),
+                    source: io::Error::other(e),
+                }
             })?;
+        Self::assemble(
+            mode,
+            pin_dir,
+            retired,
+            ByPin::program(prog_pin, &program)?,
+            true,
+            map(MapNames::SOCKETS)?,
+            counters,
+            [
+                by_pin(MapNames::CONFIG)?,
+                by_pin(MapNames::CURRENT)?,
+                by_pin(MapNames::STATE)?,
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        mode: Mode,
+        pin_dir: &Path,
+        retired: Option<Ticket>,
+        program: ByPin,
+        reused: bool,
+        sockets: MapData,
+        counters: PerCpuArray<MapData, SlotCounters>,
+        [config, current, state]: [ByPin; 3],
+    ) -> Result<Self, KernelError> {
+        let live = current.array::<u32>()?.get(&0, 0).unwrap_or(0) % CONFIG_BUFFERS;
         Ok(Self {
             program,
-            reused: true,
-            sockets: map(MapNames::SOCKETS)?,
-            config: Array::try_from(Map::Array(map(MapNames::CONFIG)?)).map_err(typed("CONFIG"))?,
-            live: current.get(&0, 0).unwrap_or(0) % CONFIG_BUFFERS,
+            reused,
+            sockets,
+            config,
             current,
-            counters: PerCpuArray::try_from(Map::PerCpuArray(map(MapNames::COUNTERS)?))
-                .map_err(typed("COUNTERS"))?,
-            state: Array::try_from(Map::Array(map(MapNames::STATE)?)).map_err(typed("STATE"))?,
+            counters,
+            state,
             mode,
             pin_dir: pin_dir.to_owned(),
+            live,
             retired: [retired; CONFIG_BUFFERS as usize],
         })
     }
@@ -352,17 +388,23 @@ impl GroupKernel {
                 });
             }
         };
-        let map_err = |name: &'static str| {
-            move |e: aya::maps::MapError| KernelError::Kernel {
-                what: format!("map {name}"),
-                source: io::Error::other(e),
-            }
-        };
-        let config = Array::try_from(take(MapNames::CONFIG)?).map_err(map_err("CONFIG"))?;
-        let current = Array::try_from(take(MapNames::CURRENT)?).map_err(map_err("CURRENT"))?;
         let counters =
-            PerCpuArray::try_from(take(MapNames::COUNTERS)?).map_err(map_err("COUNTERS"))?;
-        let state = Array::try_from(take(MapNames::STATE)?).map_err(map_err("STATE"))?;
+            PerCpuArray::try_from(take(MapNames::COUNTERS)?).map_err(|e| KernelError::Kernel {
+                what: "map COUNTERS".into(),
+                source: io::Error::other(e),
+            })?;
+        let mut by_pin = |name: &'static str| match take(name)? {
+            Map::Array(data) => ByPin::map(pin_dir.join(name), &data),
+            other => Err(KernelError::Kernel {
+                what: format!("map {name} has an unexpected type: {other:?}"),
+                source: io::ErrorKind::InvalidData.into(),
+            }),
+        };
+        let maps = [
+            by_pin(MapNames::CONFIG)?,
+            by_pin(MapNames::CURRENT)?,
+            by_pin(MapNames::STATE)?,
+        ];
         let name = mode.program();
         let prog: &mut SkReuseport = ebpf
             .program_mut(name)
@@ -376,28 +418,12 @@ impl GroupKernel {
             what: format!("pinning {name} in {}", pin_dir.display()),
             source: io::Error::other(e),
         })?;
-        let program = SkReuseport::from_pin(&prog_pin, mode.attach_type()).map_err(|e| {
-            KernelError::Kernel {
-                what: format!("opening the program just pinned at {}", prog_pin.display()),
-                source: io::Error::other(e),
-            }
-        })?;
+        let program = ByPin::program(prog_pin, prog)?;
         drop(ebpf);
         trim_heap();
-        let live = current.get(&0, 0).unwrap_or(0) % CONFIG_BUFFERS;
-        Ok(Self {
-            program,
-            reused: false,
-            sockets,
-            config,
-            current,
-            counters,
-            state,
-            mode,
-            pin_dir: pin_dir.to_owned(),
-            live,
-            retired: [retired; CONFIG_BUFFERS as usize],
-        })
+        Self::assemble(
+            mode, pin_dir, retired, program, false, sockets, counters, maps,
+        )
     }
 
     pub fn mode(&self) -> Mode {
@@ -423,6 +449,7 @@ impl GroupKernel {
     /// Idempotent: attaching again replaces the group's program with the same one.
     pub fn attach(&self, socket: BorrowedFd<'_>) -> Result<(), KernelError> {
         self.program
+            .program_of(self.mode.attach_type())?
             .attach(socket)
             .map_err(|e| {
                 KernelError::Kernel {
@@ -467,6 +494,7 @@ impl GroupKernel {
             grace.wait(t);
         }
         self.config
+            .array::<SteeringConfig>()?
             .set(next, cfg, 0)
             .map_err(|e| KernelError::Kernel {
                 what: format!("writing steering table {next}"),
@@ -480,6 +508,7 @@ impl GroupKernel {
         // NB: buffer indices are < 256, so consecutive values differ only in their low byte:
         // even a byte-wise copy in the kernel's map update cannot expose a torn index.
         self.current
+            .array::<u32>()?
             .set(0, next, 0)
             .map_err(|e| KernelError::Kernel {
                 what: "switching the live steering table".into(),
@@ -493,6 +522,7 @@ impl GroupKernel {
     /// Pins `record`, the agent's description of the group (see the `pinned` module).
     pub fn write_record(&mut self, record: &PinnedState) -> Result<(), KernelError> {
         self.state
+            .array::<PinnedState>()?
             .set(0, record, 0)
             .map_err(|e| KernelError::Kernel {
                 what: "writing the pinned group record".into(),
