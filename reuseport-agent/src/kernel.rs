@@ -536,14 +536,37 @@ impl GroupKernel {
     }
 
     /// Counters of `slot` summed over CPUs.
+    ///
+    /// NB: read into a buffer per thread with one `bpf()` call: aya's per-CPU lookup
+    /// allocates twice per call, and `status` of thousands of groups reads thousands.
     pub fn counters(&self, slot: u32) -> SlotCounters {
-        let mut total = SlotCounters::default();
-        if let Ok(values) = self.counters.get(&slot, 0) {
-            for v in values.iter() {
-                total.add(v);
-            }
+        thread_local! {
+            static PER_CPU: std::cell::RefCell<Vec<SlotCounters>> =
+                const { std::cell::RefCell::new(Vec::new()) };
         }
-        total
+        let Ok(cpus) = nr_cpus() else {
+            return SlotCounters::default();
+        };
+        let fd = aya::maps::IterableMap::map(&self.counters).fd().as_fd();
+        PER_CPU.with_borrow_mut(|values| {
+            values.resize(cpus, SlotCounters::default());
+            // SAFETY: SlotCounters is plain u64s (Pod): any bytes the kernel writes are
+            // valid, and the slice covers exactly the vector's values, one per possible CPU,
+            // as a per-CPU lookup of 32-byte values fills.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(
+                    values.as_mut_ptr().cast::<u8>(),
+                    size_of_val(values.as_slice()),
+                )
+            };
+            let mut total = SlotCounters::default();
+            if sys::array_lookup(fd, slot, bytes).is_ok() {
+                for v in values.iter() {
+                    total.add(v);
+                }
+            }
+            total
+        })
     }
 
     pub fn group_counters(&self) -> SlotCounters {

@@ -73,7 +73,8 @@ pub fn sockarray_cookie(map: BorrowedFd<'_>, slot: u32) -> io::Result<Option<u64
     }
 }
 
-/// Reads entry `key` of an array map into `value`, which must be exactly the map's value size.
+/// Reads entry `key` of an array map into `value`: exactly the map's value size, or for a
+/// per-CPU map that size (rounded up to 8 bytes) times the possible CPUs.
 pub fn array_lookup(map: BorrowedFd<'_>, key: u32, value: &mut [u8]) -> io::Result<()> {
     let mut attr = MapElemAttr {
         map_fd: map.as_raw_fd() as u32,
