@@ -3,7 +3,10 @@
 //! quarantine, the record is pinned before the table it describes, the table is published
 //! before a socket is attached, and a change that cannot be published is undone.
 
+mod netns;
 mod status;
+
+use netns::{OWN_NETNS, foreign_netns, own_netns};
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
@@ -623,30 +626,6 @@ impl Group {
             addr: self.key.addr,
             netns: (self.key.netns != own_netns).then_some(self.key.netns),
         }
-    }
-}
-
-const OWN_NETNS: &str = "/proc/self/ns/net";
-
-fn own_netns() -> io::Result<u64> {
-    use std::os::unix::fs::MetadataExt as _;
-    static OWN: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    if let Some(ino) = OWN.get() {
-        return Ok(*ino);
-    }
-    let ino = std::fs::metadata(OWN_NETNS)?.ino();
-    Ok(*OWN.get_or_init(|| ino))
-}
-
-/// A copy of `netns` if it is not the agent's own namespace: a group in the agent's own
-/// keeps no descriptor of it (one per group counts at thousands of groups, see
-/// `admission`'s descriptor budget) and opens the agent's when a wake-up needs it.
-fn foreign_netns(netns: &OwnedFd) -> Option<OwnedFd> {
-    let ino = nix::sys::stat::fstat(netns).ok()?.st_ino;
-    if own_netns().is_ok_and(|own| own == ino) {
-        None
-    } else {
-        netns.try_clone().ok()
     }
 }
 
