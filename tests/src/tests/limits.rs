@@ -132,6 +132,19 @@ fn a_group_holds_1024_sockets_and_128_generations_and_refuses_one_more_of_each()
         "what left was replaced"
     );
     drop((again, held, g1, g_last));
+    agent_processed_every_close(&env);
+}
+
+/// Waits until the agent has taken every closed registration out of its groups.
+/// NB: each close republishes the group's table and record (≈10 ms each on this 2-core
+/// machine, grace periods included): a thousand take the agent seconds, and the agent's
+/// runtime finishes that queued work before it exits on SIGTERM.
+fn agent_processed_every_close(env: &TestEnv) {
+    wait_until(
+        "the agent processed every closed registration",
+        patience(Duration::from_secs(60)),
+        || env.statuses().is_empty(),
+    );
 }
 
 #[test]
@@ -200,6 +213,8 @@ fn status_is_delivered_at_the_limits() {
     );
     let changed = env.activate(BIG, generations);
     assert_eq!(changed.active, Some(generations));
+    drop(kept);
+    agent_processed_every_close(&env);
 }
 
 #[test]
@@ -324,4 +339,6 @@ fn a_full_group_of_two_generations_flips_under_load_without_a_failed_connection(
         "connections should spread over the sockets, not pile on a few: {accepted} reached \
          {reached}"
     );
+    drop(servers);
+    agent_processed_every_close(&env);
 }
