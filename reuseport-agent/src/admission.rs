@@ -43,10 +43,11 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub const EVICTION_PAUSE: Duration = Duration::from_millis(2);
 
 /// Descriptors the agent needs besides control connections: its own (runtime, grace
-/// helper, listener, logs) and, per group, the program, its 5 maps and the netns, plus one
-/// for a map or pin opened while the group changes.
+/// helper, listener, logs, the few a group's creation or change opens for a moment) and,
+/// per group, the two maps it holds open (see `kernel::GroupKernel`); a group in another
+/// network namespace holds that namespace's too, which the reserve covers for a few dozen.
 const RESERVED_FDS: u64 = 64;
-const FDS_PER_GROUP: u64 = 8;
+const FDS_PER_GROUP: u64 = 2;
 
 /// Why a connection is closed before its next request.
 #[derive(Debug, thiserror::Error)]
@@ -305,28 +306,36 @@ async fn wait_for_data(conn: &Conn) -> Result<(), RecvError> {
     }
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit (the default soft limit, 1024, would make
-/// a thousand idle clients exhaust the agent's descriptors) and returns how many control
-/// connections fit next to `max_groups` groups, at most `wanted`.
+/// Raises RLIMIT_NOFILE to what `max_groups` groups and `wanted` control connections need:
+/// the soft limit to the hard one (the default soft limit, 1024, would make a thousand idle
+/// clients exhaust the agent's descriptors), and the hard one too where the agent may (root
+/// with CAP_SYS_RESOURCE, up to `fs.nr_open`). Returns how many control connections fit
+/// next to the groups, at most `wanted`.
 pub fn fit_connections(wanted: u32, max_groups: u32) -> usize {
+    let needed = RESERVED_FDS + FDS_PER_GROUP * u64::from(max_groups) + u64::from(wanted);
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit/setrlimit on a struct we own.
+    // SAFETY: getrlimit/setrlimit on structs we own.
     let soft = unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             tracing::warn!(error = %std::io::Error::last_os_error(), "reading RLIMIT_NOFILE");
             return wanted as usize;
         }
-        if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                raised.rlim_cur
-            } else {
+        let hard = lim.rlim_max.max(needed.min(nr_open()));
+        let tries = [hard, lim.rlim_max].map(|n| libc::rlimit {
+            rlim_cur: n,
+            rlim_max: n,
+        });
+        // NB: without CAP_SYS_RESOURCE (the shipped unit's bounding set lacks it: it sets
+        // LimitNOFILE= instead) raising the hard limit fails; the soft one still may rise.
+        match tries
+            .iter()
+            .find(|t| t.rlim_cur <= lim.rlim_cur || libc::setrlimit(libc::RLIMIT_NOFILE, *t) == 0)
+        {
+            Some(t) => t.rlim_cur.max(lim.rlim_cur),
+            None => {
                 tracing::warn!(
                     error = %std::io::Error::last_os_error(),
                     soft = lim.rlim_cur, hard = lim.rlim_max,
@@ -334,8 +343,6 @@ pub fn fit_connections(wanted: u32, max_groups: u32) -> usize {
                 );
                 lim.rlim_cur
             }
-        } else {
-            lim.rlim_cur
         }
     };
     let room = soft.saturating_sub(RESERVED_FDS + FDS_PER_GROUP * u64::from(max_groups));
@@ -350,6 +357,14 @@ pub fn fit_connections(wanted: u32, max_groups: u32) -> usize {
         );
     }
     fit
+}
+
+/// `fs.nr_open`: the most descriptors any process may be allowed.
+fn nr_open() -> u64 {
+    std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20)
 }
 
 #[cfg(test)]

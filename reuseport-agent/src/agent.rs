@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use reuseport_common::MAX_SLOTS;
+use reuseport_common::{MAX_GENERATIONS, MAX_SLOTS};
 
 use crate::{
     access, creation, fault,
@@ -221,7 +221,7 @@ impl Agent {
         let mut limits = Limits {
             groups: self.quotas.max_groups,
             sockets_per_group: MAX_SLOTS,
-            generations_per_group: MAX_SLOTS,
+            generations_per_group: MAX_GENERATIONS,
             control_connections: self.quotas.max_connections,
             ..Limits::default()
         };

@@ -3,7 +3,10 @@
 //! quarantine, the record is pinned before the table it describes, the table is published
 //! before a socket is attached, and a change that cannot be published is undone.
 
+mod netns;
 mod status;
+
+use netns::{OWN_NETNS, foreign_netns, own_netns};
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
@@ -11,7 +14,7 @@ use std::{
     os::fd::{BorrowedFd, OwnedFd},
 };
 
-use reuseport_common::MAX_SLOTS;
+use reuseport_common::{MAX_GENERATIONS, MAX_SLOTS};
 
 use crate::{
     grace::{Grace, Ticket},
@@ -41,8 +44,9 @@ pub(crate) struct Group {
     kernel: GroupKernel,
     slots: SlotPool,
     serial: u32,
-    /// The group's network namespace, for wake-ups. `None` for an adopted group until one
-    /// of its sockets registers again.
+    /// The group's network namespace, for wake-ups, if it is not the agent's own (see
+    /// [`foreign_netns`]). `None` for an adopted group until one of its sockets registers
+    /// again.
     netns: Option<OwnedFd>,
     /// ABI version written into the pinned record (the current one, except in tests that
     /// simulate an older agent).
@@ -89,7 +93,7 @@ impl Group {
             kernel,
             slots: SlotPool::new(),
             serial: 0,
-            netns: first.netns.try_clone().ok(),
+            netns: foreign_netns(&first.netns),
             record_abi,
             closed: HashSet::new(),
             last_restart: None,
@@ -127,7 +131,7 @@ impl Group {
             kernel,
             slots: SlotPool::adopted(&used, retired),
             serial: record.serial,
-            netns,
+            netns: netns.as_ref().and_then(foreign_netns),
             record_abi,
             closed: HashSet::new(),
             last_restart: record.last_restart,
@@ -199,14 +203,20 @@ impl Group {
     /// without one.
     pub(crate) fn learn_netns(&mut self, netns: &OwnedFd) {
         if self.netns.is_none() {
-            self.netns = netns.try_clone().ok();
+            self.netns = foreign_netns(netns);
         }
     }
 
     /// A descriptor of the group's network namespace (for wake-up connections); `None`
-    /// while an adopted group does not know it yet.
+    /// while an adopted group in another namespace does not know it yet.
     pub(crate) fn netns(&self) -> Option<io::Result<OwnedFd>> {
-        self.netns.as_ref().map(OwnedFd::try_clone)
+        match &self.netns {
+            Some(fd) => Some(fd.try_clone()),
+            None if self.key.netns == own_netns().ok()? => {
+                Some(std::fs::File::open(OWN_NETNS).map(OwnedFd::from))
+            }
+            None => None,
+        }
     }
 
     /// Whether an adopted group kept the pinned program as it was.
@@ -317,6 +327,18 @@ impl Group {
         activate: bool,
         member: Member,
     ) -> Result<(u32, Vec<StateChange>), Refusal> {
+        if !self.registry.generations.contains_key(&generation)
+            && self.registry.generations.len() >= MAX_GENERATIONS as usize
+        {
+            return Err(Refusal::new(
+                ErrorKind::Limit,
+                format!(
+                    "group {} already holds {MAX_GENERATIONS} generations: stop the servers of \
+                     a drained generation before registering generation {generation}",
+                    self.key
+                ),
+            ));
+        }
         let slot = self.slots.alloc(grace).ok_or_else(|| {
             Refusal::new(
                 ErrorKind::Limit,

@@ -9,19 +9,24 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Map, MapData, PerCpuArray, PerCpuValues},
     programs::{SkReuseport, SkReuseportAttachType},
     util::nr_cpus,
 };
 use reuseport_common::{
-    ADOPTABLE_ABI, CONFIG_BUFFERS, COUNTER_ENTRIES, GROUP_COUNTER_INDEX, MAX_SLOTS, MapNames,
-    PinnedState, ProgramNames, STATE_MAGIC, SlotCounters, StateHeader, SteeringConfig,
+    CONFIG_BUFFERS, COUNTER_ENTRIES, GROUP_COUNTER_INDEX, MapNames, PinnedState, ProgramNames,
+    SlotCounters, SteeringConfig,
 };
 
 use super::{
     grace::{Grace, Ticket},
     sys,
 };
+
+mod by_pin;
+mod record;
+use by_pin::ByPin;
+pub use record::{PinnedRecord, pinned_sockets_live, read_pinned};
 
 /// The object built from `reuseport-ebpf` by this crate's build script.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reuseport"));
@@ -120,6 +125,12 @@ fn load(mode: Mode, pin_dir: Option<&Path>) -> Result<Ebpf, KernelError> {
         .try_into()
         .map_err(|e: aya::programs::ProgramError| load_err(mode)(e.into()))?;
     prog.load().map_err(|e| load_err(mode)(e.into()))?;
+    // What the verifier walked (5.16+): the figure docs/design.md keeps under the 1M limit.
+    let verified = prog
+        .info()
+        .ok()
+        .and_then(|i| i.verified_instruction_count());
+    tracing::debug!(program = mode.program(), ?verified, "program loaded");
     Ok(ebpf)
 }
 
@@ -136,51 +147,6 @@ pub fn program_id(mode: Mode) -> String {
         h.finish()
     });
     format!("{}-{hash:016x}", mode.as_str())
-}
-
-/// What a group directory in bpffs holds.
-pub enum PinnedRecord {
-    /// A record this agent can adopt.
-    Adoptable(Box<PinnedState>),
-    /// Pinned by an agent of an ABI version this one cannot adopt.
-    Incompatible { abi_version: u32 },
-    /// No record at all (pinned by a version 1 agent) or not one of ours.
-    Missing,
-    /// Our `STATE` map, never written: an agent died while creating the group, before its
-    /// first publish. Nothing was attached yet, so there is nothing to adopt.
-    Unwritten,
-}
-
-/// Reads the `STATE` record pinned in `pin_dir` without touching anything else.
-pub fn read_pinned(pin_dir: &Path) -> PinnedRecord {
-    let Ok(data) = MapData::from_pin(pin_dir.join(MapNames::STATE)) else {
-        return PinnedRecord::Missing;
-    };
-    let Ok(state) = Array::<_, PinnedState>::try_from(Map::Array(data)) else {
-        return PinnedRecord::Missing;
-    };
-    let Ok(record) = state.get(&0, 0) else {
-        return PinnedRecord::Missing;
-    };
-    if record.header == StateHeader::default() {
-        PinnedRecord::Unwritten
-    } else if record.header.magic != STATE_MAGIC {
-        PinnedRecord::Missing
-    } else if ADOPTABLE_ABI.contains(&record.header.abi_version) {
-        PinnedRecord::Adoptable(Box::new(record))
-    } else {
-        PinnedRecord::Incompatible {
-            abi_version: record.header.abi_version,
-        }
-    }
-}
-
-/// Whether any slot of the sockarray pinned in `pin_dir` still holds a socket.
-pub fn pinned_sockets_live(pin_dir: &Path) -> bool {
-    let Ok(data) = MapData::from_pin(pin_dir.join(MapNames::SOCKETS)) else {
-        return false;
-    };
-    (0..MAX_SLOTS).any(|slot| matches!(sys::sockarray_cookie(data.fd().as_fd(), slot), Ok(Some(_))))
 }
 
 /// What loading, pinning and attaching the program takes; the unit and docs/operations.md
@@ -220,17 +186,21 @@ pub fn kernel_release() -> String {
 }
 
 /// One group's program and maps.
+///
+/// NB: only `SOCKETS` and `COUNTERS` are held open (every `status` and scan reads them);
+/// the program and the maps written by a change are opened from their pins when used (see
+/// [`by_pin`]): two descriptors per group instead of six.
 pub struct GroupKernel {
-    /// The program, opened from its pin: the parsed object it was loaded from is dropped
-    /// at once (aya keeps the whole ELF, BTF included, per object).
-    program: SkReuseport,
+    /// The program: the parsed object it was loaded from is dropped at once (aya keeps the
+    /// whole ELF, BTF included, per object).
+    program: ByPin,
     /// Whether the program was taken from its pin as it was (see [`program_id`]).
     reused: bool,
     sockets: MapData,
-    config: Array<MapData, SteeringConfig>,
-    current: Array<MapData, u32>,
+    config: ByPin,
+    current: ByPin,
     counters: PerCpuArray<MapData, SlotCounters>,
-    state: Array<MapData, PinnedState>,
+    state: ByPin,
     mode: Mode,
     pin_dir: PathBuf,
     /// Buffer the program reads now.
@@ -280,31 +250,60 @@ impl GroupKernel {
                 source: io::Error::other(e),
             })
         };
-        let typed = |name: &'static str| {
-            move |e: aya::maps::MapError| KernelError::Kernel {
-                what: format!("pinned map {name}"),
-                source: io::Error::other(e),
-            }
-        };
-        let current: Array<MapData, u32> =
-            Array::try_from(Map::Array(map(MapNames::CURRENT)?)).map_err(typed("CURRENT"))?;
-        let program = SkReuseport::from_pin(pin_dir.join(mode.program()), mode.attach_type())
-            .map_err(|e| KernelError::Kernel {
+        let by_pin = |name: &'static str| ByPin::map(pin_dir.join(name), &map(name)?);
+        let prog_pin = pin_dir.join(mode.program());
+        let program = SkReuseport::from_pin(&prog_pin, mode.attach_type()).map_err(|e| {
+            KernelError::Kernel {
                 what: format!("opening the pinned program {}", mode.program()),
                 source: io::Error::other(e),
+            }
+        })?;
+        let counters =
+            PerCpuArray::try_from(Map::PerCpuArray(map(MapNames::COUNTERS)?)).map_err(|e| {
+                KernelError::Kernel {
+                    what: "pinned map COUNTERS".into(),
+                    source: io::Error::other(e),
+                }
             })?;
+        Self::assemble(
+            mode,
+            pin_dir,
+            retired,
+            ByPin::program(prog_pin, &program)?,
+            true,
+            map(MapNames::SOCKETS)?,
+            counters,
+            [
+                by_pin(MapNames::CONFIG)?,
+                by_pin(MapNames::CURRENT)?,
+                by_pin(MapNames::STATE)?,
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        mode: Mode,
+        pin_dir: &Path,
+        retired: Option<Ticket>,
+        program: ByPin,
+        reused: bool,
+        sockets: MapData,
+        counters: PerCpuArray<MapData, SlotCounters>,
+        [config, current, state]: [ByPin; 3],
+    ) -> Result<Self, KernelError> {
+        let live = current.array::<u32>()?.get(&0, 0).unwrap_or(0) % CONFIG_BUFFERS;
         Ok(Self {
             program,
-            reused: true,
-            sockets: map(MapNames::SOCKETS)?,
-            config: Array::try_from(Map::Array(map(MapNames::CONFIG)?)).map_err(typed("CONFIG"))?,
-            live: current.get(&0, 0).unwrap_or(0) % CONFIG_BUFFERS,
+            reused,
+            sockets,
+            config,
             current,
-            counters: PerCpuArray::try_from(Map::PerCpuArray(map(MapNames::COUNTERS)?))
-                .map_err(typed("COUNTERS"))?,
-            state: Array::try_from(Map::Array(map(MapNames::STATE)?)).map_err(typed("STATE"))?,
+            counters,
+            state,
             mode,
             pin_dir: pin_dir.to_owned(),
+            live,
             retired: [retired; CONFIG_BUFFERS as usize],
         })
     }
@@ -327,17 +326,23 @@ impl GroupKernel {
                 });
             }
         };
-        let map_err = |name: &'static str| {
-            move |e: aya::maps::MapError| KernelError::Kernel {
-                what: format!("map {name}"),
-                source: io::Error::other(e),
-            }
-        };
-        let config = Array::try_from(take(MapNames::CONFIG)?).map_err(map_err("CONFIG"))?;
-        let current = Array::try_from(take(MapNames::CURRENT)?).map_err(map_err("CURRENT"))?;
         let counters =
-            PerCpuArray::try_from(take(MapNames::COUNTERS)?).map_err(map_err("COUNTERS"))?;
-        let state = Array::try_from(take(MapNames::STATE)?).map_err(map_err("STATE"))?;
+            PerCpuArray::try_from(take(MapNames::COUNTERS)?).map_err(|e| KernelError::Kernel {
+                what: "map COUNTERS".into(),
+                source: io::Error::other(e),
+            })?;
+        let mut by_pin = |name: &'static str| match take(name)? {
+            Map::Array(data) => ByPin::map(pin_dir.join(name), &data),
+            other => Err(KernelError::Kernel {
+                what: format!("map {name} has an unexpected type: {other:?}"),
+                source: io::ErrorKind::InvalidData.into(),
+            }),
+        };
+        let maps = [
+            by_pin(MapNames::CONFIG)?,
+            by_pin(MapNames::CURRENT)?,
+            by_pin(MapNames::STATE)?,
+        ];
         let name = mode.program();
         let prog: &mut SkReuseport = ebpf
             .program_mut(name)
@@ -351,28 +356,12 @@ impl GroupKernel {
             what: format!("pinning {name} in {}", pin_dir.display()),
             source: io::Error::other(e),
         })?;
-        let program = SkReuseport::from_pin(&prog_pin, mode.attach_type()).map_err(|e| {
-            KernelError::Kernel {
-                what: format!("opening the program just pinned at {}", prog_pin.display()),
-                source: io::Error::other(e),
-            }
-        })?;
+        let program = ByPin::program(prog_pin, prog)?;
         drop(ebpf);
         trim_heap();
-        let live = current.get(&0, 0).unwrap_or(0) % CONFIG_BUFFERS;
-        Ok(Self {
-            program,
-            reused: false,
-            sockets,
-            config,
-            current,
-            counters,
-            state,
-            mode,
-            pin_dir: pin_dir.to_owned(),
-            live,
-            retired: [retired; CONFIG_BUFFERS as usize],
-        })
+        Self::assemble(
+            mode, pin_dir, retired, program, false, sockets, counters, maps,
+        )
     }
 
     pub fn mode(&self) -> Mode {
@@ -398,6 +387,7 @@ impl GroupKernel {
     /// Idempotent: attaching again replaces the group's program with the same one.
     pub fn attach(&self, socket: BorrowedFd<'_>) -> Result<(), KernelError> {
         self.program
+            .program_of(self.mode.attach_type())?
             .attach(socket)
             .map_err(|e| {
                 KernelError::Kernel {
@@ -442,6 +432,7 @@ impl GroupKernel {
             grace.wait(t);
         }
         self.config
+            .array::<SteeringConfig>()?
             .set(next, cfg, 0)
             .map_err(|e| KernelError::Kernel {
                 what: format!("writing steering table {next}"),
@@ -455,6 +446,7 @@ impl GroupKernel {
         // NB: buffer indices are < 256, so consecutive values differ only in their low byte:
         // even a byte-wise copy in the kernel's map update cannot expose a torn index.
         self.current
+            .array::<u32>()?
             .set(0, next, 0)
             .map_err(|e| KernelError::Kernel {
                 what: "switching the live steering table".into(),
@@ -468,6 +460,7 @@ impl GroupKernel {
     /// Pins `record`, the agent's description of the group (see the `pinned` module).
     pub fn write_record(&mut self, record: &PinnedState) -> Result<(), KernelError> {
         self.state
+            .array::<PinnedState>()?
             .set(0, record, 0)
             .map_err(|e| KernelError::Kernel {
                 what: "writing the pinned group record".into(),
@@ -481,14 +474,37 @@ impl GroupKernel {
     }
 
     /// Counters of `slot` summed over CPUs.
+    ///
+    /// NB: read into a buffer per thread with one `bpf()` call: aya's per-CPU lookup
+    /// allocates twice per call, and `status` of thousands of groups reads thousands.
     pub fn counters(&self, slot: u32) -> SlotCounters {
-        let mut total = SlotCounters::default();
-        if let Ok(values) = self.counters.get(&slot, 0) {
-            for v in values.iter() {
-                total.add(v);
-            }
+        thread_local! {
+            static PER_CPU: std::cell::RefCell<Vec<SlotCounters>> =
+                const { std::cell::RefCell::new(Vec::new()) };
         }
-        total
+        let Ok(cpus) = nr_cpus() else {
+            return SlotCounters::default();
+        };
+        let fd = aya::maps::IterableMap::map(&self.counters).fd().as_fd();
+        PER_CPU.with_borrow_mut(|values| {
+            values.resize(cpus, SlotCounters::default());
+            // SAFETY: SlotCounters is plain u64s (Pod): any bytes the kernel writes are
+            // valid, and the slice covers exactly the vector's values, one per possible CPU,
+            // as a per-CPU lookup of 32-byte values fills.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(
+                    values.as_mut_ptr().cast::<u8>(),
+                    size_of_val(values.as_slice()),
+                )
+            };
+            let mut total = SlotCounters::default();
+            if sys::array_lookup(fd, slot, bytes).is_ok() {
+                for v in values.iter() {
+                    total.add(v);
+                }
+            }
+            total
+        })
     }
 
     pub fn group_counters(&self) -> SlotCounters {

@@ -3,15 +3,19 @@
 //! the group: addresses, owner, generations with their states and names, and which socket
 //! (by cookie) sits in which slot.
 //!
-//! The encoding is JSON behind the binary header: fields may be added with a serde default
-//! without an ABI bump; removing or changing one is an ABI change.
+//! The sockets are a fixed-size binary table, one [`SlotRecord`] per slot; the rest is JSON
+//! behind the binary header: fields may be added with a serde default without an ABI bump;
+//! removing or changing one is an ABI change.
 
 use std::net::SocketAddr;
 
-use reuseport_common::{PinnedState, STATE_CAPACITY, STATE_MAGIC, StateHeader};
+use reuseport_common::{
+    MAX_SLOTS, PinnedState, SLOT_SERVER, SLOT_USED, STATE_CAPACITY, STATE_MAGIC, SlotRecord,
+    StateHeader,
+};
 use serde::{Deserialize, Serialize};
 
-use super::registry::{Refusal, Registry};
+use super::registry::{Member, Refusal, Registry};
 use reuseport_proto::{
     addr::GroupKey,
     message::{ErrorKind, RestartOutcome},
@@ -67,10 +71,37 @@ pub fn with_buffer<R>(f: impl FnOnce(&mut PinnedState) -> R) -> R {
 
 /// A zeroed record buffer.
 pub fn buffer() -> Box<PinnedState> {
-    Box::new(PinnedState {
-        header: StateHeader::default(),
-        data: [0; STATE_CAPACITY],
-    })
+    // NB: built in place: a 72 KiB value on the stack of a tokio worker is needless risk.
+    let mut b: Box<std::mem::MaybeUninit<PinnedState>> = Box::new_uninit();
+    // SAFETY: PinnedState is plain integers and bytes; all zeroes is a valid value.
+    unsafe {
+        b.as_mut_ptr().write_bytes(0, 1);
+        b.assume_init()
+    }
+}
+
+fn slot_record(generation: u32, m: &Member) -> SlotRecord {
+    SlotRecord {
+        cookie: m.cookie,
+        reg: m.reg,
+        generation,
+        pid: m.pid,
+        uid: m.uid,
+        drops_base: m.drops_base,
+        flags: SLOT_USED | if m.server { SLOT_SERVER } else { 0 },
+        _pad: 0,
+    }
+}
+
+fn member(r: &SlotRecord) -> Member {
+    Member {
+        reg: r.reg,
+        pid: r.pid,
+        uid: r.uid,
+        cookie: r.cookie,
+        drops_base: r.drops_base,
+        server: r.flags & SLOT_SERVER != 0,
+    }
 }
 
 /// Encodes `record` with `abi_version` in the header, into `out`.
@@ -80,6 +111,13 @@ pub fn encode(
     out: &mut PinnedState,
 ) -> Result<(), Refusal> {
     let previous = out.header.len as usize;
+    out.slots.fill(SlotRecord::default());
+    for (n, g) in &record.registry.generations {
+        for (slot, m) in &g.sockets {
+            // Slots come from the group's pool, always below MAX_SLOTS.
+            out.slots[*slot as usize] = slot_record(*n, m);
+        }
+    }
     let mut rest = &mut out.data[..];
     if serde_json::to_writer(&mut rest, record).is_err() {
         return Err(Refusal::new(
@@ -112,13 +150,30 @@ pub fn decode(state: &PinnedState) -> Result<GroupRecord, String> {
         .data
         .get(..len)
         .ok_or_else(|| format!("record length {len} exceeds the map's {STATE_CAPACITY} bytes"))?;
-    serde_json::from_slice(bytes).map_err(|e| format!("undecodable record: {e}"))
+    let mut record: GroupRecord =
+        serde_json::from_slice(bytes).map_err(|e| format!("undecodable record: {e}"))?;
+    for (slot, r) in (0..MAX_SLOTS).zip(&state.slots) {
+        if r.flags & SLOT_USED == 0 {
+            continue;
+        }
+        let g = record
+            .registry
+            .generations
+            .get_mut(&r.generation)
+            .ok_or_else(|| {
+                format!(
+                    "slot {slot} names generation {}, which the record does not hold",
+                    r.generation
+                )
+            })?;
+        g.sockets.insert(slot, member(r));
+    }
+    Ok(record)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::Member;
 
     #[test]
     fn record_round_trips() {
@@ -144,9 +199,9 @@ mod tests {
             bound_device: Some(None),
         };
         let mut state = buffer();
-        encode(&rec, 2, &mut state).unwrap();
+        encode(&rec, 3, &mut state).unwrap();
         assert_eq!(state.header.magic, STATE_MAGIC);
-        assert_eq!(state.header.abi_version, 2);
+        assert_eq!(state.header.abi_version, 3);
         let back = decode(&state).unwrap();
         assert_eq!(back.key(), rec.key());
         assert_eq!(back.owner_uid, 7);
@@ -160,29 +215,24 @@ mod tests {
         );
     }
 
-    /// Generations with the longest names a group's record holds for sure (README, "Limits").
-    const GENERATIONS_WITH_LONGEST_NAMES: u32 = 100;
-
-    /// Names and error texts are capped (see `reuseport_proto::text`), so a group holds at least
-    /// [`GENERATIONS_WITH_LONGEST_NAMES`] generations with the longest names, a restart error
-    /// of the longest length and generous figures. Beyond what the record holds, a change is
-    /// refused as a limit (and undone, see `Group::change`), never half made.
+    /// Names and error texts are capped (see `reuseport_proto::text`), so a full group (every
+    /// slot, as many generations as a group holds, each with the longest name), a restart
+    /// error of the longest length and generous figures fit the record, and come back whole.
     #[test]
-    fn the_record_holds_the_documented_generations_with_longest_names() {
+    fn a_full_group_with_the_longest_names_fits_the_record() {
+        use reuseport_common::{MAX_GENERATIONS, MAX_SLOTS};
         use reuseport_proto::text::{MAX_ERROR_LEN, MAX_NAME_LEN};
         let mut registry = Registry::default();
-        let mut fitted = 0;
-        let mut state = buffer();
-        for slot in 0..reuseport_common::MAX_SLOTS {
+        for slot in 0..MAX_SLOTS {
             let member = Member {
                 reg: 1_000_000 + u64::from(slot),
                 pid: 4_194_304,
                 uid: 1_000_000,
-                cookie: 1 << 40,
+                cookie: (1 << 40) + u64::from(slot),
                 drops_base: u32::MAX,
-                server: true,
+                server: slot % 2 == 0,
             };
-            let generation = 1_000_000 + slot;
+            let generation = 1_000_000 + slot % MAX_GENERATIONS;
             registry.register(
                 generation,
                 Some("n".repeat(MAX_NAME_LEN)),
@@ -197,36 +247,63 @@ mod tests {
                 migrated: 1 << 30,
                 unsteered: 0,
             };
-            let rec = GroupRecord {
-                addr: "[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
-                    .parse()
-                    .unwrap(),
-                netns: 4_026_531_840,
-                owner_uid: 1_000_000,
-                serial: u32::MAX,
-                program: crate::kernel::program_id(crate::kernel::Mode::SelectOrMigrate),
-                registry: Registry {
-                    generations: registry.generations.clone(),
-                },
-                last_restart: Some(RestartOutcome::Failed {
-                    error: "e".repeat(MAX_ERROR_LEN),
-                }),
-                // NB: IFNAMSIZ - 1 bytes, the longest device name there is.
-                bound_device: Some(Some("d".repeat(15))),
-            };
-            match encode(&rec, 2, &mut state) {
-                Ok(()) => fitted = slot + 1,
-                Err(e) => {
-                    assert_eq!(e.kind, ErrorKind::Limit, "{e}");
-                    break;
-                }
-            }
         }
-        println!("generations with the longest names in one record: {fitted}");
-        assert!(
-            fitted >= GENERATIONS_WITH_LONGEST_NAMES,
-            "only {fitted} generations with {MAX_NAME_LEN}-byte names fit the record"
+        let rec = GroupRecord {
+            addr: "[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+                .parse()
+                .unwrap(),
+            netns: 4_026_531_840,
+            owner_uid: 1_000_000,
+            serial: u32::MAX,
+            program: crate::kernel::program_id(crate::kernel::Mode::SelectOrMigrate),
+            registry,
+            last_restart: Some(RestartOutcome::Failed {
+                error: "e".repeat(MAX_ERROR_LEN),
+            }),
+            // NB: IFNAMSIZ - 1 bytes, the longest device name there is.
+            bound_device: Some(Some("d".repeat(15))),
+        };
+        let mut state = buffer();
+        encode(&rec, reuseport_common::ABI_VERSION, &mut state)
+            .unwrap_or_else(|e| panic!("a full group should fit its record: {e}"));
+        println!(
+            "{MAX_SLOTS} sockets in {MAX_GENERATIONS} generations with the longest names: \
+             {} of {STATE_CAPACITY} bytes of JSON",
+            state.header.len
         );
+        let back = decode(&state).unwrap();
+        assert_eq!(back.registry.generations.len(), MAX_GENERATIONS as usize);
+        assert_eq!(
+            format!("{:?}", back.registry),
+            format!("{:?}", rec.registry),
+            "every socket and generation should come back exactly"
+        );
+    }
+
+    #[test]
+    fn a_slot_of_an_unknown_generation_is_an_error() {
+        let mut state = buffer();
+        encode(&empty_record(), reuseport_common::ABI_VERSION, &mut state).unwrap();
+        state.slots[7] = SlotRecord {
+            generation: 3,
+            flags: SLOT_USED,
+            ..SlotRecord::default()
+        };
+        let e = decode(&state).unwrap_err();
+        assert!(e.contains("slot 7 names generation 3"), "{e}");
+    }
+
+    fn empty_record() -> GroupRecord {
+        GroupRecord {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            netns: 1,
+            owner_uid: 0,
+            serial: 0,
+            program: String::new(),
+            registry: Registry::default(),
+            last_restart: None,
+            bound_device: None,
+        }
     }
 
     #[test]
@@ -245,21 +322,7 @@ mod tests {
     #[test]
     fn garbage_is_an_error_not_a_panic() {
         let mut state = buffer();
-        encode(
-            &GroupRecord {
-                addr: "127.0.0.1:1".parse().unwrap(),
-                netns: 1,
-                owner_uid: 0,
-                serial: 0,
-                program: String::new(),
-                registry: Registry::default(),
-                last_restart: None,
-                bound_device: None,
-            },
-            2,
-            &mut state,
-        )
-        .unwrap();
+        encode(&empty_record(), reuseport_common::ABI_VERSION, &mut state).unwrap();
         state.data[0] = b'!';
         assert!(decode(&state).is_err());
         state.header.len = u32::MAX;

@@ -6,33 +6,25 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use reuseport_common::{SlotCounters, SteeringConfig};
+use reuseport_common::{MAX_SLOTS, SlotCounters, SteeringConfig};
 
 use reuseport_proto::message::{Counters, DrainStep, ErrorKind, GenState, GenerationHealth};
 
 /// Identifies one registration connection (one registering process).
 pub type RegId = u64;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Member {
     pub reg: RegId,
     pub pid: i32,
     pub uid: u32,
     pub cookie: u64,
     /// The listener's `sk_drops` when it registered: `status` reports drops since then.
-    #[serde(default, skip_serializing_if = "is_zero")]
     pub drops_base: u32,
     /// `pid` is the server its registrant named (`server_pid`): with the sockets of the same
     /// server and generation in other groups, this one makes one generation across groups
     /// (see `span`).
-    /// NB: pinned as `"s"`: every byte of a member counts against the record's size (see
-    /// `pinned`), which must hold 100 generations with the longest names.
-    #[serde(rename = "s", default, skip_serializing_if = "std::ops::Not::not")]
     pub server: bool,
-}
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -40,6 +32,8 @@ pub struct Generation {
     pub state: GenState,
     pub name: Option<String>,
     /// Slot → socket registered in it.
+    /// NB: pinned in the record's binary slot table, not with the rest (see `pinned`).
+    #[serde(skip)]
     pub sockets: BTreeMap<u32, Member>,
     /// Counters folded in from slots this generation no longer holds. Pinned as the
     /// protocol's [`Counters`] (the group-wide `unsteered` has no place in a slot's).
@@ -380,10 +374,17 @@ impl Registry {
             |n: u32| -> Vec<u32> { self.generations[&n].sockets.keys().copied().collect() };
         match (self.weighted(), self.primary()) {
             (Some((weighted, weight)), Some(primary)) => {
+                // NB: slots are below MAX_SLOTS, which fits the tables' u16.
+                let entries = |n: u32| -> Vec<u16> {
+                    slots_of(n)
+                        .into_iter()
+                        .map(|s| (s & (MAX_SLOTS - 1)) as u16)
+                        .collect()
+                };
                 let listed = crate::split::fill(
                     &mut cfg.active,
-                    &slots_of(weighted),
-                    &slots_of(primary),
+                    &entries(weighted),
+                    &entries(primary),
                     weight,
                 );
                 cfg.n_active = listed as u32;
@@ -554,7 +555,7 @@ mod tests {
         assert_eq!(c.n_active, 3);
         for slot in [3, 5, 9] {
             let n = c.active.iter().filter(|s| **s == slot).count();
-            assert!((42..=43).contains(&n), "slot {slot} appears {n} times");
+            assert!((341..=342).contains(&n), "slot {slot} appears {n} times");
         }
         // The first n entries (the program's walk after a failed pick) are the distinct list.
         assert_eq!(&c.active[..3], &[3, 5, 9]);
@@ -562,8 +563,8 @@ mod tests {
 
     #[test]
     fn thirty_two_and_more_generations_drain_at_once() {
-        // The generation limit is the socket limit: one socket each, every slot in use.
-        let gens = reuseport_common::MAX_SLOTS;
+        // As many generations as a group holds, one socket each.
+        let gens = reuseport_common::MAX_GENERATIONS;
         let mut r = Registry::default();
         for g in 1..=gens {
             r.register(g, None, true, g - 1, member(u64::from(g)));
@@ -586,7 +587,7 @@ mod tests {
             gens - 1,
             "every draining generation stays a fallback"
         );
-        let newest_first: Vec<u32> = (0..gens - 1).rev().collect();
+        let newest_first: Vec<u16> = (0..gens as u16 - 1).rev().collect();
         assert_eq!(&c.fallback[..newest_first.len()], newest_first.as_slice());
     }
 

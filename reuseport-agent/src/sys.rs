@@ -1,5 +1,6 @@
-//! The few raw `bpf(2)` calls aya 0.14 does not offer for a sockarray with 8-byte values
-//! (see `SOCKETS` in the kernel program for why the values are 8 bytes).
+//! The few raw `bpf(2)` calls aya 0.14 does not offer: for a sockarray with 8-byte values
+//! (see `SOCKETS` in the kernel program for why the values are 8 bytes), and for a map
+//! whose value size is not known at compile time (a record pinned by another ABI).
 
 use std::{
     io,
@@ -70,6 +71,18 @@ pub fn sockarray_cookie(map: BorrowedFd<'_>, slot: u32) -> io::Result<Option<u64
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Reads entry `key` of an array map into `value`: exactly the map's value size, or for a
+/// per-CPU map that size (rounded up to 8 bytes) times the possible CPUs.
+pub fn array_lookup(map: BorrowedFd<'_>, key: u32, value: &mut [u8]) -> io::Result<()> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: std::ptr::from_ref(&key) as u64,
+        value: value.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)
 }
 
 /// Empties `slot`; an already empty slot is fine.

@@ -24,7 +24,8 @@
 /// Version of the layouts and the steering policy below. Bump on any change (see module doc).
 ///
 /// History: 1 = no `STATE` map (pinned state could not be adopted); 2 = `STATE` map;
-/// 3 = [`SteeringConfig::probe`] (probe connections, [`PROBE_PORTS`]).
+/// 3 = 1,024 slots, `u16` tables, 8 config buffers, a binary slot table in `STATE`, and
+/// [`SteeringConfig::probe`] (probe connections, [`PROBE_PORTS`]).
 pub const ABI_VERSION: u32 = 3;
 
 /// The first version that pins a `STATE` map.
@@ -36,7 +37,13 @@ pub const ADOPTABLE_ABI: core::ops::RangeInclusive<u32> = 3..=ABI_VERSION;
 /// Slots in a group's `REUSEPORT_SOCKARRAY`: the most listening sockets one group can hold.
 /// NB: must stay a power of two; the program masks indices with `MAX_SLOTS - 1` so the
 /// verifier can bound them (a `%` alone is not enough, see `docs/toolchain.md`).
-pub const MAX_SLOTS: u32 = 128;
+/// NB: at most 65,536: the tables hold slots as `u16`.
+pub const MAX_SLOTS: u32 = 1024;
+
+/// Generations one group holds at once. Not a kernel limit: the generations (names, states,
+/// retired counters) are pinned in the `STATE` record ([`PinnedState::data`]), which is
+/// sized to hold this many with the longest names.
+pub const MAX_GENERATIONS: u32 = 128;
 
 /// Local source ports of **probe connections**: a connection from one of these TCP source
 /// ports *and* a loopback source address (127.0.0.0/8, ::1) goes to
@@ -54,8 +61,11 @@ pub const NO_PROBE: u32 = u32::MAX;
 /// looking at and then switches the `CURRENT` map to it with one 4-byte
 /// write; a retired buffer is rewritten only after an RCU grace period (see the agent's
 /// `grace` module). More buffers mean more flips in a row without waiting for one.
+/// Eight buffers of 6,164 bytes: 48 KiB per group, and seven flips of one group within one
+/// grace period (≈8 ms) before a writer waits; the agent spreads a burst of registrations
+/// over many groups, each with buffers of its own.
 /// NB: power of two, for the same masking reason as [`MAX_SLOTS`].
-pub const CONFIG_BUFFERS: u32 = 16;
+pub const CONFIG_BUFFERS: u32 = 8;
 
 /// Index of the group-wide entry in the counters map (after the per-slot entries): events
 /// that no slot can be charged with.
@@ -106,7 +116,8 @@ impl ProgramNames {
 /// NB: the repetition lets the program pick with a masked hash instead of `% n` and walk
 /// with a constant trip count: a modulo by, or a loop exit on, a count read from a map
 /// makes verifiers either explore every possible count (1M-instruction limit) or, on 6.1,
-/// lose the loop bound. Repetition over 128 entries skews the hash spread by at most 1/128.
+/// lose the loop bound. Repetition over 1,024 entries skews the hash spread by at most
+/// 1/1,024. Slots are `u16` so that a buffer stays at 6 KiB.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SteeringConfig {
@@ -118,12 +129,13 @@ pub struct SteeringConfig {
     /// The slot that probe connections ([`PROBE_PORTS`]) go to, or [`NO_PROBE`]. If its
     /// socket has closed, a probe connection is steered as any other.
     pub probe: u32,
-    pub active: [u32; MAX_SLOTS as usize],
-    pub preferred: [u32; MAX_SLOTS as usize],
-    pub fallback: [u32; MAX_SLOTS as usize],
+    pub active: [u16; MAX_SLOTS as usize],
+    pub preferred: [u16; MAX_SLOTS as usize],
+    pub fallback: [u16; MAX_SLOTS as usize],
 }
 
-const _: () = assert!(core::mem::size_of::<SteeringConfig>() == 20 + 12 * MAX_SLOTS as usize);
+const _: () = assert!(core::mem::size_of::<SteeringConfig>() == 20 + 6 * MAX_SLOTS as usize);
+const _: () = assert!(MAX_SLOTS <= 1 << 16);
 
 impl SteeringConfig {
     pub const EMPTY: Self = Self {
@@ -138,10 +150,11 @@ impl SteeringConfig {
     };
 
     /// Fills `dst` with `slots` repeated cyclically (see the type's note).
-    pub fn fill_cyclic(dst: &mut [u32; MAX_SLOTS as usize], slots: &[u32]) -> u32 {
+    /// Every slot must be below [`MAX_SLOTS`] (so it fits a `u16`).
+    pub fn fill_cyclic(dst: &mut [u16; MAX_SLOTS as usize], slots: &[u32]) -> u32 {
         if !slots.is_empty() {
             for (i, d) in dst.iter_mut().enumerate() {
-                *d = slots[i % slots.len()];
+                *d = (slots[i % slots.len()] & (MAX_SLOTS - 1)) as u16;
             }
         }
         slots.len() as u32
@@ -178,7 +191,7 @@ impl SlotCounters {
 /// Marks a [`PinnedState`] written by this project's agent.
 pub const STATE_MAGIC: u32 = u32::from_be_bytes(*b"RPST");
 
-/// Bytes available for the agent's record of a group in [`PinnedState`].
+/// Bytes available for the agent's encoding of a group's generations in [`PinnedState`].
 pub const STATE_CAPACITY: usize = 32 * 1024 - core::mem::size_of::<StateHeader>();
 
 /// Header of the group record kept in the one-entry `STATE` map.
@@ -196,10 +209,36 @@ pub struct StateHeader {
 
 const _: () = assert!(core::mem::size_of::<StateHeader>() == 16);
 
-/// The agent's record of a group (generations, states, names, which socket cookie sits in
-/// which slot), so that a restarted agent can adopt the group. Only userspace reads it; the
-/// program never touches this map. `data` is the agent's own encoding (JSON), versioned by
-/// the header.
+/// [`SlotRecord::flags`]: the slot holds a registered socket.
+pub const SLOT_USED: u32 = 1;
+/// [`SlotRecord::flags`]: the socket's pid is the server its registrant named.
+pub const SLOT_SERVER: u32 = 2;
+
+/// Which registered socket sits in one slot, as pinned in [`PinnedState::slots`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotRecord {
+    /// Socket cookie (`SO_COOKIE`): whether the slot still holds this very socket.
+    pub cookie: u64,
+    /// The writing agent's id of the registration that added it.
+    pub reg: u64,
+    pub generation: u32,
+    pub pid: i32,
+    pub uid: u32,
+    /// The listener's `sk_drops` when it registered.
+    pub drops_base: u32,
+    /// [`SLOT_USED`], [`SLOT_SERVER`].
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<SlotRecord>() == 40);
+
+/// The agent's record of a group, so that a restarted agent can adopt it: which socket
+/// (by cookie) sits in which slot, fixed-size and binary (`slots`, 40 KiB for 1,024 slots),
+/// and the rest (address, owner, generations with their states, names and retired
+/// counters) in the agent's own encoding (JSON) in `data`, versioned by the header. Only
+/// userspace reads it; the program never touches this map.
 ///
 /// NB: the agent writes it *before* the table flip it describes, so after a crash it holds
 /// the newest state that may have reached the kernel; an adopting agent republishes from it.
@@ -207,15 +246,18 @@ const _: () = assert!(core::mem::size_of::<StateHeader>() == 16);
 #[derive(Clone, Copy)]
 pub struct PinnedState {
     pub header: StateHeader,
+    pub slots: [SlotRecord; MAX_SLOTS as usize],
     pub data: [u8; STATE_CAPACITY],
 }
 
-const _: () = assert!(core::mem::size_of::<PinnedState>() == 32 * 1024);
+const _: () = assert!(core::mem::size_of::<PinnedState>() == 32 * 1024 + 40 * MAX_SLOTS as usize);
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: repr(C), integers and a byte array, no padding (size asserts above).
     unsafe impl aya::Pod for super::PinnedState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::StateHeader {}
     // SAFETY: repr(C), only integers, no padding (checked by the size asserts above).
     unsafe impl aya::Pod for super::SteeringConfig {}
     // SAFETY: as above.

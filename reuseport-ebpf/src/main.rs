@@ -121,8 +121,13 @@ fn steer(ctx: &SkReuseportContext, migrating: bool) -> u32 {
         return SK_PASS;
     }
     let hash = ctx.hash();
-    let pick = |slots: &[u32; MAX_SLOTS as usize], tier: Tier| {
-        try_slot(ctx, slots[(hash & SLOT_MASK) as usize], tier, migrating)
+    let pick = |slots: &[u16; MAX_SLOTS as usize], tier: Tier| {
+        try_slot(
+            ctx,
+            slots[(hash & SLOT_MASK) as usize].into(),
+            tier,
+            migrating,
+        )
     };
     let placed = (cfg.n_active != 0
         && (pick(&cfg.active, Tier::Active)
@@ -210,12 +215,12 @@ fn current_config() -> Option<&'static SteeringConfig> {
 #[inline(always)]
 fn try_each(
     ctx: &SkReuseportContext,
-    slots: &[u32; MAX_SLOTS as usize],
+    slots: &[u16; MAX_SLOTS as usize],
     tier: Tier,
     migrating: bool,
 ) -> bool {
     for slot in slots {
-        if try_slot(ctx, *slot, tier, migrating) {
+        if try_slot(ctx, (*slot).into(), tier, migrating) {
             return true;
         }
     }

@@ -18,9 +18,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// frames (see [`crate::frame::MORE`]).
 pub const MAX_FRAME: usize = 64 * 1024;
 
-/// Largest reply a client reads: far above what the agent produces at its limits (`status`
-/// of 256 groups of 128 sockets and 128 generations with the longest names is ~10 MiB), so
-/// that only a peer that is not an agent reaches it.
+/// Largest reply a client reads: above what the agent produces at its default limits
+/// (`status` of 256 groups of 1,024 sockets in 128 generations with the longest names is
+/// about 47 MiB: 183 KB per full group), so that only a peer that is not an agent reaches it.
 pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 pub use crate::text::{MAX_ADDR_LEN, MAX_ERROR_LEN, MAX_NAME_LEN};

@@ -95,6 +95,31 @@ pub fn load_size(what: &str, host: u64, vm: u64) -> u64 {
     }
 }
 
+/// Raises this process's RLIMIT_NOFILE (soft and, as root may, hard) to at least `n`, so
+/// that a test and the agents it starts afterwards (they inherit it) hold `n` descriptors.
+pub fn raise_nofile(n: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        assert_eq!(
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim),
+            0,
+            "getrlimit"
+        );
+        lim.rlim_cur = lim.rlim_cur.max(n);
+        lim.rlim_max = lim.rlim_max.max(n);
+        assert_eq!(
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim),
+            0,
+            "raising RLIMIT_NOFILE to {n}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// `127.0.0.1:port`.
 pub fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))

@@ -445,6 +445,16 @@ fn upgrade_over_abi_1_pins_without_a_record_leaves_them_alone_and_loses_no_conne
     unadoptable_pins_are_left_alone(
         "upgrade_over_abi_1_pins_without_a_record_leaves_them_alone_and_loses_no_connection",
         7905,
+        reuseport_common::FIRST_ABI_WITH_RECORD - 1,
+    );
+}
+
+/// Pins of the ABI just before the adoptable ones (a record, maps of another layout).
+#[test]
+fn upgrade_over_pins_of_an_older_abi_leaves_them_alone_and_loses_no_connection() {
+    unadoptable_pins_are_left_alone(
+        "upgrade_over_pins_of_an_older_abi_leaves_them_alone_and_loses_no_connection",
+        7909,
         ADOPTABLE_ABI.start() - 1,
     );
 }

@@ -129,19 +129,26 @@ impl Member {
     }
 }
 
-/// Raises the soft RLIMIT_NOFILE to `n`, or to the hard limit if that is lower (raising the
-/// hard limit takes CAP_SYS_RESOURCE, which containers often lack); returns the limit set.
-/// NB: the agent gets the same hard limit and holds a descriptor per registration besides
-/// its groups' own: the hard limit bounds the fleet the agent can hold.
+/// Raises RLIMIT_NOFILE to `n`: the hard limit too where this process may (root, up to
+/// `fs.nr_open`), else the soft one up to the hard limit; returns the soft limit set.
+/// NB: the agent inherits the hard limit and raises its own as its `--max-groups` needs
+/// (see its `admission` module); the bench's listeners and registrations need this one.
 pub fn raise_nofile(n: u64) -> anyhow::Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit/setrlimit with a valid struct.
+    // SAFETY: getrlimit/setrlimit with valid structs.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             bail!("reading RLIMIT_NOFILE: {}", std::io::Error::last_os_error());
+        }
+        let both = libc::rlimit {
+            rlim_cur: n.max(lim.rlim_cur),
+            rlim_max: n.max(lim.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &both) == 0 {
+            return Ok(both.rlim_cur);
         }
         lim.rlim_cur = n.min(lim.rlim_max);
         if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
