@@ -4,6 +4,7 @@
 //! before a socket is attached, and a change that cannot be published is undone.
 
 mod netns;
+mod record;
 mod status;
 
 use netns::{OWN_NETNS, foreign_netns, own_netns};
@@ -19,14 +20,14 @@ use reuseport_common::{MAX_GENERATIONS, MAX_SLOTS};
 use crate::{
     grace::{Grace, Ticket},
     kernel::{self, GroupKernel},
-    pinned::{self, GroupRecord},
+    pinned::GroupRecord,
     registry::{Generation, Member, Refusal, RegId, Registry, StateChange},
     slots::SlotPool,
     sockcheck::Listener,
 };
 use reuseport_proto::{
     addr::{GroupAddr, GroupKey},
-    message::{DrainStep, ErrorKind, GenState, RestartOutcome},
+    message::{ErrorKind, GenState, RestartOutcome},
 };
 
 /// A change staged by [`Group::stage`].
@@ -404,38 +405,6 @@ impl Group {
         Ok((generation, slot))
     }
 
-    /// Records how the supervisor's last restart ended; all or nothing.
-    pub(crate) fn set_last_restart(&mut self, outcome: RestartOutcome) -> Result<(), Refusal> {
-        let previous = self.last_restart.replace(outcome);
-        if let Err(e) = self.save_record() {
-            self.last_restart = previous;
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    /// Records what a launcher did to a draining generation (see `drain_progress`); all or
-    /// nothing.
-    pub(crate) fn set_drain_step(
-        &mut self,
-        generation: u32,
-        step: DrainStep,
-    ) -> Result<(), Refusal> {
-        let previous = self
-            .registry
-            .generations
-            .get(&generation)
-            .and_then(|g| g.drain_step.clone());
-        self.registry.drain_step(generation, step)?;
-        if let Err(e) = self.save_record() {
-            if let Some(g) = self.registry.generations.get_mut(&generation) {
-                g.drain_step = previous;
-            }
-            return Err(e);
-        }
-        Ok(())
-    }
-
     fn attach(&self, socket: BorrowedFd<'_>) -> Result<(), Refusal> {
         crate::fault::fail("attach").map_err(|e| kernel_refusal(kernel::injected("attach", e)))?;
         self.kernel.attach(socket).map_err(kernel_refusal)
@@ -551,41 +520,6 @@ impl Group {
         }
         self.closed = closed;
         scan
-    }
-
-    /// Pins the record alone (for what the kernel program does not read).
-    fn save_record(&mut self) -> Result<(), Refusal> {
-        if self.record_abi < reuseport_common::FIRST_ABI_WITH_RECORD {
-            // An agent asked to write as ABI 1 (tests) pins no record at all, as ABI 1 did.
-            self.kernel.remove_record_pin();
-            return Ok(());
-        }
-        let (record, record_abi) = (self.record(), self.record_abi);
-        let group_kernel = &mut self.kernel;
-        pinned::with_buffer(|buf| {
-            pinned::encode(&record, record_abi, buf)?;
-            crate::fault::fail("publish.record").map_err(|e| {
-                kernel_refusal(kernel::injected("writing the pinned group record", e))
-            })?;
-            group_kernel.write_record(buf).map_err(kernel_refusal)
-        })
-    }
-
-    fn record(&self) -> GroupRecord {
-        GroupRecord {
-            addr: self.key.addr,
-            netns: self.key.netns,
-            owner_uid: self.owner_uid,
-            serial: self.serial,
-            program: crate::fault::recorded_program_id(self.kernel.program_id()),
-            // NB: a clone per publish (at most MAX_SLOTS members): simpler than a borrowing
-            // twin of the record type, and publishes are not a hot path.
-            registry: Registry {
-                generations: self.registry.generations.clone(),
-            },
-            last_restart: self.last_restart.clone(),
-            bound_device: self.device.clone(),
-        }
     }
 
     /// Refuses a socket bound to another device than the group's (`SO_BINDTODEVICE`): the

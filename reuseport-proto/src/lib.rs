@@ -4,6 +4,7 @@
 //!
 //! - [`addr`]: group addresses (`tcp://127.0.0.1:8080@NETNS`) and group keys.
 //! - [`message`]: requests, replies, status; re-exported here.
+//! - [`health`]: a generation's health, as its supervisor's checks see it.
 //! - [`frame`]: length-prefixed JSON frames with descriptors as `SCM_RIGHTS`: the codec, an
 //!   async connection (feature `tokio`) and a blocking one.
 //! - [`text`]: the caps on the strings a request carries, and escaping for terminals.
@@ -12,6 +13,7 @@
 
 pub mod addr;
 pub mod frame;
+pub mod health;
 pub mod message;
 pub mod text;
 

@@ -9,7 +9,8 @@ use tokio::time::Instant;
 
 use super::{
     GENERATION_VAR, Ready,
-    machine::{Event, Gen, Phase, Supervisor, recv_restart},
+    deploys::recv_restart,
+    machine::{Event, Gen, Phase, Supervisor},
 };
 use crate::events::{self, warn};
 use crate::launch::{self, DEFAULT_FD_NAME};

@@ -38,6 +38,7 @@ use reuseport_client::{
     proto::{ErrorKind, GroupAddr},
 };
 
+mod deploys;
 mod gate;
 mod generation;
 mod health;
