@@ -237,6 +237,28 @@ impl Agent {
         }
     }
 
+    /// What a launcher reports about one of its generations (a drain step, a health check):
+    /// the group it names, checked as any change of it is (`what` says what is refused),
+    /// then `apply`; answers with the group as it is now.
+    pub(crate) fn launcher_report(
+        &self,
+        peer: &Peer,
+        wanted: &GroupAddr,
+        what: &str,
+        apply: impl FnOnce(&mut Group) -> Result<(), Refusal>,
+    ) -> Result<Reply, Refusal> {
+        let mut state = self.lock();
+        let live: HashSet<_> = state.subscribers.keys().copied().collect();
+        let group = state.find(wanted)?;
+        self.access
+            .may_change(peer, &group.key(), group.owner_uid(), what)?;
+        apply(group)?;
+        Ok(Reply::Changed {
+            group: self.group_status(group, &live),
+            others: Vec::new(),
+        })
+    }
+
     /// NB: a panic aborts the agent (see the binary's panic hook), so the lock is never
     /// found poisoned: a restarted agent adopts the pinned state instead of a process that
     /// would answer "internal error" forever.

@@ -3,8 +3,6 @@
 //! where each drain is. Whether a draining generation is still serving or idle, the agent
 //! reads from the kernel itself (see [`live`](super::live)).
 
-use std::collections::HashSet;
-
 use crate::{
     agent::{Agent, Peer},
     registry::Refusal,
@@ -24,21 +22,11 @@ impl Agent {
         generation: u32,
         step: DrainStep,
     ) -> Result<Reply, Refusal> {
-        let mut state = self.lock();
-        let live: HashSet<_> = state.subscribers.keys().copied().collect();
-        let group = state.find(wanted)?;
-        self.access.may_change(
-            &peer,
-            &group.key(),
-            group.owner_uid(),
-            "reporting a drain step",
-        )?;
-        // Pinned with the rest, so that `status` still shows it after an agent restart.
-        group.set_drain_step(generation, step.clone())?;
-        tracing::info!(group = %group.key(), generation, ?step, "drain step reported");
-        Ok(Reply::Changed {
-            group: self.group_status(group, &live),
-            others: Vec::new(),
+        self.launcher_report(&peer, wanted, "reporting a drain step", |group| {
+            // Pinned with the rest, so that `status` still shows it after an agent restart.
+            group.set_drain_step(generation, step.clone())?;
+            tracing::info!(group = %group.key(), generation, ?step, "drain step reported");
+            Ok(())
         })
     }
 }

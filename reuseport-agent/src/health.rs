@@ -2,8 +2,6 @@
 //! generation (up, down, checking; the rise/fall counts; the last check), so that `status`,
 //! `/metrics` and the status page show it. The agent only keeps the last report.
 
-use std::collections::HashSet;
-
 use crate::{
     agent::{Agent, Peer},
     registry::Refusal,
@@ -22,19 +20,8 @@ impl Agent {
         generation: u32,
         health: GenerationHealth,
     ) -> Result<Reply, Refusal> {
-        let mut state = self.lock();
-        let live: HashSet<_> = state.subscribers.keys().copied().collect();
-        let group = state.find(wanted)?;
-        self.access.may_change(
-            &peer,
-            &group.key(),
-            group.owner_uid(),
-            "reporting a generation's health",
-        )?;
-        group.set_health(generation, health)?;
-        Ok(Reply::Changed {
-            group: self.group_status(group, &live),
-            others: Vec::new(),
+        self.launcher_report(&peer, wanted, "reporting a generation's health", |group| {
+            group.set_health(generation, health)
         })
     }
 }

@@ -2,18 +2,12 @@
 //! status page as headless Chromium renders it during a flip, and the listener's other forms
 //! (`/status.json`, `/status.csv`) as plain HTTP reads them.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::supervise::Load;
 use crate::harness::{
-    Chromium, Prometheus, SCRAPE_INTERVAL, ServerKind, Tally, TestEnv, generation_status, http_get,
-    local, patience, request_once, skip, target_dir, tool_missing, wait_until, wait_until_every,
+    Chromium, Prometheus, SCRAPE_INTERVAL, ServerKind, TestEnv, generation_status, http_get, local,
+    patience, skip, target_dir, tool_missing, wait_until, wait_until_every,
 };
 
 /// The agent's metrics listener, in the test's network namespace.
@@ -37,42 +31,6 @@ fn get(path: &str) -> String {
         .unwrap_or_else(|e| panic!("GET {path} from the agent: {e}"));
     assert_eq!(answer.status, 200, "GET {path} should succeed: {answer:?}");
     answer.body
-}
-
-/// Client threads making one connection per request until stopped.
-struct Load {
-    done: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<Tally>>,
-}
-
-impl Load {
-    fn start(port: u16, threads: usize) -> Self {
-        let done = Arc::new(AtomicBool::new(false));
-        let threads = (0..threads)
-            .map(|_| {
-                let done = done.clone();
-                std::thread::spawn(move || {
-                    let mut t = Tally::default();
-                    let mut n = 0;
-                    while !done.load(Ordering::Relaxed) {
-                        t.record(request_once(local(port), n));
-                        n += 1;
-                    }
-                    t
-                })
-            })
-            .collect();
-        Self { done, threads }
-    }
-
-    fn stop(self) -> Tally {
-        self.done.store(true, Ordering::Relaxed);
-        let mut t = Tally::default();
-        for thread in self.threads {
-            t.merge(&thread.join().expect("client thread"));
-        }
-        t
-    }
 }
 
 /// The value of the exposition's line for `series` (name and labels as written).

@@ -2,22 +2,13 @@
 //! generation, within the binomial bound of the table's exact share; `--weight 100` then
 //! flips as a plain activate does.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
-    time::Duration,
-};
+use std::time::Duration;
 
 use reuseport_common::MAX_SLOTS;
 use reuseport_proto::{GenState, GroupStatus};
 
-use crate::harness::{
-    ServerKind, Tally, TestEnv, generation_status, load_size, local, request_once, tally,
-    wait_until,
-};
+use super::supervise::Load;
+use crate::harness::{ServerKind, TestEnv, generation_status, load_size, local, tally, wait_until};
 
 /// Connections counted at the split, on the host and in a VM guest (TCG is slow).
 const COUNTED: u64 = 10_000;
@@ -42,41 +33,6 @@ fn activate(env: &TestEnv, args: &[&str]) -> GroupStatus {
             String::from_utf8_lossy(&out.stdout)
         )
     })
-}
-
-/// Background clients, each making one-request connections until stopped.
-struct Load {
-    done: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<Tally>>,
-}
-
-impl Load {
-    fn start(port: u16, threads: usize) -> Self {
-        let done = Arc::new(AtomicBool::new(false));
-        let threads = (0..threads)
-            .map(|_| {
-                let done = done.clone();
-                std::thread::spawn(move || {
-                    let (mut t, mut n) = (Tally::default(), 0);
-                    while !done.load(Ordering::SeqCst) {
-                        t.record(request_once(local(port), n));
-                        n += 1;
-                    }
-                    t
-                })
-            })
-            .collect();
-        Self { done, threads }
-    }
-
-    fn stop(self) -> Tally {
-        self.done.store(true, Ordering::SeqCst);
-        let mut t = Tally::default();
-        for thread in self.threads {
-            t.merge(&thread.join().expect("load thread"));
-        }
-        t
-    }
 }
 
 #[test]
