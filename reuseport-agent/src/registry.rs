@@ -55,6 +55,21 @@ pub struct Generation {
     pub health: Option<GenerationHealth>,
 }
 
+impl Generation {
+    /// Puts generation `n` in state `want`, noting the change; a new state starts without
+    /// the previous drain's step.
+    fn move_to(&mut self, n: u32, want: GenState, changes: &mut Vec<StateChange>) {
+        if want != self.state {
+            self.state = want;
+            self.drain_step = None;
+            changes.push(StateChange {
+                generation: n,
+                state: want,
+            });
+        }
+    }
+}
+
 /// A slot's counters as `status` reports them.
 pub fn reported(c: SlotCounters) -> Counters {
     Counters {
@@ -206,14 +221,7 @@ impl Registry {
                 g.state
             };
             g.weight = None;
-            if want != g.state {
-                g.state = want;
-                g.drain_step = None;
-                changes.push(StateChange {
-                    generation: *n,
-                    state: want,
-                });
-            }
+            g.move_to(*n, want, &mut changes);
         }
         Ok(changes)
     }
@@ -227,7 +235,8 @@ impl Registry {
             return Err(Refusal::new(
                 ErrorKind::BadRequest,
                 format!(
-                    "weight {weight} is out of range: a split gives {}-{} % to the generation                      (100 % is a plain activate)",
+                    "weight {weight} is out of range: a split gives {}-{} % to the generation \
+                     (100 % is a plain activate)",
                     crate::split::MIN_WEIGHT,
                     crate::split::MAX_WEIGHT
                 ),
@@ -240,7 +249,8 @@ impl Registry {
             return Err(Refusal::new(
                 ErrorKind::Conflict,
                 format!(
-                    "no generation is active to take the other {} %: activate one first                      (reuseportctl activate GROUP GEN)",
+                    "no generation is active to take the other {} %: activate one first \
+                     (reuseportctl activate GROUP GEN)",
                     100 - weight
                 ),
             ));
@@ -249,7 +259,8 @@ impl Registry {
             return Err(Refusal::new(
                 ErrorKind::Conflict,
                 format!(
-                    "generation {generation} is the active generation already: --weight gives                      a share to another generation (reuseportctl activate GROUP NEW --weight P)"
+                    "generation {generation} is the active generation already: --weight gives \
+                     a share to another generation (reuseportctl activate GROUP NEW --weight P)"
                 ),
             ));
         }
@@ -264,14 +275,7 @@ impl Registry {
             } else {
                 g.state
             };
-            if want != g.state {
-                g.state = want;
-                g.drain_step = None;
-                changes.push(StateChange {
-                    generation: *n,
-                    state: want,
-                });
-            }
+            g.move_to(*n, want, &mut changes);
         }
         Ok(changes)
     }
