@@ -8,7 +8,7 @@ use reuseport_proto::{ErrorKind, MAX_FRAME, Op, Reply, Request, frame};
 use crate::harness::{
     ServerKind, TestEnv,
     control::{ANSWER_TIMEOUT, Conn, read_reply, timed_status},
-    local, tally,
+    local, raise_nofile, tally,
 };
 
 #[test]
@@ -18,7 +18,7 @@ fn idle_and_garbage_connections_do_not_stop_status_or_steering() {
     const GARBAGE: usize = 100;
     // The agent starts with the soft descriptor limit most systems give it (1024), which a
     // thousand idle clients would exhaust unless it raises the limit. This process needs more.
-    raise_own_nofile();
+    raise_nofile(4 * (IDLE + GARBAGE) as u64);
     let env = with_soft_nofile(1024, || {
         TestEnv::new("idle_and_garbage_connections_do_not_stop_status_or_steering")
     });
@@ -117,24 +117,6 @@ fn idle_and_garbage_connections_do_not_stop_status_or_steering() {
         started.elapsed()
     );
     drop(idle);
-}
-
-/// Raises this process's soft RLIMIT_NOFILE to its hard limit.
-fn raise_own_nofile() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit on a struct we own.
-    unsafe {
-        assert_eq!(
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim),
-            0,
-            "getrlimit"
-        );
-        lim.rlim_cur = lim.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0, "setrlimit");
-    }
 }
 
 /// Runs `f` (which starts the agent) with this process's soft RLIMIT_NOFILE at `soft`, so
